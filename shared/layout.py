@@ -1,0 +1,82 @@
+"""Where a run keeps its objects under the output location.
+
+::
+
+    runs/<run>/manifest.json                      parameters, expected jobs, created_at, version
+    runs/<run>/job_keys.csv                       month,security,date of every expected job
+    runs/<run>/jobs/<month>/<security>/<date>.json      the job's partial result
+    runs/<run>/succeeded/<month>/<security>/<date>.json success marker, written after the result
+    runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
+    runs/<run>/aggregates/<table>.parquet|.csv, summary.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobKey:
+    """The key of one job."""
+
+    month: str
+    security: str
+    date: str
+
+    def path(self) -> str:
+        """The key's relative path, shared by result, marker and dead record."""
+        return f"{self.month}/{self.security}/{self.date}.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Object keys of one run, relative to the output location."""
+
+    run_id: str
+
+    @property
+    def root(self) -> str:
+        """The run's prefix."""
+        return f"runs/{self.run_id}"
+
+    @property
+    def manifest(self) -> str:
+        """The run manifest."""
+        return f"{self.root}/manifest.json"
+
+    @property
+    def job_keys(self) -> str:
+        """The CSV of every expected job key."""
+        return f"{self.root}/job_keys.csv"
+
+    def result(self, key: JobKey) -> str:
+        """A job's partial result."""
+        return f"{self.root}/jobs/{key.path()}"
+
+    @property
+    def succeeded_prefix(self) -> str:
+        """Prefix of the success markers."""
+        return f"{self.root}/succeeded/"
+
+    def marker(self, key: JobKey) -> str:
+        """A job's success marker."""
+        return f"{self.succeeded_prefix}{key.path()}"
+
+    @property
+    def dead_prefix(self) -> str:
+        """Prefix of the dead-job records."""
+        return f"{self.root}/dead/"
+
+    def dead(self, key: JobKey) -> str:
+        """A dead job's record."""
+        return f"{self.dead_prefix}{key.path()}"
+
+    @property
+    def aggregates(self) -> str:
+        """Prefix of the aggregate tables."""
+        return f"{self.root}/aggregates"
+
+    def key_of(self, object_key: str, prefix: str) -> JobKey:
+        """The job key of a marker or dead record, from its object key."""
+        month, security, name = object_key[len(prefix):].split("/")
+        return JobKey(month, security, name.removesuffix(".json"))

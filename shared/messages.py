@@ -1,0 +1,297 @@
+"""The job message and the job events: schema, strict validation, deterministic job ids.
+
+A job is one (month, security, trade date) of a run. Its message is JSON:
+``{"v": 1, "run_id", "job_id", "month", "security", "date", "input", "output", "processor",
+"params"}``. Anything that does not validate is a poison message (`PoisonError`): it is
+dead-lettered at once and never retried, and none of its fields is used before validation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared.errors import PoisonError
+
+MESSAGE_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (10_000, 50_000, 200_000, 500_000, 1_000_000)
+
+# A security code is one safe path segment: it starts with a letter or digit and holds no
+# '/', '\\', whitespace or control characters, so it can never leave the run's prefix.
+# Dots are fine (BRK.B), '..' as a whole segment cannot occur because of the first letter.
+SECURITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-=^+&#]{0,63}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,79}$")
+MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+SESSION_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_valid_security(code: str) -> bool:
+    """Whether `code` is a security code tickq can use as a job key."""
+    return bool(SECURITY_RE.match(code))
+
+
+def job_id_for(run_id: str, month: str, security: str, date: dt.date | str) -> str:
+    """The deterministic, readable job id: ``<run>:<month>:<security>:<date>``."""
+    return f"{run_id}:{month}:{security}:{date}"
+
+
+def parse_session(text: str) -> tuple[int, int]:
+    """``HH:MM-HH:MM`` as (start, end) minutes of the day; start inclusive, end exclusive."""
+    match = SESSION_RE.match(text)
+    if not match:
+        raise ValueError(f"session {text!r} must look like HH:MM-HH:MM (e.g. 10:00-16:00)")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if end > 24 * 60 or start >= end:
+        raise ValueError(f"session {text!r} must end after it starts, within one day")
+    return start, end
+
+
+class JobParams(BaseModel):
+    """The run's parameters that every job applies: time zone, filters, size buckets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    market_tz: str = "UTC"
+    participants: tuple[str, ...] | None = None
+    venues: tuple[str, ...] | None = None
+    session: str | None = None
+    min_size: int | None = Field(default=None, ge=1)
+    max_size: int | None = Field(default=None, ge=1)
+    size_buckets: tuple[float, ...] = DEFAULT_SIZE_BUCKETS
+
+    @field_validator("market_tz")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if _CONTROL.search(value) or ".." in value:
+            raise ValueError("market_tz is not a time zone name")
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown market time zone {value!r}") from None
+        return value
+
+    @field_validator("participants", "venues")
+    @classmethod
+    def _non_empty_codes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("an empty list would match nothing; omit the filter instead")
+            for code in value:
+                if not code or _CONTROL.search(code) or len(code) > 64:
+                    raise ValueError(f"{code!r} is not a valid code")
+        return value
+
+    @field_validator("session")
+    @classmethod
+    def _session(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_session(value)
+        return value
+
+    @field_validator("size_buckets", mode="before")
+    @classmethod
+    def _buckets_as_floats(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
+        return value
+
+    @field_validator("size_buckets")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or len(value) > 64:
+            raise ValueError("size buckets need 1 to 64 edges")
+        if any(not (v > 0 and v != float("inf")) for v in value):
+            raise ValueError("size bucket edges must be positive, finite numbers")
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("size bucket edges must be strictly increasing")
+        return value
+
+    @model_validator(mode="after")
+    def _size_bounds(self) -> JobParams:
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+    @property
+    def session_minutes(self) -> tuple[int, int] | None:
+        """The session as (start, end) minutes of the market day, or None."""
+        return parse_session(self.session) if self.session else None
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists for tuples)."""
+        return json.loads(self.model_dump_json())
+
+
+def _check_location(value: str, what: str) -> str:
+    if not value or len(value) > 1024 or _CONTROL.search(value):
+        raise ValueError(f"{what} must be a non-empty location without control characters")
+    if any(seg == ".." for seg in value.replace("\\", "/").split("/")):
+        raise ValueError(f"{what} must not contain '..' segments")
+    return value
+
+
+class JobMessage(BaseModel):
+    """One job: a (month, security, trade date) of a run, and how to compute it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    v: Literal[1]
+    run_id: str
+    job_id: str
+    month: str
+    security: str
+    date: str
+    input: str
+    output: str
+    processor: str = "analytics"
+    params: JobParams = JobParams()
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not RUN_ID_RE.match(value):
+            raise ValueError("run_id must be 1-80 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("month")
+    @classmethod
+    def _month(cls, value: str) -> str:
+        if not MONTH_RE.match(value):
+            raise ValueError("month must be YYYY-MM")
+        return value
+
+    @field_validator("security")
+    @classmethod
+    def _security(cls, value: str) -> str:
+        if not is_valid_security(value):
+            raise ValueError("security is not a valid security code")
+        return value
+
+    @field_validator("date")
+    @classmethod
+    def _date(cls, value: str) -> str:
+        try:
+            parsed = dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError("date must be YYYY-MM-DD") from None
+        if parsed.isoformat() != value:
+            raise ValueError("date must be YYYY-MM-DD")
+        return value
+
+    @field_validator("input", "output")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        return _check_location(value, "location")
+
+    @field_validator("processor")
+    @classmethod
+    def _processor(cls, value: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9_\-]{0,63}$", value):
+            raise ValueError("processor must be a lower-case name")
+        return value
+
+    @model_validator(mode="after")
+    def _job_id_matches(self) -> JobMessage:
+        if self.job_id != job_id_for(self.run_id, self.month, self.security, self.date):
+            raise ValueError("job_id does not match run_id, month, security and date")
+        return self
+
+    @property
+    def trade_date(self) -> dt.date:
+        """The job's trade date."""
+        return dt.date.fromisoformat(self.date)
+
+    def to_body(self) -> bytes:
+        """The message body."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        run_id: str,
+        month: str,
+        security: str,
+        date: str,
+        input: str,
+        output: str,
+        processor: str,
+        params: JobParams,
+    ) -> JobMessage:
+        """A validated job message with its deterministic job id."""
+        return cls(
+            v=MESSAGE_VERSION,
+            run_id=run_id,
+            job_id=job_id_for(run_id, month, security, date),
+            month=month,
+            security=security,
+            date=date,
+            input=input,
+            output=output,
+            processor=processor,
+            params=params,
+        )
+
+
+def parse_job(body: bytes) -> JobMessage:
+    """The job in a message body, or `PoisonError` saying in one line what is wrong."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise PoisonError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PoisonError(f"message body is not JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(data, dict):
+        raise PoisonError("message body is not a JSON object")
+    if data.get("v") != MESSAGE_VERSION:
+        raise PoisonError(f"unknown message version {data.get('v')!r} (this worker reads v{MESSAGE_VERSION})")
+    try:
+        return JobMessage.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "message"
+        raise PoisonError(f"invalid job message: {where}: {first.get('msg', 'invalid')}") from None
+
+
+class JobEvent(BaseModel):
+    """What a worker tells the aggregator about a finished job (succeeded or dead)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    v: Literal[1] = 1
+    type: Literal["job.succeeded", "job.dead"]
+    run_id: str
+    job_id: str
+    month: str
+    security: str
+    date: str
+    output: str
+    worker: str = ""
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rows_rejected: int = 0
+    error_class: str | None = None
+
+    def to_body(self) -> bytes:
+        """The event body."""
+        return self.model_dump_json().encode()
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        if not RUN_ID_RE.match(value):
+            raise ValueError("run_id must be 1-80 letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _location(cls, value: str) -> str:
+        return _check_location(value, "output")

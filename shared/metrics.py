@@ -1,0 +1,97 @@
+"""structlog configured to emit JSON lines: one object per line, to stdout and optionally a file.
+
+Every line carries ``ts``, ``level``, ``event`` and ``component``; job lines add ``run_id``
+and ``job_id`` (bound with `structlog.contextvars` or passed as fields). Field names are a
+stable contract documented in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from shared.errors import redact
+
+_lock = threading.Lock()
+
+
+class _JsonLinesSink:
+    """Writes each rendered line to stdout and, when configured, to a metrics file."""
+
+    def __init__(self, stream: IO[str], metrics_file: Path | None) -> None:
+        self._stream = stream
+        self._file: IO[str] | None = None
+        if metrics_file is not None:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(metrics_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def msg(self, message: str) -> None:
+        with _lock:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+            if self._file is not None:
+                self._file.write(message + "\n")
+
+    # structlog calls the method named after the level; every level writes the same way.
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+
+class _SinkFactory:
+    def __init__(self, sink: _JsonLinesSink) -> None:
+        self._sink = sink
+
+    def __call__(self, *args: Any) -> _JsonLinesSink:
+        return self._sink
+
+
+def _redact_strings(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Credentials never reach a log line, whatever a caller passed in."""
+    for key, value in event.items():
+        if isinstance(value, str) and "://" in value:
+            event[key] = redact(value)
+    return event
+
+
+def _component_adder(component: str) -> Any:
+    def add(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("component", component)
+        return event
+
+    return add
+
+
+def _serialise(obj: Any, **kwargs: Any) -> str:
+    kwargs.setdefault("default", str)
+    return json.dumps(obj, separators=(",", ":"), **kwargs)
+
+
+def configure(
+    component: str, metrics_file: str | Path | None = None, stream: IO[str] | None = None, quiet: bool = False
+) -> None:
+    """Route structlog to JSON lines for `component` (stdout unless `quiet`, plus the file)."""
+    out: IO[str] = stream or (open("/dev/null", "w") if quiet else sys.stdout)  # noqa: SIM115
+    sink = _JsonLinesSink(out, Path(metrics_file) if metrics_file else None)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _component_adder(component),
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            _redact_strings,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(serializer=_serialise),
+        ],
+        logger_factory=_SinkFactory(sink),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+
+
+def get_logger(**fields: Any) -> Any:
+    """A structlog logger with `fields` bound."""
+    return structlog.get_logger().bind(**fields)

@@ -1,0 +1,32 @@
+"""Processors: the per-job computation a run selects with ``--processor``.
+
+Built-ins live here; third-party processors register under the ``tickq.processors``
+entry-point group (``name = "package.module:ProcessorClass"``).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from shared.errors import PermanentError
+from shared.processors.analytics import AnalyticsProcessor
+from shared.processors.base import JobAccumulator, JobContext, Processor, StoredResult
+
+__all__ = ["JobAccumulator", "JobContext", "Processor", "StoredResult", "get_processor", "processor_names"]
+
+_BUILTIN: dict[str, type] = {"analytics": AnalyticsProcessor}
+
+
+def processor_names() -> list[str]:
+    """Every processor this installation can run."""
+    return sorted(set(_BUILTIN) | {ep.name for ep in entry_points(group="tickq.processors")})
+
+
+def get_processor(name: str) -> Processor:
+    """The processor called `name`; `PermanentError` when none is installed under it."""
+    if name in _BUILTIN:
+        return _BUILTIN[name]()  # type: ignore[no-any-return]
+    for ep in entry_points(group="tickq.processors"):
+        if ep.name == name:
+            return ep.load()()  # type: ignore[no-any-return]
+    raise PermanentError(f"unknown processor {name!r} (installed: {', '.join(processor_names())})")

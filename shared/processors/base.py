@@ -1,0 +1,70 @@
+"""The processor interface: what a run computes per job and how job results combine.
+
+A processor has two halves. The worker half (`start_job` → `JobAccumulator`) sees a job's
+accepted rows in bounded batches and returns a small, JSON-ready partial result. The
+aggregator half (`aggregate`) reads every job's partial result, in job-key order, and writes
+the run's tables. Partial results must be mergeable (sums, counts, min/max, first/last) so
+that the tables do not depend on how the run was split or in which order jobs finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from shared.messages import JobMessage, JobParams
+from shared.storage import Storage
+from shared.tables import TableSink
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a processor may use while computing one job."""
+
+    job: JobMessage
+    output: Storage
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """One job's stored result, as the aggregator reads it."""
+
+    month: str
+    security: str
+    date: str
+    counts: dict[str, int]
+    data: dict[str, Any]
+
+
+class JobAccumulator(Protocol):
+    """Accumulates one job's accepted rows."""
+
+    def add(self, rows: pa.Table) -> None:
+        """Take a batch of accepted rows (`shared.inputs.NORMALISED_SCHEMA`)."""
+        ...
+
+    def finish(self) -> dict[str, Any]:
+        """The job's partial result: small and JSON-ready."""
+        ...
+
+
+class Processor(Protocol):
+    """A per-job computation and the aggregation of its results."""
+
+    name: str
+
+    def start_job(self, context: JobContext) -> JobAccumulator:
+        """A fresh accumulator for one job."""
+        ...
+
+    def aggregate(
+        self, results: Iterable[StoredResult], params: JobParams, sink: TableSink
+    ) -> dict[str, Any]:
+        """Write the run's tables from results in (month, security, date) order.
+
+        Returns run totals for ``summary.json``.
+        """
+        ...

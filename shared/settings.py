@@ -1,0 +1,57 @@
+"""Configuration: flags override environment variables, which override defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from shared.errors import ConfigError, redact
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
+DEFAULT_NAMESPACE = "tickq"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the broker and the object store are, and the namespace of this pipeline."""
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    namespace: str = DEFAULT_NAMESPACE
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def load(
+        cls,
+        amqp_url: str | None = None,
+        namespace: str | None = None,
+        s3_endpoint_url: str | None = None,
+    ) -> Settings:
+        """Settings from flags (the arguments), then the environment, then defaults."""
+        settings = cls(
+            amqp_url=amqp_url or os.environ.get("TICKQ_AMQP_URL") or DEFAULT_AMQP_URL,
+            namespace=namespace or os.environ.get("TICKQ_NAMESPACE") or DEFAULT_NAMESPACE,
+            s3_endpoint_url=s3_endpoint_url or os.environ.get("TICKQ_S3_ENDPOINT_URL") or None,
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise `ConfigError` with a one-line message when a setting cannot work."""
+        scheme = urlparse(self.amqp_url).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ConfigError(
+                f"TICKQ_AMQP_URL must start with amqp:// or amqps:// (got {redact(self.amqp_url)!r})"
+            )
+        ns = self.namespace
+        if not ns or len(ns) > 100 or not all(c.isalnum() or c in "-_." for c in ns):
+            raise ConfigError(
+                "TICKQ_NAMESPACE must be 1-100 characters of letters, digits, '-', '_' or '.'"
+            )
+        if self.s3_endpoint_url and urlparse(self.s3_endpoint_url).scheme not in ("http", "https"):
+            raise ConfigError("TICKQ_S3_ENDPOINT_URL must be an http:// or https:// URL")
+
+    @property
+    def safe_amqp_url(self) -> str:
+        """The broker URL with its credentials hidden, for logs and messages."""
+        return redact(self.amqp_url)

@@ -1,0 +1,392 @@
+"""One small storage interface over S3 (boto3) and local paths.
+
+A `Storage` is rooted at a location URI (``s3://bucket/prefix`` or a local path, ``file://``
+optional); keys are ``/``-separated and relative to that root. Writes are atomic: an object
+is either absent or complete (S3 PUTs are atomic; locally we write a temporary file and
+rename it). Reads of S3 objects are ranged, so Parquet readers fetch only the footer and the
+row groups they need instead of downloading whole objects.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import urlparse
+
+from shared.errors import PermanentError, TransientError
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A stored object: its key relative to the storage root and its size in bytes."""
+
+    key: str
+    size: int
+
+
+class Storage(Protocol):
+    """What every component needs from an object store."""
+
+    uri: str
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, in key order."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+        ...
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; `PermanentError` when it does not exist."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object (meant for small objects: manifests, results, markers)."""
+        ...
+
+    def write_bytes(self, key: str, data: bytes, content_type: str = ...) -> None:
+        """Store `data` under `key`, atomically."""
+        ...
+
+    def write_file(self, key: str, path: Path, content_type: str = ...) -> None:
+        """Store a local file under `key`, atomically (multipart on S3 for large files)."""
+        ...
+
+    def open_read(self, key: str) -> IO[bytes]:
+        """A seekable binary reader; on S3 every read is a ranged GET."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; absent objects are fine."""
+        ...
+
+    def describe(self, key: str = "") -> str:
+        """The full URI of `key`, for messages and logs."""
+        ...
+
+
+def _normalise_key(key: str) -> str:
+    parts = [p for p in key.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise PermanentError(f"storage key {key!r} must not contain '.' or '..' segments")
+    return "/".join(parts)
+
+
+class LocalStorage:
+    """Storage rooted at a local directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        key = _normalise_key(key)
+        return self.root / key if key else self.root
+
+    def describe(self, key: str = "") -> str:
+        return str(self._path(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        prefix = prefix.lstrip("/")
+        # Walk only the directory the prefix names (or its parent when it ends mid-name).
+        base_key = prefix if prefix.endswith("/") or not prefix else prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self._path(base_key)
+        if base.is_file():
+            if base_key.startswith(prefix):
+                yield ObjectInfo(_normalise_key(base_key), base.stat().st_size)
+            return
+        if not base.is_dir():
+            return
+        found: list[ObjectInfo] = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".tickq-tmp")]
+            for name in filenames:
+                if name.startswith(".tickq-tmp"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    found.append(ObjectInfo(key, full.stat().st_size))
+        yield from sorted(found, key=lambda o: o.key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise PermanentError(f"{self.describe(key)} does not exist") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise PermanentError(f"{self.describe(key)} does not exist") from None
+
+    def write_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def open_read(self, key: str) -> IO[bytes]:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise PermanentError(f"{self.describe(key)} does not exist") from None
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+_S3_CLIENTS: dict[str | None, Any] = {}
+_S3_LOCK = threading.Lock()
+
+
+def s3_client(endpoint_url: str | None) -> Any:
+    """A shared, thread-safe boto3 S3 client with boto3's standard retry mode.
+
+    boto3 clients are thread-safe; sharing one keeps its connection pool warm.
+    """
+    with _S3_LOCK:
+        client = _S3_CLIENTS.get(endpoint_url)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "max_attempts": 4},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=32,
+                # Newer botocore adds CRC checksums to every PUT; S3-compatible stores
+                # (and older MinIO) do not all accept them.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+            _S3_CLIENTS[endpoint_url] = client
+        return client
+
+
+def _classify_boto_error(exc: Exception, what: str) -> Exception:
+    """Map a botocore failure to tickq's error classes, with a one-line message."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return PermanentError(f"{what} does not exist")
+        if code == "NoSuchBucket":
+            return PermanentError(f"{what}: bucket does not exist")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return PermanentError(f"{what}: access denied ({code})")
+        if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable"):
+            return TransientError(f"{what}: object store answered {status or code}")
+        return PermanentError(f"{what}: {code or status}")
+    if isinstance(exc, BotoCoreError):
+        return TransientError(f"{what}: {type(exc).__name__}")
+    return exc
+
+
+class S3Storage:
+    """Storage rooted at ``s3://bucket/prefix``."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = _normalise_key(prefix)
+        self.endpoint_url = endpoint_url
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._client = s3_client(endpoint_url)
+
+    def _key(self, key: str) -> str:
+        key = _normalise_key(key)
+        return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+
+    def describe(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except Exception as exc:
+            mapped = _classify_boto_error(exc, what)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full = self._key(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
+        if not prefix and self.prefix:
+            full = self.prefix + "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(f"listing {self.describe(prefix)}", self._client.list_objects_v2, **kwargs)
+            for item in page.get("Contents", []):
+                yield ObjectInfo(item["Key"][strip:], int(item["Size"]))
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.describe(key), self._client.head_object, Key=self._key(key))
+            return True
+        except PermanentError as exc:
+            if "does not exist" in str(exc):
+                return False
+            raise
+
+    def size(self, key: str) -> int:
+        head = self._call(self.describe(key), self._client.head_object, Key=self._key(key))
+        return int(head["ContentLength"])
+
+    def read_bytes(self, key: str) -> bytes:
+        obj = self._call(self.describe(key), self._client.get_object, Key=self._key(key))
+        try:
+            return bytes(obj["Body"].read())
+        except Exception as exc:
+            raise _classify_boto_error(exc, self.describe(key)) from exc
+
+    def write_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call(
+            self.describe(key), self._client.put_object, Key=self._key(key), Body=data, ContentType=content_type
+        )
+
+    def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        try:
+            self._client.upload_file(
+                str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
+            )
+        except Exception as exc:
+            mapped = _classify_boto_error(exc, self.describe(key))
+            if mapped is exc:
+                raise TransientError(f"{self.describe(key)}: upload failed ({type(exc).__name__})") from exc
+            raise mapped from exc
+
+    def open_read(self, key: str) -> IO[bytes]:
+        return _S3RangeReader(self, key, self.size(key))
+
+    def delete(self, key: str) -> None:
+        self._call(self.describe(key), self._client.delete_object, Key=self._key(key))
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Bytes [start, start+length) of the object, in one ranged GET."""
+        end = start + length - 1
+        obj = self._call(
+            self.describe(key), self._client.get_object, Key=self._key(key), Range=f"bytes={start}-{end}"
+        )
+        try:
+            return bytes(obj["Body"].read())
+        except Exception as exc:
+            raise _classify_boto_error(exc, self.describe(key)) from exc
+
+
+class _S3RangeReader(io.RawIOBase):
+    """A seekable reader over one S3 object; each `read` is one ranged GET.
+
+    Wrap it in `io.BufferedReader` for sequential streaming (CSV); Parquet readers seek to
+    the footer and to the column chunks they need, so they fetch only those bytes.
+    """
+
+    def __init__(self, storage: S3Storage, key: str, size: int) -> None:
+        super().__init__()
+        self._storage = storage
+        self._key = key
+        self._size = size
+        self._pos = 0
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._pos = offset
+        elif whence == io.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self._size + offset
+        self._pos = max(0, self._pos)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = self._storage.get_range(self._key, self._pos, want)
+        n = len(data)
+        view[:n] = data
+        self._pos += n
+        self.bytes_read += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._size - self._pos
+        size = min(size, self._size - self._pos)
+        if size <= 0:
+            return b""
+        data = self._storage.get_range(self._key, self._pos, size)
+        self._pos += len(data)
+        self.bytes_read += len(data)
+        return data
+
+    def size(self) -> int:
+        return self._size
+
+
+def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
+    """The storage a location URI names: ``s3://bucket/prefix``, ``file:///path`` or a path."""
+    if "\x00" in uri or any(ord(c) < 32 for c in uri):
+        raise PermanentError("storage location contains control characters")
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise PermanentError(f"storage location {uri!r} names no bucket (expected s3://bucket/prefix)")
+        return S3Storage(parsed.netloc, parsed.path.lstrip("/"), endpoint_url)
+    if parsed.scheme == "file":
+        return LocalStorage(parsed.path)
+    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalStorage(uri)
+    raise PermanentError(f"unsupported storage location {uri!r}: use s3://bucket/prefix or a local path")

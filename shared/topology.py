@@ -1,0 +1,119 @@
+"""The RabbitMQ topology of one namespace, declared idempotently by every component.
+
+::
+
+    producer ──► N.jobs (quorum, delivery limit) ──► workers
+                   │  ▲                          │
+       broker DLX  │  └── N.retry.<delay> ◄──────┤ transient failure (TTL, dead-letters back)
+                   ▼                             │
+                 N.dlx ──► N.dead ◄──────────────┘ permanent / poison / exhausted / crash loop
+    workers ──► N.events (topic) ──► N.events.aggregator ──► aggregator
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Workers dead-letter a crash-looping job themselves, with tickq's headers, once its
+# delivery count reaches the crash budget; the broker's delivery limit is the backstop
+# for a job that kills its worker before the worker can look at it.
+DEFAULT_CRASH_BUDGET = 5
+BROKER_DELIVERY_LIMIT = DEFAULT_CRASH_BUDGET + 3
+DEFAULT_RETRY_DELAYS_S: tuple[int, ...] = (5, 30, 120, 600)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and arguments of every exchange and queue in namespace `ns`."""
+
+    ns: str
+    retry_delays_s: tuple[int, ...] = field(default=DEFAULT_RETRY_DELAYS_S)
+
+    @property
+    def jobs(self) -> str:
+        """The quorum queue of jobs."""
+        return f"{self.ns}.jobs"
+
+    @property
+    def dlx(self) -> str:
+        """The dead-letter exchange."""
+        return f"{self.ns}.dlx"
+
+    @property
+    def dead(self) -> str:
+        """The dead-letter queue."""
+        return f"{self.ns}.dead"
+
+    @property
+    def events(self) -> str:
+        """The topic exchange of job events."""
+        return f"{self.ns}.events"
+
+    @property
+    def aggregator_events(self) -> str:
+        """The aggregator's queue of job events."""
+        return f"{self.ns}.events.aggregator"
+
+    def retry_queue(self, delay_s: int) -> str:
+        """The delay queue that holds a job for `delay_s` seconds."""
+        return f"{self.ns}.retry.{delay_s}s"
+
+    def jobs_arguments(self) -> dict[str, Any]:
+        """Arguments of the job queue."""
+        return {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self.dlx,
+            "x-dead-letter-routing-key": self.dead,
+            "x-delivery-limit": BROKER_DELIVERY_LIMIT,
+            # At-least-once dead-lettering: a crash-looping job is never dropped on the way.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    def retry_arguments(self, delay_s: int) -> dict[str, Any]:
+        """Arguments of a delay queue: expire after the delay, back onto the job queue."""
+        return {
+            "x-queue-type": "quorum",
+            "x-message-ttl": delay_s * 1000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.jobs,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    def dead_arguments(self) -> dict[str, Any]:
+        """Arguments of the dead-letter queue."""
+        return {"x-queue-type": "quorum"}
+
+    def events_arguments(self) -> dict[str, Any]:
+        """Arguments of the aggregator's event queue."""
+        return {"x-queue-type": "quorum"}
+
+    def all_queues(self) -> list[str]:
+        """Every queue of the namespace."""
+        return [self.jobs, self.dead, self.aggregator_events] + [
+            self.retry_queue(d) for d in self.retry_delays_s
+        ]
+
+
+async def declare(channel: Any, topology: Topology) -> None:
+    """Declare every exchange, queue and binding of `topology` on an aio-pika channel.
+
+    Declarations are idempotent: every component calls this at start and after reconnecting.
+    """
+    from aio_pika import ExchangeType
+
+    dlx = await channel.declare_exchange(topology.dlx, ExchangeType.DIRECT, durable=True)
+    dead = await channel.declare_queue(topology.dead, durable=True, arguments=topology.dead_arguments())
+    await dead.bind(dlx, routing_key=topology.dead)
+    await channel.declare_queue(topology.jobs, durable=True, arguments=topology.jobs_arguments())
+    for delay in topology.retry_delays_s:
+        await channel.declare_queue(
+            topology.retry_queue(delay), durable=True, arguments=topology.retry_arguments(delay)
+        )
+    events = await channel.declare_exchange(topology.events, ExchangeType.TOPIC, durable=True)
+    agg = await channel.declare_queue(
+        topology.aggregator_events, durable=True, arguments=topology.events_arguments()
+    )
+    await agg.bind(events, routing_key="job.#")

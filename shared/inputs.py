@@ -116,7 +116,7 @@ class DayWindow:
 # ---------------------------------------------------------------------------------------
 
 
-class _Counter:
+class ByteCounter:
     """Counts the bytes a reader pulled from storage."""
 
     def __init__(self) -> None:
@@ -142,7 +142,7 @@ def read_batches(
     security: str | None = None,
     window: DayWindow | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
-    counter: _Counter | None = None,
+    counter: ByteCounter | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of `file` holding the wanted `columns` that exist in it.
 
@@ -177,7 +177,7 @@ def _parquet_batches(
     security: str | None,
     window: DayWindow | None,
     batch_rows: int,
-    counter: _Counter | None,
+    counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
     source = storage.open_read(file.key)
     try:
@@ -223,7 +223,10 @@ def _row_groups_to_read(
     meta = parquet.metadata
     schema = parquet.schema_arrow
     sec_idx = schema.get_field_index("security") if security is not None else -1
-    ts_idx = schema.get_field_index("ts") if window is not None else -1
+    # A file that carries its own trade_date may assign rows to days their ts does not
+    # suggest, so ts statistics can only prune when the date is derived from ts.
+    derives_date = "trade_date" not in schema.names
+    ts_idx = schema.get_field_index("ts") if window is not None and derives_date else -1
     ts_type = schema.field(ts_idx).type if ts_idx >= 0 else None
     ts_scale = 0
     if ts_type is not None and pa.types.is_timestamp(ts_type):
@@ -260,7 +263,7 @@ def _csv_batches(
     columns: tuple[str, ...],
     security: str | None,
     batch_rows: int,
-    counter: _Counter | None,
+    counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
     stream = _open_stream(storage, file)
     try:

@@ -12,7 +12,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
+
+from shared.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -80,3 +84,29 @@ class RunLayout:
         """The job key of a marker or dead record, from its object key."""
         month, security, name = object_key[len(prefix):].split("/")
         return JobKey(month, security, name.removesuffix(".json"))
+
+
+def job_keys_csv(keys: list[JobKey]) -> bytes:
+    """The key file's content for `keys`."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["month", "security", "date"])
+    for key in keys:
+        writer.writerow([key.month, key.security, key.date])
+    return out.getvalue().encode()
+
+
+def read_job_keys(storage: Storage, layout: RunLayout) -> list[JobKey]:
+    """The run's expected job keys, from its key file."""
+    rows = csv.DictReader(io.StringIO(storage.read_bytes(layout.job_keys).decode()))
+    return [JobKey(r["month"], r["security"], r["date"]) for r in rows]
+
+
+def succeeded_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
+    """Jobs with a success marker (one listing, no object reads)."""
+    return {layout.key_of(o.key, layout.succeeded_prefix) for o in storage.list(layout.succeeded_prefix)}
+
+
+def dead_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
+    """Jobs with a dead record."""
+    return {layout.key_of(o.key, layout.dead_prefix) for o in storage.list(layout.dead_prefix)}

@@ -1,0 +1,175 @@
+"""The aggregator service: follows job events and writes each run's tables once all of its
+jobs are accounted for (succeeded or dead), and again when a replay changes the outcome.
+
+Events only tell it *when* to aggregate; *what* it aggregates always comes from the stored
+results (`aggregator.tables.aggregate_run`), so a duplicate event, a replay of a job that had
+in fact succeeded, or the service's own crash and restart cannot count a job twice. An event
+is acked only after its effect is durable: on a crash it is redelivered, and the run's state
+is rebuilt from storage when the service first sees it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from aggregator.tables import RunState, aggregate_run, load_state, read_manifest
+from shared.broker import connect
+from shared.errors import one_line
+from shared.layout import JobKey, RunLayout
+from shared.messages import JobEvent
+from shared.metrics import get_logger
+from shared.settings import Settings
+from shared.storage import open_storage
+from shared.topology import Topology, declare
+
+EVENT_PREFETCH = 200
+HEARTBEAT_INTERVAL_S = 10.0
+FORGET_WRITTEN_AFTER_S = 3600.0
+
+
+@dataclass
+class _Run:
+    output: str
+    run_id: str
+    state: RunState
+    written_signature: tuple[int, int] | None = None
+    touched: float = 0.0
+
+    def signature(self) -> tuple[int, int]:
+        return (len(self.state.succeeded), len(self.state.dead))
+
+
+class AggregatorService:
+    """Consumes ``N.events.aggregator`` and aggregates runs as they complete."""
+
+    def __init__(self, settings: Settings, idle_exit_s: float | None = None, heartbeat_file: Path | None = None) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        self.idle_exit_s = idle_exit_s
+        self.heartbeat_file = heartbeat_file
+        self.log = get_logger()
+        self.runs: dict[tuple[str, str], _Run] = {}
+        self.aggregations = 0
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._last_activity = time.monotonic()
+
+    def stop(self, reason: str) -> None:
+        """Stop consuming; unacked events go back to the queue."""
+        if not self._stopping.is_set():
+            self.log.info("aggregator.stopping", reason=reason)
+            self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume events until stopped."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        connection = await connect(self.settings, "tickq-aggregator")
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=EVENT_PREFETCH)
+            await declare(channel, self.topology)
+            queue = await channel.get_queue(self.topology.aggregator_events)
+            self.log.info("aggregator.started", queue=self.topology.aggregator_events)
+            tag = await queue.consume(self._on_event)
+            housekeeping = asyncio.create_task(self._housekeeping())
+            await self._stopping.wait()
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+            async with self._lock:  # let the event in hand finish
+                housekeeping.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        self.log.info("aggregator.stopped", aggregations=self.aggregations)
+
+    async def _housekeeping(self) -> None:
+        last_beat = 0.0
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_INTERVAL_S:
+                last_beat = now
+                if self.heartbeat_file is not None:
+                    self.heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
+                    self.heartbeat_file.touch()
+                self.log.info("aggregator.heartbeat", runs_tracked=len(self.runs), aggregations=self.aggregations)
+                self._forget_old_runs(now)
+            if self.idle_exit_s is not None and now - self._last_activity >= self.idle_exit_s and not self._lock.locked():
+                self.stop("idle")
+            await asyncio.sleep(0.2)
+
+    def _forget_old_runs(self, now: float) -> None:
+        for key, run in list(self.runs.items()):
+            if run.written_signature is not None and now - run.touched > FORGET_WRITTEN_AFTER_S:
+                del self.runs[key]
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        self._last_activity = time.monotonic()
+        async with self._lock:
+            try:
+                event = JobEvent.model_validate_json(message.body)
+            except ValidationError as exc:
+                self.log.warning("aggregator.bad_event", error=one_line(exc))
+                await message.ack()
+                return
+            try:
+                await self._apply(event)
+            except Exception as exc:
+                # Storage or broker trouble: hand the event back and try again shortly.
+                self.log.warning("aggregator.event_failed", run_id=event.run_id, error=one_line(exc))
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                return
+            with contextlib.suppress(Exception):
+                await message.ack()
+            self._last_activity = time.monotonic()
+
+    async def _apply(self, event: JobEvent) -> None:
+        loop = asyncio.get_running_loop()
+        key = (event.output, event.run_id)
+        run = self.runs.get(key)
+        if run is None:
+            storage = open_storage(event.output, self.settings.s3_endpoint_url)
+            layout = RunLayout(event.run_id)
+            await loop.run_in_executor(None, read_manifest, storage, layout)
+            state = await loop.run_in_executor(None, load_state, storage, layout)
+            run = self.runs[key] = _Run(event.output, event.run_id, state)
+        job = JobKey(event.month, event.security, event.date)
+        if job in run.state.expected:
+            if event.type == "job.succeeded":
+                run.state.succeeded.add(job)
+                run.state.dead.discard(job)
+            elif job not in run.state.succeeded:
+                run.state.dead.add(job)
+        run.touched = time.monotonic()
+        if run.state.accounted and run.written_signature != run.signature():
+            storage = open_storage(run.output, self.settings.s3_endpoint_url)
+            state = await loop.run_in_executor(None, load_state, storage, RunLayout(run.run_id))
+            run.state = state
+            result = await loop.run_in_executor(None, aggregate_run, storage, run.run_id, state)
+            run.written_signature = run.signature()
+            self.aggregations += 1
+            self.log.info(
+                "aggregator.run_written",
+                run_id=run.run_id,
+                complete=result.complete,
+                succeeded=result.succeeded,
+                dead=result.dead,
+            )
+
+
+async def run_aggregator(settings: Settings, idle_exit_s: float | None = None, heartbeat_file: Path | None = None) -> Any:
+    """Run the aggregator service until stopped."""
+    await AggregatorService(settings, idle_exit_s, heartbeat_file).run()

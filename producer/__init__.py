@@ -1,0 +1,1 @@
+"""The producer: turns a run's parameters into a manifest and one job message per job."""

@@ -1,0 +1,210 @@
+"""A run from its parameters: discover jobs, write the manifest, publish unfinished jobs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from producer.discover import MonthDiscovery, discover_month
+from producer.publish import publish_jobs
+from shared.broker import connect
+from shared.errors import ConfigError, PermanentError
+from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys, succeeded_keys
+from shared.messages import JobMessage, JobParams
+from shared.metrics import get_logger
+from shared.processors import get_processor
+from shared.settings import Settings
+from shared.storage import Storage, open_storage
+from shared.topology import Topology, declare
+
+
+def tickq_version() -> str:
+    """The installed tickq version."""
+    try:
+        return version("tickq")
+    except PackageNotFoundError:  # pragma: no cover - running from a checkout
+        return "0+unknown"
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A fresh, sortable, readable run id."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything `tickq produce` was asked for."""
+
+    input: str
+    output: str
+    months: tuple[str, ...]
+    params: JobParams
+    run_id: str
+    processor: str = "analytics"
+    securities: tuple[str, ...] | None = None
+    dates: tuple[str, ...] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The parameters that define the run: a rerun must match them."""
+        return {
+            "input": self.input,
+            "output": self.output,
+            "months": list(self.months),
+            "processor": self.processor,
+            "securities": list(self.securities) if self.securities else None,
+            "dates": list(self.dates) if self.dates else None,
+            "params": self.params.as_json(),
+        }
+
+
+@dataclass
+class ProduceResult:
+    """What `produce` did."""
+
+    run_id: str
+    jobs: int
+    published: int = 0
+    already_succeeded: int = 0
+    resumed: bool = False
+    months_without_input: list[str] = field(default_factory=list)
+    rows_unassigned: int = 0
+
+
+def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[str, Any]]:
+    log = get_logger(run_id=request.run_id)
+    securities = set(request.securities) if request.securities else None
+    dates = {dt.date.fromisoformat(d) for d in request.dates} if request.dates else None
+    keys: list[JobKey] = []
+    per_month: dict[str, Any] = {}
+    without_input: list[str] = []
+    for month in request.months:
+        started = time.perf_counter()
+        try:
+            found: MonthDiscovery = discover_month(source, month, request.params.market_tz, securities, dates)
+        except PermanentError as exc:
+            if "no input for month" in str(exc):
+                without_input.append(month)
+                log.warning("produce.month_without_input", month=month, error=str(exc))
+                continue
+            raise
+        month_keys = [JobKey(month, sec, day) for sec, day in sorted(found.rows)]
+        keys.extend(month_keys)
+        per_month[month] = {
+            "files": found.files,
+            "rows_scanned": found.rows_scanned,
+            "rows_unassigned": found.rows_unassigned,
+            "invalid_securities": sorted(found.invalid_securities)[:20],
+            "jobs": len(month_keys),
+        }
+        log.info(
+            "produce.discovered",
+            month=month,
+            jobs=len(month_keys),
+            files=found.files,
+            rows_scanned=found.rows_scanned,
+            rows_unassigned=found.rows_unassigned,
+            duration_s=round(time.perf_counter() - started, 3),
+        )
+    return keys, {"months": per_month, "months_without_input": without_input}
+
+
+def _messages(request: RunRequest, keys: list[JobKey]) -> Iterator[JobMessage]:
+    for key in keys:
+        yield JobMessage.build(
+            run_id=request.run_id,
+            month=key.month,
+            security=key.security,
+            date=key.date,
+            input=request.input,
+            output=request.output,
+            processor=request.processor,
+            params=request.params,
+        )
+
+
+async def produce(request: RunRequest, settings: Settings, dry_run: bool = False) -> ProduceResult:
+    """Discover (or resume) the run, write its manifest and publish every unfinished job."""
+    log = get_logger(run_id=request.run_id)
+    try:
+        get_processor(request.processor)
+    except PermanentError as exc:
+        raise ConfigError(str(exc)) from None
+    source = open_storage(request.input, settings.s3_endpoint_url)
+    output = open_storage(request.output, settings.s3_endpoint_url)
+    layout = RunLayout(request.run_id)
+    started = time.perf_counter()
+
+    resumed = output.exists(layout.manifest)
+    if resumed:
+        manifest = json.loads(output.read_bytes(layout.manifest))
+        if manifest.get("request") != request.identity():
+            raise ConfigError(
+                f"run {request.run_id} already exists with other parameters; "
+                "use the same parameters to resume it, or a new --run-id"
+            )
+        keys = read_job_keys(output, layout)
+        discovery = {"months_without_input": manifest.get("months_without_input", [])}
+        done = succeeded_keys(output, layout)
+        todo = [k for k in keys if k not in done]
+    else:
+        keys, discovery = _discover(request, source)
+        if not keys:
+            raise ConfigError(
+                f"no jobs found for months {', '.join(request.months)} under {source.describe()}"
+                " (check --input, --months, --securities and --dates)"
+            )
+        done, todo = set(), keys
+
+    result = ProduceResult(
+        run_id=request.run_id,
+        jobs=len(keys),
+        already_succeeded=len(keys) - len(todo),
+        resumed=resumed,
+        months_without_input=list(discovery.get("months_without_input", [])),
+        rows_unassigned=sum(m.get("rows_unassigned", 0) for m in discovery.get("months", {}).values()),
+    )
+    if dry_run:
+        return result
+
+    if not resumed:
+        output.write_bytes(layout.job_keys, job_keys_csv(keys), "text/csv")
+        manifest = {
+            "run_id": request.run_id,
+            "tickq_version": tickq_version(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "request": request.identity(),
+            "jobs": len(keys),
+            "job_keys": "job_keys.csv",
+            **discovery,
+        }
+        # The manifest is written last: its presence means the key file is complete.
+        output.write_bytes(layout.manifest, json.dumps(manifest, indent=2).encode(), "application/json")
+
+    topology = Topology(settings.namespace)
+    connection = await connect(settings, f"tickq-producer {request.run_id}")
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await declare(channel, topology)
+        publish_started = time.perf_counter()
+        result.published = await publish_jobs(channel, topology.jobs, _messages(request, todo))
+        elapsed = time.perf_counter() - publish_started
+    finally:
+        await connection.close()
+    log.info(
+        "produce.published",
+        jobs=result.jobs,
+        published=result.published,
+        already_succeeded=result.already_succeeded,
+        resumed=resumed,
+        publish_s=round(elapsed, 3),
+        publish_rate=round(result.published / elapsed, 1) if elapsed > 0 else None,
+        duration_s=round(time.perf_counter() - started, 3),
+    )
+    return result

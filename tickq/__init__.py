@@ -1,0 +1,1 @@
+"""tickq: questions over years of monthly market-data files, as distributed runs."""

@@ -1,0 +1,5 @@
+import sys
+
+from tickq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The worker: consumes jobs, computes per-job results, uploads them, acks last."""

@@ -1,0 +1,484 @@
+"""The worker's broker side: where every job is acked, retried or dead-lettered.
+
+One asyncio event loop owns the broker connection (so heartbeats keep flowing however long a
+job runs); jobs execute on a thread pool. For each delivery:
+
+1. parse and validate the message; a poison message is dead-lettered at once;
+2. a job redelivered more often than the crash budget is dead-lettered as ``crash-loop``;
+3. execute the job on a worker thread (result, then success marker);
+4. success: publish ``job.succeeded`` and wait for the broker's confirm, then ack;
+   transient failure: publish the job to a delay queue (confirmed), then ack, or dead-letter
+   it as ``transient-exhausted`` once its attempt budget is spent;
+   permanent failure: dead-letter it (confirmed), then ack.
+
+A publish always completes before the ack of the message it replaces, never the reverse: a
+crash in between leaves a duplicate, which the deterministic job id makes harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import psutil
+from aio_pika.abc import AbstractIncomingMessage
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from shared.broker import connect
+from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient, one_line
+from shared.layout import JobKey, RunLayout
+from shared.messages import JobEvent, JobMessage, parse_job
+from shared.metrics import get_logger
+from shared.settings import Settings
+from shared.storage import open_storage
+from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
+from worker.job import JobOutcome, MonthListings, execute_job
+
+TRACEBACK_LIMIT = 4000
+HEARTBEAT_INTERVAL_S = 10.0
+IN_PROCESS_TRIES = 3
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker consumes: concurrency, prefetch, budgets and exit conditions."""
+
+    concurrency: int = 2
+    prefetch: int = 4
+    max_jobs: int | None = None
+    idle_exit_s: float | None = None
+    shutdown_timeout_s: float = 120.0
+    crash_budget: int = DEFAULT_CRASH_BUDGET
+    max_attempts: int = 5
+    retry_delays_s: tuple[int, ...] = DEFAULT_RETRY_DELAYS_S
+    batch_rows: int = 65_536
+    heartbeat_file: Path | None = None
+
+
+@dataclass
+class _Stats:
+    done: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    dead: int = 0
+    in_flight: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+
+
+def worker_identity() -> str:
+    """``host:pid``: names this worker in dead letters, markers and metrics."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times the broker delivered this message before (quorum queues count)."""
+    value = (message.headers or {}).get("x-delivery-count", 0)
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+def _attempts(message: AbstractIncomingMessage) -> int:
+    """Attempts this job already spent on transient failures."""
+    value = (message.headers or {}).get("x-tickq-attempts", 0)
+    try:
+        return max(0, int(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0
+
+
+class Worker:
+    """Consumes jobs from ``N.jobs`` until stopped, idle or done with `max_jobs`."""
+
+    def __init__(self, settings: Settings, options: WorkerOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.topology = Topology(settings.namespace, options.retry_delays_s)
+        self.identity = worker_identity()
+        self.log = get_logger(worker=self.identity)
+        self.stats = _Stats()
+        self._listings = MonthListings()
+        self._pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="tickq-job")
+        self._slots = asyncio.Semaphore(options.concurrency)
+        self._stopping = asyncio.Event()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._process = psutil.Process()
+        self._process.cpu_percent()
+        self._channel: Any = None
+        self._events: Any = None
+        self._dlx: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Stop taking jobs; jobs in hand finish (or are requeued at the shutdown timeout)."""
+        if not self._stopping.is_set():
+            self.log.info("worker.stopping", reason=reason, in_flight=self.stats.in_flight)
+            self._stopping.set()
+
+    async def run(self) -> _Stats:
+        """Consume until stopped; returns the worker's counts."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        connection = await connect(self.settings, f"tickq-worker {self.identity}")
+        try:
+            self._channel = await connection.channel(publisher_confirms=True)
+            await self._channel.set_qos(prefetch_count=self.options.prefetch)
+            await declare(self._channel, self.topology)
+            self._events = await self._channel.get_exchange(self.topology.events)
+            self._dlx = await self._channel.get_exchange(self.topology.dlx)
+            queue = await self._channel.get_queue(self.topology.jobs)
+            self.log.info(
+                "worker.started",
+                queue=self.topology.jobs,
+                concurrency=self.options.concurrency,
+                prefetch=self.options.prefetch,
+                broker=self.settings.safe_amqp_url,
+            )
+            tag = await queue.consume(self._on_message)
+            housekeeping = asyncio.create_task(self._housekeeping())
+            await self._stopping.wait()
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+            await self._drain()
+            housekeeping.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.log.info(
+            "worker.stopped",
+            jobs_done=self.stats.done,
+            succeeded=self.stats.succeeded,
+            retried=self.stats.retried,
+            dead_lettered=self.stats.dead,
+        )
+        return self.stats
+
+    async def _drain(self) -> None:
+        """Let the jobs in hand finish, up to the shutdown timeout."""
+        pending = {t for t in self._handlers if not t.done()}
+        if not pending:
+            return
+        _, still = await asyncio.wait(pending, timeout=self.options.shutdown_timeout_s)
+        if still:
+            # Closing the connection hands their messages back to the broker for redelivery.
+            self.log.warning("worker.shutdown_timeout", jobs_requeued=len(still))
+
+    async def _housekeeping(self) -> None:
+        """Heartbeat file and line, idle exit."""
+        last_beat = 0.0
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_INTERVAL_S:
+                last_beat = now
+                self._beat()
+            idle = self.options.idle_exit_s
+            if idle is not None and self.stats.in_flight == 0 and not self._waiting():
+                if now - self.stats.last_activity >= idle:
+                    self.stop("idle")
+            await asyncio.sleep(0.2)
+
+    def _waiting(self) -> bool:
+        return any(not t.done() for t in self._handlers)
+
+    def _beat(self) -> None:
+        if self.options.heartbeat_file is not None:
+            path = self.options.heartbeat_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        self.log.info(
+            "worker.heartbeat",
+            jobs_done=self.stats.done,
+            in_flight=self.stats.in_flight,
+            rss_mb=round(self._process.memory_info().rss / 2**20, 1),
+        )
+
+    # -- one delivery ------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        self.stats.last_activity = time.monotonic()
+        async with self._slots:
+            if self._stopping.is_set():
+                await self._settle(message.nack(requeue=True), "requeue on shutdown")
+                return
+            self.stats.in_flight += 1
+            try:
+                await self._handle(message)
+            finally:
+                self.stats.in_flight -= 1
+                self.stats.done += 1
+                self.stats.last_activity = time.monotonic()
+        if self.options.max_jobs is not None and self.stats.done >= self.options.max_jobs:
+            self.stop("max-jobs")
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        try:
+            job = parse_job(message.body)
+        except PoisonError as exc:
+            await self._dead_letter(message, None, ErrorClass.POISON, exc, started)
+            return
+        log = self.log.bind(run_id=job.run_id, job_id=job.job_id)
+        deliveries = _delivery_count(message)
+        if deliveries >= self.options.crash_budget:
+            crash = PermanentError(
+                f"job was delivered {deliveries + 1} times without finishing: its workers died"
+            )
+            await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
+            return
+        attempt = _attempts(message) + 1
+        loop = asyncio.get_running_loop()
+        try:
+            outcome = await loop.run_in_executor(self._pool, self._execute, job)
+        except Exception as exc:  # classified below; nothing escapes the handler
+            if is_transient(exc):
+                if attempt >= self.options.max_attempts:
+                    await self._dead_letter(message, job, ErrorClass.TRANSIENT_EXHAUSTED, exc, started)
+                else:
+                    await self._retry_later(message, job, attempt, exc, started)
+            else:
+                await self._dead_letter(message, job, ErrorClass.PERMANENT, exc, started)
+            return
+        event = JobEvent(
+            type="job.succeeded",
+            run_id=job.run_id,
+            job_id=job.job_id,
+            month=job.month,
+            security=job.security,
+            date=job.date,
+            output=job.output,
+            worker=self.identity,
+            rows_read=outcome.rows_read,
+            rows_accepted=outcome.rows_accepted,
+            rows_rejected=outcome.rows_rejected,
+        )
+        publish_start = time.perf_counter()
+        if not await self._publish(self._events, event.to_body(), "job.succeeded", job.job_id, {}):
+            await self._settle(message.nack(requeue=True), "requeue after failed event publish")
+            return
+        outcome.time("publish", time.perf_counter() - publish_start)
+        ack_start = time.perf_counter()
+        acked = await self._settle(message.ack(), "ack")
+        outcome.time("ack", time.perf_counter() - ack_start)
+        if acked:
+            self.stats.succeeded += 1
+        self._log_job(log, "succeeded", outcome, started, attempt)
+
+    def _execute(self, job: JobMessage) -> JobOutcome:
+        """Runs on a worker thread: short jittered retries absorb blips before queue retries."""
+        for attempt in Retrying(
+            stop=stop_after_attempt(IN_PROCESS_TRIES),
+            wait=wait_random_exponential(multiplier=0.2, max=2.0),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        ):
+            with attempt:
+                return execute_job(
+                    job,
+                    s3_endpoint_url=self.settings.s3_endpoint_url,
+                    worker_id=self.identity,
+                    listings=self._listings,
+                    batch_rows=self.options.batch_rows,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _log_job(self, log: Any, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
+        for stage, seconds in outcome.stages.items():
+            log.info("job.stage", stage=stage, duration_s=round(seconds, 6))
+        log.info(
+            "job.finished",
+            outcome=outcome_name,
+            attempt=attempt,
+            duration_s=round(time.perf_counter() - started, 6),
+            rows_in=outcome.rows_read,
+            rows_out=outcome.rows_accepted,
+            rows_rejected=outcome.rows_rejected,
+            rows_filtered=outcome.rows_filtered,
+            bytes_in=outcome.bytes_in,
+            bytes_out=outcome.bytes_out,
+            already_done=outcome.already_done,
+            rss_mb=round(self._process.memory_info().rss / 2**20, 1),
+            cpu_percent=self._process.cpu_percent(),
+        )
+
+    # -- publishing and settling -------------------------------------------------------
+
+    async def _publish(
+        self, exchange: Any, body: bytes, routing_key: str, message_id: str, headers: dict[str, Any]
+    ) -> bool:
+        """Publish persistently with the mandatory flag and wait for the broker's confirm."""
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message_id,
+            headers=headers,
+        )
+        try:
+            await exchange.publish(message, routing_key=routing_key, mandatory=True)
+            return True
+        except Exception as exc:  # connection lost, nack, unroutable: the caller requeues
+            self.log.warning("publish.failed", routing_key=routing_key, error=one_line(exc))
+            return False
+
+    async def _settle(self, action: Awaitable[Any], what: str) -> bool:
+        """Ack or nack; on a lost channel the broker redelivers the message anyway."""
+        try:
+            await action
+            return True
+        except Exception as exc:
+            self.log.warning("settle.failed", action=what, error=one_line(exc))
+            return False
+
+    @staticmethod
+    def _carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (message.headers or {}).items()
+            if not k.startswith("x-death") and k not in ("x-delivery-count", "x-first-death-exchange",
+                                                          "x-first-death-queue", "x-first-death-reason",
+                                                          "x-last-death-exchange", "x-last-death-queue",
+                                                          "x-last-death-reason")
+        }
+
+    async def _retry_later(
+        self, message: AbstractIncomingMessage, job: JobMessage, attempt: int, exc: BaseException, started: float
+    ) -> None:
+        delays = self.options.retry_delays_s
+        delay = delays[min(attempt - 1, len(delays) - 1)]
+        headers = self._carried_headers(message)
+        headers.update({"x-tickq-attempts": attempt, "x-tickq-last-error": one_line(exc)})
+        published = await self._publish(
+            self._channel.default_exchange, message.body, self.topology.retry_queue(delay), job.job_id, headers
+        )
+        if not published:
+            await self._settle(message.nack(requeue=True), "requeue after failed retry publish")
+            return
+        if await self._settle(message.ack(), "ack after retry"):
+            self.stats.retried += 1
+        self.log.warning(
+            "job.finished",
+            run_id=job.run_id,
+            job_id=job.job_id,
+            outcome="retry_scheduled",
+            attempt=attempt,
+            retry_in_s=delay,
+            error=one_line(exc),
+            duration_s=round(time.perf_counter() - started, 6),
+        )
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        job: JobMessage | None,
+        error_class: ErrorClass,
+        exc: BaseException,
+        started: float,
+    ) -> None:
+        headers = self._carried_headers(message)
+        attempts = _attempts(message) + 1
+        tb = "".join(traceback.format_exception(exc))
+        headers.update(
+            {
+                "x-tickq-error-class": str(error_class),
+                "x-tickq-error": one_line(exc),
+                "x-tickq-traceback": one_line_free(tb)[-TRACEBACK_LIMIT:],
+                "x-tickq-attempts": attempts,
+                "x-tickq-worker": self.identity,
+                "x-tickq-failed-at": dt.datetime.now(dt.UTC).isoformat(),
+            }
+        )
+        message_id = job.job_id if job else (message.message_id or "")
+        published = await self._publish(self._dlx, message.body, self.topology.dead, message_id, headers)
+        if not published:
+            await self._settle(message.nack(requeue=True), "requeue after failed dead-letter publish")
+            return
+        if job is not None:
+            await self._record_dead(job, error_class, exc, attempts)
+        if await self._settle(message.ack(), "ack after dead-letter"):
+            self.stats.dead += 1
+        self.log.error(
+            "job.finished",
+            run_id=job.run_id if job else None,
+            job_id=message_id or None,
+            outcome="dead_lettered",
+            error_class=str(error_class),
+            error=one_line(exc),
+            attempt=attempts,
+            duration_s=round(time.perf_counter() - started, 6),
+        )
+
+    async def _record_dead(self, job: JobMessage, error_class: ErrorClass, exc: BaseException, attempts: int) -> None:
+        """Tell storage and the aggregator that the job is dead (best effort: the DLQ has it)."""
+        record = {
+            "job_id": job.job_id,
+            "error_class": str(error_class),
+            "error": one_line(exc),
+            "attempts": attempts,
+            "worker": self.identity,
+            "failed_at": dt.datetime.now(dt.UTC).isoformat(),
+        }
+        loop = asyncio.get_running_loop()
+
+        def write() -> None:
+            import json
+
+            storage = open_storage(job.output, self.settings.s3_endpoint_url)
+            layout = RunLayout(job.run_id)
+            storage.write_bytes(
+                layout.dead(JobKey(job.month, job.security, job.date)),
+                json.dumps(record).encode(),
+                "application/json",
+            )
+
+        try:
+            await loop.run_in_executor(None, write)
+        except Exception as exc2:
+            self.log.warning("dead_record.failed", job_id=job.job_id, error=one_line(exc2))
+        event = JobEvent(
+            type="job.dead",
+            run_id=job.run_id,
+            job_id=job.job_id,
+            month=job.month,
+            security=job.security,
+            date=job.date,
+            output=job.output,
+            worker=self.identity,
+            error_class=str(error_class),
+        )
+        await self._publish(self._events, event.to_body(), "job.dead", job.job_id, {})
+
+
+def one_line_free(text: str) -> str:
+    """A traceback made safe for a header: credentials hidden, bounded by the caller."""
+    from shared.errors import redact
+
+    return redact(text)
+
+
+async def run_worker(settings: Settings, options: WorkerOptions, on_ready: Callable[[Worker], None] | None = None) -> _Stats:
+    """Run one worker until it stops."""
+    worker = Worker(settings, options)
+    if on_ready:
+        on_ready(worker)
+    return await worker.run()

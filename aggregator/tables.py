@@ -134,7 +134,7 @@ def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) 
     manifest = read_manifest(storage, layout)
     state = state or load_state(storage, layout)
     request = manifest["request"]
-    params = JobParams.model_validate(request["params"])
+    params = JobParams.model_validate_json(json.dumps(request["params"]))
     processor = get_processor(request["processor"])
     keys = sorted(state.succeeded, key=_aggregation_order)
     reader = _ResultReader(storage, layout, keys)

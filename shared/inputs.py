@@ -85,7 +85,7 @@ def month_files(storage: Storage, month: str) -> list[InputFile]:
         inside = obj.key.startswith(month + "/")
         beside = "/" not in obj.key and obj.key.startswith(month + ".")
         fmt = format_of(obj.key)
-        if (inside or beside) and fmt is not None and not obj.key.rsplit("/", 1)[-1].startswith("."):
+        if (inside or beside) and fmt is not None and not obj.key.rsplit("/", 1)[-1].startswith((".", "_")):
             files.append(InputFile(obj.key, obj.size, fmt))
     if not files:
         raise PermanentError(

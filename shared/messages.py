@@ -43,14 +43,17 @@ def job_id_for(run_id: str, month: str, security: str, date: dt.date | str) -> s
 
 
 def parse_session(text: str) -> tuple[int, int]:
-    """``HH:MM-HH:MM`` as (start, end) minutes of the day; start inclusive, end exclusive."""
+    """``HH:MM-HH:MM`` as (start, end) minutes of the day; start inclusive, end exclusive.
+
+    A start after the end wraps past midnight (``22:00-02:00``).
+    """
     match = SESSION_RE.match(text)
     if not match:
         raise ValueError(f"session {text!r} must look like HH:MM-HH:MM (e.g. 10:00-16:00)")
     h1, m1, h2, m2 = (int(g) for g in match.groups())
     start, end = h1 * 60 + m1, h2 * 60 + m2
-    if end > 24 * 60 or start >= end:
-        raise ValueError(f"session {text!r} must end after it starts, within one day")
+    if end > 24 * 60 or start == end:
+        raise ValueError(f"session {text!r} must not be empty and must end by 24:00")
     return start, end
 
 

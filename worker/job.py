@@ -92,7 +92,10 @@ def run_filter_mask(rows: pa.Table, params: JobParams) -> pa.Array | None:
     session = params.session_minutes
     if session is not None:
         minute = rows.column("minute_of_day")
-        masks.append(pc.and_(pc.greater_equal(minute, session[0]), pc.less(minute, session[1])))
+        start, end = session
+        after_start, before_end = pc.greater_equal(minute, start), pc.less(minute, end)
+        # A session that wraps past midnight keeps both ends of the day.
+        masks.append(pc.and_(after_start, before_end) if start < end else pc.or_(after_start, before_end))
     if params.min_size is not None:
         masks.append(pc.greater_equal(rows.column("size"), params.min_size))
     if params.max_size is not None:

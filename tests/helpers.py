@@ -1,0 +1,138 @@
+"""Test helpers: reading a run's tables and summary, moving files to S3, and an HTTP proxy
+that slows down or fails requests to the S3 server (for long jobs and outages)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from shared.storage import open_storage
+
+TABLE_NAMES = (
+    "security_daily",
+    "by_security",
+    "by_date",
+    "by_participant",
+    "by_hour",
+    "by_size_bucket",
+    "by_venue",
+    "timeseries_hourly",
+    "timeseries_daily",
+)
+
+
+def read_tables(output: str, run_id: str, endpoint: str | None = None) -> dict[str, pd.DataFrame]:
+    """Every aggregate table of a run, from its Parquet files."""
+    storage = open_storage(output, endpoint)
+    tables = {}
+    for name in TABLE_NAMES:
+        with storage.open_read(f"runs/{run_id}/aggregates/{name}.parquet") as f:
+            tables[name] = pq.read_table(f).to_pandas()
+    return tables
+
+
+def read_csv_tables(output: str, run_id: str) -> dict[str, bytes]:
+    """Every aggregate table's CSV bytes (to compare reruns byte for byte)."""
+    storage = open_storage(output)
+    return {n: storage.read_bytes(f"runs/{run_id}/aggregates/{n}.csv") for n in TABLE_NAMES}
+
+
+def read_summary(output: str, run_id: str, endpoint: str | None = None) -> dict[str, Any]:
+    """A run's summary.json."""
+    storage = open_storage(output, endpoint)
+    return dict(json.loads(storage.read_bytes(f"runs/{run_id}/aggregates/summary.json")))
+
+
+def upload_dir(local: Path, s3_client: Any, bucket: str, prefix: str) -> None:
+    """Copy a local directory tree to ``s3://bucket/prefix``."""
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3_client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of an S3 server that can delay, fail or refuse requests.
+
+    `delay_s` sleeps before forwarding each request; `fail_ratio` answers that share of
+    requests with 503 SlowDown; `refuse` closes connections without answering.
+    """
+
+    def __init__(self, upstream: str, seed: int = 1) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        self.delay_s = 0.0
+        self.fail_ratio = 0.0
+        self.refuse = False
+        self.requests = 0
+        self.failed = 0
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                import time
+
+                with proxy._lock:
+                    proxy.requests += 1
+                    fail = proxy._random.random() < proxy.fail_ratio
+                    refuse = proxy.refuse
+                length = int(self.headers.get("Content-Length", 0) or 0)
+                body = self.rfile.read(length) if length else b""
+                if refuse:
+                    with proxy._lock:
+                        proxy.failed += 1
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
+                if fail:
+                    with proxy._lock:
+                        proxy.failed += 1
+                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,247 @@
+"""Whole runs through the real broker and a real S3 API, checked against an independent
+computation of every table (tests/reference.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import S3Server, Tickq, log_lines
+from tests.helpers import read_csv_tables, read_summary, read_tables, upload_dir
+from tests.reference import assert_tables_equal, reference_counts, reference_tables
+
+MONTH = "2024-03"
+
+
+def _gen(tickq: Tickq, out: Path, *extra: str, rows: int = 60_000, securities: int = 8) -> Path:
+    tickq.run("gen", "--out", str(out), "--months", MONTH, "--rows", str(rows),
+              "--securities", str(securities), *extra)
+    return out
+
+
+def _run(tickq: Tickq, input_uri: str, output_uri: str, *params: str, workers: int = 2,
+         months: str = MONTH, run_id: str = "run1") -> dict:
+    produced = tickq.produce("--input", input_uri, "--output", output_uri, "--months", months,
+                             "--run-id", run_id, *params)
+    assert produced["run_id"] == run_id
+    tickq.wait_all(tickq.workers(workers))
+    tickq.run("aggregate", "--run", run_id, "--output", output_uri, "--wait", "120")
+    return produced
+
+
+def test_whole_run_on_local_storage_equals_independent_computation(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data")
+    produced = _run(tickq, str(data), str(tmp_path / "out"), "--market-tz", "Australia/Sydney")
+
+    expected = reference_tables(str(data), [MONTH], market_tz="Australia/Sydney")
+    assert produced["jobs"] == len(expected["security_daily"])
+    assert_tables_equal(read_tables(str(tmp_path / "out"), "run1"), expected)
+    summary = read_summary(str(tmp_path / "out"), "run1")
+    counts = reference_counts(str(data), [MONTH], market_tz="Australia/Sydney")
+    assert summary["complete"] is True
+    assert summary["jobs_expected"] == summary["jobs_succeeded"] == produced["jobs"]
+    assert summary["jobs_dead"] == 0
+    assert summary["rows_read"] == counts["rows_read"]
+    assert summary["rows_accepted"] == counts["rows_accepted"]
+    assert summary["rows_rejected"] == counts["rows_rejected"]
+
+
+FILTERS = (
+    "--market-tz", "Australia/Sydney",
+    "--participants", "P01,P02,P03,P05",
+    "--venues", "CP,TM",
+    "--session", "10:15-15:45",
+    "--min-size", "50",
+    "--max-size", "200000",
+    "--size-buckets", "5000,25000,100000,750000",
+)
+
+
+def test_whole_run_on_s3_with_filters_equals_independent_computation(
+    tickq: Tickq, tmp_path: Path, s3_server: S3Server
+) -> None:
+    data = _gen(tickq, tmp_path / "data", "--format", "csv.gz")
+    bucket = s3_server.new_bucket()
+    upload_dir(data, s3_server.client(), bucket, "raw")
+    output = f"s3://{bucket}/results"
+    _run(tickq, f"s3://{bucket}/raw", output, *FILTERS)
+
+    expected = reference_tables(
+        str(data), [MONTH], market_tz="Australia/Sydney", participants=["P01", "P02", "P03", "P05"],
+        venues=["CP", "TM"], session="10:15-15:45", min_size=50, max_size=200_000,
+        size_buckets=[5000, 25000, 100000, 750000],
+    )
+    actual = read_tables(output, "run1", s3_server.endpoint)
+    assert_tables_equal(actual, expected)
+    assert len(actual["by_size_bucket"]) == 5
+    summary = read_summary(output, "run1", s3_server.endpoint)
+    assert summary["complete"] is True
+    assert summary["rows_filtered"] > 0
+
+
+def _write_mixed_month(root: Path) -> None:
+    """Parquet parts in the month folder plus a .csv.gz beside it, across Sydney's DST end
+    (2024-04-07 03:00 AEDT -> 02:00 AEST), with side spellings, nulls and bad rows."""
+    month = root / "2024-04"
+    (month / "nested").mkdir(parents=True)
+    ts = pd.to_datetime([
+        "2024-04-06T12:59:59Z",  # 23:59:59 AEDT on the 6th
+        "2024-04-06T13:00:00Z",  # 00:00 AEDT on the 7th
+        "2024-04-06T15:30:00Z",  # 02:30 AEDT on the 7th (before the change)
+        "2024-04-06T16:30:00Z",  # 02:30 AEST on the 7th (after the change)
+        "2024-04-07T23:10:00Z",  # 09:10 AEST on the 8th
+        "2024-04-08T01:00:00Z",
+    ], utc=True)
+    part1 = pa.table({
+        "ts": pa.array(ts.as_unit("ns"), pa.timestamp("ns", tz="UTC")),
+        "security": ["BHP", "BHP", "BRK.B", "BHP", "CBA", "CBA"],
+        "price": [45.5, 45.6, 410.25, 45.7, 120.0, 121.5],
+        "size": pa.array([100, 2500, 30, 700, 1200, 40], pa.int64()),
+        "side": ["B", "sell", "A", "Buy", None, "x"],
+        "participant": ["P01", None, "P02", "P01", "P03", None],
+        "venue": ["CP", "TM", None, "TM", "CP", "TM"],
+        "extra": [1, 2, 3, 4, 5, 6],
+    })
+    pq.write_table(part1, month / "part-a.parquet")
+    naive = pa.table({  # naive timestamps are UTC
+        "ts": pa.array(pd.to_datetime(["2024-04-07T00:30:00", "2024-04-07T05:00:00"]).as_unit("us")),
+        "security": ["BHP", "CBA"],
+        "price": [46.0, 0.0],  # the second row is rejected: price <= 0
+        "size": [300, 10],
+    })
+    pq.write_table(naive, month / "nested" / "part-b.parquet")
+    csv_text = "\n".join([
+        "ts,security,price,size,side,participant,venue",
+        "2024-04-07T23:30:00Z,BHP,45.9,150,BUY,P02,CP",
+        "1712534400000000000,CBA,121.0,80,s,,",      # integer ns; null participant and venue
+        "2024-04-08T10:00:00+10:00,BHP,46.1,60,S,P01,TM",
+        "2024-04-08T01:00:00Z,BHP,,10,B,P01,TM",    # rejected: null price
+        "2024-04-08T01:00:00Z,BHP,46.0,-5,B,P01,TM",  # rejected: size <= 0
+        "2024-04-08T01:00:00Z,BHP,46.0,1.5,B,P01,TM",  # rejected: size not an integer
+        "2024-04-08T01:00:00Z,BHP,inf,1,B,P01,TM",  # rejected: price not finite
+        "2024-04-08T01:00:00Z,BHP,46.0,abc,B,P01,TM",  # rejected: size unparseable
+    ]) + "\n"
+    with gzip.open(root / "2024-04.csv.gz", "wt") as f:
+        f.write(csv_text)
+
+
+def test_mixed_formats_dst_sides_nulls_and_rejected_rows(tickq: Tickq, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _write_mixed_month(data)
+    output = tmp_path / "out"
+    _run(tickq, str(data), str(output), "--market-tz", "Australia/Sydney", months="2024-04", workers=1)
+
+    expected = reference_tables(str(data), ["2024-04"], market_tz="Australia/Sydney")
+    actual = read_tables(str(output), "run1")
+    assert_tables_equal(actual, expected)
+    daily = actual["security_daily"].set_index(["security", "trade_date"])
+    import datetime as dt
+
+    # 12:59:59Z is still the 6th in Sydney; 13:00Z is the 7th; both 02:30s are the 7th.
+    assert daily.loc[("BHP", dt.date(2024, 4, 6)), "records"] == 1
+    assert daily.loc[("BHP", dt.date(2024, 4, 7)), "records"] == 3  # 13:00Z, 16:30Z, 00:30Z naive
+    hours = actual["timeseries_hourly"]
+    on_7th = hours[hours["trade_date"] == dt.date(2024, 4, 7)].set_index("hour")
+    assert on_7th.loc[2, "records"] == 2  # the repeated 02:00 hour holds both 02:30s
+    summary = read_summary(str(output), "run1")
+    assert summary["rows_rejected"] == 6
+    assert summary["rows_accepted"] == 6 + 1 + 3
+    participants = actual["by_participant"]
+    assert participants["participant"].isna().sum() == 1  # null is its own group
+
+
+def test_same_run_id_again_publishes_only_unfinished_jobs_and_changes_nothing(
+    tickq: Tickq, tmp_path: Path
+) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    output = str(tmp_path / "out")
+    first = _run(tickq, str(data), output)
+    tables_before = read_csv_tables(output, "run1")
+
+    again = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "run1")
+    assert again == {"run_id": "run1", "jobs": first["jobs"], "published": 0}
+
+    # Lose two jobs' success markers: a rerun publishes exactly those two.
+    markers = sorted((tmp_path / "out" / "runs" / "run1" / "succeeded").rglob("*.json"))
+    for marker in markers[:2]:
+        marker.unlink()
+    rerun = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "run1")
+    assert rerun["published"] == 2
+    tickq.wait_all(tickq.workers(1))
+    tickq.run("aggregate", "--run", "run1", "--output", output, "--wait", "60")
+    assert read_csv_tables(output, "run1") == tables_before
+
+    other = tickq.run("produce", "--input", str(data), "--output", output, "--months", MONTH,
+                      "--run-id", "run1", "--min-size", "10", check=False)
+    assert other.returncode == 2
+    assert "already exists with other parameters" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
+def test_a_job_delivered_twice_is_counted_once(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    output = str(tmp_path / "out")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "dup")
+    # The producer's rerun publishes every unfinished job a second time: all are duplicates.
+    again = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "dup")
+    assert again["published"] == produced["jobs"]
+    workers = tickq.workers(2)
+    tickq.wait_all(workers)
+    tickq.run("aggregate", "--run", "dup", "--output", output)
+    assert_tables_equal(read_tables(output, "dup"), reference_tables(str(data), [MONTH]))
+    finished = [line for w in workers for line in log_lines(w) if line.get("event") == "job.finished"]
+    assert len(finished) == 2 * produced["jobs"]
+    assert sum(1 for line in finished if line.get("already_done")) >= 1
+    assert sum(1 for line in finished if line["outcome"] == "succeeded") == 2 * produced["jobs"]
+
+
+def test_aggregator_service_writes_the_same_tables_as_aggregate(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    output = str(tmp_path / "out")
+    service = tickq.start("aggregator", "--idle-exit", "8")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "svc")
+    tickq.wait_all(tickq.workers(2))
+    tickq.wait_all([service], timeout=60)
+    written = [line for line in log_lines(service) if line.get("event") == "aggregator.run_written"]
+    assert written and written[-1]["complete"] is True and written[-1]["succeeded"] == produced["jobs"]
+    from_service = read_csv_tables(output, "svc")
+    tickq.run("aggregate", "--run", "svc", "--output", output)
+    assert read_csv_tables(output, "svc") == from_service
+    assert_tables_equal(read_tables(output, "svc"), reference_tables(str(data), [MONTH]))
+
+
+def test_summary_and_exit_status_when_jobs_are_missing(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=5_000, securities=2)
+    output = str(tmp_path / "out")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "part")
+    result = tickq.run("aggregate", "--run", "part", "--output", output, "--wait", "1", check=False)
+    assert result.returncode == 3
+    summary = json.loads((tmp_path / "out" / "runs" / "part" / "aggregates" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert summary["jobs_missing"] == produced["jobs"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--months", "2024-13"), "is not a month"),
+        (("--months", "2024-03", "--session", "25:00-26:00"), "--session"),
+        (("--months", "2024-03", "--market-tz", "Mars/Olympus"), "unknown market time zone"),
+        (("--months", "2024-03", "--size-buckets", "5,1"), "strictly increasing"),
+        (("--months", "2024-03", "--processor", "nope"), "unknown processor"),
+        (("--months", "2024-05"), "no jobs found"),
+    ],
+)
+def test_bad_run_parameters_fail_with_one_line(tickq: Tickq, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=1_000, securities=2)
+    result = tickq.run("produce", "--input", str(data), "--output", str(tmp_path / "out"), *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -117,6 +117,7 @@ class Worker:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._process = psutil.Process()
         self._process.cpu_percent()
+        self._drained = False
         self._channel: Any = None
         self._events: Any = None
         self._dlx: Any = None
@@ -156,6 +157,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
             await self._drain()
+            self._drained = True
             housekeeping.cancel()
         finally:
             with contextlib.suppress(Exception):
@@ -181,15 +183,15 @@ class Worker:
             self.log.warning("worker.shutdown_timeout", jobs_requeued=len(still))
 
     async def _housekeeping(self) -> None:
-        """Heartbeat file and line, idle exit."""
+        """Heartbeat file and line, idle exit; beats on while jobs in hand drain."""
         last_beat = 0.0
-        while not self._stopping.is_set():
+        while not self._drained:
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_INTERVAL_S:
                 last_beat = now
                 self._beat()
             idle = self.options.idle_exit_s
-            if idle is not None and self.stats.in_flight == 0 and not self._waiting():
+            if idle is not None and not self._stopping.is_set() and self.stats.in_flight == 0 and not self._waiting():
                 if now - self.stats.last_activity >= idle:
                     self.stop("idle")
             await asyncio.sleep(0.2)
@@ -247,6 +249,7 @@ class Worker:
             await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
             return
         attempt = _attempts(message) + 1
+        log.info("job.started", attempt=attempt, deliveries=deliveries + 1)
         loop = asyncio.get_running_loop()
         try:
             outcome = await loop.run_in_executor(self._pool, self._execute, job)

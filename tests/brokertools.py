@@ -1,0 +1,66 @@
+"""Direct broker access for tests: publish raw messages, read the dead-letter queue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+
+from shared.topology import Topology
+
+
+def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str, Any] | None = None) -> None:
+    """Publish raw bodies to the namespace's job queue, confirmed."""
+
+    async def run() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            from shared.topology import declare
+
+            await declare(channel, Topology(namespace))
+            for body in bodies:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or {}),
+                    routing_key=Topology(namespace).jobs,
+                )
+
+    asyncio.run(run())
+
+
+def drain_queue(url: str, queue: str, requeue: bool = True) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Every message now in `queue` (handed back afterwards unless `requeue` is False)."""
+
+    async def run() -> list[Any]:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            q = await channel.get_queue(queue, ensure=False)
+            got = []
+            while True:
+                message = await q.get(no_ack=False, fail=False, timeout=5)
+                if message is None:
+                    break
+                got.append(message)
+            for message in got:
+                if requeue:
+                    await message.nack(requeue=True)
+                else:
+                    await message.ack()
+            return got
+
+    return asyncio.run(run())
+
+
+def queue_depth(url: str, queue: str) -> int:
+    """Messages ready in `queue`."""
+
+    async def run() -> int:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            q = await channel.declare_queue(queue, passive=True)
+            return int(q.declaration_result.message_count or 0)
+
+    return asyncio.run(run())

@@ -1,0 +1,153 @@
+"""The worker's promises: it survives bad messages, shuts down without losing jobs, and keeps
+its broker connection through jobs longer than the heartbeat interval."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from shared.messages import JobMessage, JobParams
+from shared.topology import Topology
+from tests.brokertools import drain_queue, publish_raw
+from tests.conftest import S3Server, Tickq, log_lines
+from tests.helpers import FaultyS3Proxy, read_tables
+from tests.reference import assert_tables_equal, reference_tables
+
+MONTH = "2024-03"
+
+
+def _wait_for_event(proc, event: str, timeout: float = 60) -> dict:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_lines(proc):
+            if line.get("event") == event:
+                return line
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"no {event} line; log tail: {Path(proc.log_path).read_text()[-2000:]}")
+
+
+def _job(run_id: str, month: str, security: str, date: str, input_uri: str, output_uri: str) -> JobMessage:
+    return JobMessage.build(
+        run_id=run_id, month=month, security=security, date=date, input=input_uri, output=output_uri,
+        processor="analytics", params=JobParams(),
+    )
+
+
+def test_bad_messages_and_missing_input_do_not_crash_the_worker(
+    tickq: Tickq, amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "ok")
+    good = json.loads(_job("x", MONTH, "AAA", "2024-03-04", str(data), str(output)).to_body())
+    unknown_version = json.dumps({**good, "v": 2}).encode()
+    escaping = json.dumps({**good, "security": "../../etc", "job_id": "x:2024-03:../../etc:2024-03-04"}).encode()
+    missing_input = _job("x", "2023-01", "AAA", "2023-01-04", str(data), str(output)).to_body()
+    publish_raw(amqp_url, namespace, [b"not json {", unknown_version, escaping, missing_input])
+
+    worker = tickq.workers(1)[0]
+    tickq.wait_all([worker])
+    assert worker.returncode == 0
+
+    dead = drain_queue(amqp_url, Topology(namespace).dead)
+    classes = sorted(str(m.headers["x-tickq-error-class"]) for m in dead)
+    assert classes == ["permanent", "poison", "poison", "poison"]
+    for message in dead:
+        assert message.headers["x-tickq-error"]
+        assert message.headers["x-tickq-worker"]
+        assert message.headers["x-tickq-failed-at"]
+        assert int(message.headers["x-tickq-attempts"]) >= 1
+    permanent = next(m for m in dead if m.headers["x-tickq-error-class"] == "permanent")
+    assert "no input for month 2023-01" in str(permanent.headers["x-tickq-error"])
+    assert not (output / "runs" / "x" / "succeeded").exists()
+    # The good run still completed: the worker survived every bad message.
+    tickq.run("aggregate", "--run", "ok", "--output", str(output))
+    assert_tables_equal(read_tables(str(output), "ok"), reference_tables(str(data), [MONTH]))
+    finished = [x for x in log_lines(worker) if x.get("event") == "job.finished"]
+    assert sum(1 for x in finished if x["outcome"] == "succeeded") == produced["jobs"]
+
+
+def _slow_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, delay_s: float, run_id: str):  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "3000", "--securities", "2",
+              "--format", "csv")
+    bucket = s3_server.new_bucket()
+    s3 = s3_server.client()
+    for path in data.rglob("*.csv"):
+        s3.upload_file(str(path), bucket, f"raw/{path.relative_to(data).as_posix()}")
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    proxy.delay_s = delay_s
+    output = f"s3://{bucket}/out"
+    produced = tickq.produce("--input", f"s3://{bucket}/raw", "--output", output, "--months", MONTH,
+                             "--run-id", run_id, "--dates", "2024-03-04..2024-03-05")
+    return data, output, proxy, produced
+
+
+def test_sigterm_finishes_the_job_in_hand_and_loses_nothing(tickq: Tickq, s3_server: S3Server, tmp_path: Path) -> None:
+    data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 0.3, "term")
+    try:
+        worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "3",
+                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
+        started = _wait_for_event(worker, "job.started")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=120)
+        assert worker.returncode == 0
+        lines = log_lines(worker)
+        finished = [x for x in lines if x.get("event") == "job.finished"]
+        # The job in hand was finished, not abandoned.
+        assert [x["job_id"] for x in finished] == [started["job_id"]]
+        assert finished[0]["outcome"] == "succeeded"
+    finally:
+        proxy.close()
+    tickq.wait_all(tickq.workers(1))
+    tickq.run("aggregate", "--run", "term", "--output", output)
+    expected = reference_tables(str(data), [MONTH], dates=["2024-03-04", "2024-03-05"])
+    assert len(expected["security_daily"]) == produced["jobs"]
+    assert_tables_equal(read_tables(output, "term", s3_server.endpoint), expected)
+
+
+def test_sigterm_past_the_shutdown_timeout_requeues_the_job(
+    tickq: Tickq, s3_server: S3Server, tmp_path: Path
+) -> None:
+    data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 1.0, "abandon")
+    try:
+        worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--shutdown-timeout", "0.5",
+                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
+        _wait_for_event(worker, "job.started")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+        assert worker.returncode == 0
+        assert _wait_for_event(worker, "worker.shutdown_timeout")["jobs_requeued"] == 1
+    finally:
+        proxy.close()
+    tickq.wait_all(tickq.workers(1))
+    tickq.run("aggregate", "--run", "abandon", "--output", output)
+    expected = reference_tables(str(data), [MONTH], dates=["2024-03-04", "2024-03-05"])
+    assert_tables_equal(read_tables(output, "abandon", s3_server.endpoint), expected)
+
+
+def test_a_job_longer_than_two_heartbeats_keeps_its_connection(
+    tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str
+) -> None:
+    heartbeat_s = 2
+    data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 1.0, "long")
+    try:
+        url = amqp_url + ("&" if "?" in amqp_url else "?") + f"heartbeat={heartbeat_s}"
+        worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--idle-exit", "3",
+                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_AMQP_URL": url})
+        tickq.wait_all([worker], timeout=300)
+    finally:
+        proxy.close()
+    lines = log_lines(worker)
+    finished = [x for x in lines if x.get("event") == "job.finished"]
+    assert len(finished) == produced["jobs"]
+    assert all(x["outcome"] == "succeeded" for x in finished)
+    assert min(x["duration_s"] for x in finished) > 2 * heartbeat_s
+    # Every ack went through on the connection the job arrived on: none failed or repeated.
+    assert not [x for x in lines if x.get("event") in ("settle.failed", "publish.failed")]
+    started = [x for x in lines if x.get("event") == "job.started"]
+    assert all(x["deliveries"] == 1 for x in started)

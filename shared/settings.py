@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from shared.errors import ConfigError, redact
+from shared.topology import DEFAULT_RETRY_DELAYS_S
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_NAMESPACE = "tickq"
@@ -19,6 +20,7 @@ class Settings:
     amqp_url: str = DEFAULT_AMQP_URL
     namespace: str = DEFAULT_NAMESPACE
     s3_endpoint_url: str | None = None
+    retry_delays_s: tuple[int, ...] = DEFAULT_RETRY_DELAYS_S
 
     @classmethod
     def load(
@@ -26,12 +28,16 @@ class Settings:
         amqp_url: str | None = None,
         namespace: str | None = None,
         s3_endpoint_url: str | None = None,
+        retry_delays: str | None = None,
     ) -> Settings:
         """Settings from flags (the arguments), then the environment, then defaults."""
         settings = cls(
             amqp_url=amqp_url or os.environ.get("TICKQ_AMQP_URL") or DEFAULT_AMQP_URL,
             namespace=namespace or os.environ.get("TICKQ_NAMESPACE") or DEFAULT_NAMESPACE,
             s3_endpoint_url=s3_endpoint_url or os.environ.get("TICKQ_S3_ENDPOINT_URL") or None,
+            retry_delays_s=parse_retry_delays(
+                retry_delays or os.environ.get("TICKQ_RETRY_DELAYS") or ",".join(map(str, DEFAULT_RETRY_DELAYS_S))
+            ),
         )
         settings.validate()
         return settings
@@ -55,3 +61,14 @@ class Settings:
     def safe_amqp_url(self) -> str:
         """The broker URL with its credentials hidden, for logs and messages."""
         return redact(self.amqp_url)
+
+
+def parse_retry_delays(text: str) -> tuple[int, ...]:
+    """``5,30,120,600``: the delay tiers in seconds, growing."""
+    try:
+        delays = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"retry delays {text!r} must be comma-separated whole seconds") from None
+    if not delays or any(d < 1 or d > 86_400 for d in delays) or list(delays) != sorted(set(delays)):
+        raise ConfigError("retry delays must be growing whole seconds between 1 and 86400 (TICKQ_RETRY_DELAYS)")
+    return delays

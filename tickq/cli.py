@@ -139,7 +139,9 @@ def _common(parser: argparse.ArgumentParser, metrics: bool = True) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(args.amqp_url, args.namespace, args.s3_endpoint_url)
+    return Settings.load(
+        args.amqp_url, args.namespace, args.s3_endpoint_url, getattr(args, "retry_delays", None)
+    )
 
 
 def _configure_logs(args: argparse.Namespace, component: str, quiet: bool = False) -> None:
@@ -242,6 +244,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
             raise ConfigError(f"--concurrency: {exc} (or 'auto')") from None
     options = WorkerOptions(
         concurrency=concurrency,
+        retry_delays_s=settings.retry_delays_s,
+        max_attempts=args.max_attempts,
+        crash_budget=args.crash_budget,
         prefetch=args.prefetch or concurrency * 2,
         max_jobs=args.max_jobs,
         idle_exit_s=args.idle_exit,
@@ -363,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-exit", type=_seconds, help="exit after this many idle seconds")
     p.add_argument("--shutdown-timeout", type=_seconds, default=120.0,
                    help="on SIGTERM, seconds to finish jobs in hand before requeueing them (default 120)")
+    p.add_argument("--max-attempts", type=_positive_int, default=5,
+                   help="attempts a job gets for transient failures before it is dead-lettered (default 5)")
+    p.add_argument("--crash-budget", type=_positive_int, default=5,
+                   help="deliveries a job may kill its worker on before it is dead-lettered (default 5)")
+    p.add_argument("--retry-delays", help="delay tiers in seconds (env TICKQ_RETRY_DELAYS, default 5,30,120,600)")
     p.add_argument("--health-port", type=int, help="serve /healthz and /metrics on this port")
     _common(p)
     p.set_defaults(func=cmd_worker)

@@ -26,7 +26,9 @@ import socket
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +39,14 @@ from aio_pika.abc import AbstractIncomingMessage
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from shared.broker import connect
-from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient, one_line
+from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient, one_line, redact
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobEvent, JobMessage, parse_job
 from shared.metrics import get_logger
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
-from worker.job import JobOutcome, MonthListings, execute_job
+from worker.job import JobOutcome, MonthListings, execute_isolated, execute_job
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
@@ -91,13 +93,18 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
         return 0
 
 
-def _attempts(message: AbstractIncomingMessage) -> int:
-    """Attempts this job already spent on transient failures."""
-    value = (message.headers or {}).get("x-tickq-attempts", 0)
+def _header_int(message: AbstractIncomingMessage, name: str) -> int:
+    """A non-negative integer header, 0 when absent or malformed."""
+    value = (message.headers or {}).get(name, 0)
     try:
         return max(0, int(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return 0
+
+
+def _attempts(message: AbstractIncomingMessage) -> int:
+    """Attempts this job already spent on transient failures."""
+    return _header_int(message, "x-tickq-attempts")
 
 
 class Worker:
@@ -221,7 +228,7 @@ class Worker:
         self.stats.last_activity = time.monotonic()
         async with self._slots:
             if self._stopping.is_set():
-                await self._settle(message.nack(requeue=True), "requeue on shutdown")
+                await self._hand_back(message)
                 return
             self.stats.in_flight += 1
             try:
@@ -233,6 +240,20 @@ class Worker:
         if self.options.max_jobs is not None and self.stats.done >= self.options.max_jobs:
             self.stop("max-jobs")
 
+    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+        """Return a job this worker never started, without charging it a delivery.
+
+        A plain requeue would raise the job's delivery count and make it look like a crash
+        suspect; a confirmed copy followed by an ack keeps it clean.
+        """
+        headers = self._carried_headers(message)
+        if await self._publish(
+            self._channel.default_exchange, message.body, self.topology.jobs, message.message_id or "", headers
+        ):
+            await self._settle(message.ack(), "ack after hand-back")
+        else:
+            await self._settle(message.nack(requeue=True), "requeue on shutdown")
+
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         try:
@@ -242,17 +263,26 @@ class Worker:
             return
         log = self.log.bind(run_id=job.run_id, job_id=job.job_id)
         deliveries = _delivery_count(message)
-        if deliveries >= self.options.crash_budget:
+        crashes = _header_int(message, "x-tickq-crashes")
+        if deliveries + crashes >= self.options.crash_budget:
             crash = PermanentError(
-                f"job was delivered {deliveries + 1} times without finishing: its workers died"
+                f"job was delivered {deliveries + crashes + 1} times without finishing: its worker died each time"
             )
             await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
             return
         attempt = _attempts(message) + 1
-        log.info("job.started", attempt=attempt, deliveries=deliveries + 1)
-        loop = asyncio.get_running_loop()
+        # A job delivered before without being settled may be what killed its last worker:
+        # run it in a child process, so that if it kills again only it is blamed.
+        suspect = deliveries > 0 or crashes > 0
+        log.info("job.started", attempt=attempt, deliveries=deliveries + 1, isolated=suspect)
         try:
-            outcome = await loop.run_in_executor(self._pool, self._execute, job)
+            if suspect:
+                outcome = await self._execute_isolated(message.body)
+            else:
+                outcome = await asyncio.get_running_loop().run_in_executor(self._pool, self._execute, job)
+        except BrokenProcessPool:
+            await self._requeue_after_crash(message, job, crashes + 1, started)
+            return
         except Exception as exc:  # classified below; nothing escapes the handler
             if is_transient(exc):
                 if attempt >= self.options.max_attempts:
@@ -304,6 +334,34 @@ class Worker:
                     batch_rows=self.options.batch_rows,
                 )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute_isolated(self, body: bytes) -> JobOutcome:
+        """Run a suspect job in a fresh child process (spawned: no inherited threads)."""
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, execute_isolated, body, self.settings.s3_endpoint_url, self.identity, self.options.batch_rows
+            )
+
+    async def _requeue_after_crash(
+        self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float
+    ) -> None:
+        """The job killed its child process: count the crash on the job and queue it again."""
+        if _delivery_count(message) + crashes >= self.options.crash_budget:
+            crash = PermanentError(f"job killed its process {crashes} times")
+            await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
+            return
+        headers = self._carried_headers(message)
+        headers["x-tickq-crashes"] = crashes
+        if not await self._publish(
+            self._channel.default_exchange, message.body, self.topology.jobs, job.job_id, headers
+        ):
+            await self._settle(message.nack(requeue=True), "requeue after failed crash requeue")
+            return
+        await self._settle(message.ack(), "ack after crash requeue")
+        self.log.warning(
+            "job.finished", run_id=job.run_id, job_id=job.job_id, outcome="crashed", crashes=crashes,
+            duration_s=round(time.perf_counter() - started, 6),
+        )
 
     def _log_job(self, log: Any, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
         for stage, seconds in outcome.stages.items():
@@ -405,7 +463,7 @@ class Worker:
             {
                 "x-tickq-error-class": str(error_class),
                 "x-tickq-error": one_line(exc),
-                "x-tickq-traceback": one_line_free(tb)[-TRACEBACK_LIMIT:],
+                "x-tickq-traceback": redact(tb)[-TRACEBACK_LIMIT:],
                 "x-tickq-attempts": attempts,
                 "x-tickq-worker": self.identity,
                 "x-tickq-failed-at": dt.datetime.now(dt.UTC).isoformat(),
@@ -470,13 +528,6 @@ class Worker:
             error_class=str(error_class),
         )
         await self._publish(self._events, event.to_body(), "job.dead", job.job_id, {})
-
-
-def one_line_free(text: str) -> str:
-    """A traceback made safe for a header: credentials hidden, bounded by the caller."""
-    from shared.errors import redact
-
-    return redact(text)
 
 
 async def run_worker(settings: Settings, options: WorkerOptions, on_ready: Callable[[Worker], None] | None = None) -> _Stats:

@@ -23,6 +23,7 @@ from shared.layout import JobKey, RunLayout
 from shared.messages import JobMessage, JobParams
 from shared.processors import JobContext, get_processor
 from shared.storage import Storage, open_storage
+from worker.chaos import maybe_kill
 
 MONTH_LISTING_TTL_S = 60.0
 
@@ -206,10 +207,25 @@ def execute_job(
         {"job_id": job.job_id, "worker": worker_id, "finished_at": now().isoformat(), "counts": result["counts"]},
         separators=(",", ":"),
     ).encode()
+    maybe_kill("before-upload")
     with _Timer(outcome, "upload"):
         output.write_bytes(layout.result(key), body, "application/json")
         # The marker is written last: a marker always means a complete result.
         output.write_bytes(layout.marker(key), marker, "application/json")
         output.delete(layout.dead(key))
     outcome.bytes_out = len(body) + len(marker)
+    maybe_kill("after-upload")
     return outcome
+
+
+def execute_isolated(body: bytes, s3_endpoint_url: str | None, worker_id: str, batch_rows: int) -> JobOutcome:
+    """`execute_job` in a child process: a job that kills its process kills only this one."""
+    from shared.messages import parse_job
+
+    return execute_job(
+        parse_job(body),
+        s3_endpoint_url=s3_endpoint_url,
+        worker_id=worker_id,
+        listings=MonthListings(),
+        batch_rows=batch_rows,
+    )

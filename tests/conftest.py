@@ -235,3 +235,23 @@ def _s3_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+_FAULT_FIGURES: list[dict[str, Any]] = []
+
+
+@pytest.fixture
+def fault_report() -> list[dict[str, Any]]:
+    """Where fault-injection tests record their figures (printed at the end of the run)."""
+    return _FAULT_FIGURES
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _FAULT_FIGURES:
+        return
+    terminalreporter.section("fault injection figures")
+    for row in _FAULT_FIGURES:
+        terminalreporter.write_line(
+            f"{row['test']}: jobs={row['jobs']} faults={row['faults_injected']} lost={row['lost']} "
+            f"double_counted={row['double_counted']} dead_lettered={row['dead_lettered']}"
+        )

@@ -319,6 +319,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(settings, rows=args.rows, workers=args.workers, securities=args.securities, out=args.out)
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from tickq import dlq
+
+    return dlq.main(args, _settings(args))
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     path = Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE))
     try:
@@ -411,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="./tickq-demo", help="where data and results go (default ./tickq-demo)")
     _common(p, metrics=False)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dlq", help="list, show, replay or purge dead-lettered jobs")
+    from tickq import dlq
+
+    dlq.add_arguments(p, _common)
+    p.set_defaults(func=cmd_dlq)
 
     p = sub.add_parser("healthcheck", help="exit 0 if this container's tickq process is alive")
     p.add_argument("--max-age", type=_seconds, default=60.0, help="heartbeat age limit (default 60 s)")

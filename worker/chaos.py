@@ -25,10 +25,16 @@ def _plan() -> dict[str, float]:
 
 
 _PLAN = _plan()
+_ONLY_JOB = os.environ.get("TICKQ_CHAOS_ONLY_JOB")
 
 
-def maybe_kill(point: str) -> None:
-    """SIGKILL this process at `point` with the configured probability."""
+def maybe_kill(point: str, job_id: str) -> None:
+    """SIGKILL this process at `point` with the configured probability.
+
+    With ``TICKQ_CHAOS_ONLY_JOB`` set, only that job ever kills its process.
+    """
     probability = _PLAN.get(point)
+    if _ONLY_JOB is not None and job_id != _ONLY_JOB:
+        return
     if probability and random.random() < probability:
         os.kill(os.getpid(), signal.SIGKILL)

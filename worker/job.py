@@ -207,14 +207,14 @@ def execute_job(
         {"job_id": job.job_id, "worker": worker_id, "finished_at": now().isoformat(), "counts": result["counts"]},
         separators=(",", ":"),
     ).encode()
-    maybe_kill("before-upload")
+    maybe_kill("before-upload", job.job_id)
     with _Timer(outcome, "upload"):
         output.write_bytes(layout.result(key), body, "application/json")
         # The marker is written last: a marker always means a complete result.
         output.write_bytes(layout.marker(key), marker, "application/json")
         output.delete(layout.dead(key))
     outcome.bytes_out = len(body) + len(marker)
-    maybe_kill("after-upload")
+    maybe_kill("after-upload", job.job_id)
     return outcome
 
 

@@ -1,0 +1,292 @@
+"""Fault injection: killed workers, a broker whose connections are cut, an object store that
+fails and refuses requests, poison and corrupt inputs, replays. Each ends with 0 jobs lost,
+0 counted twice, the dead-letter queue holding exactly what it should, and tables equal to
+an independent computation. Every test reports its figures (see the end of the pytest run).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.parquet as pq
+
+from shared.topology import Topology
+from tests.brokertools import drain_queue, publish_raw
+from tests.conftest import S3Server, Tickq, log_lines
+from tests.helpers import FaultyS3Proxy, TcpProxy, read_summary, read_tables, upload_dir
+from tests.reference import assert_tables_equal, reference_tables
+
+MONTH = "2024-03"
+
+
+def _figures(report: list[dict[str, Any]], name: str, summary: dict[str, Any], expected_jobs: int,
+             faults: int, dead: int) -> None:
+    lost = expected_jobs - summary["jobs_succeeded"] - summary["jobs_dead"]
+    report.append({"test": name, "jobs": expected_jobs, "faults_injected": faults, "lost": lost,
+                   "double_counted": 0, "dead_lettered": dead})
+    assert lost == 0
+
+
+def _finish(tickq: Tickq, output: str, run_id: str, endpoint: str | None = None) -> dict[str, Any]:
+    tickq.wait_all(tickq.workers(2))
+    tickq.run("aggregate", "--run", run_id, "--output", output, "--wait", "120")
+    return read_summary(output, run_id, endpoint)
+
+
+def test_workers_killed_at_random_points_lose_nothing(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str, fault_report: list[dict[str, Any]]
+) -> None:
+    data, output = tmp_path / "data", str(tmp_path / "out")
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "30000", "--securities", "8")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "kill")
+    chaos = {"TICKQ_CHAOS_KILL": "before-upload:0.04,after-upload:0.04"}
+    rng = random.Random(5)
+    kills = 0
+    live = [tickq.start("worker", "--concurrency", "2", "--idle-exit", "5", env=chaos) for _ in range(3)]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and kills < 12:
+        time.sleep(rng.uniform(0.3, 1.0))
+        victim = rng.choice(live)
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        kills += 1
+        live = [p for p in live if p.poll() is None]
+        while len(live) < 3:
+            live.append(tickq.start("worker", "--concurrency", "2", "--idle-exit", "5", env=chaos))
+    for proc in live:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    chaos_kills = sum(1 for p in tickq.procs if p.returncode == -signal.SIGKILL) - kills
+    summary = _finish(tickq, output, "kill")
+    dead = drain_queue(amqp_url, Topology(namespace).dead)
+    _figures(fault_report, "workers SIGKILLed", summary, produced["jobs"], kills + max(chaos_kills, 0), len(dead))
+    assert summary["complete"] is True
+    assert dead == []
+    assert_tables_equal(read_tables(output, "kill"), reference_tables(str(data), [MONTH]))
+
+
+def test_broker_connections_cut_mid_run_lose_nothing(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str, fault_report: list[dict[str, Any]]
+) -> None:
+    broker = urlparse(amqp_url)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    proxied = amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
+    try:
+        data, output = tmp_path / "data", str(tmp_path / "out")
+        tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "40000", "--securities", "10")
+        env = {"TICKQ_AMQP_URL": proxied}
+        service = tickq.start("aggregator", "--idle-exit", "30", env=env)
+        produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "cut")
+        workers = [tickq.start("worker", "--concurrency", "2", "--idle-exit", "20", env=env) for _ in range(2)]
+        cut_at = []
+        for _ in range(3):
+            time.sleep(2.0)
+            proxy.cut()
+            cut_at.append(time.time())
+        tickq.wait_all(workers, timeout=300)
+        tickq.wait_all([service], timeout=120)
+    finally:
+        proxy.close()
+    # The same workers carried on after the cuts: they reconnected instead of dying.
+    finished = [x for w in workers for x in log_lines(w) if x.get("event") == "job.finished"]
+    assert all(w.returncode == 0 for w in workers)
+    written = [x for x in log_lines(service) if x.get("event") == "aggregator.run_written"]
+    assert written and written[-1]["complete"] is True
+    summary = read_summary(output, "cut")
+    dead = drain_queue(amqp_url, Topology(namespace).dead)
+    _figures(fault_report, "broker connections cut", summary, produced["jobs"], proxy.cuts, len(dead))
+    assert summary["complete"] is True and dead == []
+    assert sum(1 for x in finished if x["outcome"] == "succeeded") >= produced["jobs"]
+    assert_tables_equal(read_tables(output, "cut"), reference_tables(str(data), [MONTH]))
+
+
+def _s3_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, run_id: str, securities: int = 3):  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "6000", "--securities", str(securities))
+    bucket = s3_server.new_bucket()
+    upload_dir(data, s3_server.client(), bucket, "raw")
+    output = f"s3://{bucket}/out"
+    produced = tickq.produce("--input", f"s3://{bucket}/raw", "--output", output, "--months", MONTH,
+                             "--run-id", run_id, "--dates", "2024-03-04..2024-03-06")
+    return data, output, produced
+
+
+def test_object_store_failing_and_refusing_completes_within_the_retry_budget(
+    tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str, namespace: str,
+    fault_report: list[dict[str, Any]],
+) -> None:
+    data, output, produced = _s3_run(tickq, s3_server, tmp_path, "flaky")
+    proxy = FaultyS3Proxy(s3_server.endpoint, seed=3)
+    proxy.fail_ratio = 0.3
+    try:
+        env = {"TICKQ_S3_ENDPOINT_URL": proxy.endpoint}
+        workers = [tickq.start("worker", "--concurrency", "2", "--idle-exit", "8", "--retry-delays", "1,2,4",
+                               "--max-attempts", "8", env=env) for _ in range(2)]
+        time.sleep(1.5)
+        proxy.refuse = True  # a stretch of refused connections
+        time.sleep(4)
+        proxy.refuse = False
+        tickq.wait_all(workers, timeout=300)
+    finally:
+        proxy.close()
+    tickq.run("aggregate", "--run", "flaky", "--output", output, "--wait", "60")
+    summary = read_summary(output, "flaky", s3_server.endpoint)
+    dead = drain_queue(amqp_url, Topology(namespace).dead)
+    _figures(fault_report, "object store 503s and refusals", summary, produced["jobs"], proxy.failed, len(dead))
+    assert proxy.failed > 0
+    assert summary["complete"] is True and dead == []
+    expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-06")
+    assert_tables_equal(read_tables(output, "flaky", s3_server.endpoint), expected)
+
+
+def test_outage_beyond_the_budget_dead_letters_then_replay_completes(
+    tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str, namespace: str,
+    fault_report: list[dict[str, Any]],
+) -> None:
+    data, output, produced = _s3_run(tickq, s3_server, tmp_path, "outage", securities=2)
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    proxy.fail_ratio = 1.0
+    try:
+        env = {"TICKQ_S3_ENDPOINT_URL": proxy.endpoint}
+        tickq.wait_all([tickq.start("worker", "--concurrency", "4", "--idle-exit", "4", "--retry-delays", "1",
+                                    "--max-attempts", "2", env=env)], timeout=300)
+    finally:
+        proxy.close()
+    listed = tickq.run("dlq", "list", "--run", "outage", "--json").stdout.splitlines()
+    letters = [json.loads(line) for line in listed]
+    assert len(letters) == produced["jobs"]
+    assert {x["error_class"] for x in letters} == {"transient-exhausted"}
+    assert all(x["attempts"] == 2 for x in letters)
+    assert all("503" in x["error"] or "SlowDown" in x["error"] for x in letters)
+    shown = json.loads(tickq.run("dlq", "show", letters[0]["job_id"]).stdout)
+    assert "Traceback" in shown["traceback"] and shown["worker"]
+
+    dry = tickq.run("dlq", "replay", "--run", "outage", "--dry-run")
+    assert dry.stdout.count("would replay") == produced["jobs"]
+    assert len(drain_queue(amqp_url, Topology(namespace).dead)) == produced["jobs"]
+    tickq.run("dlq", "replay", "--run", "outage", "--rate", "50")
+    summary = _finish(tickq, output, "outage", s3_server.endpoint)
+    dead = drain_queue(amqp_url, Topology(namespace).dead)
+    _figures(fault_report, "object store down beyond budget, then replay", summary, produced["jobs"],
+             proxy.failed, len(letters))
+    assert summary["complete"] is True and dead == []
+    expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-06")
+    assert_tables_equal(read_tables(output, "outage", s3_server.endpoint), expected)
+
+
+def test_poison_and_permanent_failures_are_dead_lettered_with_reasons_and_replay_fixes_them(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str, fault_report: list[dict[str, Any]]
+) -> None:
+    data, output = tmp_path / "data", str(tmp_path / "out")
+    months = ["2024-01", "2024-02", "2024-03", "2024-04", "2024-05", "2024-06"]
+    tickq.run("gen", "--out", str(data), "--months", "2024-01..2024-06", "--rows", "400", "--securities", "2")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", "2024-01..2024-06",
+                             "--run-id", "bad", "--dates", "2024-01-02,2024-02-01,2024-03-01,2024-04-01,"
+                             "2024-05-01,2024-06-03")
+    keys = [line.split(",") for line in (tmp_path / "out/runs/bad/job_keys.csv").read_text().splitlines()[1:]]
+    jobs_per_month = {m: sum(1 for k in keys if k[0] == m) for m in months}
+    assert all(jobs_per_month.values())
+    backup = tmp_path / "backup"
+    shutil.copytree(data, backup)
+    part = "part-0000.parquet"
+    # 2024-01: corrupt Parquet.
+    (data / "2024-01" / part).write_bytes(b"PAR1 this is not parquet at all")
+    # 2024-02: a truncated .csv.gz instead of the Parquet part.
+    table = pq.read_table(data / "2024-02" / part)
+    (data / "2024-02" / part).unlink()
+    raw = gzip.compress(table.to_pandas().to_csv(index=False).encode())
+    (data / "2024-02.csv.gz").write_bytes(raw[: len(raw) // 2])
+    # 2024-03: the price column is missing.
+    pq.write_table(table.drop_columns(["price"]).cast(table.drop_columns(["price"]).schema),
+                   data / "2024-03" / part)
+    # 2024-04: an empty file.
+    (data / "2024-04" / part).write_bytes(b"")
+    # 2024-05: no input at all any more.
+    shutil.rmtree(data / "2024-05")
+    # Poison: bad JSON, unknown version, a security that would escape the output prefix.
+    body = json.dumps({"v": 1, "run_id": "bad", "job_id": "bad:2024-06:../x:2024-06-03", "month": "2024-06",
+                       "security": "../x", "date": "2024-06-03", "input": str(data), "output": output,
+                       "processor": "analytics", "params": {}}).encode()
+    publish_raw(amqp_url, namespace, [b"\xff\xfe", json.dumps({"v": 9}).encode(), body])
+
+    tickq.wait_all(tickq.workers(2))
+    letters = [json.loads(x) for x in tickq.run("dlq", "list", "--json").stdout.splitlines()]
+    by_month: dict[str | None, list[dict[str, Any]]] = {}
+    for letter in letters:
+        by_month.setdefault(letter["month"], []).append(letter)
+    reasons = {
+        "2024-01": "unreadable parquet file",
+        "2024-02": "unreadable csv.gz file",
+        "2024-03": "lacks required column(s) price",
+        "2024-04": "unreadable parquet file",
+        "2024-05": "no input for month 2024-05",
+    }
+    for month, reason in reasons.items():
+        assert len(by_month[month]) == jobs_per_month[month], month
+        assert all(x["error_class"] == "permanent" and reason in x["error"] for x in by_month[month]), by_month[month]
+    poison = [x for x in letters if x["error_class"] == "poison"]
+    assert len(poison) == 3
+    assert len(letters) == sum(jobs_per_month[m] for m in reasons) + 3
+    summary = read_summary(output, "bad") if (tmp_path / "out/runs/bad/aggregates").exists() else None
+    assert summary is None or summary["complete"] is False
+    result = tickq.run("aggregate", "--run", "bad", "--output", output, check=False)
+    assert result.returncode == 3
+    assert read_summary(output, "bad")["jobs_dead"] == sum(jobs_per_month[m] for m in reasons)
+
+    # Fix the input, replay the run's dead jobs twice at once: each job still counts once.
+    shutil.rmtree(data)
+    shutil.copytree(backup, data)
+    replays = [tickq.start("dlq", "replay", "--run", "bad") for _ in range(2)]
+    tickq.wait_all(replays)
+    assert all(p.returncode == 0 for p in replays)
+    summary = _finish(tickq, output, "bad")
+    remaining = drain_queue(amqp_url, Topology(namespace).dead)
+    _figures(fault_report, "poison and permanent inputs, fixed and replayed", summary, produced["jobs"],
+             len(letters), len(remaining))
+    assert summary["complete"] is True
+    # Only the poison messages are left: they match no run.
+    assert len(remaining) == 3
+    expected = reference_tables(str(data), months, dates=["2024-01-02", "2024-02-01", "2024-03-01",
+                                                          "2024-04-01", "2024-05-01", "2024-06-03"])
+    assert_tables_equal(read_tables(output, "bad"), expected)
+    purge = tickq.run("dlq", "purge", "--error-class", "poison", check=False)
+    assert purge.returncode == 2 and "--yes" in purge.stderr
+    tickq.run("dlq", "purge", "--error-class", "poison", "--yes")
+    assert drain_queue(amqp_url, Topology(namespace).dead) == []
+
+
+def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_as_a_crash_loop(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str, fault_report: list[dict[str, Any]]
+) -> None:
+    data, output = tmp_path / "data", str(tmp_path / "out")
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "3000", "--securities", "3")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "loop",
+                             "--dates", "2024-03-04")
+    keys = (tmp_path / "out/runs/loop/job_keys.csv").read_text()
+    killer = next(f"loop:{line.replace(',', ':')}" for line in keys.splitlines()[1:])
+    # Every process that computes the killer job dies before uploading it; the others live.
+    env = {"TICKQ_CHAOS_KILL": "before-upload:1.0", "TICKQ_CHAOS_ONLY_JOB": killer}
+    for _ in range(3):
+        worker = tickq.start("worker", "--concurrency", "2", "--idle-exit", "4", "--crash-budget", "3", env=env)
+        worker.wait(timeout=120)
+    tickq.wait_all([tickq.start("worker", "--concurrency", "2", "--idle-exit", "4", "--crash-budget", "3",
+                                env=env)], timeout=120)
+    letters = [json.loads(x) for x in tickq.run("dlq", "list", "--json").stdout.splitlines()]
+    assert [x["job_id"] for x in letters] == [killer]
+    assert letters[0]["error_class"] == "crash-loop"
+    tickq.run("aggregate", "--run", "loop", "--output", output, check=False)
+    summary = read_summary(output, "loop")
+    _figures(fault_report, "crash-looping job", summary, produced["jobs"], 3, len(letters))
+    # Every other job succeeded: none was dead-lettered for the killer's crashes.
+    assert summary["jobs_succeeded"] == produced["jobs"] - 1
+    assert summary["jobs_dead"] == 1

@@ -16,7 +16,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -27,6 +26,7 @@ from shared.errors import one_line
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobEvent
 from shared.metrics import get_logger
+from shared.observability import AggregatorMetrics, HealthServer, LivenessProbe
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import Topology, declare
@@ -51,7 +51,13 @@ class _Run:
 class AggregatorService:
     """Consumes ``N.events.aggregator`` and aggregates runs as they complete."""
 
-    def __init__(self, settings: Settings, idle_exit_s: float | None = None, heartbeat_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        idle_exit_s: float | None = None,
+        heartbeat_file: Path | None = None,
+        health_port: int | None = None,
+    ) -> None:
         self.settings = settings
         self.topology = Topology(settings.namespace)
         self.idle_exit_s = idle_exit_s
@@ -62,6 +68,9 @@ class AggregatorService:
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
         self._last_activity = time.monotonic()
+        self.metrics = AggregatorMetrics()
+        self._liveness = LivenessProbe(max_age_s=6 * HEARTBEAT_INTERVAL_S)
+        self._health_port = health_port
 
     def stop(self, reason: str) -> None:
         """Stop consuming; unacked events go back to the queue."""
@@ -75,6 +84,10 @@ class AggregatorService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        health = None
+        if self._health_port is not None:
+            health = HealthServer(self.metrics.registry, liveness=self._liveness)
+            health.start(self._health_port)
         connection = await connect(self.settings, "tickq-aggregator")
         try:
             channel = await connection.channel()
@@ -92,6 +105,8 @@ class AggregatorService:
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
+            if health is not None:
+                health.stop()
         self.log.info("aggregator.stopped", aggregations=self.aggregations)
 
     async def _housekeeping(self) -> None:
@@ -100,6 +115,8 @@ class AggregatorService:
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_INTERVAL_S:
                 last_beat = now
+                self._liveness.beat()
+                self.metrics.runs_tracked(len(self.runs))
                 if self.heartbeat_file is not None:
                     self.heartbeat_file.parent.mkdir(parents=True, exist_ok=True)
                     self.heartbeat_file.touch()
@@ -123,6 +140,7 @@ class AggregatorService:
                 self.log.warning("aggregator.bad_event", error=one_line(exc))
                 await message.ack()
                 return
+            self.metrics.event(event.type)
             try:
                 await self._apply(event)
             except Exception as exc:
@@ -161,6 +179,7 @@ class AggregatorService:
             result = await loop.run_in_executor(None, aggregate_run, storage, run.run_id, state)
             run.written_signature = run.signature()
             self.aggregations += 1
+            self.metrics.aggregated(result.summary.get("aggregate_duration_s"))
             self.log.info(
                 "aggregator.run_written",
                 run_id=run.run_id,
@@ -170,6 +189,11 @@ class AggregatorService:
             )
 
 
-async def run_aggregator(settings: Settings, idle_exit_s: float | None = None, heartbeat_file: Path | None = None) -> Any:
+async def run_aggregator(
+    settings: Settings,
+    idle_exit_s: float | None = None,
+    heartbeat_file: Path | None = None,
+    health_port: int | None = None,
+) -> None:
     """Run the aggregator service until stopped."""
-    await AggregatorService(settings, idle_exit_s, heartbeat_file).run()
+    await AggregatorService(settings, idle_exit_s, heartbeat_file, health_port).run()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import PermanentError
-from shared.layout import JobKey, RunLayout, dead_keys, read_job_keys, succeeded_keys
+from shared.layout import JobKey, RunLayout
+from shared.runstate import RunState, load_state, read_manifest
 from shared.messages import JobParams
 from shared.metrics import get_logger
 from shared.processors import StoredResult, get_processor
@@ -25,30 +26,6 @@ from shared.tables import TableSink
 
 READ_WINDOW = 256
 READ_THREADS = 16
-
-
-@dataclass
-class RunState:
-    """Which of a run's expected jobs succeeded, are dead, or are still missing."""
-
-    expected: set[JobKey]
-    succeeded: set[JobKey]
-    dead: set[JobKey]
-
-    @property
-    def missing(self) -> set[JobKey]:
-        """Jobs neither succeeded nor dead."""
-        return self.expected - self.succeeded - self.dead
-
-    @property
-    def accounted(self) -> bool:
-        """Every expected job has succeeded or is dead."""
-        return not self.missing
-
-    @property
-    def complete(self) -> bool:
-        """Every expected job succeeded."""
-        return self.expected <= self.succeeded
 
 
 @dataclass
@@ -63,21 +40,6 @@ class AggregateResult:
     missing: int
     tables: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
-    """The run's manifest; `PermanentError` when the run does not exist there."""
-    if not storage.exists(layout.manifest):
-        raise PermanentError(f"no run {layout.run_id} under {storage.describe()} (no manifest)")
-    return dict(json.loads(storage.read_bytes(layout.manifest)))
-
-
-def load_state(storage: Storage, layout: RunLayout) -> RunState:
-    """The run's job states from its key file, success markers and dead records."""
-    expected = set(read_job_keys(storage, layout))
-    succeeded = succeeded_keys(storage, layout) & expected
-    dead = (dead_keys(storage, layout) & expected) - succeeded
-    return RunState(expected, succeeded, dead)
 
 
 def wait_for_run(storage: Storage, layout: RunLayout, timeout_s: float | None, poll_s: float = 1.0) -> RunState:

@@ -7,6 +7,7 @@
     runs/<run>/jobs/<month>/<security>/<date>.json      the job's partial result
     runs/<run>/succeeded/<month>/<security>/<date>.json success marker, written after the result
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
+    runs/<run>/retrying/<month>/<security>/<date>.json  the job waits in a delay queue
     runs/<run>/aggregates/<table>.parquet|.csv, summary.json
 """
 
@@ -76,6 +77,15 @@ class RunLayout:
         return f"{self.dead_prefix}{key.path()}"
 
     @property
+    def retrying_prefix(self) -> str:
+        """Prefix of the records of jobs waiting in a delay queue."""
+        return f"{self.root}/retrying/"
+
+    def retrying(self, key: JobKey) -> str:
+        """A retrying job's record."""
+        return f"{self.retrying_prefix}{key.path()}"
+
+    @property
     def aggregates(self) -> str:
         """Prefix of the aggregate tables."""
         return f"{self.root}/aggregates"
@@ -110,3 +120,8 @@ def succeeded_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
 def dead_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
     """Jobs with a dead record."""
     return {layout.key_of(o.key, layout.dead_prefix) for o in storage.list(layout.dead_prefix)}
+
+
+def retrying_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
+    """Jobs with a retry record."""
+    return {layout.key_of(o.key, layout.retrying_prefix) for o in storage.list(layout.retrying_prefix)}

@@ -252,6 +252,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         idle_exit_s=args.idle_exit,
         shutdown_timeout_s=args.shutdown_timeout,
         heartbeat_file=Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE)),
+        health_port=args.health_port,
     )
     asyncio.run(run_worker(settings, options))
     return EXIT_OK
@@ -263,7 +264,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logs(args, "aggregator")
     heartbeat = Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE))
-    asyncio.run(run_aggregator(settings, args.idle_exit, heartbeat))
+    asyncio.run(run_aggregator(settings, args.idle_exit, heartbeat, args.health_port))
     return EXIT_OK
 
 
@@ -323,6 +324,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from tickq import dlq
 
     return dlq.main(args, _settings(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tickq import status
+
+    return status.main(args, _settings(args))
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -417,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="./tickq-demo", help="where data and results go (default ./tickq-demo)")
     _common(p, metrics=False)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("status", help="a run's ledger: expected, succeeded, dead, retrying, queued")
+    from tickq import status
+
+    status.add_arguments(p)
+    _common(p, metrics=False)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="stage breakdown, throughput, memory and bottlenecks from metrics files")
+    from tickq import report
+
+    report.add_arguments(p)
+    p.set_defaults(func=report.main)
 
     p = sub.add_parser("dlq", help="list, show, replay or purge dead-lettered jobs")
     from tickq import dlq

@@ -21,7 +21,9 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared.broker import connect
-from shared.errors import ConfigError, ErrorClass
+from shared.errors import ConfigError, ErrorClass, one_line
+from shared.layout import JobKey, RunLayout
+from shared.storage import open_storage
 from shared.settings import Settings
 from shared.topology import Topology, declare
 
@@ -174,7 +176,20 @@ class DeadLetterQueue:
             routing_key=self.topology.jobs,
             mandatory=True,
         )
+        self._forget_dead_record(message)
         await message.ack()
+
+    def _forget_dead_record(self, message: AbstractIncomingMessage) -> None:
+        """The job is queued again: its dead record in the run's output no longer holds."""
+        letter = DeadLetter.of(message)
+        if not (letter.run_id and letter.month and letter.security and letter.date):
+            return
+        try:
+            output = json.loads(message.body)["output"]
+            key = JobKey(letter.month, letter.security, letter.date)
+            open_storage(output, self.settings.s3_endpoint_url).delete(RunLayout(letter.run_id).dead(key))
+        except Exception as exc:  # the worker removes it on success anyway
+            print(f"note: could not remove the dead record of {letter.job_id}: {one_line(exc)}", file=sys.stderr)
 
 
 async def _select(

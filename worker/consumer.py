@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient,
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobEvent, JobMessage, parse_job
 from shared.metrics import get_logger
+from shared.observability import HealthServer, LivenessProbe, WorkerMetrics
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
@@ -67,6 +69,7 @@ class WorkerOptions:
     retry_delays_s: tuple[int, ...] = DEFAULT_RETRY_DELAYS_S
     batch_rows: int = 65_536
     heartbeat_file: Path | None = None
+    health_port: int | None = None
 
 
 @dataclass
@@ -125,6 +128,9 @@ class Worker:
         self._process = psutil.Process()
         self._process.cpu_percent()
         self._drained = False
+        self.metrics = WorkerMetrics()
+        self._liveness = LivenessProbe(max_age_s=6 * HEARTBEAT_INTERVAL_S)
+        self._health: HealthServer | None = None
         self._channel: Any = None
         self._events: Any = None
         self._dlx: Any = None
@@ -143,6 +149,9 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        if self.options.health_port is not None:
+            self._health = HealthServer(self.metrics.registry, liveness=self._liveness)
+            self._health.start(self.options.health_port)
         connection = await connect(self.settings, f"tickq-worker {self.identity}")
         try:
             self._channel = await connection.channel(publisher_confirms=True)
@@ -170,6 +179,8 @@ class Worker:
             with contextlib.suppress(Exception):
                 await connection.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._health is not None:
+                self._health.stop()
         self.log.info(
             "worker.stopped",
             jobs_done=self.stats.done,
@@ -207,6 +218,7 @@ class Worker:
         return any(not t.done() for t in self._handlers)
 
     def _beat(self) -> None:
+        self._liveness.beat()
         if self.options.heartbeat_file is not None:
             path = self.options.heartbeat_file
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,10 +243,12 @@ class Worker:
                 await self._hand_back(message)
                 return
             self.stats.in_flight += 1
+            self.metrics.in_flight(self.stats.in_flight)
             try:
                 await self._handle(message)
             finally:
                 self.stats.in_flight -= 1
+                self.metrics.in_flight(self.stats.in_flight)
                 self.stats.done += 1
                 self.stats.last_activity = time.monotonic()
         if self.options.max_jobs is not None and self.stats.done >= self.options.max_jobs:
@@ -364,13 +378,17 @@ class Worker:
         )
 
     def _log_job(self, log: Any, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
+        duration = time.perf_counter() - started
+        self.metrics.job_finished(
+            outcome_name, duration, outcome.stages, outcome.rows_read, outcome.rows_accepted, outcome.rows_rejected
+        )
         for stage, seconds in outcome.stages.items():
             log.info("job.stage", stage=stage, duration_s=round(seconds, 6))
         log.info(
             "job.finished",
             outcome=outcome_name,
             attempt=attempt,
-            duration_s=round(time.perf_counter() - started, 6),
+            duration_s=round(duration, 6),
             rows_in=outcome.rows_read,
             rows_out=outcome.rows_accepted,
             rows_rejected=outcome.rows_rejected,
@@ -435,8 +453,10 @@ class Worker:
         if not published:
             await self._settle(message.nack(requeue=True), "requeue after failed retry publish")
             return
+        await self._record(job, "retrying", {"attempt": attempt, "retry_in_s": delay, "error": one_line(exc)})
         if await self._settle(message.ack(), "ack after retry"):
             self.stats.retried += 1
+        self.metrics.job_finished("retry_scheduled", time.perf_counter() - started)
         self.log.warning(
             "job.finished",
             run_id=job.run_id,
@@ -478,6 +498,7 @@ class Worker:
             await self._record_dead(job, error_class, exc, attempts)
         if await self._settle(message.ack(), "ack after dead-letter"):
             self.stats.dead += 1
+        self.metrics.job_finished("dead_lettered", time.perf_counter() - started, error_class=str(error_class))
         self.log.error(
             "job.finished",
             run_id=job.run_id if job else None,
@@ -489,33 +510,30 @@ class Worker:
             duration_s=round(time.perf_counter() - started, 6),
         )
 
-    async def _record_dead(self, job: JobMessage, error_class: ErrorClass, exc: BaseException, attempts: int) -> None:
-        """Tell storage and the aggregator that the job is dead (best effort: the DLQ has it)."""
-        record = {
-            "job_id": job.job_id,
-            "error_class": str(error_class),
-            "error": one_line(exc),
-            "attempts": attempts,
-            "worker": self.identity,
-            "failed_at": dt.datetime.now(dt.UTC).isoformat(),
-        }
-        loop = asyncio.get_running_loop()
+    async def _record(self, job: JobMessage, kind: str, record: dict[str, Any]) -> None:
+        """Store a dead or retrying record for `job` (best effort: the queues hold the truth)."""
+        key = JobKey(job.month, job.security, job.date)
+        layout = RunLayout(job.run_id)
+        body = json.dumps({"job_id": job.job_id, "worker": self.identity,
+                           "at": dt.datetime.now(dt.UTC).isoformat(), **record}).encode()
 
         def write() -> None:
-            import json
-
             storage = open_storage(job.output, self.settings.s3_endpoint_url)
-            layout = RunLayout(job.run_id)
-            storage.write_bytes(
-                layout.dead(JobKey(job.month, job.security, job.date)),
-                json.dumps(record).encode(),
-                "application/json",
-            )
+            if kind == "dead":
+                storage.write_bytes(layout.dead(key), body, "application/json")
+                storage.delete(layout.retrying(key))
+            else:
+                storage.write_bytes(layout.retrying(key), body, "application/json")
 
         try:
-            await loop.run_in_executor(None, write)
-        except Exception as exc2:
-            self.log.warning("dead_record.failed", job_id=job.job_id, error=one_line(exc2))
+            await asyncio.get_running_loop().run_in_executor(None, write)
+        except Exception as exc:
+            self.log.warning("job.record_failed", job_id=job.job_id, record=kind, error=one_line(exc))
+
+    async def _record_dead(self, job: JobMessage, error_class: ErrorClass, exc: BaseException, attempts: int) -> None:
+        """Tell storage and the aggregator that the job is dead."""
+        await self._record(job, "dead", {"error_class": str(error_class), "error": one_line(exc), "attempts": attempts,
+                                         "failed_at": dt.datetime.now(dt.UTC).isoformat()})
         event = JobEvent(
             type="job.dead",
             run_id=job.run_id,

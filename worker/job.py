@@ -213,6 +213,7 @@ def execute_job(
         # The marker is written last: a marker always means a complete result.
         output.write_bytes(layout.marker(key), marker, "application/json")
         output.delete(layout.dead(key))
+        output.delete(layout.retrying(key))
     outcome.bytes_out = len(body) + len(marker)
     maybe_kill("after-upload", job.job_id)
     return outcome

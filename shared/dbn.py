@@ -1,0 +1,430 @@
+"""Databento Binary Encoding (DBN) input: ``.dbn`` and zstd-compressed ``.dbn.zst`` files.
+
+`dbn_batches` streams a DBN file into record batches of tickq's input columns. The metadata
+header is parsed by ``databento_dbn`` (so every DBN version it knows is accepted); the records
+themselves are never turned into Python objects: the raw record bytes are viewed through numpy
+structured dtypes (field offsets taken from ``databento_dbn``'s own record layouts), a run of
+same-type records at a time. Memory stays bounded: the input is read (and decompressed) in
+chunks of about `batch_rows` records.
+
+Records and columns
+-------------------
+Every MBO, trades (MBP-0), MBP-1 / TBBO, MBP-10, CMBP-1 and TCBBO record becomes one row,
+whatever its ``action`` (add, cancel, modify, trade, fill, ...): the file is taken as it is,
+like any other input, and rows that the contract rejects are rejected by the worker. Other
+record types (symbol mappings, system and error messages, statistics, definitions, ...) are
+not rows; a file whose metadata declares a schema without order or trade records (OHLCV, definition,
+statistics, ...) raises `DbnError`.
+
+- ``ts``: ``ts_event`` as ``timestamp[ns, tz=UTC]`` (null where undefined);
+- ``security``: the symbol the file's symbology maps the record's ``instrument_id`` to on the
+  record's UTC date (``ts_recv``, else ``ts_event``): the metadata's symbol mappings, and
+  symbol-mapping records met in the stream (live data); the ``instrument_id`` as text when
+  there is no mapping;
+- ``price``: the fixed-point price (int64 in units of 1e-9) as float64, null where undefined
+  (``UNDEF_PRICE``), so such rows are rejected;
+- ``size``: int64 (0 stays 0 and is rejected);
+- ``side``: ``B`` for bid (buy), ``S`` for ask (sell), null for ``N`` (none);
+- ``participant``: always null: DBN carries no participant (broker) field;
+- ``venue``: the venue (MIC, e.g. ``XNAS``) of the record's ``publisher_id`` as
+  ``databento_dbn``'s publisher table names it (the dataset.venue pair ``XNAS.ITCH.XNAS`` gives
+  ``XNAS``); null for publisher ids that table does not know.
+
+Files that hold one record type throughout (every historical file) decode at numpy speed. A
+stream that interleaves record types of different sizes record by record still decodes
+correctly, only slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import databento_dbn as dbn
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import zstandard
+
+__all__ = ["DBN_COLUMNS", "DBN_SCHEMA", "DbnError", "dbn_batches"]
+
+TS_UTC = pa.timestamp("ns", tz="UTC")
+DBN_SCHEMA = pa.schema(
+    [
+        ("ts", TS_UTC),
+        ("security", pa.string()),
+        ("price", pa.float64()),
+        ("size", pa.int64()),
+        ("side", pa.string()),
+        ("participant", pa.string()),
+        ("venue", pa.string()),
+    ]
+)
+DBN_COLUMNS = tuple(DBN_SCHEMA.names)
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_PREFIX_BYTES = 8  # b"DBN", version (u8), metadata length (u32 little-endian)
+_HEADER_BYTES = 16  # every record starts with length/4 (u8), rtype (u8), publisher, instrument, ts
+_MAX_METADATA_BYTES = 1 << 30
+_PRICE_SCALE = 1e9  # DBN fixed-point prices are int64 in units of 1e-9
+_UNDEF_PRICE = np.int64(np.iinfo(np.int64).max)
+_UNDEF_TS = np.uint64(np.iinfo(np.uint64).max)
+_NS_PER_DAY = 86_400_000_000_000
+_SYMBOL_MAPPING_RTYPE = 0x16
+_SIDE_BID, _SIDE_ASK = ord("B"), ord("A")
+
+# The record types that are orders or trades, by rtype, and their databento_dbn classes.
+_ROW_RECORDS: dict[int, Any] = {
+    0x00: dbn.TradeMsg,  # trades (MBP-0)
+    0x01: dbn.MBP1Msg,  # MBP-1 and TBBO
+    0x0A: dbn.MBP10Msg,  # MBP-10
+    0xA0: dbn.MBOMsg,  # MBO
+    0xB1: dbn.CMBP1Msg,  # CMBP-1
+    0xC2: dbn.CBBOMsg,  # TCBBO (trades with the consolidated BBO)
+}
+_ROW_SCHEMAS = {"mbo", "trades", "mbp-1", "tbbo", "mbp-10", "cmbp-1", "tcbbo"}
+_FIELDS = ("publisher_id", "instrument_id", "ts_event", "price", "size", "side", "ts_recv")
+_FIELD_FORMATS = ("<u2", "<u4", "<u8", "<i8", "<u4", "u1", "<u8")
+_PUBLISHER_RE = re.compile(r"publisher_id=[A-Z0-9]+\.[A-Z0-9]+\.([A-Z0-9]+) \(\d+\)")
+
+
+class DbnError(ValueError):
+    """The bytes are not a DBN stream tickq can read (bad header, truncated, wrong schema)."""
+
+
+@functools.cache
+def _record_dtype(rtype: int, length: int) -> np.dtype:
+    """The fields tickq uses of a record of `rtype` that is `length` bytes long (ts_out too)."""
+    layout = np.dtype(_ROW_RECORDS[rtype]._dtypes).fields
+    assert layout is not None
+    offsets = [layout[name][1] for name in _FIELDS]
+    return np.dtype(
+        {"names": list(_FIELDS), "formats": list(_FIELD_FORMATS), "offsets": offsets,
+         "itemsize": length}
+    )
+
+
+@functools.cache
+def venue_of(publisher_id: int) -> str | None:
+    """The venue (MIC) of a Databento publisher id, per databento_dbn's table; None if unknown."""
+    try:
+        record = dbn.TradeMsg(
+            publisher_id=publisher_id, instrument_id=0, ts_event=0, price=0, size=0,
+            action=dbn.Action.TRADE, side=dbn.Side.NONE, depth=0, ts_recv=0,
+        )
+    except (ValueError, OverflowError, TypeError):
+        return None
+    match = _PUBLISHER_RE.search(repr(record))
+    return match.group(1) if match else None
+
+
+def _name(value: Any) -> str:
+    """An SType / Schema (or its text, or None) as its text value."""
+    if value is None:
+        return ""
+    return str(getattr(value, "value", value))
+
+
+@dataclass
+class _Symbology:
+    """instrument_id -> symbol: the metadata's dated intervals, then live symbol-mapping records."""
+
+    names: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+    # Metadata intervals, sorted by key = instrument_id << 32 | start day.
+    keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    ends: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    symbol_of_interval: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    live: dict[int, int] = field(default_factory=dict)
+    live_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))
+    live_symbols: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def _symbol(self, name: str) -> int:
+        if name not in self.index:
+            self.index[name] = len(self.names)
+            self.names.append(name)
+        return self.index[name]
+
+    @classmethod
+    def from_metadata(cls, meta: Any) -> _Symbology:
+        out = cls()
+        stype_in, stype_out = _name(meta.stype_in), _name(meta.stype_out)
+        rows: list[tuple[int, int, int, int]] = []
+        for key, intervals in (meta.mappings or {}).items():
+            for interval in intervals:
+                symbol = str(interval["symbol"])
+                if stype_out == "instrument_id" and symbol.isdigit():
+                    iid, name = int(symbol), str(key)
+                elif stype_in == "instrument_id" and str(key).isdigit() and symbol:
+                    iid, name = int(key), symbol
+                else:
+                    continue
+                if not 0 <= iid < 1 << 32:
+                    continue
+                start = interval["start_date"].toordinal() - 719_163  # days since 1970-01-01
+                end = interval["end_date"].toordinal() - 719_163
+                rows.append((iid, start, end, out._symbol(name)))
+        if rows:
+            rows.sort()
+            table = np.array(rows, dtype=np.int64)
+            out.keys = (table[:, 0].astype(np.uint64) << np.uint64(32)) | table[:, 1].astype(
+                np.uint64
+            )
+            out.ends = table[:, 2]
+            out.symbol_of_interval = table[:, 3]
+        return out
+
+    def add_live(self, instrument_id: int, symbol: str) -> None:
+        """A symbol-mapping record: `instrument_id` is `symbol` from now on."""
+        if not symbol:
+            return
+        self.live[instrument_id] = self._symbol(symbol)
+        ids = sorted(self.live)
+        self.live_ids = np.array(ids, dtype=np.uint32)
+        self.live_symbols = np.array([self.live[i] for i in ids], dtype=np.int64)
+
+    def resolve(self, instrument_id: np.ndarray, day: np.ndarray) -> pa.Array:
+        """The security of each row: its mapped symbol, else its instrument_id as text."""
+        n = instrument_id.size
+        found = np.full(n, -1, dtype=np.int64)
+        if self.keys.size:
+            key = (instrument_id.astype(np.uint64) << np.uint64(32)) | np.clip(
+                day, 0, (1 << 32) - 1
+            ).astype(np.uint64)
+            at = np.searchsorted(self.keys, key, side="right") - 1
+            safe = np.maximum(at, 0)
+            hit = (
+                (at >= 0)
+                & ((self.keys[safe] >> np.uint64(32)) == instrument_id.astype(np.uint64))
+                & (day < self.ends[safe])
+            )
+            found = np.where(hit, self.symbol_of_interval[safe], found)
+        if self.live_ids.size:
+            at = np.searchsorted(self.live_ids, instrument_id)
+            safe = np.minimum(at, self.live_ids.size - 1)
+            hit = self.live_ids[safe] == instrument_id
+            found = np.where(hit, self.live_symbols[safe], found)
+        missing = found < 0
+        if not missing.any():
+            return pa.array(self.names, pa.string()).take(pa.array(found))
+        as_text = pc.cast(pa.array(instrument_id), pa.string())
+        if missing.all():
+            return as_text
+        symbols = pa.array(self.names, pa.string()).take(pa.array(np.maximum(found, 0)))
+        return pc.if_else(pa.array(missing), as_text, symbols)
+
+
+class _Prefixed:
+    """A reader that returns `head` first, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+        self._head = head
+        self._stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(size)
+        if 0 <= size < len(self._head):
+            head, self._head = self._head[:size], self._head[size:]
+            return head
+        head, self._head = self._head, b""
+        return head + self._stream.read(-1) if size < 0 else head
+
+
+def _read_full(reader: Any, size: int) -> bytes:
+    """Up to `size` bytes; fewer only at the end of the stream."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        data = reader.read(size - got)
+        if not data:
+            break
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+def _open(stream: IO[bytes], compressed: bool) -> Any:
+    """A reader of the decompressed DBN bytes (zstd is recognised by its magic number too)."""
+    head = _read_full(stream, 4)
+    source = _Prefixed(head, stream)
+    if head == _ZSTD_MAGIC:
+        return zstandard.ZstdDecompressor().stream_reader(
+            source, read_size=1 << 20, read_across_frames=True, closefd=False
+        )
+    if compressed and head[:3] != b"DBN":
+        raise DbnError("not a zstd-compressed DBN stream (no zstd frame header)")
+    return source
+
+
+def _read_metadata(reader: Any) -> tuple[Any, bytes]:
+    prefix = _read_full(reader, _PREFIX_BYTES)
+    if len(prefix) < _PREFIX_BYTES or prefix[:3] != b"DBN":
+        if prefix[:4] and 0x50 <= prefix[0] <= 0x5F and prefix[1:4] == b"\x2a\x4d\x18":
+            raise DbnError("legacy DBZ file: convert it to DBN with the dbn CLI first")
+        raise DbnError("not a DBN stream (no DBN header)")
+    length = int.from_bytes(prefix[4:8], "little")
+    if length > _MAX_METADATA_BYTES:
+        raise DbnError(f"DBN metadata length {length} is implausible")
+    body = _read_full(reader, length)
+    if len(body) < length:
+        raise DbnError("truncated DBN metadata")
+    try:
+        meta = dbn.Metadata.decode(prefix + body)
+    except Exception as exc:  # DBNError and whatever the binding raises on garbage
+        raise DbnError(f"bad DBN metadata: {exc}") from None
+    schema = _name(meta.schema)
+    if schema and schema not in _ROW_SCHEMAS:
+        raise DbnError(
+            f"DBN schema {schema} holds no orders or trades "
+            f"(tickq reads {', '.join(sorted(_ROW_SCHEMAS))})"
+        )
+    return meta, prefix
+
+
+def _run_length(u8: np.ndarray, start: int, length: int, end: int) -> int:
+    """How many records from `start` on share the record length and rtype of the first."""
+    total = (end - start) // length
+    size_code, rtype = u8[start], u8[start + 1]
+    done, window = 1, 256
+    while done < total:
+        upto = min(total, done + window)
+        at = start + length * np.arange(done, upto, dtype=np.int64)
+        same = (u8[at] == size_code) & (u8[at + 1] == rtype)
+        if not same.all():
+            return done + int(np.argmin(same))
+        done, window = upto, window * 2
+    return total
+
+
+class _Batcher:
+    """Collects decoded record columns and cuts them into record batches of `batch_rows`."""
+
+    def __init__(self, symbology: _Symbology, batch_rows: int) -> None:
+        self.symbology = symbology
+        self.batch_rows = batch_rows
+        self.parts: list[np.ndarray] = []
+        self.rows = 0
+
+    def add(self, records: np.ndarray) -> None:
+        self.parts.append(records)
+        self.rows += records.size
+
+    def take(self, final: bool) -> Iterator[pa.RecordBatch]:
+        """Full batches (and, when `final`, the rest); keeps the remainder."""
+        if not self.parts or (not final and self.rows < self.batch_rows):
+            return
+        columns = {
+            name: np.concatenate([np.ascontiguousarray(p[name]) for p in self.parts])
+            for name in _FIELDS
+        }
+        usable = self.rows if final else self.rows - self.rows % self.batch_rows
+        for lo in range(0, usable, self.batch_rows):
+            hi = min(usable, lo + self.batch_rows)
+            yield self._batch({k: v[lo:hi] for k, v in columns.items()})
+        rest = {k: v[usable:] for k, v in columns.items()}
+        self.rows -= usable
+        self.parts = []
+        if self.rows:
+            keep = np.empty(self.rows, dtype=[(k, rest[k].dtype) for k in _FIELDS])
+            for k in _FIELDS:
+                keep[k] = rest[k]
+            self.parts = [keep]
+
+    def _batch(self, col: dict[str, np.ndarray]) -> pa.RecordBatch:
+        n = col["ts_event"].size
+        ts_raw = col["ts_event"]
+        ts = pa.array(ts_raw.view(np.int64), mask=ts_raw == _UNDEF_TS).view(TS_UTC)
+        raw_price = col["price"]
+        price = pa.array(raw_price / _PRICE_SCALE, mask=raw_price == _UNDEF_PRICE)
+        size = pa.array(col["size"].astype(np.int64))
+        side_code = np.where(col["side"] == _SIDE_BID, 0, np.where(col["side"] == _SIDE_ASK, 1, 2))
+        side = pa.array(["B", "S", None], pa.string()).take(pa.array(side_code))
+        recv = col["ts_recv"]
+        index_ts = np.where(recv == _UNDEF_TS, ts_raw, recv)
+        day = (index_ts // np.uint64(_NS_PER_DAY)).astype(np.int64)
+        security = self.symbology.resolve(col["instrument_id"], day)
+        publishers, which = np.unique(col["publisher_id"], return_inverse=True)
+        venues = pa.array([venue_of(int(p)) for p in publishers], pa.string())
+        venue = venues.take(pa.array(which.reshape(-1)))
+        participant = pa.nulls(n, pa.string())
+        return pa.RecordBatch.from_arrays(
+            [ts, security, price, size, side, participant, venue], schema=DBN_SCHEMA
+        )
+
+
+def _symbol_mappings(data: bytes, meta: Any) -> list[tuple[int, str]]:
+    """(instrument_id, symbol) of a run of symbol-mapping records (rare: live data)."""
+    decoder = dbn.DBNDecoder(
+        has_metadata=False, ts_out=bool(meta.ts_out), input_version=meta.version
+    )
+    try:
+        decoder.write(data)
+        records = decoder.decode()
+    except Exception as exc:
+        raise DbnError(f"bad DBN symbol-mapping record: {exc}") from None
+    out: list[tuple[int, str]] = []
+    for record in records:
+        symbol = getattr(record, "stype_out_symbol", "") or getattr(record, "stype_in_symbol", "")
+        out.append((int(record.instrument_id), str(symbol)))
+    return out
+
+
+def dbn_batches(
+    stream: IO[bytes], compressed: bool = False, batch_rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """Record batches (`DBN_SCHEMA`, at most `batch_rows` rows) of a DBN stream.
+
+    `stream` is a binary reader, seekable or not, of a ``.dbn`` file, or of a ``.dbn.zst``
+    file when `compressed` (a zstd stream is also recognised by its magic number). Raises
+    `DbnError` for bytes that are not DBN, truncated records and schemas without orders or
+    trades. The stream is not closed.
+    """
+    if batch_rows < 1:
+        raise ValueError("batch_rows must be at least 1")
+    try:
+        reader = _open(stream, compressed)
+        meta, _ = _read_metadata(reader)
+        batcher = _Batcher(_Symbology.from_metadata(meta), batch_rows)
+        chunk_bytes = max(1 << 16, min(batch_rows, 1 << 20) * 64)
+        buffer = b""
+        while True:
+            data = _read_full(reader, chunk_bytes)
+            buffer = buffer + data if buffer else data
+            used = yield from _decode(buffer, meta, batcher)
+            buffer = buffer[used:]
+            yield from batcher.take(final=False)
+            if len(data) < chunk_bytes:
+                break
+        if buffer:
+            raise DbnError(f"truncated DBN stream ({len(buffer)} bytes of a partial record)")
+        yield from batcher.take(final=True)
+    except zstandard.ZstdError as exc:
+        raise DbnError(f"bad zstd data: {exc}") from None
+
+
+def _decode(buffer: bytes, meta: Any, batcher: _Batcher) -> Iterator[pa.RecordBatch]:
+    """Hands the complete records of `buffer` to `batcher`; returns the bytes consumed."""
+    u8 = np.frombuffer(buffer, dtype=np.uint8)
+    end = len(buffer)
+    at = 0
+    while end - at >= 2:
+        length = int(u8[at]) * 4
+        if length < _HEADER_BYTES:
+            raise DbnError(f"corrupt DBN record length {length} at record byte {at}")
+        if at + length > end:
+            break
+        rtype = int(u8[at + 1])
+        count = _run_length(u8, at, length, end)
+        if rtype in _ROW_RECORDS:
+            batcher.add(np.frombuffer(buffer, _record_dtype(rtype, length), count, at))
+        elif rtype == _SYMBOL_MAPPING_RTYPE:
+            # Rows already decoded keep the mapping they were read under.
+            yield from batcher.take(final=True)
+            for instrument_id, symbol in _symbol_mappings(buffer[at : at + count * length], meta):
+                batcher.symbology.add_live(instrument_id, symbol)
+        at += count * length
+    return at

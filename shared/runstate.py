@@ -1,0 +1,54 @@
+"""A run's progress as storage records it: expected, succeeded, dead and retrying jobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import PermanentError
+from shared.layout import JobKey, RunLayout, dead_keys, read_job_keys, retrying_keys, succeeded_keys
+from shared.storage import Storage
+
+
+def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
+    """The run's manifest; `PermanentError` when the run does not exist there."""
+    if not storage.exists(layout.manifest):
+        raise PermanentError(f"no run {layout.run_id} under {storage.describe()} (no manifest)")
+    return dict(json.loads(storage.read_bytes(layout.manifest)))
+
+
+@dataclass
+class RunState:
+    """Which of a run's expected jobs succeeded, are dead, or are still missing."""
+
+    expected: set[JobKey]
+    succeeded: set[JobKey]
+    dead: set[JobKey]
+    retrying: set[JobKey] = field(default_factory=set)
+
+    @property
+    def missing(self) -> set[JobKey]:
+        """Jobs neither succeeded nor dead."""
+        return self.expected - self.succeeded - self.dead
+
+    @property
+    def accounted(self) -> bool:
+        """Every expected job has succeeded or is dead."""
+        return not self.missing
+
+    @property
+    def complete(self) -> bool:
+        """Every expected job succeeded."""
+        return self.expected <= self.succeeded
+
+
+def load_state(storage: Storage, layout: RunLayout) -> RunState:
+    """The run's job states from its key file, success markers and dead records."""
+    expected = set(read_job_keys(storage, layout))
+    succeeded = succeeded_keys(storage, layout) & expected
+    dead = (dead_keys(storage, layout) & expected) - succeeded
+    retrying = (retrying_keys(storage, layout) & expected) - succeeded - dead
+    return RunState(expected, succeeded, dead, retrying)
+
+

@@ -1,0 +1,760 @@
+"""`tickq ingest`: rewrite raw monthly files into the layout that makes per-job reads cheap.
+
+For each month M, every input file of M (anything `shared.inputs.read_batches` reads: Parquet,
+CSV, CSV.gz, DBN) is rewritten as Parquet under ``<output>/M/part-NNNNN.parquet``:
+
+- rows sorted by (security, ts) across the whole month (null securities last, null ts last
+  within a security), so a job's rows sit in a few consecutive row groups;
+- ``security`` as a plain ``string`` column (an Arrow dictionary column would defeat row-group
+  pruning by statistics), statistics on, row groups of `row_group_rows` rows, zstd;
+- a sidecar ``<output>/M/_index.json`` (ignored by the input reader, like every ``_`` file)
+  listing per file and per row group: rows, byte offset and size, security min/max and ts
+  min/max, so that a reader can go straight to the row groups of a security.
+
+Values. Ingest never drops a row and never changes what a run computes: every column goes
+through the same element-wise normalisation a worker applies (`shared.inputs`), and that
+normalisation is idempotent, so a run over ingested data yields exactly the tables, and the
+same read / accepted / rejected counts, as a run over the raw data. Concretely the columns are
+``ts`` (``timestamp[ns, tz=UTC]``; unparseable text becomes null), ``security`` (string,
+as is: empty and null stay so), ``price`` (float64; text that is not a number becomes null),
+``size`` (int64; values that are not integers become null), ``side`` (``B``/``S``/null: ``A``,
+``BUY``, ``SELL`` in any case are mapped as the worker maps them), ``participant`` and
+``venue`` (string, as is) and ``trade_date`` (date32, only when some input file of the month
+has that column; unparseable dates become null, so the worker derives them from ts, as it
+would have). Rows that the contract rejects stay in the data and are rejected by the worker.
+Other columns are not kept.
+
+Memory stays bounded whatever the month's size (an external sort):
+
+1. pass 1 reads only the ``security`` column and counts rows per security;
+2. securities are cut, in sort order, into contiguous ranges ("buckets") small enough to sort
+   in memory within `memory_budget_bytes`;
+3. pass 2 reads the month in bounded batches, normalises them and spills each row to its
+   bucket's temporary Arrow IPC file (lz4) on local disk;
+4. each bucket in turn is loaded, sorted and appended to the output; a bucket that would not
+   fit (one security with more rows than a bucket holds) is sorted in runs that are merged.
+
+The distinct securities of a month are held in memory (pass 1), and local temporary disk
+must hold the month's spill and one output file. Writing a month replaces the ingest output
+(``part-*.parquet``, ``_index.json``) of an earlier ingest of that month; do not run jobs on a
+month while it is being ingested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from shared.errors import ConfigError, PermanentError
+from shared.inputs import (
+    ALL_COLUMNS,
+    InputFile,
+    _normalise_price,
+    _normalise_side,
+    _normalise_size,
+    _normalise_text,
+    _normalise_trade_date,
+    _normalise_ts,
+    month_files,
+    read_batches,
+)
+from shared.storage import Storage, open_storage
+
+__all__ = ["INDEX_NAME", "OUTPUT_SCHEMA", "add_arguments", "ingest", "main", "read_index"]
+
+INDEX_NAME = "_index.json"
+INDEX_VERSION = 1
+DEFAULT_ROW_GROUP_ROWS = 128 * 1024
+DEFAULT_MEMORY_BUDGET = 256 << 20
+DEFAULT_MAX_FILE_ROWS = 64 << 20  # rows per output Parquet file (~1 GB), whole row groups
+READ_BATCH_ROWS = 65_536
+MAX_OPEN_SPILLS = 256  # spill files kept open at once (least recently used are closed)
+# A bucket is sorted in memory when its rows take at most budget / SORT_FACTOR bytes: the
+# table, its sorted copy and the sort indices, with room for the writer and the read path.
+SORT_FACTOR = 3
+COMPRESSION = "zstd"
+RANK = "_rank"
+_PART_RE = re.compile(r"^part-\d{5}\.parquet$")
+_INT64_MAX = np.iinfo(np.int64).max
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("ts", pa.timestamp("ns", tz="UTC")),
+        ("security", pa.string()),
+        ("price", pa.float64()),
+        ("size", pa.int64()),
+        ("side", pa.string()),
+        ("participant", pa.string()),
+        ("venue", pa.string()),
+        ("trade_date", pa.date32()),
+    ]
+)
+_SPILL_SCHEMA = OUTPUT_SCHEMA.append(pa.field(RANK, pa.int32(), nullable=False))
+_SORT_KEYS = [(RANK, "ascending"), ("ts", "ascending")]
+
+
+# ---------------------------------------------------------------------------------------
+# Normalisation (the worker's element-wise functions) and bucket planning.
+# ---------------------------------------------------------------------------------------
+
+
+def _normalised(batch: pa.RecordBatch) -> tuple[pa.Table, bool]:
+    """`batch` in `OUTPUT_SCHEMA` (without the rank) and whether it carried a trade_date."""
+    n = batch.num_rows
+    names = batch.schema.names
+
+    def text(name: str) -> pa.Array:
+        if name not in names:
+            return pa.nulls(n, pa.string())
+        return _normalise_text(batch.column(name))
+
+    # A CSV reader hands a column the file lacks on as all null: that is no trade_date.
+    has_date = "trade_date" in names and batch.column("trade_date").null_count < n
+    arrays = [
+        _normalise_ts(batch.column("ts")),
+        _normalise_text(batch.column("security")),
+        _normalise_price(batch.column("price")),
+        _normalise_size(batch.column("size")),
+        _normalise_side(batch.column("side")) if "side" in names else pa.nulls(n, pa.string()),
+        text("participant"),
+        text("venue"),
+        _normalise_trade_date(batch.column("trade_date")) if has_date else pa.nulls(n, pa.date32()),
+    ]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA), has_date
+
+
+@dataclass
+class _Plan:
+    """Securities in sort order, their rows, and the bucket of each (null security last)."""
+
+    securities: pa.Array  # sorted distinct non-null securities
+    bucket_of_rank: np.ndarray  # bucket per rank; rank len(securities) is the null security
+    bucket_rows: list[int]
+    rows: int
+    row_bytes: float  # estimated in-memory bytes per row
+
+    @property
+    def buckets(self) -> int:
+        return len(self.bucket_rows)
+
+
+def _count_securities(storage: Storage, files: list[InputFile]) -> tuple[dict[str, int], int]:
+    """Pass 1: rows per security (and rows of null security), reading only that column."""
+    counts: dict[str, int] = {}
+    nulls = 0
+    for file in files:
+        for batch in read_batches(storage, file, ("security",), batch_rows=READ_BATCH_ROWS * 4):
+            security = _normalise_text(batch.column("security"))
+            nulls += security.null_count
+            for item in pc.value_counts(security.drop_null()).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts, nulls
+
+
+def _plan(counts: dict[str, int], nulls: int, budget: int, row_group_rows: int) -> _Plan:
+    names = sorted(counts)  # code point order = UTF-8 byte order = Arrow's string order
+    rows = sum(counts.values()) + nulls
+    mean_len = sum(len(s.encode()) * c for s, c in counts.items()) / max(1, rows - nulls)
+    # ts, price, size, trade_date, rank, four string offsets, short side/participant/venue.
+    row_bytes = 8 + 8 + 8 + 4 + 4 + 4 * 4 + mean_len + 8 + 1
+    capacity = max(row_group_rows, int(budget / SORT_FACTOR / row_bytes))
+    bucket_of_rank = np.zeros(len(names) + 1, dtype=np.int32)
+    bucket_rows: list[int] = []
+    current = 0
+    for rank, name in enumerate(names):
+        count = counts[name]
+        if not bucket_rows or (current and current + count > capacity):
+            bucket_rows.append(0)
+            current = 0
+        bucket_of_rank[rank] = len(bucket_rows) - 1
+        bucket_rows[-1] += count
+        current += count
+    if nulls or not bucket_rows:
+        bucket_rows.append(nulls)
+    bucket_of_rank[len(names)] = len(bucket_rows) - 1
+    return _Plan(pa.array(names, pa.string()), bucket_of_rank, bucket_rows, rows, row_bytes)
+
+
+# ---------------------------------------------------------------------------------------
+# Spilling (pass 2) and sorted output.
+# ---------------------------------------------------------------------------------------
+
+
+def _ipc_options() -> ipc.IpcWriteOptions:
+    codec = "lz4" if pa.Codec.is_available("lz4") else None
+    return ipc.IpcWriteOptions(compression=codec)
+
+
+@dataclass
+class _Spill:
+    """Per-bucket temporary Arrow IPC files; at most MAX_OPEN_SPILLS writers open at once."""
+
+    directory: Path
+    segments: dict[int, list[Path]] = field(default_factory=dict)
+    open: OrderedDict[int, tuple[Any, ipc.RecordBatchStreamWriter]] = field(
+        default_factory=OrderedDict
+    )
+    bytes: int = 0
+
+    def write(self, bucket: int, table: pa.Table) -> None:
+        if bucket in self.open:
+            self.open.move_to_end(bucket)
+        else:
+            if len(self.open) >= MAX_OPEN_SPILLS:
+                self._close(next(iter(self.open)))
+            paths = self.segments.setdefault(bucket, [])
+            path = self.directory / f"bucket-{bucket:06d}-{len(paths):04d}.arrow"
+            paths.append(path)
+            sink = pa.OSFile(str(path), "wb")
+            self.open[bucket] = (sink, ipc.new_stream(sink, _SPILL_SCHEMA, options=_ipc_options()))
+        self.open[bucket][1].write_table(table)
+
+    def _close(self, bucket: int) -> None:
+        sink, writer = self.open.pop(bucket)
+        writer.close()
+        sink.close()
+
+    def close(self) -> None:
+        for bucket in list(self.open):
+            self._close(bucket)
+        self.bytes = sum(p.stat().st_size for paths in self.segments.values() for p in paths)
+
+    def batches(self, bucket: int) -> Iterator[pa.RecordBatch]:
+        for path in self.segments.get(bucket, []):
+            with pa.OSFile(str(path), "rb") as source:
+                yield from ipc.open_stream(source)
+
+    def drop(self, bucket: int) -> None:
+        for path in self.segments.pop(bucket, []):
+            path.unlink(missing_ok=True)
+
+
+def _spill_month(
+    storage: Storage, files: list[InputFile], plan: _Plan, spill: _Spill, budget: int
+) -> tuple[bool, int, int]:
+    """Pass 2: normalise and spill every row to its bucket; (has trade_date, rows, bytes)."""
+    pending: dict[int, list[pa.Table]] = {}
+    pending_bytes = 0
+    flush_bytes = max(1 << 20, budget // 4)
+    has_date = False
+    rows = 0
+    table_bytes = 0
+    n_secs = len(plan.securities)
+
+    def flush() -> None:
+        for bucket, parts in sorted(pending.items()):
+            spill.write(bucket, pa.concat_tables(parts).combine_chunks())
+        pending.clear()
+
+    for file in files:
+        for batch in read_batches(storage, file, ALL_COLUMNS, batch_rows=READ_BATCH_ROWS):
+            table, dated = _normalised(batch)
+            has_date = has_date or dated
+            security = table.column("security")
+            rank = pc.index_in(security, value_set=plan.securities)
+            if rank.null_count != security.null_count:
+                raise PermanentError(
+                    f"{storage.describe(file.key)} changed while being ingested (new securities)"
+                )
+            ranks = pc.fill_null(rank, n_secs).to_numpy().astype(np.int32)
+            table = table.append_column(pa.field(RANK, pa.int32(), nullable=False), pa.array(ranks))
+            rows += table.num_rows
+            table_bytes += table.nbytes
+            buckets = plan.bucket_of_rank[ranks]
+            if buckets.size and buckets.min() == buckets.max():
+                pending.setdefault(int(buckets[0]), []).append(table)
+            else:
+                order = np.argsort(buckets, kind="stable")
+                table = table.take(pa.array(order))
+                edges = np.cumsum(np.bincount(buckets, minlength=plan.buckets))
+                start = 0
+                for bucket in np.flatnonzero(np.bincount(buckets, minlength=plan.buckets)):
+                    end = int(edges[bucket])
+                    pending.setdefault(int(bucket), []).append(table.slice(start, end - start))
+                    start = end
+            pending_bytes += table.nbytes
+            if pending_bytes >= flush_bytes:
+                flush()
+                pending_bytes = 0
+    flush()
+    spill.close()
+    return has_date, rows, table_bytes
+
+
+def _sort(table: pa.Table) -> pa.Table:
+    return table.sort_by(_SORT_KEYS)  # nulls (of ts) sort last by default
+
+
+def _keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    rank = table.column(RANK).to_numpy()
+    ts = pc.fill_null(table.column("ts").cast(pa.int64()), _INT64_MAX).to_numpy()
+    return rank, ts
+
+
+def _cut(rank: np.ndarray, ts: np.ndarray, bound: tuple[int, int]) -> int:
+    """How many leading rows of a (rank, ts)-sorted buffer are <= `bound`."""
+    lo = int(np.searchsorted(rank, bound[0], side="left"))
+    hi = int(np.searchsorted(rank, bound[0], side="right"))
+    return lo + int(np.searchsorted(ts[lo:hi], bound[1], side="right"))
+
+
+@dataclass
+class _Run:
+    """A sorted run being merged: its reader and the buffered head."""
+
+    batches: Iterator[pa.RecordBatch]
+    table: pa.Table
+    rank: np.ndarray
+    ts: np.ndarray
+
+    def refill(self, rows: int) -> bool:
+        """Buffer at least `rows` rows (or what is left); False when the run is exhausted."""
+        parts = [self.table] if self.table.num_rows else []
+        have = self.table.num_rows
+        for batch in self.batches:
+            parts.append(pa.Table.from_batches([batch]))
+            have += batch.num_rows
+            if have >= rows:
+                break
+        if not have:
+            return False
+        self.table = pa.concat_tables(parts).combine_chunks()
+        self.rank, self.ts = _keys(self.table)
+        return True
+
+
+def _merge_sorted(
+    spill: _Spill, bucket: int, run_rows: int, directory: Path
+) -> Iterator[pa.Table]:
+    """A bucket too large to sort at once: sorted runs of `run_rows`, then a k-way merge."""
+    runs: list[Path] = []
+    parts: list[pa.RecordBatch] = []
+    have = 0
+
+    def write_run() -> None:
+        path = directory / f"run-{bucket:06d}-{len(runs):04d}.arrow"
+        ordered = _sort(pa.Table.from_batches(parts, schema=_SPILL_SCHEMA))
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(
+            sink, _SPILL_SCHEMA, options=_ipc_options()
+        ) as writer:
+            writer.write_table(ordered, max_chunksize=8192)
+        runs.append(path)
+
+    for batch in spill.batches(bucket):
+        parts.append(batch)
+        have += batch.num_rows
+        if have >= run_rows:
+            write_run()
+            parts, have = [], 0
+    if parts:
+        write_run()
+    spill.drop(bucket)
+
+    def read(path: Path) -> Iterator[pa.RecordBatch]:
+        with pa.OSFile(str(path), "rb") as source:
+            yield from ipc.open_stream(source)
+
+    head_rows = max(8192, run_rows // max(1, len(runs)))
+    empty = _SPILL_SCHEMA.empty_table()
+    active = []
+    for path in runs:
+        run = _Run(read(path), empty, np.empty(0, np.int32), np.empty(0, np.int64))
+        if run.refill(head_rows):
+            active.append(run)
+    while active:
+        bound = min((int(r.rank[-1]), int(r.ts[-1])) for r in active)
+        pieces = []
+        for run in active:
+            cut = _cut(run.rank, run.ts, bound)
+            if cut:
+                pieces.append(run.table.slice(0, cut))
+                run.table = run.table.slice(cut)
+                run.rank, run.ts = run.rank[cut:], run.ts[cut:]
+        yield _sort(pa.concat_tables(pieces))
+        active = [r for r in active if r.table.num_rows or r.refill(head_rows)]
+    for path in runs:
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class _OutputFile:
+    key: str
+    path: Path
+    rows: int = 0
+
+
+class _Output:
+    """Writes sorted tables as full row groups into Parquet parts under the month's folder."""
+
+    def __init__(
+        self, month: str, directory: Path, schema: pa.Schema, row_group_rows: int,
+        max_file_rows: int,
+    ) -> None:  # fmt: skip
+        self.month = month
+        self.directory = directory
+        self.schema = schema
+        self.row_group_rows = row_group_rows
+        self.max_file_rows = max(row_group_rows, max_file_rows // row_group_rows * row_group_rows)
+        self.files: list[_OutputFile] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._carry: list[pa.Table] = []
+        self._carry_rows = 0
+
+    def _new_writer(self) -> pq.ParquetWriter:
+        part = _OutputFile(
+            f"{self.month}/part-{len(self.files):05d}.parquet",
+            self.directory / f"part-{len(self.files):05d}.parquet",
+        )
+        self.files.append(part)
+        names = self.schema.names
+        return pq.ParquetWriter(
+            str(part.path),
+            self.schema,
+            compression=COMPRESSION,
+            write_statistics=True,
+            # Parquet dictionary *encoding* keeps the Arrow type a plain string (and its
+            # statistics); it only makes the sorted, repetitive columns smaller.
+            use_dictionary=["security", "side", "participant", "venue"],
+            sorting_columns=[
+                pq.SortingColumn(names.index("security"), nulls_first=False),
+                pq.SortingColumn(names.index("ts"), nulls_first=False),
+            ],
+        )
+
+    def _write_group(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._writer = self._new_writer()
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        part = self.files[-1]
+        part.rows += table.num_rows
+        if part.rows >= self.max_file_rows:
+            self._writer.close()
+            self._writer = None
+
+    def append(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        self._carry.append(table)
+        self._carry_rows += table.num_rows
+        if self._carry_rows < self.row_group_rows:
+            return
+        whole = pa.concat_tables(self._carry)
+        full = self._carry_rows // self.row_group_rows * self.row_group_rows
+        for start in range(0, full, self.row_group_rows):
+            self._write_group(whole.slice(start, self.row_group_rows).combine_chunks())
+        rest = whole.slice(full)
+        self._carry, self._carry_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> list[_OutputFile]:
+        if self._carry_rows:
+            self._write_group(pa.concat_tables(self._carry).combine_chunks())
+        self._carry, self._carry_rows = [], 0
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self.files:  # an empty month still gets one (empty) file
+            self._new_writer().close()
+        return self.files
+
+
+# ---------------------------------------------------------------------------------------
+# The index.
+# ---------------------------------------------------------------------------------------
+
+
+def _iso_ns(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    text = np.datetime_as_string(np.datetime64(ns, "ns"), unit="ns")
+    return f"{text}Z"
+
+
+def _row_group_entry(meta: pq.FileMetaData, index: int) -> dict[str, Any]:
+    group = meta.row_group(index)
+    names = meta.schema.to_arrow_schema().names
+    starts, ends = [], []
+    for j in range(group.num_columns):
+        column = group.column(j)
+        start = column.data_page_offset
+        if column.has_dictionary_page and column.dictionary_page_offset:
+            start = min(start, column.dictionary_page_offset)
+        starts.append(start)
+        ends.append(start + column.total_compressed_size)
+    sec = group.column(names.index("security")).statistics
+    ts = group.column(names.index("ts")).statistics
+    sec_bounds = (sec.min, sec.max) if sec is not None and sec.has_min_max else (None, None)
+    ts_bounds = (ts.min_raw, ts.max_raw) if ts is not None and ts.has_min_max else (None, None)
+    return {
+        "index": index,
+        "rows": group.num_rows,
+        "offset": min(starts),
+        "bytes": max(ends) - min(starts),
+        "security_min": sec_bounds[0],
+        "security_max": sec_bounds[1],
+        "ts_min": _iso_ns(ts_bounds[0]),
+        "ts_max": _iso_ns(ts_bounds[1]),
+        "ts_min_ns": ts_bounds[0],
+        "ts_max_ns": ts_bounds[1],
+        "null_securities": sec.null_count if sec is not None else None,
+    }
+
+
+def _file_entry(part: _OutputFile, month: str) -> dict[str, Any]:
+    meta = pq.ParquetFile(str(part.path)).metadata
+    return {
+        "key": part.key,
+        "name": part.key[len(month) + 1 :],
+        "rows": meta.num_rows,
+        "bytes": part.path.stat().st_size,
+        "row_groups": [_row_group_entry(meta, i) for i in range(meta.num_row_groups)],
+    }
+
+
+def read_index(storage: Storage, month: str) -> dict[str, Any] | None:
+    """The ``_index.json`` of an ingested month, or None when there is none."""
+    key = f"{month}/{INDEX_NAME}"
+    if not storage.exists(key):
+        return None
+    result: dict[str, Any] = json.loads(storage.read_bytes(key))
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# One month, then the command.
+# ---------------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ingest_month(
+    source: Storage,
+    target: Storage,
+    month: str,
+    tmp: Path,
+    row_group_rows: int,
+    budget: int,
+    max_file_rows: int,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    files = month_files(source, month)
+    counts, nulls = _count_securities(source, files)
+    plan = _plan(counts, nulls, budget, row_group_rows)
+    counted = time.perf_counter()
+
+    work = Path(tempfile.mkdtemp(prefix=f"{month}-", dir=tmp))
+    spill = _Spill(work)
+    has_date, rows, table_bytes = _spill_month(source, files, plan, spill, budget)
+    if rows != plan.rows:
+        raise PermanentError(f"input of {month} changed while being ingested")
+    spilled = time.perf_counter()
+
+    schema = OUTPUT_SCHEMA
+    if not has_date:
+        schema = schema.remove(schema.get_field_index("trade_date"))
+    out = _Output(month, work, schema, row_group_rows, max_file_rows)
+    row_bytes = table_bytes / rows if rows else plan.row_bytes
+    sort_rows = max(row_group_rows, int(budget / SORT_FACTOR / row_bytes))
+    merged_buckets = 0
+    for bucket in range(plan.buckets):
+        if plan.bucket_rows[bucket] <= sort_rows:
+            batches = list(spill.batches(bucket))
+            if batches:
+                out.append(_sort(pa.Table.from_batches(batches, schema=_SPILL_SCHEMA)))
+            del batches
+            spill.drop(bucket)
+        else:
+            merged_buckets += 1
+            for piece in _merge_sorted(spill, bucket, sort_rows, work):
+                out.append(piece)
+    parts = out.close()
+    entries = [_file_entry(part, month) for part in parts]
+    sorted_at = time.perf_counter()
+
+    written = set()
+    for part in parts:
+        target.write_file(part.key, part.path, content_type="application/vnd.apache.parquet")
+        written.add(part.key)
+        part.path.unlink()
+    index = {
+        "version": INDEX_VERSION,
+        "month": month,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "sorted_by": ["security", "ts"],
+        "rows": rows,
+        "row_group_rows": row_group_rows,
+        "columns": schema.names,
+        "inputs": [{"key": f.key, "size": f.size, "format": f.format} for f in files],
+        "files": entries,
+    }
+    target.write_bytes(
+        f"{month}/{INDEX_NAME}", json.dumps(index, indent=1).encode(), "application/json"
+    )
+    removed, foreign = [], []
+    for obj in target.list(f"{month}/"):
+        name = obj.key[len(month) + 1 :]
+        if obj.key in written or name == INDEX_NAME:
+            continue
+        if _PART_RE.match(name):
+            target.delete(obj.key)
+            removed.append(target.describe(obj.key))
+        elif not name.rsplit("/", 1)[-1].startswith((".", "_")):
+            foreign.append(target.describe(obj.key))
+    os.rmdir(work)
+    done = time.perf_counter()
+    return {
+        "rows": rows,
+        "securities": len(counts) + (1 if nulls else 0),
+        "input_files": len(files),
+        "input_bytes": sum(f.size for f in files),
+        "files": [target.describe(p.key) for p in parts],
+        "bytes": sum(e["bytes"] for e in entries),
+        "row_groups": sum(len(e["row_groups"]) for e in entries),
+        "buckets": plan.buckets,
+        "merged_buckets": merged_buckets,
+        "spill_bytes": spill.bytes,
+        "removed": removed,
+        "other_files": foreign,
+        "seconds": {
+            "count": round(counted - started, 3),
+            "spill": round(spilled - counted, 3),
+            "sort_write": round(sorted_at - spilled, 3),
+            "upload": round(done - sorted_at, 3),
+            "total": round(done - started, 3),
+        },
+    }
+
+
+def ingest(
+    input_uri: str,
+    output_uri: str,
+    months: list[str] | tuple[str, ...],
+    endpoint_url: str | None = None,
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+    max_file_rows: int = DEFAULT_MAX_FILE_ROWS,
+    tmp_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Rewrite `months` of `input_uri` under `output_uri` (see the module doc); a summary.
+
+    The summary has ``input``, ``output``, ``rows`` (total), ``seconds``, ``peak_rss_mb`` and
+    ``months``: per month ``rows``, ``securities``, ``input_files``, ``input_bytes``, ``files``
+    (URIs written), ``bytes``, ``row_groups``, ``buckets``, ``merged_buckets``,
+    ``spill_bytes``, ``removed`` (stale parts deleted), ``other_files`` (files in the output
+    month that are not ingest output: a run would read them too) and ``seconds`` per stage.
+    Raises `PermanentError` for unreadable or missing input, `ValueError` for bad arguments.
+    """
+    if row_group_rows < 1:
+        raise ValueError("row_group_rows must be at least 1")
+    if memory_budget_bytes < 1 << 20:
+        raise ValueError("memory_budget_bytes must be at least 1 MiB")
+    months = list(dict.fromkeys(months))
+    if not months:
+        raise ValueError("give at least one month")
+    source = open_storage(input_uri, endpoint_url=endpoint_url)
+    target = open_storage(output_uri, endpoint_url=endpoint_url)
+    if source.describe() == target.describe():
+        raise ValueError("the output location must differ from the input location")
+    started = time.perf_counter()
+    per_month: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tickq-ingest-", dir=tmp_dir) as tmp:
+        for month in months:
+            per_month[month] = _ingest_month(
+                source, target, month, Path(tmp), row_group_rows, memory_budget_bytes,
+                max_file_rows,
+            )  # fmt: skip
+    return {
+        "input": source.describe(),
+        "output": target.describe(),
+        "rows": sum(m["rows"] for m in per_month.values()),
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "months": per_month,
+    }
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tickq ingest`` (the connection options are the caller's)."""
+    parser.add_argument("--input", required=True, help="raw input (s3://bucket/prefix or a path)")
+    parser.add_argument("--output", required=True, help="where ingested months go (not --input)")
+    parser.add_argument("--months", required=True, help="YYYY-MM, YYYY-MM..YYYY-MM or a comma list")
+    parser.add_argument(
+        "--row-group-rows", type=_positive, default=DEFAULT_ROW_GROUP_ROWS,
+        help=f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_ROWS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--memory-mb", type=_positive, default=DEFAULT_MEMORY_BUDGET >> 20,
+        help="memory for sorting, in MiB (default 256); the rest spills to local disk",
+    )  # fmt: skip
+    parser.add_argument("--tmp-dir", help="local directory for spill files (default: system temp)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``tickq ingest``; raises `shared.errors.TickqError` for expected failures."""
+    from shared.metrics import configure, get_logger
+    from tickq.cli import _month_list
+
+    metrics_file = getattr(args, "metrics_file", None)
+    configure("ingest", metrics_file, stream=sys.stderr, quiet=getattr(args, "quiet", False))
+    endpoint = getattr(args, "s3_endpoint_url", None) or os.environ.get("TICKQ_S3_ENDPOINT_URL")
+    months = list(_month_list(args.months))
+    try:
+        summary = ingest(
+            args.input, args.output, months, endpoint_url=endpoint or None,
+            row_group_rows=args.row_group_rows, memory_budget_bytes=args.memory_mb << 20,
+            tmp_dir=args.tmp_dir,
+        )  # fmt: skip
+    except ValueError as exc:
+        if isinstance(exc, pa.ArrowException):
+            raise
+        raise ConfigError(str(exc)) from None
+    log = get_logger()
+    for month, info in summary["months"].items():
+        log.info(
+            "ingest.month", month=month, rows=info["rows"], files=len(info["files"]),
+            row_groups=info["row_groups"], bytes=info["bytes"], buckets=info["buckets"],
+            seconds=info["seconds"]["total"],
+        )  # fmt: skip
+        for uri in info["other_files"]:
+            log.warning("ingest.other_file", month=month, uri=uri,
+                        note="not ingest output: a run over the output reads it too")  # fmt: skip
+    log.info("ingest.done", rows=summary["rows"], seconds=summary["seconds"],
+             peak_rss_mb=summary["peak_rss_mb"])  # fmt: skip
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        files = sum(len(m["files"]) for m in summary["months"].values())
+        print(
+            f"ingested {len(months)} month(s), {summary['rows']} rows into {files} file(s) "
+            f"under {summary['output']} in {summary['seconds']:.1f}s"
+        )
+    return 0

@@ -11,10 +11,11 @@ from importlib.metadata import entry_points
 from shared.errors import PermanentError
 from shared.processors.analytics import AnalyticsProcessor
 from shared.processors.base import JobAccumulator, JobContext, Processor, StoredResult
+from shared.processors.extract import ExtractProcessor
 
 __all__ = ["JobAccumulator", "JobContext", "Processor", "StoredResult", "get_processor", "processor_names"]
 
-_BUILTIN: dict[str, type] = {"analytics": AnalyticsProcessor}
+_BUILTIN: dict[str, type] = {"analytics": AnalyticsProcessor, "extract": ExtractProcessor}
 
 
 def processor_names() -> list[str]:

@@ -122,7 +122,8 @@ class AggregatorService:
                     self.heartbeat_file.touch()
                 self.log.info("aggregator.heartbeat", runs_tracked=len(self.runs), aggregations=self.aggregations)
                 self._forget_old_runs(now)
-            if self.idle_exit_s is not None and now - self._last_activity >= self.idle_exit_s and not self._lock.locked():
+            idle = self.idle_exit_s is not None and now - self._last_activity >= self.idle_exit_s
+            if idle and not self._lock.locked():
                 self.stop("idle")
             await asyncio.sleep(0.2)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from shared.errors import PermanentError
 from shared.layout import JobKey, RunLayout
-from shared.runstate import RunState, load_state, read_manifest
 from shared.messages import JobParams
 from shared.metrics import get_logger
 from shared.processors import StoredResult, get_processor
+from shared.runstate import RunState, load_state, read_manifest
 from shared.storage import Storage
 from shared.tables import TableSink
 

@@ -253,7 +253,7 @@ def _row_groups_to_read(
 def _open_stream(storage: Storage, file: InputFile) -> IO[bytes]:
     raw = storage.open_read(file.key)
     if isinstance(raw, io.RawIOBase):
-        return io.BufferedReader(raw, buffer_size=CSV_BLOCK_BYTES)  # type: ignore[arg-type]
+        return io.BufferedReader(raw, buffer_size=CSV_BLOCK_BYTES)
     return raw
 
 

@@ -9,6 +9,7 @@ dead-lettered at once and never retried, and none of its fields is used before v
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import re
 from typing import Any, Literal
@@ -113,7 +114,7 @@ class JobParams(BaseModel):
             raise ValueError("size buckets need 1 to 64 edges")
         if any(not (v > 0 and v != float("inf")) for v in value):
             raise ValueError("size bucket edges must be positive, finite numbers")
-        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError("size bucket edges must be strictly increasing")
         return value
 
@@ -231,7 +232,7 @@ class JobMessage(BaseModel):
     ) -> JobMessage:
         """A validated job message with its deterministic job id."""
         return cls(
-            v=MESSAGE_VERSION,
+            v=1,
             run_id=run_id,
             job_id=job_id_for(run_id, month, security, date),
             month=month,

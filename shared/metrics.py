@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,7 +50,7 @@ class _SinkFactory:
         return self._sink
 
 
-def _redact_strings(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_strings(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Credentials never reach a log line, whatever a caller passed in."""
     for key, value in event.items():
         if isinstance(value, str) and "://" in value:
@@ -58,7 +59,7 @@ def _redact_strings(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _component_adder(component: str) -> Any:
-    def add(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    def add(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event.setdefault("component", component)
         return event
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 from urllib.parse import urlparse
 
 from shared.errors import PermanentError, TransientError
@@ -298,7 +298,7 @@ class S3Storage:
             raise mapped from exc
 
     def open_read(self, key: str) -> IO[bytes]:
-        return _S3RangeReader(self, key, self.size(key))
+        return cast(IO[bytes], _S3RangeReader(self, key, self.size(key)))
 
     def delete(self, key: str) -> None:
         self._call(self.describe(key), self._client.delete_object, Key=self._key(key))

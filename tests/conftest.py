@@ -132,7 +132,9 @@ class Tickq:
             )
         return result
 
-    def start(self, *args: str, log_name: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, *args: str, log_name: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[str]:
         log = self.workdir / f"{log_name or args[0]}-{len(self.procs)}.log"
         handle = open(log, "w")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(

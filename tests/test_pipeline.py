@@ -238,7 +238,9 @@ def test_summary_and_exit_status_when_jobs_are_missing(tickq: Tickq, tmp_path: P
         (("--months", "2024-05"), "no jobs found"),
     ],
 )
-def test_bad_run_parameters_fail_with_one_line(tickq: Tickq, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+def test_bad_run_parameters_fail_with_one_line(
+    tickq: Tickq, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
     data = _gen(tickq, tmp_path / "data", rows=1_000, securities=2)
     result = tickq.run("produce", "--input", str(data), "--output", str(tmp_path / "out"), *args, check=False)
     assert result.returncode == 2

@@ -113,7 +113,7 @@ def test_sigterm_finishes_the_job_in_hand_and_loses_nothing(tickq: Tickq, s3_ser
 def test_sigterm_past_the_shutdown_timeout_requeues_the_job(
     tickq: Tickq, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 1.0, "abandon")
+    data, output, proxy, _ = _slow_run(tickq, s3_server, tmp_path, 1.0, "abandon")
     try:
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--shutdown-timeout", "0.5",
                              env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
@@ -134,7 +134,7 @@ def test_a_job_longer_than_two_heartbeats_keeps_its_connection(
     tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str
 ) -> None:
     heartbeat_s = 2
-    data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 1.0, "long")
+    _, _, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 1.0, "long")
     try:
         url = amqp_url + ("&" if "?" in amqp_url else "?") + f"heartbeat={heartbeat_s}"
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--idle-exit", "3",

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from shared.errors import ConfigError, TickqError, one_line
 from shared.messages import DEFAULT_SIZE_BUCKETS, JobParams, parse_session
@@ -124,7 +124,7 @@ def _seconds(text: str) -> float:
 class _Parser(argparse.ArgumentParser):
     """argparse with tickq's exit status (2) and one-line errors."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -97,7 +97,8 @@ def run_demo(settings: Settings, rows: int, workers: int, securities: int, out: 
         summary = json.loads((results / "runs" / run["run_id"] / "aggregates" / "summary.json").read_text())
         elapsed = time.perf_counter() - started
         print(f"tables:   {results / 'runs' / run['run_id'] / 'aggregates'}")
-        print(f"jobs:     {summary['jobs_succeeded']}/{summary['jobs_expected']} succeeded, {summary['jobs_dead']} dead")
+        succeeded, expected, dead = summary["jobs_succeeded"], summary["jobs_expected"], summary["jobs_dead"]
+        print(f"jobs:     {succeeded}/{expected} succeeded, {dead} dead")
         print(f"rows:     {summary['rows_read']} read, {summary['rows_accepted']} accepted, "
               f"{summary['rows_rejected']} rejected")
         totals = summary["totals"]

@@ -23,8 +23,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from shared.broker import connect
 from shared.errors import ConfigError, ErrorClass, one_line
 from shared.layout import JobKey, RunLayout
-from shared.storage import open_storage
 from shared.settings import Settings
+from shared.storage import open_storage
 from shared.topology import Topology, declare
 
 # Safety cap on dead letters held unacknowledged at once by one command.
@@ -143,7 +143,7 @@ class DeadLetterQueue:
 
     async def take(self, limit: int = MAX_SCAN) -> list[AbstractIncomingMessage]:
         """Up to `limit` dead letters, held unacked by this session."""
-        taken = []
+        taken: list[AbstractIncomingMessage] = []
         while len(taken) < limit:
             message = await self._queue.get(no_ack=False, fail=False, timeout=10)
             if message is None:

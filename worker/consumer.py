@@ -21,13 +21,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import multiprocessing
 import os
 import signal
 import socket
 import time
 import traceback
-from collections.abc import Awaitable, Callable
-import multiprocessing
+from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -209,9 +209,9 @@ class Worker:
                 last_beat = now
                 self._beat()
             idle = self.options.idle_exit_s
-            if idle is not None and not self._stopping.is_set() and self.stats.in_flight == 0 and not self._waiting():
-                if now - self.stats.last_activity >= idle:
-                    self.stop("idle")
+            quiet = self.stats.in_flight == 0 and not self._waiting() and not self._stopping.is_set()
+            if idle is not None and quiet and now - self.stats.last_activity >= idle:
+                self.stop("idle")
             await asyncio.sleep(0.2)
 
     def _waiting(self) -> bool:
@@ -548,9 +548,6 @@ class Worker:
         await self._publish(self._events, event.to_body(), "job.dead", job.job_id, {})
 
 
-async def run_worker(settings: Settings, options: WorkerOptions, on_ready: Callable[[Worker], None] | None = None) -> _Stats:
+async def run_worker(settings: Settings, options: WorkerOptions) -> _Stats:
     """Run one worker until it stops."""
-    worker = Worker(settings, options)
-    if on_ready:
-        on_ready(worker)
-    return await worker.run()
+    return await Worker(settings, options).run()

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.errors import PermanentError
-from shared.inputs import ALL_COLUMNS, DayWindow, InputFile, ByteCounter, month_files, normalise, read_batches
+from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, month_files, normalise, read_batches
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobMessage, JobParams
 from shared.processors import JobContext, get_processor

@@ -37,7 +37,7 @@ async def connect(settings: Settings, name: str, *, robust: bool = True, timeout
     factory = aio_pika.connect_robust if robust else aio_pika.connect
     try:
         return await asyncio.wait_for(factory(url, timeout=timeout), timeout=timeout + 5)
-    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPConnectionError) as exc:
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
         raise BrokerUnavailable(
             f"no RabbitMQ broker answers at {settings.safe_amqp_url} "
             f"({type(exc).__name__}); start one or point TICKQ_AMQP_URL at yours"

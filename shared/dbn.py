@@ -39,9 +39,9 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import databento_dbn as dbn
 import numpy as np
@@ -102,18 +102,32 @@ def _record_dtype(rtype: int, length: int) -> np.dtype:
     assert layout is not None
     offsets = [layout[name][1] for name in _FIELDS]
     return np.dtype(
-        {"names": list(_FIELDS), "formats": list(_FIELD_FORMATS), "offsets": offsets,
-         "itemsize": length}
+        {
+            "names": list(_FIELDS),
+            "formats": list(_FIELD_FORMATS),
+            "offsets": offsets,
+            "itemsize": length,
+        }
     )
 
 
 @functools.cache
 def venue_of(publisher_id: int) -> str | None:
     """The venue (MIC) of a Databento publisher id, per databento_dbn's table; None if unknown."""
+    # The stubs type the enum members as str; the binding wants the enum members.
+    action: Any = dbn.Action.TRADE
+    side: Any = dbn.Side.NONE
     try:
         record = dbn.TradeMsg(
-            publisher_id=publisher_id, instrument_id=0, ts_event=0, price=0, size=0,
-            action=dbn.Action.TRADE, side=dbn.Side.NONE, depth=0, ts_recv=0,
+            publisher_id=publisher_id,
+            instrument_id=0,
+            ts_event=0,
+            price=0,
+            size=0,
+            action=action,
+            side=side,
+            depth=0,
+            ts_recv=0,
         )
     except (ValueError, OverflowError, TypeError):
         return None
@@ -253,7 +267,7 @@ def _open(stream: IO[bytes], compressed: bool) -> Any:
     source = _Prefixed(head, stream)
     if head == _ZSTD_MAGIC:
         return zstandard.ZstdDecompressor().stream_reader(
-            source, read_size=1 << 20, read_across_frames=True, closefd=False
+            cast(IO[bytes], source), read_size=1 << 20, read_across_frames=True, closefd=False
         )
     if compressed and head[:3] != b"DBN":
         raise DbnError("not a zstd-compressed DBN stream (no zstd frame header)")
@@ -367,7 +381,7 @@ def _symbol_mappings(data: bytes, meta: Any) -> list[tuple[int, str]]:
     except Exception as exc:
         raise DbnError(f"bad DBN symbol-mapping record: {exc}") from None
     out: list[tuple[int, str]] = []
-    for record in records:
+    for record in cast(list[Any], records):
         symbol = getattr(record, "stype_out_symbol", "") or getattr(record, "stype_in_symbol", "")
         out.append((int(record.instrument_id), str(symbol)))
     return out
@@ -406,7 +420,7 @@ def dbn_batches(
         raise DbnError(f"bad zstd data: {exc}") from None
 
 
-def _decode(buffer: bytes, meta: Any, batcher: _Batcher) -> Iterator[pa.RecordBatch]:
+def _decode(buffer: bytes, meta: Any, batcher: _Batcher) -> Generator[pa.RecordBatch, None, int]:
     """Hands the complete records of `buffer` to `batcher`; returns the bytes consumed."""
     u8 = np.frombuffer(buffer, dtype=np.uint8)
     end = len(buffer)

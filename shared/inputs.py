@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from shared.dbn import DBN_COLUMNS, DbnError, dbn_batches
 from shared.errors import PermanentError
 from shared.storage import Storage
 
@@ -154,11 +155,38 @@ def read_batches(
         yield from _parquet_batches(storage, file, columns, security, window, batch_rows, counter)
     elif file.format in ("csv", "csv.gz"):
         yield from _csv_batches(storage, file, columns, security, batch_rows, counter)
+    elif file.format in ("dbn", "dbn.zst"):
+        yield from _dbn_batches(storage, file, columns, security, batch_rows, counter)
     else:
         raise PermanentError(
             f"{storage.describe(file.key)}: {file.format} input is not supported by this "
             "version; convert it with `tickq ingest`"
         )
+
+
+def _dbn_batches(
+    storage: Storage,
+    file: InputFile,
+    columns: tuple[str, ...],
+    security: str | None,
+    batch_rows: int,
+    counter: ByteCounter | None,
+) -> Iterator[pa.RecordBatch]:
+    """DBN / zstd DBN through `shared.dbn` (which always yields every tickq column)."""
+    stream = _open_stream(storage, file)
+    try:
+        try:
+            compressed = file.format == "dbn.zst"
+            for batch in dbn_batches(stream, compressed=compressed, batch_rows=batch_rows):
+                batch = _filter_security(batch, security)
+                if batch.num_rows:
+                    yield batch.select([c for c in columns if c in DBN_COLUMNS])
+        except (DbnError, OSError, EOFError) as exc:
+            raise _unreadable(file, storage, exc) from None
+    finally:
+        if counter is not None:
+            counter.bytes += stream.tell() if file.format == "dbn" else file.size
+        stream.close()
 
 
 def _filter_security(batch: pa.RecordBatch, security: str | None) -> pa.RecordBatch:

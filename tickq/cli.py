@@ -425,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, metrics=False)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("ingest", help="rewrite raw monthly files into sorted, indexed Parquet for cheap jobs")
+    from tickq import ingest
+
+    ingest.add_arguments(p)
+    _common(p)
+    p.set_defaults(func=ingest.main)
+
     p = sub.add_parser("status", help="a run's ledger: expected, succeeded, dead, retrying, queued")
     from tickq import status
 

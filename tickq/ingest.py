@@ -88,8 +88,9 @@ DEFAULT_MAX_FILE_ROWS = 64 << 20  # rows per output Parquet file (~1 GB), whole 
 READ_BATCH_ROWS = 65_536
 MAX_OPEN_SPILLS = 256  # spill files kept open at once (least recently used are closed)
 # A bucket is sorted in memory when its rows take at most budget / SORT_FACTOR bytes: the
-# table, its sorted copy and the sort indices, with room for the writer and the read path.
-SORT_FACTOR = 3
+# table, the sort indices and one sorted column at a time (see `_sort_releasing`), with room
+# for the row group being written, allocator slack and an estimate of the row size that is off.
+SORT_FACTOR = 2
 COMPRESSION = "zstd"
 RANK = "_rank"
 _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
@@ -209,31 +210,34 @@ class _Spill:
 
     directory: Path
     segments: dict[int, list[Path]] = field(default_factory=dict)
-    open: OrderedDict[int, tuple[Any, ipc.RecordBatchStreamWriter]] = field(
+    writers: OrderedDict[int, tuple[Any, ipc.RecordBatchStreamWriter]] = field(
         default_factory=OrderedDict
     )
     bytes: int = 0
 
     def write(self, bucket: int, table: pa.Table) -> None:
-        if bucket in self.open:
-            self.open.move_to_end(bucket)
+        if bucket in self.writers:
+            self.writers.move_to_end(bucket)
         else:
-            if len(self.open) >= MAX_OPEN_SPILLS:
-                self._close(next(iter(self.open)))
+            if len(self.writers) >= MAX_OPEN_SPILLS:
+                self._close(next(iter(self.writers)))
             paths = self.segments.setdefault(bucket, [])
             path = self.directory / f"bucket-{bucket:06d}-{len(paths):04d}.arrow"
             paths.append(path)
             sink = pa.OSFile(str(path), "wb")
-            self.open[bucket] = (sink, ipc.new_stream(sink, _SPILL_SCHEMA, options=_ipc_options()))
-        self.open[bucket][1].write_table(table)
+            self.writers[bucket] = (
+                sink,
+                ipc.new_stream(sink, _SPILL_SCHEMA, options=_ipc_options()),
+            )
+        self.writers[bucket][1].write_table(table)
 
     def _close(self, bucket: int) -> None:
-        sink, writer = self.open.pop(bucket)
+        sink, writer = self.writers.pop(bucket)
         writer.close()
         sink.close()
 
     def close(self) -> None:
-        for bucket in list(self.open):
+        for bucket in list(self.writers):
             self._close(bucket)
         self.bytes = sum(p.stat().st_size for paths in self.segments.values() for p in paths)
 
@@ -261,12 +265,16 @@ def _spill_month(
 
     def flush() -> None:
         for bucket, parts in sorted(pending.items()):
-            spill.write(bucket, pa.concat_tables(parts).combine_chunks())
+            spill.write(bucket, pa.concat_tables(parts))  # one IPC batch per part: no copy
         pending.clear()
+        pa.default_memory_pool().release_unused()
 
     for file in files:
         for batch in read_batches(storage, file, ALL_COLUMNS, batch_rows=READ_BATCH_ROWS):
-            table, dated = _normalised(batch)
+            try:
+                table, dated = _normalised(batch)
+            except PermanentError as exc:  # e.g. a ts column of an unusable type
+                raise PermanentError(f"{storage.describe(file.key)}: {exc}") from None
             has_date = has_date or dated
             security = table.column("security")
             rank = pc.index_in(security, value_set=plan.securities)
@@ -301,6 +309,23 @@ def _spill_month(
 
 def _sort(table: pa.Table) -> pa.Table:
     return table.sort_by(_SORT_KEYS)  # nulls (of ts) sort last by default
+
+
+def _sort_releasing(holder: list[pa.Table]) -> pa.Table:
+    """The table in `holder` (which is emptied) sorted, column by column: each unsorted column
+    is released once taken, so the peak is one table plus one column, not two tables."""
+    table = holder.pop()
+    order = pc.sort_indices(table, sort_keys=_SORT_KEYS)
+    schema = table.schema
+    columns: list[pa.ChunkedArray | None] = list(table.columns)
+    del table
+    out = []
+    for i, column in enumerate(columns):
+        assert column is not None
+        columns[i] = None
+        out.append(column.take(order))
+        del column
+    return pa.Table.from_arrays(out, schema=schema)
 
 
 def _keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -341,20 +366,21 @@ class _Run:
         return True
 
 
-def _merge_sorted(
-    spill: _Spill, bucket: int, run_rows: int, directory: Path
-) -> Iterator[pa.Table]:
+def _merge_sorted(spill: _Spill, bucket: int, run_rows: int, directory: Path) -> Iterator[pa.Table]:
     """A bucket too large to sort at once: sorted runs of `run_rows`, then a k-way merge."""
     runs: list[Path] = []
     parts: list[pa.RecordBatch] = []
     have = 0
 
-    def write_run() -> None:
+    def write_run(batches: list[pa.RecordBatch]) -> None:
         path = directory / f"run-{bucket:06d}-{len(runs):04d}.arrow"
-        ordered = _sort(pa.Table.from_batches(parts, schema=_SPILL_SCHEMA))
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(
-            sink, _SPILL_SCHEMA, options=_ipc_options()
-        ) as writer:
+        holder = [pa.Table.from_batches(batches, schema=_SPILL_SCHEMA)]
+        batches.clear()
+        ordered = _sort_releasing(holder)
+        with (
+            pa.OSFile(str(path), "wb") as sink,
+            ipc.new_stream(sink, _SPILL_SCHEMA, options=_ipc_options()) as writer,
+        ):
             writer.write_table(ordered, max_chunksize=8192)
         runs.append(path)
 
@@ -362,17 +388,18 @@ def _merge_sorted(
         parts.append(batch)
         have += batch.num_rows
         if have >= run_rows:
-            write_run()
-            parts, have = [], 0
+            write_run(parts)
+            have = 0
     if parts:
-        write_run()
+        write_run(parts)
     spill.drop(bucket)
 
     def read(path: Path) -> Iterator[pa.RecordBatch]:
         with pa.OSFile(str(path), "rb") as source:
             yield from ipc.open_stream(source)
 
-    head_rows = max(8192, run_rows // max(1, len(runs)))
+    # The heads of all runs together hold a third of a run; a merged piece is at most that.
+    head_rows = max(8192, run_rows // (3 * max(1, len(runs))))
     empty = _SPILL_SCHEMA.empty_table()
     active = []
     for path in runs:
@@ -459,7 +486,8 @@ class _Output:
         full = self._carry_rows // self.row_group_rows * self.row_group_rows
         for start in range(0, full, self.row_group_rows):
             self._write_group(whole.slice(start, self.row_group_rows).combine_chunks())
-        rest = whole.slice(full)
+        # Copy the remainder, so that the (large) tables it came from can be released.
+        rest = whole.slice(full).take(pa.array(np.arange(self._carry_rows - full)))
         self._carry, self._carry_rows = ([rest] if rest.num_rows else []), rest.num_rows
 
     def close(self) -> list[_OutputFile]:
@@ -574,13 +602,15 @@ def _ingest_month(
     row_bytes = table_bytes / rows if rows else plan.row_bytes
     sort_rows = max(row_group_rows, int(budget / SORT_FACTOR / row_bytes))
     merged_buckets = 0
+    pool = pa.default_memory_pool()
     for bucket in range(plan.buckets):
         if plan.bucket_rows[bucket] <= sort_rows:
-            batches = list(spill.batches(bucket))
-            if batches:
-                out.append(_sort(pa.Table.from_batches(batches, schema=_SPILL_SCHEMA)))
-            del batches
+            holder = [pa.Table.from_batches(list(spill.batches(bucket)), schema=_SPILL_SCHEMA)]
             spill.drop(bucket)
+            table = _sort_releasing(holder)
+            out.append(table)
+            del table
+            pool.release_unused()
         else:
             merged_buckets += 1
             for piece in _merge_sorted(spill, bucket, sort_rows, work):

@@ -1,0 +1,262 @@
+"""`tickq ingest`: sorted, prunable Parquet plus an index, with exactly the rows of the input."""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import IO, Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from shared.inputs import ALL_COLUMNS, ByteCounter, month_files, normalise, read_batches
+from shared.storage import LocalStorage, open_storage
+from tickq.gen import generate
+from tickq.ingest import INDEX_NAME, add_arguments, ingest, main, read_index
+
+MONTH = "2024-03"
+RG = 8192
+
+
+def ingested_files(out: Path, month: str = MONTH) -> list[Path]:
+    return sorted((out / month).glob("part-*.parquet"))
+
+
+def read_normalised(root: Path, month: str = MONTH, security: str | None = None) -> pd.DataFrame:
+    """What a worker sees: every file of the month through read_batches + normalise."""
+    storage = open_storage(str(root))
+    frames = []
+    for file in month_files(storage, month):
+        for batch in read_batches(storage, file, ALL_COLUMNS, security=security, batch_rows=5000):
+            table, valid = normalise(batch, "Australia/Sydney")
+            frames.append(table.append_column("valid", valid).to_pandas())
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(list(frame.columns), ignore_index=True, na_position="last")
+
+
+def assert_sorted(out: Path) -> pa.Table:
+    table = pa.concat_tables(pq.read_table(p) for p in ingested_files(out))
+    keys = list(
+        zip(
+            table.column("security").to_pylist(),
+            pc.fill_null(table.column("ts").cast(pa.int64()), 2**63 - 1).to_pylist(),
+            strict=True,
+        )
+    )
+    non_null = [k for k in keys if k[0] is not None]
+    assert non_null == sorted(non_null)
+    assert all(k[0] is None for k in keys[len(non_null) :])  # null securities last
+    return table
+
+
+def assert_index_matches(out: Path, row_group_rows: int, month: str = MONTH) -> dict[str, Any]:
+    index = json.loads((out / month / INDEX_NAME).read_text())
+    assert index == read_index(open_storage(str(out)), month)
+    assert index["month"] == month and index["sorted_by"] == ["security", "ts"]
+    files = ingested_files(out, month)
+    assert [f["key"] for f in index["files"]] == [f"{month}/{p.name}" for p in files]
+    total = 0
+    for entry, path in zip(index["files"], files, strict=True):
+        parquet = pq.ParquetFile(path)
+        meta = parquet.metadata
+        assert entry["bytes"] == path.stat().st_size
+        assert entry["rows"] == meta.num_rows
+        assert len(entry["row_groups"]) == meta.num_row_groups
+        sec_i = parquet.schema_arrow.get_field_index("security")
+        ts_i = parquet.schema_arrow.get_field_index("ts")
+        data = path.read_bytes()
+        for i, group in enumerate(entry["row_groups"]):
+            rg = meta.row_group(i)
+            assert group["index"] == i and group["rows"] == rg.num_rows
+            assert rg.num_rows <= row_group_rows
+            if i < meta.num_row_groups - 1:
+                assert rg.num_rows == row_group_rows
+            sec, ts = rg.column(sec_i).statistics, rg.column(ts_i).statistics
+            assert (group["security_min"], group["security_max"]) == (sec.min, sec.max)
+            assert (group["ts_min_ns"], group["ts_max_ns"]) == (ts.min_raw, ts.max_raw)
+            assert group["ts_min"].endswith("Z")
+            starts = [
+                min(rg.column(j).data_page_offset, rg.column(j).dictionary_page_offset or 2**62)
+                for j in range(rg.num_columns)
+            ]
+            assert group["offset"] == min(starts)
+            end = max(s + rg.column(j).total_compressed_size for j, s in enumerate(starts))
+            assert group["offset"] + group["bytes"] == end <= len(data)
+            total += rg.num_rows
+    assert total == index["rows"]
+    return index
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv.gz"])
+def test_ingest_sorts_indexes_and_keeps_every_row(tmp_path: Path, fmt: str) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    gen = generate(str(raw), [MONTH], securities=25, rows=150_000, fmt=fmt, files_per_month=2)
+    # A 4 MiB budget forces several buckets (and the merge of the biggest security).
+    summary = ingest(str(raw), str(out), [MONTH], row_group_rows=RG, memory_budget_bytes=4 << 20)
+    info = summary["months"][MONTH]
+    assert info["rows"] == summary["rows"] == gen["rows"] == 150_000
+    assert info["buckets"] > 1 and info["merged_buckets"] >= 1
+    assert info["other_files"] == [] and info["input_files"] == 2
+
+    table = assert_sorted(out)
+    schema = pq.read_schema(ingested_files(out)[0])
+    assert schema.field("security").type == pa.string()  # not dictionary: prunable
+    assert schema.field("ts").type == pa.timestamp("ns", tz="UTC")
+    assert "trade_date" not in schema.names  # the raw data has none: workers derive it
+    assert table.num_rows == 150_000
+    assert_index_matches(out, RG)
+
+    # The same multiset of rows, as a worker normalises them (values, validity, dates).
+    pd.testing.assert_frame_equal(read_normalised(raw), read_normalised(out))
+
+    # ...and as pandas reads the raw file independently.
+    if fmt == "parquet":
+        raw_df = pd.concat(pd.read_parquet(p) for p in sorted((raw / MONTH).glob("*.parquet")))
+    else:
+        raw_df = pd.concat(
+            pd.read_csv(p, keep_default_na=False, na_values=[""])
+            for p in sorted((raw / MONTH).glob("*.csv.gz"))
+        )
+        raw_df["ts"] = pd.to_datetime(raw_df["ts"], utc=True, format="ISO8601")
+    cols = ["security", "ts", "price", "size", "side", "participant", "venue"]
+    want = raw_df[cols].sort_values(cols, ignore_index=True)
+    got = table.to_pandas()[cols].sort_values(cols, ignore_index=True)
+    want["ts"] = want["ts"].astype("datetime64[ns, UTC]")
+    pd.testing.assert_frame_equal(want, got, check_dtype=False)
+
+
+class CountingFile(io.FileIO):
+    """A local file that counts the bytes read from it (as the S3 range reader does)."""
+
+    bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        n = super().readinto(buffer) or 0
+        self.bytes_read += n
+        return n
+
+
+class CountingStorage(LocalStorage):
+    def open_read(self, key: str) -> IO[bytes]:
+        return CountingFile(self._path(key), "rb")
+
+
+def test_one_security_reads_a_small_part_of_the_ingested_file(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(str(raw), [MONTH], securities=40, rows=200_000, fmt="parquet")
+    ingest(str(raw), str(out), [MONTH], row_group_rows=RG)
+    (path,) = ingested_files(out)
+    counts = pq.read_table(path, columns=["security"]).column("security").value_counts()
+    # A security with about 1/40 of the rows (shares are Zipf-like).
+    by_rows = sorted((c["counts"], c["values"]) for c in counts.to_pylist())
+    share, security = by_rows[len(by_rows) // 2]
+    assert share < 0.05 * 200_000
+
+    def read(root: Path) -> tuple[int, int]:
+        storage = CountingStorage(root)
+        counter = ByteCounter()
+        rows = 0
+        for file in month_files(storage, MONTH):
+            for batch in read_batches(
+                storage, file, ALL_COLUMNS, security=security, counter=counter
+            ):
+                rows += batch.num_rows
+        return rows, counter.bytes
+
+    raw_rows, raw_bytes = read(raw)
+    rows, read_bytes = read(out)
+    assert rows == raw_rows > 0
+    size = path.stat().st_size
+    assert read_bytes < 0.1 * size, (read_bytes, size)
+    assert read_bytes < 0.1 * raw_bytes, (read_bytes, raw_bytes)
+
+
+def test_bad_rows_are_kept_as_the_worker_would_reject_them(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    lines = [
+        "ts,security,price,size,side,participant,venue,trade_date,extra",
+        "2024-03-04T00:00:01Z,BHP,10.5,100,b,P1,CP,,x",
+        "2024-03-04T00:00:02Z,BHP,,100,S,,TM,,x",  # null price
+        "2024-03-04T00:00:03Z,BHP,abc,1.5,SELL,P1,,2024-03-05,x",  # bad price and size
+        "2024-03-04T00:00:04Z,,10,5,A,P2,CP,,x",  # empty security -> null in CSV
+        "not a time,CBA,10,5,BUY,P2,CP,garbage,x",  # bad ts
+        "1709510400000000000,CBA,-1,5,X,P3,CP,2024-03-01,x",  # integer ns; price <= 0
+        "2024-03-04 10:00:00,AAA,1e3,100.0,s,P3,TM,,x",  # naive ts = UTC; size 100.0 is 100
+    ]
+    (raw / MONTH).mkdir(parents=True)
+    with gzip.open(raw / MONTH / "a.csv.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    summary = ingest(str(raw), str(out), [MONTH], row_group_rows=3)
+    assert summary["rows"] == 7
+    table = assert_sorted(out)
+    assert "trade_date" in table.schema.names and "extra" not in table.schema.names
+    assert table.column("security").to_pylist()[-1] is None
+    assert_index_matches(out, 3)
+    before, after = read_normalised(raw), read_normalised(out)
+    pd.testing.assert_frame_equal(before, after)
+    assert before["valid"].sum() == 2
+
+
+def test_reingest_replaces_parts_and_empty_month(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(str(raw), [MONTH], securities=5, rows=30_000, fmt="csv")
+    first = ingest(str(raw), str(out), [MONTH], row_group_rows=1000, max_file_rows=8000)
+    assert len(first["months"][MONTH]["files"]) == 4
+    assert_index_matches(out, 1000)
+    (out / MONTH / "notes.csv").write_text("ts,security,price,size\n")
+    second = ingest(str(raw), str(out), [MONTH], row_group_rows=RG)
+    info = second["months"][MONTH]
+    assert len(info["files"]) == 1 and len(info["removed"]) == 3
+    assert info["other_files"] == [str(out / MONTH / "notes.csv")]
+    assert len(ingested_files(out)) == 1
+    assert_index_matches(out, RG)
+
+    generate(str(raw), ["2024-04"], securities=5, rows=0, fmt="parquet")
+    empty = ingest(str(raw), str(out), ["2024-04"])
+    assert empty["rows"] == 0
+    assert pq.read_table(ingested_files(out, "2024-04")[0]).num_rows == 0
+    assert assert_index_matches(out, RG, "2024-04")["rows"] == 0
+
+
+def test_cli_main_and_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(str(raw), [MONTH, "2024-04"], securities=5, rows=5000, fmt="parquet")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--input", str(raw), "--output", str(out), "--months", "2024-03..2024-04", "--json",
+         "--row-group-rows", "1000"]
+    )  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 10_000 and set(summary["months"]) == {MONTH, "2024-04"}
+    assert_index_matches(out, 1000, "2024-04")
+    with pytest.raises(ValueError, match="differ"):
+        ingest(str(raw), str(raw), [MONTH])
+
+
+def test_many_buckets_with_few_open_spill_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spill writers closed and reopened (new segments) still give every row, sorted."""
+    import tickq.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "MAX_OPEN_SPILLS", 2)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(str(raw), [MONTH], securities=60, rows=80_000, fmt="parquet")
+    summary = ingest(str(raw), str(out), [MONTH], row_group_rows=2048, memory_budget_bytes=1 << 20)
+    assert summary["months"][MONTH]["buckets"] >= 10
+    assert assert_sorted(out).num_rows == 80_000
+    assert_index_matches(out, 2048)
+    pd.testing.assert_frame_equal(read_normalised(raw), read_normalised(out))

@@ -1,66 +1,193 @@
 """Publishing jobs with publisher confirms, a window of them in flight at once.
 
 Waiting for each confirm in turn is bound by the broker's fsync (a few hundred messages a
-second on a quorum queue); keeping a window of unconfirmed publishes in flight lets the
-broker batch its writes. A publish that is not confirmed (nacked, returned, or lost with the
-connection) is published again: a duplicate job is harmless, a lost one is not.
+second on a quorum queue); keeping a window of unconfirmed publishes in flight lets the broker
+batch its writes. The publisher runs pika's `SelectConnection` event loop (callbacks, no
+per-message task or future), which keeps Python's share per message at a few microseconds.
+
+A publish that is not confirmed (nacked, or lost with the connection) is published again, on a
+new connection if need be: a duplicate job is harmless, a lost one is not. A message the broker
+returns as unroutable (the queue is gone) fails the whole publish.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
+import collections
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
-import aio_pika
+import pika
+from pika.adapters.select_connection import SelectConnection
 
-from shared.errors import TransientError, one_line
-from shared.messages import JobMessage
+from shared.errors import TransientError, redact
 from shared.metrics import get_logger
 
 DEFAULT_WINDOW = 1000
-PUBLISH_TRIES = 5
+RECONNECT_TRIES = 8
 
 
-async def publish_jobs(channel: Any, queue: str, jobs: Iterable[JobMessage], window: int = DEFAULT_WINDOW) -> int:
-    """Publish every job to `queue` (through the default exchange); returns the count.
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish through the default exchange."""
 
-    Raises `TransientError` when a job could not be confirmed after several tries.
-    """
-    log = get_logger()
-    exchange = channel.default_exchange
-    in_flight: set[asyncio.Task[None]] = set()
-    published = 0
+    routing_key: str
+    body: bytes
+    message_id: str
 
-    async def publish_one(job: JobMessage) -> None:
-        message = aio_pika.Message(
-            job.to_body(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=job.job_id,
+
+def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
+    """pika parameters for a tickq broker URL (TLS with the system trust store for amqps)."""
+    params = pika.URLParameters(amqp_url)
+    parsed = urlparse(amqp_url)
+    if parsed.scheme == "amqps":
+        params.ssl_options = pika.SSLOptions(ssl.create_default_context(), parsed.hostname)
+    params.client_properties = {"connection_name": name}
+    params.heartbeat = 30
+    params.blocked_connection_timeout = 60
+    return params
+
+
+class ConfirmedPublisher:
+    """Publishes an iterable of messages, keeping at most `window` unconfirmed."""
+
+    def __init__(self, params: pika.URLParameters, window: int = DEFAULT_WINDOW) -> None:
+        self._params = params
+        self._window = window
+        self._log = get_logger()
+        self._source: Iterator[Outgoing] = iter(())
+        self._again: collections.deque[Outgoing] = collections.deque()
+        self._unconfirmed: dict[int, Outgoing] = {}
+        self._next_tag = 1
+        self._confirmed = 0
+        self._returned: list[str] = []
+        self._exhausted = False
+        self._failure: BaseException | None = None
+        self._connection: SelectConnection | None = None
+        self._channel: Any = None
+        self._closing = False
+
+    def publish_all(self, messages: Iterable[Outgoing]) -> int:
+        """Publish every message; returns how many were confirmed.
+
+        Raises `TransientError` when the broker stays unreachable or returns a message.
+        """
+        self._source = iter(messages)
+        for attempt in range(1, RECONNECT_TRIES + 1):
+            self._run_connection()
+            if self._failure is not None:
+                raise self._failure
+            if self._done():
+                return self._confirmed
+            # The connection dropped: publish everything unconfirmed again on a new one.
+            self._again.extendleft(reversed(list(self._unconfirmed.values())))
+            self._unconfirmed.clear()
+            self._log.warning("publish.reconnect", attempt=attempt, pending=len(self._again))
+            time.sleep(min(0.5 * 2**attempt, 10.0))
+        raise TransientError(f"the broker at {redact(self._params_url())} kept dropping the connection")
+
+    def _params_url(self) -> str:
+        return f"amqp://{self._params.host}:{self._params.port}/"
+
+    def _done(self) -> bool:
+        return self._exhausted and not self._again and not self._unconfirmed
+
+    def _run_connection(self) -> None:
+        self._closing = False
+        self._next_tag = 1
+        self._connection = SelectConnection(
+            self._params,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_close,
         )
-        for attempt in range(1, PUBLISH_TRIES + 1):
-            try:
-                await exchange.publish(message, routing_key=queue, mandatory=True)
-                return
-            except Exception as exc:
-                if attempt == PUBLISH_TRIES:
-                    raise TransientError(
-                        f"job {job.job_id} was not confirmed by the broker after {attempt} tries: {one_line(exc)}"
-                    ) from None
-                log.warning("publish.retry", job_id=job.job_id, attempt=attempt, error=one_line(exc))
-                await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        self._connection.ioloop.start()
 
-    for job in jobs:
-        if len(in_flight) >= window:
-            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            in_flight -= done
-            for task in done:
-                task.result()
-        in_flight.add(asyncio.create_task(publish_one(job)))
-        published += 1
-    if in_flight:
-        done, _ = await asyncio.wait(in_flight)
-        for task in done:
-            task.result()
-    return published
+    # -- callbacks (all on the ioloop) --------------------------------------------------
+
+    def _on_open(self, connection: SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel)
+
+    def _on_open_error(self, connection: SelectConnection, error: BaseException) -> None:
+        connection.ioloop.stop()
+
+    def _on_close(self, connection: SelectConnection, reason: BaseException) -> None:
+        connection.ioloop.stop()
+
+    def _on_channel(self, channel: Any) -> None:
+        self._channel = channel
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _: self._pump())
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if not self._closing and self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._returned.append(str(properties.message_id))
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        tags = [t for t in self._unconfirmed if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        nacked = isinstance(method, pika.spec.Basic.Nack)
+        for tag in tags:
+            message = self._unconfirmed.pop(tag, None)
+            if message is None:
+                continue
+            if nacked:
+                self._again.append(message)
+            else:
+                self._confirmed += 1
+        if self._returned:
+            self._failure = TransientError(
+                f"the broker returned {len(self._returned)} job(s) as unroutable (first: {self._returned[0]}); "
+                "is the job queue declared?"
+            )
+            self._finish()
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Publish until the window is full or nothing is left; close when all confirmed."""
+        while len(self._unconfirmed) < self._window:
+            message = self._take()
+            if message is None:
+                break
+            self._channel.basic_publish(
+                "",
+                message.routing_key,
+                message.body,
+                pika.BasicProperties(
+                    content_type="application/json", delivery_mode=2, message_id=message.message_id
+                ),
+                mandatory=True,
+            )
+            self._unconfirmed[self._next_tag] = message
+            self._next_tag += 1
+        if self._done():
+            self._finish()
+
+    def _take(self) -> Outgoing | None:
+        if self._again:
+            return self._again.popleft()
+        if self._exhausted:
+            return None
+        message = next(self._source, None)
+        if message is None:
+            self._exhausted = True
+        return message
+
+    def _finish(self) -> None:
+        self._closing = True
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+
+def publish_confirmed(amqp_url: str, messages: Iterable[Outgoing], name: str, window: int = DEFAULT_WINDOW) -> int:
+    """Publish `messages` with a window of outstanding confirms; returns the count confirmed."""
+    publisher = ConfirmedPublisher(connection_parameters(amqp_url, name), window)
+    return publisher.publish_all(messages)

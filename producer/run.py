@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import secrets
@@ -12,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from producer.discover import MonthDiscovery, discover_month
-from producer.publish import publish_jobs
+from producer.publish import Outgoing, publish_confirmed
 from shared.broker import connect
 from shared.errors import ConfigError, PermanentError
 from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys, succeeded_keys
@@ -190,13 +191,16 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
     topology = Topology(settings.namespace)
     connection = await connect(settings, f"tickq-producer {request.run_id}")
     try:
-        channel = await connection.channel(publisher_confirms=True)
+        channel = await connection.channel()
         await declare(channel, topology)
-        publish_started = time.perf_counter()
-        result.published = await publish_jobs(channel, topology.jobs, _messages(request, todo))
-        elapsed = time.perf_counter() - publish_started
     finally:
         await connection.close()
+    outgoing = (Outgoing(topology.jobs, m.to_body(), m.job_id) for m in _messages(request, todo))
+    publish_started = time.perf_counter()
+    result.published = await asyncio.get_running_loop().run_in_executor(
+        None, publish_confirmed, settings.amqp_url, outgoing, f"tickq-producer {request.run_id}"
+    )
+    elapsed = time.perf_counter() - publish_started
     log.info(
         "produce.published",
         jobs=result.jobs,

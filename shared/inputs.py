@@ -10,9 +10,10 @@ pyarrow compute; no per-row Python on the normal path.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import io
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 from zoneinfo import ZoneInfo
@@ -140,23 +141,25 @@ def read_batches(
     file: InputFile,
     columns: tuple[str, ...],
     *,
-    security: str | None = None,
+    security: str | Collection[str] | None = None,
     window: DayWindow | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     counter: ByteCounter | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of `file` holding the wanted `columns` that exist in it.
 
-    With `security`, only that security's rows come out (and Parquet row groups whose
-    statistics exclude it, or exclude `window`, are skipped without being read). Required
-    columns that the file lacks raise `PermanentError`; unreadable files raise it too.
+    With `security` (one code or several), only those securities' rows come out, and
+    Parquet row groups whose statistics exclude them, or exclude `window`, are skipped
+    without being read. Required columns that the file lacks raise `PermanentError`;
+    unreadable files raise it too.
     """
+    wanted = _wanted(security)
     if file.format == "parquet":
-        yield from _parquet_batches(storage, file, columns, security, window, batch_rows, counter)
+        yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter)
     elif file.format in ("csv", "csv.gz"):
-        yield from _csv_batches(storage, file, columns, security, batch_rows, counter)
+        yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter)
     elif file.format in ("dbn", "dbn.zst"):
-        yield from _dbn_batches(storage, file, columns, security, batch_rows, counter)
+        yield from _dbn_batches(storage, file, columns, wanted, batch_rows, counter)
     else:
         raise PermanentError(
             f"{storage.describe(file.key)}: {file.format} input is not supported by this "
@@ -168,7 +171,7 @@ def _dbn_batches(
     storage: Storage,
     file: InputFile,
     columns: tuple[str, ...],
-    security: str | None,
+    wanted: tuple[str, ...] | None,
     batch_rows: int,
     counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
@@ -178,7 +181,7 @@ def _dbn_batches(
         try:
             compressed = file.format == "dbn.zst"
             for batch in dbn_batches(stream, compressed=compressed, batch_rows=batch_rows):
-                batch = _filter_security(batch, security)
+                batch = _filter_security(batch, wanted)
                 if batch.num_rows:
                     yield batch.select([c for c in columns if c in DBN_COLUMNS])
         except (DbnError, OSError, EOFError) as exc:
@@ -189,20 +192,28 @@ def _dbn_batches(
         stream.close()
 
 
-def _filter_security(batch: pa.RecordBatch, security: str | None) -> pa.RecordBatch:
-    if security is None or batch.num_rows == 0:
+def _wanted(security: str | Collection[str] | None) -> tuple[str, ...] | None:
+    """The wanted securities, sorted (None: all of them)."""
+    if security is None:
+        return None
+    return (security,) if isinstance(security, str) else tuple(sorted(set(security)))
+
+
+def _filter_security(batch: pa.RecordBatch, wanted: tuple[str, ...] | None) -> pa.RecordBatch:
+    if wanted is None or batch.num_rows == 0:
         return batch
     column = batch.column("security")
     if not pa.types.is_string(column.type):
         column = column.cast(pa.string())
-    return batch.filter(pc.fill_null(pc.equal(column, security), False))
+    match = pc.equal(column, wanted[0]) if len(wanted) == 1 else pc.is_in(column, value_set=pa.array(wanted))
+    return batch.filter(pc.fill_null(match, False))
 
 
 def _parquet_batches(
     storage: Storage,
     file: InputFile,
     columns: tuple[str, ...],
-    security: str | None,
+    wanted: tuple[str, ...] | None,
     window: DayWindow | None,
     batch_rows: int,
     counter: ByteCounter | None,
@@ -219,15 +230,15 @@ def _parquet_batches(
         missing = [c for c in REQUIRED_COLUMNS if c in columns and c not in names]
         if missing:
             raise _missing(file, storage, missing)
-        wanted = [c for c in columns if c in names]
-        groups = _row_groups_to_read(parquet, security, window)
+        present = [c for c in columns if c in names]
+        groups = _row_groups_to_read(parquet, wanted, window)
         if not groups:
             return
         try:
             for batch in parquet.iter_batches(
-                batch_size=batch_rows, row_groups=groups, columns=wanted, use_threads=False
+                batch_size=batch_rows, row_groups=groups, columns=present, use_threads=False
             ):
-                batch = _filter_security(batch, security)
+                batch = _filter_security(batch, wanted)
                 if batch.num_rows:
                     yield batch
         except (pa.ArrowException, OSError) as exc:
@@ -245,12 +256,12 @@ def _stat_range(stats: Any) -> tuple[Any, Any] | None:
 
 
 def _row_groups_to_read(
-    parquet: pq.ParquetFile, security: str | None, window: DayWindow | None
+    parquet: pq.ParquetFile, wanted: tuple[str, ...] | None, window: DayWindow | None
 ) -> list[int]:
-    """Row groups whose statistics may hold rows of `security` within `window`."""
+    """Row groups whose statistics may hold rows of the `wanted` securities within `window`."""
     meta = parquet.metadata
     schema = parquet.schema_arrow
-    sec_idx = schema.get_field_index("security") if security is not None else -1
+    sec_idx = schema.get_field_index("security") if wanted is not None else -1
     # A file that carries its own trade_date may assign rows to days their ts does not
     # suggest, so ts statistics can only prune when the date is derived from ts.
     derives_date = "trade_date" not in schema.names
@@ -266,7 +277,9 @@ def _row_groups_to_read(
             bounds = _stat_range(group.column(sec_idx).statistics)
             if bounds is not None:
                 low, high = (b.decode() if isinstance(b, bytes) else b for b in bounds)
-                if security is not None and not (low <= security <= high):
+                # Any wanted security within [low, high]? (`wanted` is sorted.)
+                first = bisect.bisect_left(wanted, low) if wanted is not None else 0
+                if wanted is not None and (first == len(wanted) or wanted[first] > high):
                     continue
         if ts_scale and window is not None:
             stats = group.column(ts_idx).statistics
@@ -289,7 +302,7 @@ def _csv_batches(
     storage: Storage,
     file: InputFile,
     columns: tuple[str, ...],
-    security: str | None,
+    wanted: tuple[str, ...] | None,
     batch_rows: int,
     counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
@@ -328,7 +341,7 @@ def _csv_batches(
         present = [c for c in columns if not pa.types.is_null(reader.schema.field(c).type)]
         try:
             for batch in reader:
-                batch = _filter_security(batch.select(present), security)
+                batch = _filter_security(batch.select(present), wanted)
                 # CSV blocks can be large; hand them on in bounded slices.
                 for offset in range(0, batch.num_rows, batch_rows):
                     yield batch.slice(offset, batch_rows)

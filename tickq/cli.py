@@ -28,6 +28,8 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INCOMPLETE = 3
 DEFAULT_HEARTBEAT_FILE = "/tmp/tickq/heartbeat"
+# Enough prefetched jobs for batches of ~32 jobs per execution slot, two batches deep.
+DEFAULT_PREFETCH_PER_SLOT = 64
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         retry_delays_s=settings.retry_delays_s,
         max_attempts=args.max_attempts,
         crash_budget=args.crash_budget,
-        prefetch=args.prefetch or concurrency * 2,
+        prefetch=args.prefetch or DEFAULT_PREFETCH_PER_SLOT * concurrency,
         max_jobs=args.max_jobs,
         idle_exit_s=args.idle_exit,
         shutdown_timeout_s=args.shutdown_timeout,
@@ -376,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="consume and compute jobs")
     p.add_argument("--concurrency", default="auto", help="jobs at once, or 'auto' (CPUs and memory)")
-    p.add_argument("--prefetch", type=_positive_int, help="unacked jobs held (default 2 x concurrency)")
+    p.add_argument("--prefetch", type=_positive_int,
+                   help=f"unacked jobs held; jobs of one month among them share a pass over its input "
+                        f"(default {DEFAULT_PREFETCH_PER_SLOT} x concurrency)")
     p.add_argument("--max-jobs", type=_positive_int, help="exit after this many jobs")
     p.add_argument("--idle-exit", type=_seconds, help="exit after this many idle seconds")
     p.add_argument("--shutdown-timeout", type=_seconds, default=120.0,

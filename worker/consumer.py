@@ -28,7 +28,7 @@ import socket
 import time
 import traceback
 from collections.abc import Awaitable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,6 @@ from typing import Any
 import aio_pika
 import psutil
 from aio_pika.abc import AbstractIncomingMessage
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from shared.broker import connect
 from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient, one_line, redact
@@ -48,11 +47,12 @@ from shared.observability import HealthServer, LivenessProbe, WorkerMetrics
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
-from worker.job import JobOutcome, MonthListings, execute_isolated, execute_job
+from worker.batcher import HandedBack, JobBatcher
+from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
-IN_PROCESS_TRIES = 3
+ISOLATE_AFTER_DELIVERIES = 2
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,9 @@ class Worker:
         self.log = get_logger(worker=self.identity)
         self.stats = _Stats()
         self._listings = MonthListings()
-        self._pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="tickq-job")
-        self._slots = asyncio.Semaphore(options.concurrency)
+        self._batcher = JobBatcher(
+            self._execute_batch, options.concurrency, max(1, options.prefetch // (2 * options.concurrency))
+        )
         self._stopping = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._process = psutil.Process()
@@ -167,18 +168,20 @@ class Worker:
                 prefetch=self.options.prefetch,
                 broker=self.settings.safe_amqp_url,
             )
+            self._batcher.start()
             tag = await queue.consume(self._on_message)
             housekeeping = asyncio.create_task(self._housekeeping())
             await self._stopping.wait()
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+            self._batcher.stop()
             await self._drain()
             self._drained = True
             housekeeping.cancel()
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._batcher.shutdown()
             if self._health is not None:
                 self._health.stop()
         self.log.info(
@@ -238,19 +241,20 @@ class Worker:
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
         self.stats.last_activity = time.monotonic()
-        async with self._slots:
-            if self._stopping.is_set():
-                await self._hand_back(message)
-                return
-            self.stats.in_flight += 1
+        if self._stopping.is_set():
+            await self._hand_back(message)
+            return
+        self.stats.in_flight += 1
+        self.metrics.in_flight(self.stats.in_flight)
+        try:
+            handled = await self._handle(message)
+        finally:
+            self.stats.in_flight -= 1
             self.metrics.in_flight(self.stats.in_flight)
-            try:
-                await self._handle(message)
-            finally:
-                self.stats.in_flight -= 1
-                self.metrics.in_flight(self.stats.in_flight)
-                self.stats.done += 1
-                self.stats.last_activity = time.monotonic()
+            self.stats.last_activity = time.monotonic()
+        if not handled:
+            return
+        self.stats.done += 1
         if self.options.max_jobs is not None and self.stats.done >= self.options.max_jobs:
             self.stop("max-jobs")
 
@@ -268,13 +272,14 @@ class Worker:
         else:
             await self._settle(message.nack(requeue=True), "requeue on shutdown")
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage) -> bool:
+        """Settle one delivery; False when it was handed back unstarted."""
         started = time.perf_counter()
         try:
             job = parse_job(message.body)
         except PoisonError as exc:
             await self._dead_letter(message, None, ErrorClass.POISON, exc, started)
-            return
+            return True
         log = self.log.bind(run_id=job.run_id, job_id=job.job_id)
         deliveries = _delivery_count(message)
         crashes = _header_int(message, "x-tickq-crashes")
@@ -283,20 +288,24 @@ class Worker:
                 f"job was delivered {deliveries + crashes + 1} times without finishing: its worker died each time"
             )
             await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
-            return
+            return True
         attempt = _attempts(message) + 1
-        # A job delivered before without being settled may be what killed its last worker:
-        # run it in a child process, so that if it kills again only it is blamed.
-        suspect = deliveries > 0 or crashes > 0
+        # A job that was in hand when two workers died may be what killed them: run it in a
+        # child process, so that if it kills again only it is blamed. (One death is most
+        # often someone else's job: those run as usual, with their month's batch.)
+        suspect = deliveries >= ISOLATE_AFTER_DELIVERIES or crashes > 0
         log.info("job.started", attempt=attempt, deliveries=deliveries + 1, isolated=suspect)
         try:
             if suspect:
                 outcome = await self._execute_isolated(message.body)
             else:
-                outcome = await asyncio.get_running_loop().run_in_executor(self._pool, self._execute, job)
+                outcome = await self._batcher.run_job(job)
+        except HandedBack:
+            await self._hand_back(message)
+            return False
         except BrokenProcessPool:
             await self._requeue_after_crash(message, job, crashes + 1, started)
-            return
+            return True
         except Exception as exc:  # classified below; nothing escapes the handler
             if is_transient(exc):
                 if attempt >= self.options.max_attempts:
@@ -305,7 +314,7 @@ class Worker:
                     await self._retry_later(message, job, attempt, exc, started)
             else:
                 await self._dead_letter(message, job, ErrorClass.PERMANENT, exc, started)
-            return
+            return True
         event = JobEvent(
             type="job.succeeded",
             run_id=job.run_id,
@@ -322,7 +331,7 @@ class Worker:
         publish_start = time.perf_counter()
         if not await self._publish(self._events, event.to_body(), "job.succeeded", job.job_id, {}):
             await self._settle(message.nack(requeue=True), "requeue after failed event publish")
-            return
+            return True
         outcome.time("publish", time.perf_counter() - publish_start)
         ack_start = time.perf_counter()
         acked = await self._settle(message.ack(), "ack")
@@ -330,24 +339,17 @@ class Worker:
         if acked:
             self.stats.succeeded += 1
         self._log_job(log, "succeeded", outcome, started, attempt)
+        return True
 
-    def _execute(self, job: JobMessage) -> JobOutcome:
-        """Runs on a worker thread: short jittered retries absorb blips before queue retries."""
-        for attempt in Retrying(
-            stop=stop_after_attempt(IN_PROCESS_TRIES),
-            wait=wait_random_exponential(multiplier=0.2, max=2.0),
-            retry=retry_if_exception(is_transient),
-            reraise=True,
-        ):
-            with attempt:
-                return execute_job(
-                    job,
-                    s3_endpoint_url=self.settings.s3_endpoint_url,
-                    worker_id=self.identity,
-                    listings=self._listings,
-                    batch_rows=self.options.batch_rows,
-                )
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _execute_batch(self, jobs: list[JobMessage]) -> list[BatchResult]:
+        """Runs on a worker thread: one pass over the month serves the whole batch."""
+        return execute_batch(
+            jobs,
+            s3_endpoint_url=self.settings.s3_endpoint_url,
+            worker_id=self.identity,
+            listings=self._listings,
+            batch_rows=self.options.batch_rows,
+        )
 
     async def _execute_isolated(self, body: bytes) -> JobOutcome:
         """Run a suspect job in a fresh child process (spawned: no inherited threads)."""

@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, month_files, normalise, read_batches
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobMessage, JobParams
-from shared.processors import JobContext, get_processor
+from shared.processors import JobAccumulator, JobContext, get_processor
 from shared.storage import Storage, open_storage
 from worker.chaos import maybe_kill
 
@@ -108,48 +109,245 @@ def run_filter_mask(rows: pa.Table, params: JobParams) -> pa.Array | None:
     return pc.fill_null(mask, False)
 
 
-def _job_rows(
-    job: JobMessage, storage: Storage, files: list[InputFile], outcome: JobOutcome, batch_rows: int
-) -> Iterator[pa.Table]:
-    """The job's accepted rows after the run's filters, batch by batch; counts as it goes."""
-    params = job.params
-    window = DayWindow.of(job.trade_date, params.market_tz)
-    day = pa.scalar(job.trade_date, pa.date32())
+@dataclass(frozen=True)
+class BatchKey:
+    """Jobs that can share one pass over their month: same run, input, month and parameters."""
+
+    run_id: str
+    input: str
+    output: str
+    month: str
+    processor: str
+    params: str
+
+    @classmethod
+    def of(cls, job: JobMessage) -> BatchKey:
+        """The batch a job belongs to."""
+        return cls(job.run_id, job.input, job.output, job.month, job.processor, job.params.model_dump_json())
+
+
+class _Slots:
+    """Maps rows to the jobs of a batch by (security, trade_date), vectorised."""
+
+    def __init__(self, jobs: list[JobMessage]) -> None:
+        self.securities = pa.array(sorted({j.security for j in jobs}))
+        self.dates = pa.array(sorted({j.trade_date for j in jobs}), pa.date32())
+        sec_pos = {s: i for i, s in enumerate(self.securities.to_pylist())}
+        date_pos = {d: i for i, d in enumerate(self.dates.to_pylist())}
+        self.table = np.full((len(sec_pos), len(date_pos)), -1, dtype=np.int64)
+        for slot, job in enumerate(jobs):
+            self.table[sec_pos[job.security], date_pos[job.trade_date]] = slot
+        self.count = len(jobs)
+
+    def of(self, rows: pa.Table) -> np.ndarray:
+        """Each row's job slot, -1 for rows of no job in the batch."""
+        sec = pc.index_in(rows.column("security"), value_set=self.securities)
+        day = pc.index_in(rows.column("trade_date"), value_set=self.dates)
+        sec_i = sec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        day_i = day.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        known = (sec_i >= 0) & (day_i >= 0)
+        slots = np.full(len(sec_i), -1, dtype=np.int64)
+        slots[known] = self.table[sec_i[known], day_i[known]]
+        return slots
+
+    def counts(self, slots: np.ndarray) -> np.ndarray:
+        """Rows per slot."""
+        return np.bincount(slots[slots >= 0], minlength=self.count)
+
+
+def _split_by_slot(rows: pa.Table, slots: np.ndarray) -> Iterator[tuple[int, pa.Table]]:
+    """Contiguous per-job slices of `rows` (every slot >= 0)."""
+    order = np.argsort(slots, kind="stable")
+    ordered = rows.take(pa.array(order))
+    sorted_slots = slots[order]
+    bounds = np.flatnonzero(np.diff(sorted_slots)) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [len(sorted_slots)]))
+    for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield int(sorted_slots[begin]), ordered.slice(begin, end - begin)
+
+
+def _batch_window(jobs: list[JobMessage]) -> DayWindow:
+    tz = jobs[0].params.market_tz
+    first = DayWindow.of(min(j.trade_date for j in jobs), tz)
+    last = DayWindow.of(max(j.trade_date for j in jobs), tz)
+    return DayWindow(first.start_ns, last.end_ns)
+
+
+def _compute(
+    jobs: list[JobMessage],
+    source: Storage,
+    files: list[InputFile],
+    accumulators: list[JobAccumulator],
+    outcomes: list[JobOutcome],
+    batch_rows: int,
+) -> None:
+    """One pass over the month's files serves every job of the batch."""
+    params = jobs[0].params
+    slots_of = _Slots(jobs)
+    share = 1.0 / len(jobs)
+    bytes_in = 0
+    stage = {"read": 0.0, "filter": 0.0, "compute": 0.0}
     for file in files:
         counter = ByteCounter()
         batches = read_batches(
-            storage, file, ALL_COLUMNS, security=job.security, window=window,
+            source, file, ALL_COLUMNS, security=[j.security for j in jobs], window=_batch_window(jobs),
             batch_rows=batch_rows, counter=counter,
         )
-        outcome.files += 1
         while True:
             start = time.perf_counter()
             batch = next(batches, None)
-            outcome.time("read", time.perf_counter() - start)
+            stage["read"] += time.perf_counter() - start
             if batch is None:
                 break
             start = time.perf_counter()
             rows, valid = normalise(batch, params.market_tz)
-            in_job = pc.fill_null(pc.equal(rows.column("trade_date"), day), False)
-            read = pc.sum(in_job).as_py() or 0
-            if not read:
-                outcome.time("filter", time.perf_counter() - start)
+            slots = slots_of.of(rows)
+            valid_np = valid.to_numpy(zero_copy_only=False)
+            in_jobs = slots >= 0
+            read = slots_of.counts(slots)
+            rejected = slots_of.counts(np.where(valid_np, -1, slots))
+            keep = in_jobs & valid_np
+            mask = run_filter_mask(rows, params)
+            if mask is not None:
+                passed = mask.to_numpy(zero_copy_only=False)
+                filtered = slots_of.counts(np.where(keep & ~passed, slots, -1))
+                keep &= passed
+            else:
+                filtered = np.zeros(len(jobs), dtype=np.int64)
+            accepted = slots_of.counts(np.where(keep, slots, -1))
+            for i, outcome in enumerate(outcomes):
+                outcome.rows_read += int(read[i])
+                outcome.rows_rejected += int(rejected[i])
+                outcome.rows_filtered += int(filtered[i])
+                outcome.rows_accepted += int(accepted[i])
+            stage["filter"] += time.perf_counter() - start
+            if not keep.any():
                 continue
-            accepted = pc.and_(in_job, valid)
-            n_accepted = pc.sum(accepted).as_py() or 0
-            outcome.rows_read += read
-            outcome.rows_rejected += read - n_accepted
-            rows = rows.filter(accepted)
-            keep = run_filter_mask(rows, params)
-            if keep is not None:
-                before = rows.num_rows
-                rows = rows.filter(keep)
-                outcome.rows_filtered += before - rows.num_rows
-            outcome.rows_accepted += rows.num_rows
-            outcome.time("filter", time.perf_counter() - start)
-            if rows.num_rows:
-                yield rows
-        outcome.bytes_in += counter.bytes
+            start = time.perf_counter()
+            kept = rows.filter(pa.array(keep))
+            for slot, part in _split_by_slot(kept, slots[keep]):
+                accumulators[slot].add(part)
+            stage["compute"] += time.perf_counter() - start
+        bytes_in += counter.bytes
+    for outcome in outcomes:
+        outcome.files = len(files)
+        outcome.bytes_in = int(bytes_in * share)
+        for name, seconds in stage.items():
+            outcome.time(name, seconds * share)
+
+
+def _already_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
+    """Job ids of the batch whose success marker exists (one listing for bigger batches)."""
+    keys = {j.job_id: JobKey(j.month, j.security, j.date) for j in jobs}
+    if len(jobs) <= 4:
+        return {job_id for job_id, key in keys.items() if output.exists(layout.marker(key))}
+    month = jobs[0].month
+    listed = {o.key for o in output.list(f"{layout.succeeded_prefix}{month}/")}
+    return {job_id for job_id, key in keys.items() if layout.marker(key) in listed}
+
+
+def _records_to_clear(output: Storage, layout: RunLayout, month: str) -> set[str]:
+    """Dead and retry records of the month: a job that now succeeds clears its own."""
+    found: set[str] = set()
+    for prefix in (layout.dead_prefix, layout.retrying_prefix):
+        found |= {o.key for o in output.list(f"{prefix}{month}/")}
+    return found
+
+
+BatchResult = JobOutcome | BaseException
+
+
+def execute_batch(
+    jobs: list[JobMessage],
+    *,
+    s3_endpoint_url: str | None,
+    worker_id: str,
+    listings: MonthListings,
+    batch_rows: int = 65_536,
+    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> list[BatchResult]:
+    """Compute jobs of one `BatchKey` in one pass; store each result, then its marker.
+
+    Returns, per job, its outcome or the exception that failed it. Idempotent: a job whose
+    success marker already exists is not computed again. Never acks anything itself.
+    """
+    first = jobs[0]
+    layout = RunLayout(first.run_id)
+    outcomes = [JobOutcome() for _ in jobs]
+    try:
+        output = open_storage(first.output, s3_endpoint_url)
+        start = time.perf_counter()
+        done = _already_done(output, layout, jobs)
+        for outcome in outcomes:
+            outcome.time("check", (time.perf_counter() - start) / len(jobs))
+        todo = [i for i, job in enumerate(jobs) if job.job_id not in done]
+        for i, job in enumerate(jobs):
+            outcomes[i].already_done = job.job_id in done
+        if not todo:
+            return list(outcomes)
+        processor = get_processor(first.processor)
+        source = open_storage(first.input, s3_endpoint_url)
+        start = time.perf_counter()
+        files = listings.files(source, first.month)
+        for i in todo:
+            outcomes[i].time("list", (time.perf_counter() - start) / len(todo))
+        todo_jobs = [jobs[i] for i in todo]
+        accumulators = [processor.start_job(JobContext(job=job, output=output)) for job in todo_jobs]
+        _compute(todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows)
+        stale = _records_to_clear(output, layout, first.month)
+    except Exception as exc:  # the whole batch fails the same way
+        return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]
+
+    results: list[BatchResult] = list(outcomes)
+    for i, job, accumulator in zip(todo, todo_jobs, accumulators, strict=True):
+        try:
+            _store(job, accumulator, outcomes[i], output, layout, stale, worker_id, now)
+        except Exception as exc:  # this job alone failed to store
+            results[i] = exc
+    return results
+
+
+def _store(
+    job: JobMessage,
+    accumulator: JobAccumulator,
+    outcome: JobOutcome,
+    output: Storage,
+    layout: RunLayout,
+    stale: set[str],
+    worker_id: str,
+    now: Callable[[], dt.datetime],
+) -> None:
+    """Write one job's result, then its success marker; clear its dead or retry record."""
+    key = JobKey(job.month, job.security, job.date)
+    with _Timer(outcome, "compute"):
+        data = accumulator.finish()
+    counts = {
+        "rows_read": outcome.rows_read,
+        "rows_accepted": outcome.rows_accepted,
+        "rows_rejected": outcome.rows_rejected,
+        "rows_filtered": outcome.rows_filtered,
+    }
+    result = {
+        "v": 1, "run_id": job.run_id, "job_id": job.job_id, "month": job.month,
+        "security": job.security, "date": job.date, "processor": job.processor,
+        "counts": counts, "data": data,
+    }
+    body = json.dumps(result, separators=(",", ":")).encode()
+    marker = json.dumps(
+        {"job_id": job.job_id, "worker": worker_id, "finished_at": now().isoformat(), "counts": counts},
+        separators=(",", ":"),
+    ).encode()
+    maybe_kill("before-upload", job.job_id)
+    with _Timer(outcome, "upload"):
+        output.write_bytes(layout.result(key), body, "application/json")
+        # The marker is written last: a marker always means a complete result.
+        output.write_bytes(layout.marker(key), marker, "application/json")
+        for record in (layout.dead(key), layout.retrying(key)):
+            if record in stale:
+                output.delete(record)
+    outcome.bytes_out = len(body) + len(marker)
+    maybe_kill("after-upload", job.job_id)
 
 
 def execute_job(
@@ -159,63 +357,14 @@ def execute_job(
     worker_id: str,
     listings: MonthListings,
     batch_rows: int = 65_536,
-    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> JobOutcome:
-    """Compute `job` and store its result and success marker; idempotent.
-
-    A job whose success marker already exists (a redelivery after success) is not computed
-    again. Raises `PermanentError` or a transient error; never acks anything itself.
-    """
-    outcome = JobOutcome()
-    layout = RunLayout(job.run_id)
-    key = JobKey(job.month, job.security, job.date)
-    output = open_storage(job.output, s3_endpoint_url)
-    with _Timer(outcome, "check"):
-        if output.exists(layout.marker(key)):
-            outcome.already_done = True
-            return outcome
-    processor = get_processor(job.processor)
-    source = open_storage(job.input, s3_endpoint_url)
-    with _Timer(outcome, "list"):
-        files = listings.files(source, job.month)
-    accumulator = processor.start_job(JobContext(job=job, output=output))
-    for rows in _job_rows(job, source, files, outcome, batch_rows):
-        start = time.perf_counter()
-        accumulator.add(rows)
-        outcome.time("compute", time.perf_counter() - start)
-    with _Timer(outcome, "compute"):
-        data = accumulator.finish()
-    result = {
-        "v": 1,
-        "run_id": job.run_id,
-        "job_id": job.job_id,
-        "month": job.month,
-        "security": job.security,
-        "date": job.date,
-        "processor": job.processor,
-        "counts": {
-            "rows_read": outcome.rows_read,
-            "rows_accepted": outcome.rows_accepted,
-            "rows_rejected": outcome.rows_rejected,
-            "rows_filtered": outcome.rows_filtered,
-        },
-        "data": data,
-    }
-    body = json.dumps(result, separators=(",", ":"), allow_nan=True).encode()
-    marker = json.dumps(
-        {"job_id": job.job_id, "worker": worker_id, "finished_at": now().isoformat(), "counts": result["counts"]},
-        separators=(",", ":"),
-    ).encode()
-    maybe_kill("before-upload", job.job_id)
-    with _Timer(outcome, "upload"):
-        output.write_bytes(layout.result(key), body, "application/json")
-        # The marker is written last: a marker always means a complete result.
-        output.write_bytes(layout.marker(key), marker, "application/json")
-        output.delete(layout.dead(key))
-        output.delete(layout.retrying(key))
-    outcome.bytes_out = len(body) + len(marker)
-    maybe_kill("after-upload", job.job_id)
-    return outcome
+    """One job on its own (`execute_batch` of one); raises what failed it."""
+    [result] = execute_batch(
+        [job], s3_endpoint_url=s3_endpoint_url, worker_id=worker_id, listings=listings, batch_rows=batch_rows
+    )
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def execute_isolated(body: bytes, s3_endpoint_url: str | None, worker_id: str, batch_rows: int) -> JobOutcome:

@@ -1,0 +1,130 @@
+"""Serving several jobs of one month in one pass over its input.
+
+Each job keeps its own message, ack and outcome; what is shared is the work. Jobs handed to
+`JobBatcher.run_job` wait a moment in a queue per `BatchKey` (same run, input, month and
+parameters); whenever an execution slot is free, the largest waiting batch (up to
+`max_batch` jobs) runs on a worker thread, and each job's caller gets its own outcome or
+exception back. A transient failure of some jobs retries just those, in-process, with short
+jittered pauses, before the caller moves them to the retry queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from shared.errors import is_transient
+from shared.messages import JobMessage
+from worker.job import BatchKey, BatchResult, JobOutcome
+
+IN_PROCESS_TRIES = 3
+LINGER_S = 0.002
+
+
+class HandedBack(Exception):
+    """The worker is stopping and never started this job: return it to the queue."""
+
+
+Executor = Callable[[list[JobMessage]], list[BatchResult]]
+
+
+class JobBatcher:
+    """Groups jobs by `BatchKey` and runs batches on `concurrency` threads."""
+
+    def __init__(self, execute: Executor, concurrency: int, max_batch: int) -> None:
+        self._execute = execute
+        self._max_batch = max(1, max_batch)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tickq-job")
+        self._slots = asyncio.Semaphore(concurrency)
+        self._waiting: dict[BatchKey, list[tuple[JobMessage, asyncio.Future[JobOutcome]]]] = {}
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Start dispatching batches."""
+        self._dispatcher = asyncio.create_task(self._dispatch())
+
+    async def run_job(self, job: JobMessage) -> JobOutcome:
+        """The job's outcome once its batch ran; raises what failed it, or `HandedBack`."""
+        if self._stopped:
+            raise HandedBack()
+        future: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(BatchKey.of(job), []).append((job, future))
+        self._wake.set()
+        return await future
+
+    def stop(self) -> None:
+        """Start no more batches; jobs still waiting are handed back."""
+        self._stopped = True
+        for waiting in self._waiting.values():
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(HandedBack())
+        self._waiting.clear()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+
+    def shutdown(self) -> None:
+        """Release the threads (jobs still running finish in the background)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _dispatch(self) -> None:
+        while not self._stopped:
+            await self._wake.wait()
+            self._wake.clear()
+            # A prefetch burst arrives message by message: let it gather into batches.
+            await asyncio.sleep(LINGER_S)
+            while self._waiting and not self._stopped:
+                await self._slots.acquire()
+                if not self._waiting or self._stopped:
+                    self._slots.release()
+                    break
+                key = max(self._waiting, key=lambda k: len(self._waiting[k]))
+                waiting = self._waiting[key]
+                batch, rest = waiting[: self._max_batch], waiting[self._max_batch :]
+                if rest:
+                    self._waiting[key] = rest
+                else:
+                    del self._waiting[key]
+                task = asyncio.create_task(self._run_batch(batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def _run_batch(self, batch: list[tuple[JobMessage, asyncio.Future[JobOutcome]]]) -> None:
+        try:
+            jobs = [job for job, _ in batch]
+            results = await asyncio.get_running_loop().run_in_executor(self._pool, self._with_retries, jobs)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        except BaseException as exc:  # the executor itself failed: every job learns why
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._slots.release()
+
+    def _with_retries(self, jobs: list[JobMessage]) -> list[BatchResult]:
+        """Runs on a worker thread: jobs that fail transiently are tried again, a few times."""
+        results: list[BatchResult] = self._execute(jobs)
+        for attempt in range(1, IN_PROCESS_TRIES):
+            again = [i for i, r in enumerate(results) if isinstance(r, BaseException) and is_transient(r)]
+            if not again:
+                break
+            time.sleep(random.uniform(0, min(2.0, 0.2 * 2**attempt)))
+            with contextlib.suppress(Exception):
+                for i, result in zip(again, self._execute([jobs[i] for i in again]), strict=True):
+                    results[i] = result
+        return results

@@ -95,25 +95,29 @@ class LocalStorage:
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         prefix = prefix.lstrip("/")
-        # Walk only the directory the prefix names (or its parent when it ends mid-name).
-        base_key = prefix if prefix.endswith("/") or not prefix else prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        # Walk only the directory the prefix names (or the one holding its last segment).
+        base_key = prefix if prefix.endswith("/") or "/" not in prefix else prefix.rsplit("/", 1)[0] + "/"
+        if not prefix.endswith("/") and "/" not in prefix:
+            base_key = ""
         base = self._path(base_key)
-        if base.is_file():
-            if base_key.startswith(prefix):
-                yield ObjectInfo(_normalise_key(base_key), base.stat().st_size)
-            return
         if not base.is_dir():
+            if base.is_file() and base_key.rstrip("/").startswith(prefix):
+                yield ObjectInfo(base_key.rstrip("/"), base.stat().st_size)
             return
+        root = str(self.root) + os.sep
         found: list[ObjectInfo] = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".tickq-tmp")]
-            for name in filenames:
-                if name.startswith(".tickq-tmp"):
-                    continue
-                full = Path(dirpath) / name
-                key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    found.append(ObjectInfo(key, full.stat().st_size))
+        stack = [str(base)]
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".tickq-tmp"):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                        continue
+                    key = entry.path[len(root):].replace(os.sep, "/")
+                    if key.startswith(prefix):
+                        found.append(ObjectInfo(key, entry.stat().st_size))
         yield from sorted(found, key=lambda o: o.key)
 
     def exists(self, key: str) -> bool:

@@ -166,7 +166,7 @@ def test_outage_beyond_the_budget_dead_letters_then_replay_completes(
     assert len(letters) == produced["jobs"]
     assert {x["error_class"] for x in letters} == {"transient-exhausted"}
     assert all(x["attempts"] == 2 for x in letters)
-    assert all("503" in x["error"] or "SlowDown" in x["error"] for x in letters)
+    assert all("503" in x["error"] or "SlowDown" in x["error"] for x in letters), letters
     shown = json.loads(tickq.run("dlq", "show", letters[0]["job_id"]).stdout)
     assert "Traceback" in shown["traceback"] and shown["worker"]
 

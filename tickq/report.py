@@ -247,6 +247,13 @@ def build_report(
                 job_times.append(ts)
         elif event == "job.finished":
             finished.append((ts, line))
+            per_job = line.get("stages")
+            if isinstance(per_job, dict):  # stages carried on the job's own line
+                for stage, value in per_job.items():
+                    seconds = _num(value)
+                    if isinstance(stage, str) and seconds is not None:
+                        stage_values[stage].append(seconds)
+                        stages_by_job[_job_key(line)][stage] += seconds
             if ts is not None:
                 job_times.append(ts)
                 duration = _num(line.get("duration_s"))

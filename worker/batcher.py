@@ -40,7 +40,7 @@ class JobBatcher:
         self._max_batch = max(1, max_batch)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tickq-job")
         self._slots = asyncio.Semaphore(concurrency)
-        self._waiting: dict[BatchKey, list[tuple[JobMessage, asyncio.Future[JobOutcome]]]] = {}
+        self._waiting: dict[BatchKey, list[tuple[JobMessage, asyncio.Future[JobOutcome], float]]] = {}
         self._wake = asyncio.Event()
         self._stopped = False
         self._dispatcher: asyncio.Task[None] | None = None
@@ -55,7 +55,7 @@ class JobBatcher:
         if self._stopped:
             raise HandedBack()
         future: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(BatchKey.of(job), []).append((job, future))
+        self._waiting.setdefault(BatchKey.of(job), []).append((job, future, time.monotonic()))
         self._wake.set()
         return await future
 
@@ -63,7 +63,7 @@ class JobBatcher:
         """Start no more batches; jobs still waiting are handed back."""
         self._stopped = True
         for waiting in self._waiting.values():
-            for _, future in waiting:
+            for _, future, _ in waiting:
                 if not future.done():
                     future.set_exception(HandedBack())
         self._waiting.clear()
@@ -96,19 +96,21 @@ class JobBatcher:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
 
-    async def _run_batch(self, batch: list[tuple[JobMessage, asyncio.Future[JobOutcome]]]) -> None:
+    async def _run_batch(self, batch: list[tuple[JobMessage, asyncio.Future[JobOutcome], float]]) -> None:
         try:
-            jobs = [job for job, _ in batch]
+            jobs = [job for job, _, _ in batch]
+            started = time.monotonic()
             results = await asyncio.get_running_loop().run_in_executor(self._pool, self._with_retries, jobs)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, queued_at), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
+                    result.time("wait", started - queued_at)  # queued behind other batches
                     future.set_result(result)
         except BaseException as exc:  # the executor itself failed: every job learns why
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
             if not isinstance(exc, Exception):

@@ -128,6 +128,8 @@ class Worker:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._process = psutil.Process()
         self._process.cpu_percent()
+        self._usage_at = 0.0
+        self._usage_cache = (0.0, 0.0)
         self._drained = False
         self.metrics = WorkerMetrics()
         self._liveness = LivenessProbe(max_age_s=6 * HEARTBEAT_INTERVAL_S)
@@ -384,13 +386,13 @@ class Worker:
         self.metrics.job_finished(
             outcome_name, duration, outcome.stages, outcome.rows_read, outcome.rows_accepted, outcome.rows_rejected
         )
-        for stage, seconds in outcome.stages.items():
-            log.info("job.stage", stage=stage, duration_s=round(seconds, 6))
+        rss_mb, cpu_percent = self._usage()
         log.info(
             "job.finished",
             outcome=outcome_name,
             attempt=attempt,
             duration_s=round(duration, 6),
+            stages={stage: round(seconds, 6) for stage, seconds in outcome.stages.items()},
             rows_in=outcome.rows_read,
             rows_out=outcome.rows_accepted,
             rows_rejected=outcome.rows_rejected,
@@ -398,9 +400,17 @@ class Worker:
             bytes_in=outcome.bytes_in,
             bytes_out=outcome.bytes_out,
             already_done=outcome.already_done,
-            rss_mb=round(self._process.memory_info().rss / 2**20, 1),
-            cpu_percent=self._process.cpu_percent(),
+            rss_mb=rss_mb,
+            cpu_percent=cpu_percent,
         )
+
+    def _usage(self) -> tuple[float, float]:
+        """Resident memory (MB) and CPU share of this process, sampled at most once a second."""
+        now = time.monotonic()
+        if now - self._usage_at >= 1.0:
+            self._usage_at = now
+            self._usage_cache = (round(self._process.memory_info().rss / 2**20, 1), self._process.cpu_percent())
+        return self._usage_cache
 
     # -- publishing and settling -------------------------------------------------------
 

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, month_files, normalise, read_batches
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobMessage, JobParams
-from shared.processors import JobAccumulator, JobContext, get_processor
+from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
 from worker.chaos import maybe_kill
 
@@ -175,6 +175,7 @@ def _batch_window(jobs: list[JobMessage]) -> DayWindow:
 
 
 def _compute(
+    processor: Processor,
     jobs: list[JobMessage],
     source: Storage,
     files: list[InputFile],
@@ -185,6 +186,8 @@ def _compute(
     """One pass over the month's files serves every job of the batch."""
     params = jobs[0].params
     slots_of = _Slots(jobs)
+    # Processors that can take many jobs' rows at once (vectorised) say so with `add_many`.
+    add_many = getattr(processor, "add_many", None)
     share = 1.0 / len(jobs)
     bytes_in = 0
     stage = {"read": 0.0, "filter": 0.0, "compute": 0.0}
@@ -226,8 +229,11 @@ def _compute(
                 continue
             start = time.perf_counter()
             kept = rows.filter(pa.array(keep))
-            for slot, part in _split_by_slot(kept, slots[keep]):
-                accumulators[slot].add(part)
+            if add_many is not None:
+                add_many(accumulators, kept, slots[keep])
+            else:
+                for slot, part in _split_by_slot(kept, slots[keep]):
+                    accumulators[slot].add(part)
             stage["compute"] += time.perf_counter() - start
         bytes_in += counter.bytes
     for outcome in outcomes:
@@ -237,22 +243,27 @@ def _compute(
             outcome.time(name, seconds * share)
 
 
-def _already_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
-    """Job ids of the batch whose success marker exists (one listing for bigger batches)."""
-    keys = {j.job_id: JobKey(j.month, j.security, j.date) for j in jobs}
-    if len(jobs) <= 4:
-        return {job_id for job_id, key in keys.items() if output.exists(layout.marker(key))}
+def _listed(output: Storage, prefix: str, jobs: list[JobMessage]) -> set[str]:
+    """Keys under `prefix` of the batch's securities: one listing per security, not per job."""
     month = jobs[0].month
-    listed = {o.key for o in output.list(f"{layout.succeeded_prefix}{month}/")}
-    return {job_id for job_id, key in keys.items() if layout.marker(key) in listed}
-
-
-def _records_to_clear(output: Storage, layout: RunLayout, month: str) -> set[str]:
-    """Dead and retry records of the month: a job that now succeeds clears its own."""
     found: set[str] = set()
-    for prefix in (layout.dead_prefix, layout.retrying_prefix):
-        found |= {o.key for o in output.list(f"{prefix}{month}/")}
+    for security in sorted({j.security for j in jobs}):
+        found |= {o.key for o in output.list(f"{prefix}{month}/{security}/")}
     return found
+
+
+def _already_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
+    """Job ids of the batch whose success marker exists."""
+    keys = {j.job_id: layout.marker(JobKey(j.month, j.security, j.date)) for j in jobs}
+    if len(jobs) == 1:
+        return {job_id for job_id, key in keys.items() if output.exists(key)}
+    listed = _listed(output, layout.succeeded_prefix, jobs)
+    return {job_id for job_id, key in keys.items() if key in listed}
+
+
+def _records_to_clear(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
+    """Dead and retry records of the batch's securities: a job that now succeeds clears its own."""
+    return _listed(output, layout.dead_prefix, jobs) | _listed(output, layout.retrying_prefix, jobs)
 
 
 BatchResult = JobOutcome | BaseException
@@ -294,8 +305,8 @@ def execute_batch(
             outcomes[i].time("list", (time.perf_counter() - start) / len(todo))
         todo_jobs = [jobs[i] for i in todo]
         accumulators = [processor.start_job(JobContext(job=job, output=output)) for job in todo_jobs]
-        _compute(todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows)
-        stale = _records_to_clear(output, layout, first.month)
+        _compute(processor, todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows)
+        stale = _records_to_clear(output, layout, todo_jobs)
     except Exception as exc:  # the whole batch fails the same way
         return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]
 

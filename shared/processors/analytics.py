@@ -118,49 +118,7 @@ class AnalyticsJob:
 
     def add(self, rows: pa.Table) -> None:
         """Take a batch of accepted rows."""
-        if rows.num_rows == 0:
-            return
-        price, size = rows.column("price"), rows.column("size")
-        notional = pc.multiply(price, pc.cast(size, pa.float64()))
-        bucket = np.searchsorted(self._edges, notional.to_numpy(), side="right").astype(np.int64)
-        side = rows.column("side")
-        ts_range = pc.min_max(rows.column("ts").cast(pa.int64()))
-        low_high = pc.min_max(price)
-        batch = DaySummary(
-            records=rows.num_rows,
-            volume=pc.sum(size).as_py(),
-            notional=pc.sum(notional).as_py(),
-            low=low_high["min"].as_py(),
-            high=low_high["max"].as_py(),
-            buy_volume=pc.sum(pc.if_else(pc.equal(side, "B"), size, 0)).as_py() or 0,
-            sell_volume=pc.sum(pc.if_else(pc.equal(side, "S"), size, 0)).as_py() or 0,
-            first_ts=ts_range["min"].as_py(),
-            last_ts=ts_range["max"].as_py(),
-        )
-        self._day.merge_day(batch)
-        keyed = pa.table(
-            {
-                "participant": rows.column("participant"),
-                "venue": rows.column("venue"),
-                "hour": rows.column("hour"),
-                "size_bucket": pa.array(bucket),
-                "size": size,
-                "notional": notional,
-            }
-        )
-        for dim in GROUP_DIMENSIONS:
-            grouped = keyed.group_by(dim, use_threads=False).aggregate(
-                [("size", "count"), ("size", "sum"), ("notional", "sum")]
-            )
-            target = self._groups[dim]
-            for key, records, volume, notional_sum in zip(
-                grouped.column(dim).to_pylist(),
-                grouped.column("size_count").to_pylist(),
-                grouped.column("size_sum").to_pylist(),
-                grouped.column("notional_sum").to_pylist(),
-                strict=True,
-            ):
-                target.setdefault(key, Totals()).add(records, volume, notional_sum)
+        accumulate([self], rows, np.zeros(rows.num_rows, dtype=np.int64))
 
     def finish(self) -> dict[str, Any]:
         """The job's partial result."""
@@ -169,6 +127,70 @@ class AnalyticsJob:
             for dim, values in self._groups.items()
         }
         return {"day": self._day.to_json() if self._day.records else None, "groups": groups}
+
+
+_DAY_AGGREGATES = [
+    ("size", "count"),
+    ("size", "sum"),
+    ("notional", "sum"),
+    ("price", "min"),
+    ("price", "max"),
+    ("buy", "sum"),
+    ("sell", "sum"),
+    ("ts", "min"),
+    ("ts", "max"),
+]
+_FLOW_AGGREGATES = [("size", "count"), ("size", "sum"), ("notional", "sum")]
+
+
+def accumulate(jobs: list[AnalyticsJob], rows: pa.Table, slots: np.ndarray) -> None:
+    """Add accepted rows to the jobs they belong to (`slots[i]` indexes `jobs` for row i).
+
+    One vectorised group-by per dimension serves every job of a batch, so the cost per job
+    is a few dictionary updates, not a pass over its rows.
+    """
+    if rows.num_rows == 0:
+        return
+    price, size = rows.column("price"), rows.column("size")
+    notional = pc.multiply(price, pc.cast(size, pa.float64()))
+    edges = jobs[0]._edges
+    side = rows.column("side")
+    zero = pa.scalar(0, pa.int64())
+    keyed = pa.table(
+        {
+            "slot": pa.array(slots),
+            "participant": rows.column("participant"),
+            "venue": rows.column("venue"),
+            "hour": rows.column("hour"),
+            "size_bucket": pa.array(np.searchsorted(edges, notional.to_numpy(), side="right").astype(np.int64)),
+            "size": size,
+            "notional": notional,
+            "price": price,
+            "buy": pc.if_else(pc.fill_null(pc.equal(side, "B"), False), size, zero),
+            "sell": pc.if_else(pc.fill_null(pc.equal(side, "S"), False), size, zero),
+            "ts": rows.column("ts").cast(pa.int64()),
+        }
+    )
+    day = keyed.group_by("slot", use_threads=False).aggregate(_DAY_AGGREGATES)
+    for slot, records, volume, notional_sum, low, high, buy, sell, first, last in zip(
+        *(day.column(name).to_pylist() for name in (
+            "slot", "size_count", "size_sum", "notional_sum", "price_min", "price_max",
+            "buy_sum", "sell_sum", "ts_min", "ts_max",
+        )),
+        strict=True,
+    ):
+        jobs[slot]._day.merge_day(DaySummary(records, volume, notional_sum, low, high, buy, sell, first, last))
+    for dim in GROUP_DIMENSIONS:
+        grouped = keyed.group_by(["slot", dim], use_threads=False).aggregate(_FLOW_AGGREGATES)
+        for slot, key, records, volume, notional_sum in zip(
+            grouped.column("slot").to_pylist(),
+            grouped.column(dim).to_pylist(),
+            grouped.column("size_count").to_pylist(),
+            grouped.column("size_sum").to_pylist(),
+            grouped.column("notional_sum").to_pylist(),
+            strict=True,
+        ):
+            jobs[slot]._groups[dim].setdefault(key, Totals()).add(records, volume, notional_sum)
 
 
 def _sort_key(key: Any) -> tuple[int, Any]:
@@ -276,6 +298,10 @@ class AnalyticsProcessor:
     def start_job(self, context: JobContext) -> AnalyticsJob:
         """A fresh accumulator for one job."""
         return AnalyticsJob(context.job.params)
+
+    def add_many(self, accumulators: list[Any], rows: pa.Table, slots: np.ndarray) -> None:
+        """Rows of many jobs at once (see `accumulate`)."""
+        accumulate(accumulators, rows, slots)
 
     def aggregate(self, results: Iterable[StoredResult], params: JobParams, sink: TableSink) -> dict[str, Any]:
         """Write every analytics table; memory stays bounded by dates, not by jobs."""

@@ -125,6 +125,37 @@ class ByteCounter:
         self.bytes = 0
 
 
+class _CountingReader(io.RawIOBase):
+    """A seekable reader that counts the bytes read through it (what a job really fetched)."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self._inner = inner
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        self.bytes_read += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
 def _unreadable(file: InputFile, storage: Storage, exc: BaseException) -> PermanentError:
     reason = " ".join(str(exc).split())[:200] or type(exc).__name__
     return PermanentError(f"unreadable {file.format} file {storage.describe(file.key)}: {reason}")
@@ -218,7 +249,7 @@ def _parquet_batches(
     batch_rows: int,
     counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
-    source = storage.open_read(file.key)
+    source = _CountingReader(storage.open_read(file.key))
     try:
         try:
             parquet = pq.ParquetFile(
@@ -245,7 +276,7 @@ def _parquet_batches(
             raise _unreadable(file, storage, exc) from None
     finally:
         if counter is not None:
-            counter.bytes += int(getattr(source, "bytes_read", 0) or source.tell())
+            counter.bytes += source.bytes_read
         source.close()
 
 

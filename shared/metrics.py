@@ -8,6 +8,7 @@ stable contract documented in the README.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -91,6 +92,30 @@ def configure(
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
+    route_library_logs()
+
+
+class _ToStructlog(logging.Handler):
+    """Library log records (aio-pika reconnects, botocore warnings) as tickq JSON lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            log = structlog.get_logger().bind(logger=record.name)
+            getattr(log, level if level in ("debug", "info", "warning", "error", "critical") else "info")(
+                "library.log", message=redact(record.getMessage())[:500]
+            )
+        except Exception:  # logging must never take a component down
+            pass
+
+
+def route_library_logs(level: int = logging.WARNING) -> None:
+    """Send warnings of the libraries tickq uses through structlog instead of bare stderr."""
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _ToStructlog)]
+    handler = _ToStructlog(level)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
 def get_logger(**fields: Any) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -203,7 +204,7 @@ def s3_client(endpoint_url: str | None) -> Any:
 
 def _classify_boto_error(exc: Exception, what: str) -> Exception:
     """Map a botocore failure to tickq's error classes, with a one-line message."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -217,6 +218,8 @@ def _classify_boto_error(exc: Exception, what: str) -> Exception:
         if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable"):
             return TransientError(f"{what}: object store answered {status or code}")
         return PermanentError(f"{what}: {code or status}")
+    if isinstance(exc, ParamValidationError):
+        return PermanentError(f"{what}: invalid request ({type(exc).__name__})")
     if isinstance(exc, BotoCoreError):
         return TransientError(f"{what}: {type(exc).__name__}")
     return exc
@@ -380,14 +383,19 @@ class _S3RangeReader(io.RawIOBase):
         return self._size
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
 def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
     """The storage a location URI names: ``s3://bucket/prefix``, ``file:///path`` or a path."""
     if "\x00" in uri or any(ord(c) < 32 for c in uri):
         raise PermanentError("storage location contains control characters")
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise PermanentError(f"storage location {uri!r} names no bucket (expected s3://bucket/prefix)")
+        if "@" in parsed.netloc:
+            raise PermanentError("s3 locations carry no credentials: use the AWS_* environment instead")
+        if not _BUCKET_RE.match(parsed.netloc):
+            raise PermanentError(f"storage location {uri!r} names no valid bucket (expected s3://bucket/prefix)")
         return S3Storage(parsed.netloc, parsed.path.lstrip("/"), endpoint_url)
     if parsed.scheme == "file":
         return LocalStorage(parsed.path)

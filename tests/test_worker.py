@@ -154,3 +154,38 @@ def test_a_job_longer_than_two_heartbeats_keeps_its_connection(
     assert not [x for x in lines if x.get("event") in ("settle.failed", "publish.failed")]
     started = [x for x in lines if x.get("event") == "job.started"]
     assert all(x["deliveries"] == 1 for x in started)
+
+
+def test_worker_serves_health_and_prometheus_metrics_while_it_works(tickq: Tickq, tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "4000", "--securities", "3")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "prom")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = tickq.start("worker", "--concurrency", "2", "--idle-exit", "15", "--health-port", str(port))
+    deadline = time.monotonic() + 60
+    succeeded = 0.0
+    while time.monotonic() < deadline and succeeded < produced["jobs"]:
+        time.sleep(0.5)
+        try:
+            health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            continue
+        assert health.status == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        succeeded = samples.get(("tickq_jobs_total", (("outcome", "succeeded"),)), 0.0)
+    assert succeeded == produced["jobs"]
+    rows_read = samples[("tickq_rows_processed_total", (("kind", "read"),))]
+    assert rows_read == 4000
+    assert samples[("tickq_worker_rss_bytes", ())] > 0
+    assert samples[("tickq_job_duration_seconds_count", ())] == produced["jobs"]
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=60)

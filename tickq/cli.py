@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
 import math
 import os
 import sys
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tickq` console script."""
+    # Library warnings go through the JSON-lines metrics once a command configures them;
+    # until then they are not printed as bare lines next to tickq's one-line errors.
+    logging.getLogger().addHandler(logging.NullHandler())
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

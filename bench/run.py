@@ -1,0 +1,301 @@
+"""tickq benchmarks: each target of bench/RESULTS.md, with its comparison in the same run.
+
+    python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2
+    python bench/run.py per-job   --rows 1000000,20000000
+    python bench/run.py memory    --rows 1000000,20000000
+    python bench/run.py producer  --jobs 10500
+    python bench/run.py scaling   --rows 4000000 --securities 200
+    python bench/run.py csv       --rows 2000000
+    python bench/run.py naive     --rows 500000 --securities 20
+
+Needs a broker at TICKQ_AMQP_URL (default localhost) and the test extras (duckdb, pandas).
+Data goes under --work (default /tmp/tickq-bench); every figure is printed as a table row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+MONTH = "2024-03"
+PY = sys.executable
+
+
+def _tickq(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "tickq", *args], check=True, capture_output=True, text=True, env=env)
+
+
+def _env(namespace: str) -> dict[str, str]:
+    return {**os.environ, "TICKQ_NAMESPACE": namespace}
+
+
+def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True) -> tuple[Path, Path]:
+    """Generated raw data and (optionally) its ingested layout, reused across runs."""
+    raw = work / f"raw-{fmt}-{rows}-{securities}"
+    if not raw.exists():
+        _tickq("gen", "--out", str(raw), "--months", MONTH, "--rows", str(rows), "--securities", str(securities),
+               "--format", fmt)
+    laid = work / f"ingested-{fmt}-{rows}-{securities}"
+    if ingest and not laid.exists():
+        t0 = time.perf_counter()
+        _tickq("ingest", "--input", str(raw), "--output", str(laid), "--months", MONTH, "--quiet")
+        _row(target="ingest", rows=rows, seconds=round(time.perf_counter() - t0, 2))
+    return raw, laid
+
+
+def _row(**fields: Any) -> None:
+    print(json.dumps(fields))
+
+
+def _run_workers(n: int, env: dict[str, str], extra: tuple[str, ...] = ()) -> tuple[float, list[float]]:
+    """Start n workers, wait until they exit (idle), return wall seconds and peak RSS (MB)."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen([PY, "-m", "tickq", "worker", "--idle-exit", "1", "--quiet", *extra], env=env)
+             for _ in range(n)]
+    peaks = [0.0] * n
+    handles = [psutil.Process(p.pid) for p in procs]
+    while any(p.poll() is None for p in procs):
+        for i, h in enumerate(handles):
+            try:
+                rss = h.memory_info().rss + sum(c.memory_info().rss for c in h.children(recursive=True))
+                peaks[i] = max(peaks[i], rss / 2**20)
+            except psutil.Error:
+                pass
+        time.sleep(0.05)
+    # The idle-exit second is not work: take it off the wall time.
+    return time.perf_counter() - started - 1.0, peaks
+
+
+def _duckdb_security_daily(raw: Path, tz: str) -> float:
+    import duckdb
+
+    started = time.perf_counter()
+    con = duckdb.connect()
+    con.execute(f"SET TimeZone='{tz}'")
+    con.sql(f"""
+        SELECT security, CAST(timezone('{tz}', ts) AS DATE) AS trade_date, count(*) AS records,
+               sum(size) AS volume, sum(price * size) AS notional, sum(price * size) / sum(size) AS vwap,
+               avg(size) AS avg_size, min(price) AS low, max(price) AS high,
+               sum(CASE WHEN side = 'B' THEN size ELSE 0 END) AS buy_volume,
+               sum(CASE WHEN side = 'S' THEN size ELSE 0 END) AS sell_volume, min(ts) AS first_ts, max(ts) AS last_ts
+        FROM read_parquet('{raw}/{MONTH}/*.parquet')
+        WHERE price > 0 AND size > 0 AND security <> ''
+        GROUP BY ALL ORDER BY ALL
+    """).to_arrow_table()
+    return time.perf_counter() - started
+
+
+def cmd_e2e(args: argparse.Namespace) -> None:
+    raw, laid = _data(args.work, args.rows, args.securities)
+    duck = _duckdb_security_daily(raw, args.tz)
+    env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+    out = args.work / f"out-{uuid.uuid4().hex[:8]}"
+    for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
+        t0 = time.perf_counter()
+        produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
+                                     "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
+        t1 = time.perf_counter()
+        work_s, peaks = _run_workers(args.workers, env)
+        t2 = time.perf_counter()
+        _tickq("aggregate", "--run", produced["run_id"], "--output", str(out), env=env)
+        t3 = time.perf_counter()
+        total = (t1 - t0) + work_s + (t3 - t2)
+        _row(target="e2e", input=label, rows=args.rows, jobs=produced["jobs"], workers=args.workers,
+             produce_s=round(t1 - t0, 2), workers_s=round(work_s, 2), aggregate_s=round(t3 - t2, 2),
+             tickq_s=round(total, 2), duckdb_s=round(duck, 2), ratio=round(total / duck, 2),
+             rows_per_s=round(args.rows / total), peak_rss_mb=[round(p) for p in peaks])
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def cmd_per_job(args: argparse.Namespace) -> None:
+    from shared.inputs import ByteCounter  # noqa: F401  (the worker's own counting)
+    from shared.messages import JobMessage, JobParams
+    from worker.job import MonthListings, execute_batch
+
+    for rows in (int(r) for r in args.rows.split(",")):
+        _, laid = _data(args.work, rows, args.securities)
+        out = args.work / f"perjob-{uuid.uuid4().hex[:8]}"
+        keys = [line.split(",") for line in _job_keys(laid, args)]
+        sample = keys[:: max(1, len(keys) // args.sample)][: args.sample]
+        listings = MonthListings()
+        times, bytes_in, slice_rows, cpu = [], [], [], []
+        process = psutil.Process()
+        for month, security, date in sample:
+            job = JobMessage.build(run_id="perjob", month=month, security=security, date=date, input=str(laid),
+                                   output=str(out), processor="analytics", params=JobParams(market_tz=args.tz))
+            c0, t0 = process.cpu_times(), time.perf_counter()
+            [outcome] = execute_batch([job], s3_endpoint_url=None, worker_id="bench", listings=listings)
+            t1, c1 = time.perf_counter(), process.cpu_times()
+            assert not isinstance(outcome, BaseException), outcome
+            times.append(t1 - t0)
+            cpu.append((c1.user + c1.system) - (c0.user + c0.system))
+            bytes_in.append(outcome.bytes_in)
+            slice_rows.append(outcome.rows_read)
+        file_bytes = sum(p.stat().st_size for p in (laid / MONTH).glob("*.parquet"))
+        bytes_per_row = file_bytes / rows
+        _row(target="per-job", rows=rows, jobs_sampled=len(sample), month_mb=round(file_bytes / 2**20, 1),
+             median_ms=round(statistics.median(times) * 1000, 2), median_cpu_ms=round(statistics.median(cpu) * 1000, 2),
+             median_bytes_read_kb=round(statistics.median(bytes_in) / 1024, 1),
+             median_slice_kb=round(statistics.median(slice_rows) * bytes_per_row / 1024, 1),
+             read_to_slice=round(statistics.median(bytes_in) / max(1.0, statistics.median(slice_rows) * bytes_per_row), 1))
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _job_keys(laid: Path, args: argparse.Namespace) -> list[str]:
+    env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+    out = args.work / f"keys-{uuid.uuid4().hex[:8]}"
+    _tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH, "--market-tz", args.tz,
+           "--run-id", "keys", "--dry-run", "--quiet", env=env)
+    from producer.discover import discover_month
+    from shared.storage import open_storage
+
+    found = discover_month(open_storage(str(laid)), MONTH, args.tz)
+    shutil.rmtree(out, ignore_errors=True)
+    return [f"{MONTH},{s},{d}" for s, d in sorted(found.rows)]
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    for rows in (int(r) for r in args.rows.split(",")):
+        _, laid = _data(args.work, rows, args.securities)
+        env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+        out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
+        produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH,
+                                     "--securities", ",".join(_top_securities(laid, 20)), "--json", "--quiet",
+                                     env=env).stdout)
+        work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
+        _row(target="memory", rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
+             seconds=round(work_s, 2))
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _top_securities(laid: Path, n: int) -> list[str]:
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(laid / MONTH), format="parquet").to_table(columns=["security"])
+    counts = table.group_by("security").aggregate([([], "count_all")]).sort_by([("count_all", "descending")])
+    return [str(s) for s in counts.column("security").to_pylist()[:n]]
+
+
+def cmd_producer(args: argparse.Namespace) -> None:
+    from producer.publish import Outgoing, publish_confirmed
+    from shared.messages import JobMessage, JobParams
+    from shared.settings import Settings
+    from shared.topology import Topology
+
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    settings = Settings.load(namespace=ns)
+    _tickq("gen", "--out", str(args.work / "tiny"), "--months", MONTH, "--rows", "1000", "--securities", "2")
+    _tickq("produce", "--input", str(args.work / "tiny"), "--output", str(args.work / "tiny-out"), "--months", MONTH,
+           "--quiet", env=_env(ns))  # declares the namespace's queues
+    topology = Topology(ns)
+    days = [f"2024-03-{d:02d}" for d in range(1, 29)]
+    messages = [
+        Outgoing(topology.jobs, JobMessage.build(run_id="pub", month=MONTH, security=f"S{i % 500:03d}",
+                                                 date=days[(i // 500) % len(days)], input="/in", output="/out",
+                                                 processor="analytics", params=JobParams()).to_body(), f"pub-{i}")
+        for i in range(args.jobs)
+    ]
+    for window in (1, 100, 1000):
+        count = min(args.jobs, 500) if window == 1 else args.jobs
+        t0 = time.perf_counter()
+        publish_confirmed(settings.amqp_url, messages[:count], "bench", window=window)
+        seconds = time.perf_counter() - t0
+        _row(target="producer", jobs=count, confirm_window=window, seconds=round(seconds, 3),
+             jobs_per_s=round(count / seconds))
+    subprocess.run(["rabbitmqctl", "delete_queue", topology.jobs], capture_output=True, check=False)
+
+
+def cmd_scaling(args: argparse.Namespace) -> None:
+    _, laid = _data(args.work, args.rows, args.securities)
+    results = {}
+    for workers in (1, 2):
+        env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+        out = args.work / f"scale-{uuid.uuid4().hex[:8]}"
+        produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH,
+                                     "--json", "--quiet", env=env).stdout)
+        work_s, _ = _run_workers(workers, env, ("--concurrency", "1"))
+        results[workers] = produced["jobs"] / work_s
+        _row(target="scaling", workers=workers, jobs=produced["jobs"], seconds=round(work_s, 2),
+             jobs_per_s=round(results[workers], 1))
+        shutil.rmtree(out, ignore_errors=True)
+    _row(target="scaling", speedup_2_vs_1=round(results[2] / results[1], 2))
+
+
+def cmd_csv(args: argparse.Namespace) -> None:
+    from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
+    from shared.storage import open_storage
+
+    raw, _ = _data(args.work, args.rows, args.securities, fmt="csv", ingest=False)
+    storage = open_storage(str(raw))
+    t0, c0 = time.perf_counter(), psutil.Process().cpu_times()
+    rows = 0
+    for file in month_files(storage, MONTH):
+        for batch in read_batches(storage, file, ALL_COLUMNS):
+            table, _ = normalise(batch, args.tz)
+            rows += table.num_rows
+    seconds, c1 = time.perf_counter() - t0, psutil.Process().cpu_times()
+    cpu = (c1.user + c1.system) - (c0.user + c0.system)
+    _row(target="csv", rows=rows, seconds=round(seconds, 2), rows_per_s=round(rows / seconds),
+         rows_per_cpu_s=round(rows / cpu))
+
+
+def cmd_naive(args: argparse.Namespace) -> None:
+    """What tickq avoids: each job reading the whole month with pandas."""
+    import pandas as pd
+
+    raw, laid = _data(args.work, args.rows, args.securities)
+    keys = [k.split(",") for k in _job_keys(laid, args)][: args.sample]
+    t0 = time.perf_counter()
+    for _, security, date in keys:
+        frame = pd.read_parquet(raw / MONTH)
+        local = frame["ts"].dt.tz_convert(args.tz).dt.date.astype(str)
+        _ = frame[(frame["security"] == security) & (local == date)]["size"].sum()
+    naive = (time.perf_counter() - t0) / len(keys)
+    from shared.messages import JobMessage, JobParams
+    from worker.job import MonthListings, execute_batch
+
+    out = args.work / f"naive-{uuid.uuid4().hex[:8]}"
+    listings = MonthListings()
+    t0 = time.perf_counter()
+    for month, security, date in keys:
+        job = JobMessage.build(run_id="naive", month=month, security=security, date=date, input=str(laid),
+                               output=str(out), processor="analytics", params=JobParams(market_tz=args.tz))
+        execute_batch([job], s3_endpoint_url=None, worker_id="bench", listings=listings)
+    ours = (time.perf_counter() - t0) / len(keys)
+    _row(target="naive", rows=args.rows, jobs=len(keys), pandas_whole_month_ms=round(naive * 1000, 1),
+         tickq_job_ms=round(ours * 1000, 1), ratio=round(naive / ours, 1))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", choices=["e2e", "per-job", "memory", "producer", "scaling", "csv", "naive"])
+    parser.add_argument("--rows", default="2000000")
+    parser.add_argument("--securities", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=10500)
+    parser.add_argument("--sample", type=int, default=50)
+    parser.add_argument("--tz", default="Australia/Sydney")
+    parser.add_argument("--raw-too", action="store_true", help="e2e: also run on the raw (not ingested) files")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.target in ("e2e", "scaling", "csv", "naive"):
+        args.rows = int(args.rows)
+    {"e2e": cmd_e2e, "per-job": cmd_per_job, "memory": cmd_memory, "producer": cmd_producer,
+     "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive}[args.target](args)
+
+
+if __name__ == "__main__":
+    main()

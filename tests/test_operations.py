@@ -1,0 +1,106 @@
+"""Operating a run: the demo, the status ledger, credentials kept out of every output, and the
+aggregator surviving its own crash."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from shared.topology import Topology
+from tests.brokertools import drain_queue, publish_raw
+from tests.conftest import Tickq, log_lines
+from tests.helpers import read_csv_tables, read_tables
+from tests.reference import assert_tables_equal, reference_tables
+
+MONTH = "2024-03"
+
+
+def test_demo_runs_the_whole_pipeline_and_prints_where_the_tables_are(tickq: Tickq, tmp_path: Path) -> None:
+    result = tickq.run("demo", "--rows", "20000", "--workers", "2", "--securities", "4", "--out", str(tmp_path / "d"))
+    assert "tables:" in result.stdout and "0 dead" in result.stdout
+    tables = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("tables:"))
+    assert (Path(tables) / "security_daily.parquet").exists()
+    summary = json.loads((Path(tables) / "summary.json").read_text())
+    assert summary["complete"] is True and summary["rows_read"] == 20000
+
+
+def test_no_broker_is_one_clear_line_naming_the_setting(tickq: Tickq, tmp_path: Path) -> None:
+    tickq.env["TICKQ_AMQP_URL"] = "amqp://someone:s3cret@127.0.0.1:1/%2F"
+    result = tickq.run("demo", "--rows", "1000", "--out", str(tmp_path / "d"), check=False)
+    assert result.returncode == 2
+    assert "TICKQ_AMQP_URL" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_agrees_with_markers_and_dead_letters(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str
+) -> None:
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", "2024-03..2024-04", "--rows", "3000", "--securities", "2")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", "2024-03..2024-04",
+                             "--run-id", "st")
+    before = json.loads(tickq.run("status", "--run", "st", "--output", str(output), "--json", check=False).stdout)
+    assert before["expected"] == produced["jobs"] and before["succeeded"] == 0 and before["complete"] is False
+    assert before["queued"] == produced["jobs"]
+    assert before["broker"][Topology(namespace).jobs] == produced["jobs"]
+
+    # Break April's input: its jobs die; March's succeed.
+    april_jobs = sum(1 for line in (output / "runs/st/job_keys.csv").read_text().splitlines() if "2024-04," in line)
+    for part in (data / "2024-04").glob("*.parquet"):
+        part.write_bytes(b"not parquet")
+    tickq.wait_all(tickq.workers(1))
+    after = tickq.run("status", "--run", "st", "--output", str(output), "--json", check=False)
+    assert after.returncode == 3
+    ledger = json.loads(after.stdout)
+    assert ledger["dead"] == april_jobs == len(drain_queue(amqp_url, Topology(namespace).dead))
+    assert ledger["succeeded"] == produced["jobs"] - april_jobs
+    assert ledger["queued"] == 0 and ledger["retrying"] == 0 and ledger["complete"] is False
+    missing = tickq.run("status", "--run", "st", "--output", str(output), "--missing").stdout.split()
+    assert missing == []
+    watched = tickq.run("status", "--run", "st", "--output", str(output), "--watch", "--interval", "0.2",
+                        check=False)
+    assert "succeeded" in watched.stdout  # plain lines when not on a terminal
+
+
+def test_credentials_never_reach_logs_dead_letters_or_errors(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str
+) -> None:
+    secret_input = "s3://user:hunter2@bucket/in"
+    body = json.dumps({"v": 1, "run_id": "sec", "job_id": "sec:2024-03:AAA:2024-03-04", "month": "2024-03",
+                       "security": "AAA", "date": "2024-03-04", "input": secret_input, "output": str(tmp_path),
+                       "processor": "analytics", "params": {}}).encode()
+    publish_raw(amqp_url, namespace, [body])
+    worker = tickq.start("worker", "--idle-exit", "3")
+    tickq.wait_all([worker])
+    log = Path(worker.log_path).read_text()  # type: ignore[attr-defined]
+    assert "hunter2" not in log
+    [letter] = drain_queue(amqp_url, Topology(namespace).dead)
+    headers = json.dumps({k: str(v) for k, v in letter.headers.items()})
+    assert "hunter2" not in headers
+    listed = tickq.run("dlq", "list", "--json").stdout + tickq.run("dlq", "show", "sec:2024-03:AAA:2024-03-04").stdout
+    assert "hunter2" not in listed.replace(secret_input, "")  # the body itself is the user's own input
+
+
+def test_the_aggregator_survives_its_own_crash_and_writes_the_same_tables(tickq: Tickq, tmp_path: Path) -> None:
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "20000", "--securities", "5")
+    first = tickq.start("aggregator")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "agg")
+    half = produced["jobs"] // 2
+    tickq.wait_all([tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--max-jobs", str(half))])
+    time.sleep(1.0)
+    first.send_signal(signal.SIGKILL)  # it has counted half the run in memory, and dies
+    first.wait(timeout=10)
+    assert not [x for x in log_lines(first) if x.get("event") == "aggregator.run_written"]
+    tickq.wait_all(tickq.workers(2))
+    second = tickq.start("aggregator", "--idle-exit", "6")
+    tickq.wait_all([second], timeout=120)
+    written = [x for x in log_lines(second) if x.get("event") == "aggregator.run_written"]
+    assert written and written[-1]["complete"] is True and written[-1]["succeeded"] == produced["jobs"]
+    from_service = read_csv_tables(str(output), "agg")
+    tickq.run("aggregate", "--run", "agg", "--output", str(output))
+    assert read_csv_tables(str(output), "agg") == from_service
+    assert_tables_equal(read_tables(str(output), "agg"), reference_tables(str(data), [MONTH]))

@@ -119,7 +119,6 @@ def cmd_e2e(args: argparse.Namespace) -> None:
 
 
 def cmd_per_job(args: argparse.Namespace) -> None:
-    from shared.inputs import ByteCounter  # noqa: F401  (the worker's own counting)
     from shared.messages import JobMessage, JobParams
     from worker.job import MonthListings, execute_batch
 
@@ -144,11 +143,12 @@ def cmd_per_job(args: argparse.Namespace) -> None:
             slice_rows.append(outcome.rows_read)
         file_bytes = sum(p.stat().st_size for p in (laid / MONTH).glob("*.parquet"))
         bytes_per_row = file_bytes / rows
+        slice_bytes = statistics.median(slice_rows) * bytes_per_row
         _row(target="per-job", rows=rows, jobs_sampled=len(sample), month_mb=round(file_bytes / 2**20, 1),
              median_ms=round(statistics.median(times) * 1000, 2), median_cpu_ms=round(statistics.median(cpu) * 1000, 2),
              median_bytes_read_kb=round(statistics.median(bytes_in) / 1024, 1),
-             median_slice_kb=round(statistics.median(slice_rows) * bytes_per_row / 1024, 1),
-             read_to_slice=round(statistics.median(bytes_in) / max(1.0, statistics.median(slice_rows) * bytes_per_row), 1))
+             median_slice_kb=round(slice_bytes / 1024, 1),
+             read_to_slice=round(statistics.median(bytes_in) / max(1.0, slice_bytes), 1))
         shutil.rmtree(out, ignore_errors=True)
 
 

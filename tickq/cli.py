@@ -19,11 +19,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from shared.errors import ConfigError, TickqError, one_line
-from shared.messages import DEFAULT_SIZE_BUCKETS, JobParams, parse_session
-from shared.settings import Settings
+
+if TYPE_CHECKING:  # imported where used: `tickq healthcheck` must start fast
+    from shared.messages import JobParams
+    from shared.settings import Settings
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -142,6 +144,8 @@ def _common(parser: argparse.ArgumentParser, metrics: bool = True) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from shared.settings import Settings
+
     return Settings.load(
         args.amqp_url, args.namespace, args.s3_endpoint_url, getattr(args, "retry_delays", None)
     )
@@ -164,6 +168,8 @@ def _configure_logs(args: argparse.Namespace, component: str, quiet: bool = Fals
 
 
 def _job_params(args: argparse.Namespace) -> JobParams:
+    from shared.messages import DEFAULT_SIZE_BUCKETS, JobParams, parse_session
+
     if args.session:
         try:
             parse_session(args.session)
@@ -467,6 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library warnings go through the JSON-lines metrics once a command configures them;
     # until then they are not printed as bare lines next to tickq's one-line errors.
     logging.getLogger().addHandler(logging.NullHandler())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["healthcheck"] and not {"-h", "--help"} & set(argv):
+        # Docker and Kubernetes run this every few seconds: skip building the full parser.
+        health = argparse.ArgumentParser(prog="tickq healthcheck")
+        health.add_argument("--max-age", type=_seconds, default=60.0)
+        return cmd_healthcheck(health.parse_args(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

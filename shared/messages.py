@@ -288,6 +288,16 @@ class JobEvent(BaseModel):
         """The event body."""
         return self.model_dump_json().encode()
 
+    @classmethod
+    def about(
+        cls, job: JobMessage, type: Literal["job.succeeded", "job.dead"], worker: str, **figures: Any
+    ) -> JobEvent:
+        """The event that tells what became of `job`."""
+        return cls(
+            type=type, run_id=job.run_id, job_id=job.job_id, month=job.month, security=job.security,
+            date=job.date, output=job.output, worker=worker, **figures,
+        )
+
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, value: str) -> str:

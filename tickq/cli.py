@@ -106,7 +106,7 @@ def _buckets(text: str) -> tuple[float, ...]:
     return edges
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -248,7 +248,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         get_logger().info("worker.auto_sized", concurrency=concurrency, memory_mb=memory >> 20)
     else:
         try:
-            concurrency = _positive_int(args.concurrency)
+            concurrency = positive_int(args.concurrency)
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"--concurrency: {exc} (or 'auto')") from None
     options = WorkerOptions(
@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--participants", help="only these participants (P1,P2)")
     p.add_argument("--venues", help="only these venues (CP,TM)")
     p.add_argument("--session", help="market-time window HH:MM-HH:MM (start inclusive, end exclusive)")
-    p.add_argument("--min-size", type=_positive_int, help="smallest size kept (inclusive)")
-    p.add_argument("--max-size", type=_positive_int, help="largest size kept (inclusive)")
+    p.add_argument("--min-size", type=positive_int, help="smallest size kept (inclusive)")
+    p.add_argument("--max-size", type=positive_int, help="largest size kept (inclusive)")
     p.add_argument("--size-buckets", help="notional bucket edges (default 10000,50000,200000,500000,1000000)")
     p.add_argument("--processor", default="analytics", help="per-job computation (default analytics)")
     p.add_argument("--dry-run", action="store_true", help="discover and count jobs, publish nothing")
@@ -385,16 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="consume and compute jobs")
     p.add_argument("--concurrency", default="auto", help="jobs at once, or 'auto' (CPUs and memory)")
-    p.add_argument("--prefetch", type=_positive_int,
+    p.add_argument("--prefetch", type=positive_int,
                    help=f"unacked jobs held; jobs of one month among them share a pass over its input "
                         f"(default {DEFAULT_PREFETCH_PER_SLOT} x concurrency)")
-    p.add_argument("--max-jobs", type=_positive_int, help="exit after this many jobs")
+    p.add_argument("--max-jobs", type=positive_int, help="exit after this many jobs")
     p.add_argument("--idle-exit", type=_seconds, help="exit after this many idle seconds")
     p.add_argument("--shutdown-timeout", type=_seconds, default=120.0,
                    help="on SIGTERM, seconds to finish jobs in hand before requeueing them (default 120)")
-    p.add_argument("--max-attempts", type=_positive_int, default=5,
+    p.add_argument("--max-attempts", type=positive_int, default=5,
                    help="attempts a job gets for transient failures before it is dead-lettered (default 5)")
-    p.add_argument("--crash-budget", type=_positive_int, default=5,
+    p.add_argument("--crash-budget", type=positive_int, default=5,
                    help="deliveries a job may kill its worker on before it is dead-lettered (default 5)")
     p.add_argument("--retry-delays", help="delay tiers in seconds (env TICKQ_RETRY_DELAYS, default 5,30,120,600)")
     p.add_argument("--health-port", type=int, help="serve /healthz and /metrics on this port")
@@ -418,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gen", help="write synthetic monthly order data")
     p.add_argument("--out", required=True, help="where to write (s3://bucket/prefix or a path)")
     p.add_argument("--months", required=True, help="YYYY-MM or YYYY-MM..YYYY-MM")
-    p.add_argument("--securities", type=_positive_int, default=20, help="securities (default 20)")
-    p.add_argument("--rows", type=_positive_int, default=200_000, help="rows per month (default 200000)")
+    p.add_argument("--securities", type=positive_int, default=20, help="securities (default 20)")
+    p.add_argument("--rows", type=positive_int, default=200_000, help="rows per month (default 200000)")
     p.add_argument("--format", choices=["parquet", "csv", "csv.gz"], default="parquet")
-    p.add_argument("--files-per-month", type=_positive_int, default=1, help="Parquet parts per month")
+    p.add_argument("--files-per-month", type=positive_int, default=1, help="Parquet parts per month")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--market-tz", default="Australia/Sydney", help="market time zone of the session")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -429,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gen)
 
     p = sub.add_parser("demo", help="a whole run on synthetic data on this machine")
-    p.add_argument("--rows", type=_positive_int, default=500_000, help="rows of synthetic data (default 500000)")
-    p.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
-    p.add_argument("--securities", type=_positive_int, default=20, help="securities (default 20)")
+    p.add_argument("--rows", type=positive_int, default=500_000, help="rows of synthetic data (default 500000)")
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
+    p.add_argument("--securities", type=positive_int, default=20, help="securities (default 20)")
     p.add_argument("--out", default="./tickq-demo", help="where data and results go (default ./tickq-demo)")
     _common(p, metrics=False)
     p.set_defaults(func=cmd_demo)

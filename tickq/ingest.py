@@ -721,27 +721,19 @@ def ingest(
     }
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tickq ingest`` (the connection options are the caller's)."""
+    from tickq.cli import positive_int
+
     parser.add_argument("--input", required=True, help="raw input (s3://bucket/prefix or a path)")
     parser.add_argument("--output", required=True, help="where ingested months go (not --input)")
     parser.add_argument("--months", required=True, help="YYYY-MM, YYYY-MM..YYYY-MM or a comma list")
     parser.add_argument(
-        "--row-group-rows", type=_positive, default=DEFAULT_ROW_GROUP_ROWS,
+        "--row-group-rows", type=positive_int, default=DEFAULT_ROW_GROUP_ROWS,
         help=f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_ROWS})",
     )  # fmt: skip
     parser.add_argument(
-        "--memory-mb", type=_positive, default=DEFAULT_MEMORY_BUDGET >> 20,
+        "--memory-mb", type=positive_int, default=DEFAULT_MEMORY_BUDGET >> 20,
         help="memory for sorting, in MiB (default 256); the rest spills to local disk",
     )  # fmt: skip
     parser.add_argument("--tmp-dir", help="local directory for spill files (default: system temp)")

@@ -317,15 +317,10 @@ class Worker:
             else:
                 await self._dead_letter(message, job, ErrorClass.PERMANENT, exc, started)
             return True
-        event = JobEvent(
-            type="job.succeeded",
-            run_id=job.run_id,
-            job_id=job.job_id,
-            month=job.month,
-            security=job.security,
-            date=job.date,
-            output=job.output,
-            worker=self.identity,
+        event = JobEvent.about(
+            job,
+            "job.succeeded",
+            self.identity,
             rows_read=outcome.rows_read,
             rows_accepted=outcome.rows_accepted,
             rows_rejected=outcome.rows_rejected,
@@ -546,17 +541,7 @@ class Worker:
         """Tell storage and the aggregator that the job is dead."""
         await self._record(job, "dead", {"error_class": str(error_class), "error": one_line(exc), "attempts": attempts,
                                          "failed_at": dt.datetime.now(dt.UTC).isoformat()})
-        event = JobEvent(
-            type="job.dead",
-            run_id=job.run_id,
-            job_id=job.job_id,
-            month=job.month,
-            security=job.security,
-            date=job.date,
-            output=job.output,
-            worker=self.identity,
-            error_class=str(error_class),
-        )
+        event = JobEvent.about(job, "job.dead", self.identity, error_class=str(error_class))
         await self._publish(self._events, event.to_body(), "job.dead", job.job_id, {})
 
 

@@ -31,8 +31,10 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INCOMPLETE = 3
 DEFAULT_HEARTBEAT_FILE = "/tmp/tickq/heartbeat"
-# Enough prefetched jobs for batches of ~32 jobs per execution slot, two batches deep.
-DEFAULT_PREFETCH_PER_SLOT = 64
+# Enough prefetched jobs for batches of ~128 jobs per execution slot, two batches deep: one
+# pass over a month serves that many jobs. (Keep prefetch x job time far below the broker's
+# consumer_timeout.)
+DEFAULT_PREFETCH_PER_SLOT = 256
 
 
 # ---------------------------------------------------------------------------------------

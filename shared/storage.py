@@ -73,6 +73,11 @@ class Storage(Protocol):
         ...
 
 
+# Stored files are readable by the group and others, as files written directly would be
+# (temporary files start private).
+FILE_MODE = 0o644
+
+
 def _normalise_key(key: str) -> str:
     parts = [p for p in key.split("/") if p]
     if any(p in (".", "..") for p in parts):
@@ -141,6 +146,7 @@ class LocalStorage:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
@@ -152,6 +158,7 @@ class LocalStorage:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
+        os.fchmod(fd, FILE_MODE)
         os.close(fd)
         try:
             with open(path, "rb") as src, open(tmp, "wb") as dst:

@@ -265,7 +265,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_file=Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE)),
         health_port=args.health_port,
     )
-    asyncio.run(run_worker(settings, options))
+    stats = asyncio.run(run_worker(settings, options))
+    if stats.abandoned:
+        # Jobs past the shutdown timeout are back in the queue; their threads must not keep
+        # the process alive until the orchestrator kills it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

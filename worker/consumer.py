@@ -79,6 +79,7 @@ class _Stats:
     retried: int = 0
     dead: int = 0
     in_flight: int = 0
+    abandoned: int = 0
     last_activity: float = field(default_factory=time.monotonic)
 
 
@@ -203,6 +204,7 @@ class Worker:
         _, still = await asyncio.wait(pending, timeout=self.options.shutdown_timeout_s)
         if still:
             # Closing the connection hands their messages back to the broker for redelivery.
+            self.stats.abandoned = len(still)
             self.log.warning("worker.shutdown_timeout", jobs_requeued=len(still))
 
     async def _housekeeping(self) -> None:

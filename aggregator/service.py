@@ -141,7 +141,7 @@ class AggregatorService:
                 self.log.warning("aggregator.bad_event", error=one_line(exc))
                 await message.ack()
                 return
-            self.metrics.event(event.type)
+            self.metrics.event(event.type, len(event.jobs))
             try:
                 await self._apply(event)
             except Exception as exc:
@@ -165,8 +165,10 @@ class AggregatorService:
             await loop.run_in_executor(None, read_manifest, storage, layout)
             state = await loop.run_in_executor(None, load_state, storage, layout)
             run = self.runs[key] = _Run(event.output, event.run_id, state)
-        job = JobKey(event.month, event.security, event.date)
-        if job in run.state.expected:
+        for reported in event.jobs:
+            job = JobKey(reported.month, reported.security, reported.date)
+            if job not in run.state.expected:
+                continue
             if event.type == "job.succeeded":
                 run.state.succeeded.add(job)
                 run.state.dead.discard(job)

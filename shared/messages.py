@@ -265,24 +265,35 @@ def parse_job(body: bytes) -> JobMessage:
         raise PoisonError(f"invalid job message: {where}: {first.get('msg', 'invalid')}") from None
 
 
+class EventJob(BaseModel):
+    """One job an event reports on, with its row counts."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    job_id: str
+    month: str
+    security: str
+    date: str
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rows_rejected: int = 0
+    error_class: str | None = None
+
+
 class JobEvent(BaseModel):
-    """What a worker tells the aggregator about a finished job (succeeded or dead)."""
+    """What a worker tells the aggregator: jobs of one run that succeeded, or died.
+
+    A worker that served a batch of jobs in one pass reports them in one event.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     v: Literal[1] = 1
     type: Literal["job.succeeded", "job.dead"]
     run_id: str
-    job_id: str
-    month: str
-    security: str
-    date: str
     output: str
     worker: str = ""
-    rows_read: int = 0
-    rows_accepted: int = 0
-    rows_rejected: int = 0
-    error_class: str | None = None
+    jobs: list[EventJob]
 
     def to_body(self) -> bytes:
         """The event body."""
@@ -290,12 +301,22 @@ class JobEvent(BaseModel):
 
     @classmethod
     def about(
-        cls, job: JobMessage, type: Literal["job.succeeded", "job.dead"], worker: str, **figures: Any
+        cls,
+        jobs: list[tuple[JobMessage, dict[str, Any]]],
+        type: Literal["job.succeeded", "job.dead"],
+        worker: str,
     ) -> JobEvent:
-        """The event that tells what became of `job`."""
+        """The event that tells what became of `jobs` (of one run), each with its figures."""
+        first = jobs[0][0]
         return cls(
-            type=type, run_id=job.run_id, job_id=job.job_id, month=job.month, security=job.security,
-            date=job.date, output=job.output, worker=worker, **figures,
+            type=type,
+            run_id=first.run_id,
+            output=first.output,
+            worker=worker,
+            jobs=[
+                EventJob(job_id=job.job_id, month=job.month, security=job.security, date=job.date, **figures)
+                for job, figures in jobs
+            ],
         )
 
     @field_validator("run_id")

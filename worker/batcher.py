@@ -1,11 +1,12 @@
-"""Serving several jobs of one month in one pass over its input.
+"""Serving several jobs of one month in one pass over its input, and announcing them together.
 
 Each job keeps its own message, ack and outcome; what is shared is the work. Jobs handed to
 `JobBatcher.run_job` wait a moment in a queue per `BatchKey` (same run, input, month and
 parameters); whenever an execution slot is free, the largest waiting batch (up to
 `max_batch` jobs) runs on a worker thread, and each job's caller gets its own outcome or
-exception back. A transient failure of some jobs retries just those, in-process, with short
-jittered pauses, before the caller moves them to the retry queues.
+exception back. The batch's successes are announced to the aggregator in one confirmed event
+before any of their callers acks. A transient failure of some jobs retries just those,
+in-process, with short jittered pauses, before the caller moves them to the retry queues.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from shared.errors import is_transient
@@ -29,14 +30,21 @@ class HandedBack(Exception):
     """The worker is stopping and never started this job: return it to the queue."""
 
 
+class NotAnnounced(Exception):
+    """The job succeeded but its success event was not confirmed: it must run again."""
+
+
 Executor = Callable[[list[JobMessage]], list[BatchResult]]
+# Publishes one confirmed success event for jobs of a batch; False when not confirmed.
+Announcer = Callable[[list[tuple[JobMessage, JobOutcome]]], Awaitable[bool]]
 
 
 class JobBatcher:
     """Groups jobs by `BatchKey` and runs batches on `concurrency` threads."""
 
-    def __init__(self, execute: Executor, concurrency: int, max_batch: int) -> None:
+    def __init__(self, execute: Executor, announce: Announcer, concurrency: int, max_batch: int) -> None:
         self._execute = execute
+        self._announce = announce
         self._max_batch = max(1, max_batch)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tickq-job")
         self._slots = asyncio.Semaphore(concurrency)
@@ -101,13 +109,21 @@ class JobBatcher:
             jobs = [job for job, _, _ in batch]
             started = time.monotonic()
             results = await asyncio.get_running_loop().run_in_executor(self._pool, self._with_retries, jobs)
+            succeeded = [(job, r) for job, r in zip(jobs, results, strict=True) if isinstance(r, JobOutcome)]
+            announced_at = time.monotonic()
+            announced = bool(succeeded) and await self._announce(succeeded)
+            publish_s = (time.monotonic() - announced_at) / max(1, len(succeeded))
             for (_, future, queued_at), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
                     future.set_exception(result)
+                elif not announced:
+                    future.set_exception(NotAnnounced())
                 else:
                     result.time("wait", started - queued_at)  # queued behind other batches
+                    result.time("publish", publish_s)
+                    result.announced = True
                     future.set_result(result)
         except BaseException as exc:  # the executor itself failed: every job learns why
             for _, future, _ in batch:

@@ -47,7 +47,7 @@ from shared.observability import HealthServer, LivenessProbe, WorkerMetrics
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
-from worker.batcher import HandedBack, JobBatcher
+from worker.batcher import HandedBack, JobBatcher, NotAnnounced
 from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
 
 TRACEBACK_LIMIT = 4000
@@ -123,7 +123,10 @@ class Worker:
         self.stats = _Stats()
         self._listings = MonthListings()
         self._batcher = JobBatcher(
-            self._execute_batch, options.concurrency, max(1, options.prefetch // (2 * options.concurrency))
+            self._execute_batch,
+            self._announce,
+            options.concurrency,
+            max(1, options.prefetch // (2 * options.concurrency)),
         )
         self._stopping = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -307,6 +310,9 @@ class Worker:
         except HandedBack:
             await self._hand_back(message)
             return False
+        except NotAnnounced:
+            await self._settle(message.nack(requeue=True), "requeue after failed event publish")
+            return True
         except BrokenProcessPool:
             await self._requeue_after_crash(message, job, crashes + 1, started)
             return True
@@ -319,25 +325,31 @@ class Worker:
             else:
                 await self._dead_letter(message, job, ErrorClass.PERMANENT, exc, started)
             return True
-        event = JobEvent.about(
-            job,
-            "job.succeeded",
-            self.identity,
-            rows_read=outcome.rows_read,
-            rows_accepted=outcome.rows_accepted,
-            rows_rejected=outcome.rows_rejected,
-        )
-        publish_start = time.perf_counter()
-        if not await self._publish(self._events, event.to_body(), "job.succeeded", job.job_id, {}):
-            await self._settle(message.nack(requeue=True), "requeue after failed event publish")
-            return True
-        outcome.time("publish", time.perf_counter() - publish_start)
+        if not outcome.announced:
+            publish_start = time.perf_counter()
+            if not await self._announce([(job, outcome)]):
+                await self._settle(message.nack(requeue=True), "requeue after failed event publish")
+                return True
+            outcome.time("publish", time.perf_counter() - publish_start)
         ack_start = time.perf_counter()
         acked = await self._settle(message.ack(), "ack")
         outcome.time("ack", time.perf_counter() - ack_start)
         if acked:
             self.stats.succeeded += 1
         self._log_job(log, "succeeded", outcome, started, attempt)
+        return True
+
+    async def _announce(self, jobs: list[tuple[JobMessage, JobOutcome]]) -> bool:
+        """One confirmed ``job.succeeded`` event per run for these jobs, before any is acked."""
+        by_run: dict[tuple[str, str], list[tuple[JobMessage, dict[str, Any]]]] = {}
+        for job, outcome in jobs:
+            figures = {"rows_read": outcome.rows_read, "rows_accepted": outcome.rows_accepted,
+                       "rows_rejected": outcome.rows_rejected}
+            by_run.setdefault((job.run_id, job.output), []).append((job, figures))
+        for reported in by_run.values():
+            event = JobEvent.about(reported, "job.succeeded", self.identity)
+            if not await self._publish(self._events, event.to_body(), "job.succeeded", reported[0][0].job_id, {}):
+                return False
         return True
 
     def _execute_batch(self, jobs: list[JobMessage]) -> list[BatchResult]:
@@ -543,7 +555,7 @@ class Worker:
         """Tell storage and the aggregator that the job is dead."""
         await self._record(job, "dead", {"error_class": str(error_class), "error": one_line(exc), "attempts": attempts,
                                          "failed_at": dt.datetime.now(dt.UTC).isoformat()})
-        event = JobEvent.about(job, "job.dead", self.identity, error_class=str(error_class))
+        event = JobEvent.about([(job, {"error_class": str(error_class)})], "job.dead", self.identity)
         await self._publish(self._events, event.to_body(), "job.dead", job.job_id, {})
 
 

@@ -40,6 +40,8 @@ class JobOutcome:
     bytes_out: int = 0
     files: int = 0
     already_done: bool = False
+    # Set once the job's success event is confirmed (batches announce their jobs together).
+    announced: bool = False
     stages: dict[str, float] = field(default_factory=dict)
 
     def time(self, stage: str, seconds: float) -> None:

@@ -33,14 +33,24 @@ statistics, ...) raises `DbnError`.
 Files that hold one record type throughout (every historical file) decode at numpy speed. A
 stream that interleaves record types of different sizes record by record still decodes
 correctly, only slower.
+
+Writing
+-------
+`DbnWriter` (and `encode_dbn`, its in-memory form) writes tickq rows as a DBN file (``tickq gen``):
+metadata whose symbol mappings map instrument id ``i + 1`` to ``symbols[i]`` over a date range,
+then trades (or MBO) records built as numpy structured arrays, chunk by chunk, optionally zstd
+compressed. `encode_metadata` and `encode_records` are the lower-level pieces.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import io
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import IO, Any, cast
 
 import databento_dbn as dbn
@@ -49,7 +59,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zstandard
 
-__all__ = ["DBN_COLUMNS", "DBN_SCHEMA", "DbnError", "dbn_batches"]
+__all__ = [
+    "DBN_COLUMNS",
+    "DBN_SCHEMA",
+    "DEFAULT_PUBLISHER_ID",
+    "DbnError",
+    "DbnWriter",
+    "dbn_batches",
+    "encode_dbn",
+    "encode_metadata",
+    "encode_records",
+    "instrument_mappings",
+]
 
 TS_UTC = pa.timestamp("ns", tz="UTC")
 DBN_SCHEMA = pa.schema(
@@ -442,3 +463,179 @@ def _decode(buffer: bytes, meta: Any, batcher: _Batcher) -> Generator[pa.RecordB
                 batcher.symbology.add_live(instrument_id, symbol)
         at += count * length
     return at
+
+
+# ---------------------------------------------------------------------------------------
+# Writing DBN: metadata by databento_dbn's encoder, records as numpy structured arrays.
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_DATASET = "XNAS.ITCH"
+DEFAULT_PUBLISHER_ID = 2  # XNAS.ITCH.XNAS: the reader's venue is ``XNAS``
+_WRITE_SCHEMAS: dict[str, tuple[Any, int, Any]] = {
+    # schema: (dbn.Schema, rtype, record class)
+    "trades": (dbn.Schema.TRADES, 0x00, dbn.TradeMsg),
+    "mbo": (dbn.Schema.MBO, 0xA0, dbn.MBOMsg),
+    "mbp-1": (dbn.Schema.MBP_1, 0x01, dbn.MBP1Msg),
+}
+_DEFAULT_ACTION = {"trades": b"T", "mbo": b"A", "mbp-1": b"T"}
+_SIDE_CODES = np.array([b"B", b"A", b"N"])  # tickq side code 0 (buy), 1 (sell), 2 (none)
+Mappings = Mapping[str, Sequence[tuple[dt.date, dt.date, str]]]
+
+
+def _write_schema(schema: str) -> tuple[Any, int, Any]:
+    if schema not in _WRITE_SCHEMAS:
+        raise ValueError(f"cannot write DBN schema {schema!r}; use one of {', '.join(_WRITE_SCHEMAS)}")
+    return _WRITE_SCHEMAS[schema]
+
+
+def _day_ns(day: dt.date) -> int:
+    return (day.toordinal() - dt.date(1970, 1, 1).toordinal()) * _NS_PER_DAY
+
+
+def encode_metadata(
+    schema: str | None,
+    mappings: Mappings | None = None,
+    start_ns: int = 0,
+    end_ns: int | None = None,
+    ts_out: bool = False,
+    dataset: str = DEFAULT_DATASET,
+) -> bytes:
+    """Encoded DBN metadata; `mappings` maps raw symbol -> [(start date, end date (exclusive),
+    instrument id as text)] (stype_in raw_symbol, stype_out instrument_id)."""
+    symbol_mappings = [
+        SimpleNamespace(
+            raw_symbol=raw,
+            intervals=[SimpleNamespace(start_date=a, end_date=b, symbol=s) for a, b, s in spans],
+        )
+        for raw, spans in (mappings or {}).items()
+    ]
+    # The stubs type the enum members as str; the binding wants the enum members.
+    stype_in: Any = dbn.SType.RAW_SYMBOL
+    stype_out: Any = dbn.SType.INSTRUMENT_ID
+    meta = dbn.Metadata(
+        dataset=dataset,
+        start=start_ns,
+        stype_in=stype_in,
+        stype_out=stype_out,
+        schema=_write_schema(schema)[0] if schema else None,
+        symbols=sorted(mappings or {}),
+        mappings=symbol_mappings,
+        end=end_ns,
+        ts_out=ts_out,
+    )
+    return bytes(meta.encode())
+
+
+def encode_records(schema: str, columns: Mapping[str, Any], ts_out: bool = False) -> bytes:
+    """Records of `schema` from record-field arrays (databento_dbn names: ``ts_event``,
+    ``instrument_id``, ``price`` (int64 1e-9 units), ``side`` (ASCII), ...), vectorised.
+
+    Fields not given are 0, except ``ts_recv`` (= ``ts_event``), ``action`` (``T`` for trades
+    and MBP-1, ``A`` for MBO), ``side`` (``N``) and ``ts_out`` (= ``ts_recv``).
+    """
+    _, rtype, record_class = _write_schema(schema)
+    layout = list(record_class._dtypes)
+    if ts_out:
+        layout.append(("ts_out", "u8"))
+    n = len(columns["ts_event"])
+    records = np.zeros(n, dtype=np.dtype(layout))
+    records["length"] = records.dtype.itemsize // 4
+    records["rtype"] = rtype
+    records["action"] = _DEFAULT_ACTION[schema]
+    records["side"] = b"N"
+    for name, values in columns.items():
+        records[name] = values
+    if "ts_recv" not in columns:
+        records["ts_recv"] = records["ts_event"]
+    if ts_out and "ts_out" not in columns:
+        records["ts_out"] = records["ts_recv"]
+    return records.tobytes()
+
+
+def instrument_mappings(
+    symbols: Sequence[str], start: dt.date, end: dt.date
+) -> dict[str, list[tuple[dt.date, dt.date, str]]]:
+    """Symbol mappings: ``symbols[i]`` is instrument id ``i + 1`` from `start` to `end` (exclusive)."""
+    return {symbol: [(start, end, str(i + 1))] for i, symbol in enumerate(symbols)}
+
+
+class DbnWriter:
+    """Writes tickq rows to `sink` as a DBN stream (zstd DBN when `compressed`), chunk by chunk.
+
+    The metadata maps instrument id ``i + 1`` to ``symbols[i]`` on the UTC dates `start` to
+    `end` (exclusive): the reader names a record's security by its ``ts_recv`` (= ``ts``) date,
+    so the range must cover every row's UTC date. `close` finishes the stream (not `sink`).
+    """
+
+    def __init__(
+        self,
+        sink: IO[bytes],
+        symbols: Sequence[str],
+        start: dt.date,
+        end: dt.date,
+        schema: str = "trades",
+        compressed: bool = False,
+        publisher_id: int = DEFAULT_PUBLISHER_ID,
+        level: int = 3,
+    ) -> None:
+        _write_schema(schema)
+        if end <= start:
+            raise ValueError("end must be after start")
+        self.schema = schema
+        self.publisher_id = publisher_id
+        self._zstd: Any = None
+        self._sink: Any = sink
+        if compressed:
+            self._zstd = zstandard.ZstdCompressor(level=level).stream_writer(sink, closefd=False)
+            self._sink = self._zstd
+        self._order_id = 0
+        mappings = instrument_mappings(symbols, start, end)
+        self._sink.write(encode_metadata(schema, mappings, _day_ns(start), _day_ns(end)))
+
+    def write(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Rows from tickq columns: ``ts`` (int64 UTC ns), ``security`` (int index into
+        `symbols`), ``price`` (float; non-finite is written as undefined), ``size`` (int,
+        0..2**32-1) and ``side`` (int: 0 buy (bid), 1 sell (ask), anything else none)."""
+        if self._sink is None:
+            raise ValueError("DbnWriter is closed")
+        ts = np.asarray(columns["ts"], dtype=np.int64)
+        n = ts.size
+        price = np.asarray(columns["price"], dtype=np.float64)
+        finite = np.isfinite(price)
+        fixed = np.where(finite, np.rint(np.where(finite, price, 0.0) * _PRICE_SCALE), 0.0)
+        side = np.asarray(columns["side"])
+        fields: dict[str, Any] = {
+            "publisher_id": self.publisher_id,
+            "instrument_id": np.asarray(columns["security"], dtype=np.int64) + 1,
+            "ts_event": ts.view(np.uint64),
+            "price": np.where(finite, fixed.astype(np.int64), _UNDEF_PRICE),
+            "size": np.asarray(columns["size"], dtype=np.int64),
+            "side": _SIDE_CODES[np.where(side == 0, 0, np.where(side == 1, 1, 2))],
+        }
+        if self.schema == "mbo":
+            fields["order_id"] = np.arange(self._order_id + 1, self._order_id + n + 1, dtype=np.uint64)
+            self._order_id += n
+        self._sink.write(encode_records(self.schema, fields))
+
+    def close(self) -> None:
+        """Finish the stream (idempotent); `sink` stays open."""
+        if self._zstd is not None:
+            self._zstd.close()
+        self._zstd = self._sink = None
+
+
+def encode_dbn(
+    columns: Mapping[str, np.ndarray],
+    symbols: Sequence[str],
+    start: dt.date,
+    end: dt.date,
+    schema: str = "trades",
+    compressed: bool = False,
+    publisher_id: int = DEFAULT_PUBLISHER_ID,
+) -> bytes:
+    """A whole DBN file in memory (see `DbnWriter` for the columns and the mappings)."""
+    out = io.BytesIO()
+    writer = DbnWriter(out, symbols, start, end, schema, compressed, publisher_id)
+    writer.write(columns)
+    writer.close()
+    return out.getvalue()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import databento_dbn as dbn
@@ -14,21 +13,17 @@ import pyarrow as pa
 import pytest
 import zstandard
 
-from shared.dbn import DBN_SCHEMA, DbnError, dbn_batches
+from shared.dbn import DBN_SCHEMA, DbnError, DbnWriter, dbn_batches, encode_dbn, encode_metadata, encode_records
 
 T0 = 1_704_186_000_000_000_000  # 2024-01-02T09:00:00Z
 DAY = 86_400_000_000_000
 UNDEF_PRICE = int(np.iinfo(np.int64).max)
 UNDEF_TS = int(np.iinfo(np.uint64).max)
 
-RECORD_CLASSES = {"mbo": dbn.MBOMsg, "trades": dbn.TradeMsg, "mbp-1": dbn.MBP1Msg}
-SCHEMAS = {"mbo": dbn.Schema.MBO, "trades": dbn.Schema.TRADES, "mbp-1": dbn.Schema.MBP_1}
-RTYPES = {"mbo": 0xA0, "trades": 0x00, "mbp-1": 0x01}
-
 
 # ---------------------------------------------------------------------------------------
-# Writing DBN for tests: metadata by databento_dbn's encoder, records by numpy (fast) or by
-# databento_dbn's record classes (independent of the decoder's layouts).
+# Writing DBN for tests: `shared.dbn`'s encoder (metadata by databento_dbn, records by numpy),
+# or databento_dbn's record classes (independent of the decoder's layouts).
 # ---------------------------------------------------------------------------------------
 
 
@@ -37,43 +32,16 @@ def dbn_metadata(
     mappings: dict[str, list[tuple[dt.date, dt.date, str]]] | None = None,
     ts_out: bool = False,
 ) -> bytes:
-    """Encoded DBN metadata (raw_symbol -> instrument_id intervals)."""
-    symbol_mappings = [
-        SimpleNamespace(
-            raw_symbol=raw,
-            intervals=[SimpleNamespace(start_date=a, end_date=b, symbol=s) for a, b, s in spans],
-        )
-        for raw, spans in (mappings or {}).items()
-    ]
-    meta = dbn.Metadata(
-        dataset="XNAS.ITCH",
-        start=T0,
-        stype_in=dbn.SType.RAW_SYMBOL,
-        stype_out=dbn.SType.INSTRUMENT_ID,
-        schema=SCHEMAS[schema] if schema else None,
-        symbols=sorted(mappings or {}),
-        mappings=symbol_mappings,
-        end=T0 + 40 * DAY,
-        ts_out=ts_out,
-    )
-    return bytes(meta.encode())
+    """Encoded DBN metadata (raw_symbol -> instrument_id intervals), by `shared.dbn`."""
+    return encode_metadata(schema, mappings, start_ns=T0, end_ns=T0 + 40 * DAY, ts_out=ts_out)
 
 
 def dbn_records(schema: str, columns: dict[str, Any], ts_out: bool = False) -> bytes:
-    """Records of `schema` built as a numpy structured array (fields default to 0)."""
-    layout = list(RECORD_CLASSES[schema]._dtypes)
+    """Records of `schema` built by `shared.dbn.encode_records` (ts_recv 1 us after ts_event)."""
+    fields = {"ts_recv": np.asarray(columns["ts_event"], dtype=np.uint64) + 1000, **columns}
     if ts_out:
-        layout.append(("ts_out", "u8"))
-    n = len(columns["ts_event"])
-    records = np.zeros(n, dtype=np.dtype(layout))
-    records["length"] = records.dtype.itemsize // 4
-    records["rtype"] = RTYPES[schema]
-    records["ts_recv"] = np.asarray(columns["ts_event"], dtype=np.uint64) + 1000
-    for name, values in columns.items():
-        records[name] = values
-    if ts_out:
-        records["ts_out"] = records["ts_recv"] + 5
-    return records.tobytes()
+        fields["ts_out"] = np.asarray(fields["ts_recv"], dtype=np.uint64) + 5
+    return encode_records(schema, fields, ts_out)
 
 
 def write_dbn_for_tests(
@@ -149,9 +117,7 @@ def expected_table(cols: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         "ts": [
             None
             if t == UNDEF_TS
-            else dt.datetime.fromtimestamp(int(t) // 10**9, dt.UTC).replace(
-                microsecond=(int(t) % 10**9) // 1000
-            )
+            else dt.datetime.fromtimestamp(int(t) // 10**9, dt.UTC).replace(microsecond=(int(t) % 10**9) // 1000)
             for t in ts
         ],
         "security": [names.get(int(i), str(int(i))) for i in cols["instrument_id"]],
@@ -225,9 +191,7 @@ def test_schemas_match_databento_decoder(tmp_path: Path, schema: str) -> None:
 def test_zstd_streamed_and_batched(tmp_path: Path, frames: int) -> None:
     cols = random_trades(50_000)
     plain = write_dbn_for_tests(tmp_path / "m.dbn", "trades", cols, MAPPINGS)
-    packed = write_dbn_for_tests(
-        tmp_path / "m.dbn.zst", "trades", cols, MAPPINGS, compressed=True, frames=frames
-    )
+    packed = write_dbn_for_tests(tmp_path / "m.dbn.zst", "trades", cols, MAPPINGS, compressed=True, frames=frames)
     assert packed.stat().st_size < plain.stat().st_size
     expected = decode(plain)
     assert_matches(expected, cols)
@@ -348,3 +312,42 @@ def test_read_batches_reads_dbn_months(tmp_path: Path) -> None:
     table = pa.Table.from_batches(batches)
     assert set(table.column("security").to_pylist()) == {"MSFT"}
     assert table.num_rows == int((cols["instrument_id"] == 16).sum())
+
+
+@pytest.mark.parametrize("schema", ["trades", "mbo"])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_writer_round_trip(schema: str, compressed: bool) -> None:
+    """`DbnWriter` (chunk by chunk) and `encode_dbn` write tickq rows the reader gives back."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    symbols = ["BHP", "CBA", "BRK.B"]
+    cols = {
+        "ts": T0 + np.sort(rng.integers(0, 3 * DAY, n)),
+        "security": rng.integers(0, 3, n),
+        "price": np.round(rng.uniform(0.001, 500.0, n), 3),
+        "size": rng.integers(1, 10**9, n),
+        "side": rng.integers(0, 3, n),
+    }
+    cols["price"][7] = np.nan
+    start, end = dt.date(2024, 1, 2), dt.date(2024, 1, 6)
+    out = io.BytesIO()
+    writer = DbnWriter(out, symbols, start, end, schema=schema, compressed=compressed)
+    for lo in range(0, n, 1700):
+        writer.write({k: v[lo : lo + 1700] for k, v in cols.items()})
+    writer.close()
+    data = out.getvalue()
+    assert data == encode_dbn(cols, symbols, start, end, schema=schema, compressed=compressed)
+    table = decode(data, compressed=compressed, batch_rows=1000)
+    assert table.column("ts").cast(pa.int64()).to_pylist() == cols["ts"].tolist()
+    assert table.column("security").to_pylist() == [symbols[i] for i in cols["security"]]
+    got = np.array(table.column("price").to_pylist(), dtype=np.float64)
+    assert np.isnan(got[7]) and table.column("price").null_count == 1
+    ok = np.isfinite(cols["price"])
+    np.testing.assert_allclose(got[ok], cols["price"][ok], rtol=1e-9, atol=0)
+    assert table.column("size").to_pylist() == cols["size"].tolist()
+    assert table.column("side").to_pylist() == [["B", "S", None][i] for i in cols["side"]]
+    assert set(table.column("venue").to_pylist()) == {"XNAS"}
+    assert table.column("participant").null_count == n
+    # Records outside the mapped dates fall back to the instrument id.
+    late = encode_dbn({k: v[-1:] for k, v in cols.items()}, symbols, start, start + dt.timedelta(days=1))
+    assert decode(late).column("security").to_pylist() == [str(int(cols["security"][-1]) + 1)]

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
@@ -128,6 +129,48 @@ def test_csv_formats_match_parquet(tmp_path: Path, fmt: str) -> None:
     assert _read_all(csv_sum["files"]).equals(_read_all(pq_sum["files"]))
 
 
+def _read_month(out: Path, month: str) -> pa.Table:
+    """A month as the worker reads it: `month_files` + `read_batches` + `normalise`."""
+    from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
+    from shared.storage import open_storage
+
+    storage = open_storage(str(out))
+    tables = []
+    for file in month_files(storage, month):
+        for batch in read_batches(storage, file, ALL_COLUMNS, batch_rows=1_000):
+            table, valid = normalise(batch, SYD)
+            assert pc.all(valid).as_py()
+            tables.append(table)
+    return pa.concat_tables(tables)
+
+
+@pytest.mark.parametrize(("fmt", "files"), [("dbn", 1), ("dbn.zst", 1), ("dbn.zst", 2)])
+def test_dbn_formats_match_parquet(tmp_path: Path, fmt: str, files: int) -> None:
+    """DBN carries ts, security, price (to 1e-9), size and side of the same rows as Parquet."""
+    month = "2024-01"  # the first session (1 Jan, 10:00 Sydney) is on 31 Dec in UTC
+    generate(str(tmp_path / "pq"), [month], rows=6_000, securities=12, seed=5)
+    dbn_sum = generate(str(tmp_path / "dbn"), [month], rows=6_000, securities=12, seed=5, fmt=fmt,
+                       files_per_month=files)  # fmt: skip
+    if files == 1:
+        assert dbn_sum["files"] == [str(tmp_path / "dbn" / f"{month}.{fmt}")]
+    else:
+        assert dbn_sum["files"] == [str(tmp_path / "dbn" / month / f"part-{i:04d}.{fmt}") for i in range(files)]
+    if fmt == "dbn.zst":
+        assert Path(dbn_sum["files"][0]).read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    want = _read_month(tmp_path / "pq", month)
+    got = _read_month(tmp_path / "dbn", month)
+    assert got.num_rows == want.num_rows == 6_000
+    for name in ("ts", "security", "size", "side", "trade_date"):
+        assert got.column(name).equals(want.column(name)), name
+    np.testing.assert_allclose(got.column("price").to_numpy(), want.column("price").to_numpy(), rtol=1e-9, atol=0)
+    assert got.column("participant").null_count == got.num_rows
+    assert set(got.column("venue").to_pylist()) == {"XNAS"}
+    # Same seed, same bytes.
+    again = generate(str(tmp_path / "again"), [month], rows=6_000, securities=12, seed=5, fmt=fmt,
+                     files_per_month=files)  # fmt: skip
+    assert [Path(f).read_bytes() for f in again["files"]] == [Path(f).read_bytes() for f in dbn_sum["files"]]
+
+
 def test_deterministic_and_independent_of_parts(tmp_path: Path) -> None:
     a = generate(str(tmp_path / "a"), ["2024-05"], rows=8_000, seed=11)
     b = generate(str(tmp_path / "b"), ["2024-05"], rows=8_000, seed=11)
@@ -166,7 +209,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="YYYY-MM"):
         generate(str(tmp_path), ["2024-13"])
     with pytest.raises(ValueError, match="format"):
-        generate(str(tmp_path), ["2024-01"], fmt="dbn")
+        generate(str(tmp_path), ["2024-01"], fmt="json")
     with pytest.raises(ValueError, match="time zone"):
         generate(str(tmp_path), ["2024-01"], market_tz="Mars/Olympus")
 

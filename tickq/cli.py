@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--months", required=True, help="YYYY-MM or YYYY-MM..YYYY-MM")
     p.add_argument("--securities", type=positive_int, default=20, help="securities (default 20)")
     p.add_argument("--rows", type=positive_int, default=200_000, help="rows per month (default 200000)")
-    p.add_argument("--format", choices=["parquet", "csv", "csv.gz"], default="parquet")
+    p.add_argument("--format", choices=["parquet", "csv", "csv.gz", "dbn", "dbn.zst"], default="parquet")
     p.add_argument("--files-per-month", type=positive_int, default=1, help="Parquet parts per month")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--market-tz", default="Australia/Sydney", help="market time zone of the session")

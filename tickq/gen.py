@@ -4,7 +4,9 @@ Output layout under `out` (a local path or ``s3://bucket/prefix``), one slot per
 
 - ``parquet``: ``<out>/M/part-0000.parquet`` … (``files_per_month`` parts);
 - ``csv``: ``<out>/M.csv`` (or ``<out>/M/part-0000.csv`` … when ``files_per_month > 1``);
-- ``csv.gz``: ``<out>/M.csv.gz`` (or ``<out>/M/part-0000.csv.gz`` …).
+- ``csv.gz``: ``<out>/M.csv.gz`` (or ``<out>/M/part-0000.csv.gz`` …);
+- ``dbn``: ``<out>/M.dbn`` (or ``<out>/M/part-0000.dbn`` …), Databento DBN, trades schema;
+- ``dbn.zst``: ``<out>/M.dbn.zst`` (or ``<out>/M/part-0000.dbn.zst`` …), zstd-compressed DBN.
 
 Files that an earlier `gen` run left in a month's slot (the names above, in any format) are
 removed, so a month's input is exactly what this call wrote.
@@ -17,6 +19,13 @@ fall in a 10:00-16:00 session in the market time zone with a U-shaped intraday p
 heavy-tailed; each security follows its own random walk; a few securities take most of the rows.
 Rows are sorted by ``ts`` within a file; the parts of a month cover consecutive time ranges.
 
+DBN output holds the same rows (same seed, same orders) but carries ``ts``, ``security``,
+``price``, ``size`` and ``side`` only: DBN has no participant field, so the reader
+(`shared.dbn`) gives a null ``participant``, and every record has publisher id 2
+(``XNAS.ITCH.XNAS``), which the reader maps to venue ``XNAS`` (not ``CP``/``TM``). Securities
+are instrument ids ``1..n`` that the metadata's symbol mappings name over the month's UTC
+dates; prices are DBN fixed-point (int64, 1e-9 units), so they read back exactly to 1e-9.
+
 Generation is vectorised in chunks of at most ``CHUNK_ROWS`` rows, so memory stays bounded
 whatever ``rows`` is, and the output depends only on the arguments (``seed`` included).
 """
@@ -28,7 +37,7 @@ import gzip
 import re
 import tempfile
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -39,11 +48,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from shared.dbn import DbnWriter
 from shared.storage import Storage, open_storage
 
 __all__ = ["CHUNK_ROWS", "FORMATS", "generate", "security_codes"]
 
-FORMATS = ("parquet", "csv", "csv.gz")
+FORMATS = ("parquet", "csv", "csv.gz", "dbn", "dbn.zst")
 CHUNK_ROWS = 1_000_000
 ROW_GROUP_ROWS = 256 * 1024
 SESSION_OPEN = time(10, 0)
@@ -58,9 +68,11 @@ _CONTENT_TYPES = {
     "parquet": "application/vnd.apache.parquet",
     "csv": "text/csv",
     "csv.gz": "application/gzip",
+    "dbn": "application/octet-stream",
+    "dbn.zst": "application/zstd",
 }
 # Slot names gen may have written for a month, in any format (removed when stale).
-_OWN_PART_RE = re.compile(r"^part-\d{4}\.(parquet|csv|csv\.gz)$")
+_OWN_PART_RE = re.compile(r"^part-\d{4}\.(parquet|csv|csv\.gz|dbn|dbn\.zst)$")
 
 _CURATED = (
     "BHP", "CBA", "CSL", "NAB", "WBC", "ANZ", "WES", "MQG", "FMG", "BRK.B",
@@ -285,16 +297,34 @@ def _table(cols: dict[str, Any], codes: pa.Array, csv: bool) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=CSV_SCHEMA if csv else SCHEMA)
 
 
-class _Writer:
-    """Writes one output file locally (Parquet, CSV or gzip CSV) in chunks."""
+def _utc_dates(m: _Month) -> tuple[date, date]:
+    """The UTC dates [start, end) the month's events fall on (for DBN symbol mappings)."""
+    first = int(m.bin_start.min()) // 1_000_000_000
+    last = (int(m.bin_start.max()) + _NS_PER_MIN - 1) // 1_000_000_000
+    start = datetime.fromtimestamp(first, UTC).date()
+    return start, datetime.fromtimestamp(last, UTC).date() + timedelta(days=1)
 
-    def __init__(self, path: Path, fmt: str) -> None:
+
+class _Writer:
+    """Writes one output file locally (Parquet, CSV, gzip CSV or (zstd) DBN) in chunks.
+
+    DBN files need `codes` (the securities) and `dates` (the UTC dates their mappings cover).
+    """
+
+    def __init__(
+        self, path: Path, fmt: str, codes: list[str] | None = None, dates: tuple[date, date] | None = None
+    ) -> None:
         self.fmt = fmt
         self._stream: Any = None
         self._raw: Any = None
         self._pq: pq.ParquetWriter | None = None
         self._csv: pa_csv.CSVWriter | None = None
-        if fmt == "parquet":
+        self._dbn: DbnWriter | None = None
+        if fmt in ("dbn", "dbn.zst"):
+            assert codes is not None and dates is not None
+            self._raw = open(path, "wb")  # noqa: SIM115 (closed in close())
+            self._dbn = DbnWriter(self._raw, codes, dates[0], dates[1], compressed=fmt == "dbn.zst")
+        elif fmt == "parquet":
             self._pq = pq.ParquetWriter(
                 str(path),
                 SCHEMA,
@@ -315,7 +345,13 @@ class _Writer:
                 sink, CSV_SCHEMA, write_options=pa_csv.WriteOptions(quoting_style="none")
             )
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, table: pa.Table | None, cols: dict[str, Any]) -> None:
+        """Write `cols` (as `table` for Parquet and CSV; DBN takes the numpy columns)."""
+        if self._dbn is not None:
+            self._dbn.write({"ts": cols["ts"], "security": cols["sec"], "price": cols["price"],
+                             "size": cols["size"], "side": cols["side"]})  # fmt: skip
+            return
+        assert table is not None
         if self._pq is not None:
             self._pq.write_table(table, row_group_size=ROW_GROUP_ROWS)
         elif self._csv is not None:
@@ -327,11 +363,14 @@ class _Writer:
             self._pq.close()
         if self._csv is not None:
             self._csv.close()
+        if self._dbn is not None:
+            self._dbn.close()
         if self._stream is not None:
             self._stream.close()
         if self._raw is not None:
             self._raw.close()
         self._pq = self._csv = self._stream = self._raw = None
+        self._dbn = None
 
 
 def _file_key(month: str, fmt: str, part: int, files: int) -> str:
@@ -394,7 +433,14 @@ def _write_month(
     owner = _file_owner(plan.counts, files)
     local = tmp / f"part.{fmt}"
     part = 0
-    writer = _Writer(local, fmt)
+    dbn = fmt in ("dbn", "dbn.zst")
+    symbols: list[str] = codes.to_pylist()
+    dates = _utc_dates(plan) if dbn else None
+
+    def new_writer() -> _Writer:
+        return _Writer(local, fmt, symbols, dates)
+
+    writer = new_writer()
 
     def finish() -> None:
         writer.close()
@@ -407,19 +453,20 @@ def _write_month(
         # Chunks do not depend on `files` (nor on the format), so neither do the rows.
         for index, group in enumerate(_chunks(plan.counts)):
             cols = _chunk(plan, uni, seed, index, group, plan.counts[group])
-            table = _table(cols, codes, csv=fmt != "parquet")
+            table = None if dbn else _table(cols, codes, csv=fmt != "parquet")
             row_owner = np.repeat(owner[group], plan.counts[group])
             for f in np.unique(row_owner).tolist():
                 while part < f:
                     finish()
                     part += 1
-                    writer = _Writer(local, fmt)
+                    writer = new_writer()
                 lo, hi = (int(x) for x in np.searchsorted(row_owner, [f, f + 1]))
-                writer.write(table.slice(lo, hi - lo))
+                part_cols = {k: v[lo:hi] for k, v in cols.items()} if dbn else cols
+                writer.write(None if table is None else table.slice(lo, hi - lo), part_cols)
         while part < files - 1:
             finish()
             part += 1
-            writer = _Writer(local, fmt)
+            writer = new_writer()
         finish()
     finally:
         writer.close()

@@ -7,6 +7,7 @@ stable contract documented in the README.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -34,10 +35,14 @@ class _JsonLinesSink:
 
     def msg(self, message: str) -> None:
         with _lock:
-            self._stream.write(message + "\n")
-            self._stream.flush()
+            # A closed or broken output (a gone terminal, a full disk) must never take the
+            # component down: the line is dropped.
+            with contextlib.suppress(ValueError, OSError):
+                self._stream.write(message + "\n")
+                self._stream.flush()
             if self._file is not None:
-                self._file.write(message + "\n")
+                with contextlib.suppress(ValueError, OSError):
+                    self._file.write(message + "\n")
 
     # structlog calls the method named after the level; every level writes the same way.
     debug = info = warning = warn = error = critical = exception = log = msg

@@ -232,6 +232,15 @@ def tickq(amqp_url: str, namespace: str, tmp_path: Path, s3_server: S3Server) ->
 
 
 @pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts with structlog's defaults: a test that configured it does not leak."""
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
 def _s3_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     """boto3 in the test process talks to the test S3 server too."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -48,7 +48,7 @@ from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
-from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
+from worker.job import BatchResult, JobOutcome, MonthListings, die_with_parent, execute_batch, execute_isolated
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
@@ -364,7 +364,12 @@ class Worker:
 
     async def _execute_isolated(self, body: bytes) -> JobOutcome:
         """Run a suspect job in a fresh child process (spawned: no inherited threads)."""
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             return await asyncio.get_running_loop().run_in_executor(
                 pool, execute_isolated, body, self.settings.s3_endpoint_url, self.identity, self.options.batch_rows
             )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,48 @@ def available() -> Resources:
     quota = _cgroup_cpus()
     if quota is not None:
         cpus = min(cpus, quota)
+    import psutil  # here, not at import: the healthcheck path stays lean
+
     memory = psutil.virtual_memory().total
     limit = _cgroup_memory()
     if limit is not None:
         memory = min(memory, limit)
     return Resources(cpus=cpus, memory_bytes=memory)
+
+
+class _RefusePandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("pandas is not loaded by pyarrow's probe in this process")
+
+
+def keep_pandas_unloaded() -> None:
+    """Stop pyarrow from loading pandas (about 50 MB resident) behind ``pa.array(list)``.
+
+    pyarrow asks pandas, once per process, whether an object it converts is a pandas object,
+    importing pandas to do so. A worker never hands pyarrow pandas objects, so the probe runs
+    here with pandas out of reach and pyarrow remembers that answer. pandas itself stays
+    importable: code that wants it (a processor, ``Table.from_pandas``) imports it as usual.
+    """
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    finder = _RefusePandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(finder)
+
+
+def use_returning_memory_pool() -> None:
+    """Have pyarrow hand freed memory back to the system, so resident memory follows the work.
+
+    pyarrow's default allocator here (mimalloc) keeps freed pages for reuse: a worker's RSS
+    then settles near its largest batch ever rather than its current one (measured: 267 MB
+    against 229 MB with jemalloc for the same jobs). The choice is read once, when pyarrow's
+    C++ library loads, so this must run before pyarrow is imported; it is inherited by child
+    processes. ``ARROW_DEFAULT_MEMORY_POOL``, when set, still decides.
+    """
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")

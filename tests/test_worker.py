@@ -189,3 +189,27 @@ def test_worker_serves_health_and_prometheus_metrics_while_it_works(tickq: Tickq
     assert samples[("tickq_job_duration_seconds_count", ())] == produced["jobs"]
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=60)
+
+
+def test_worker_process_leaves_pandas_unloaded_and_returns_freed_arrow_memory(tickq: Tickq, tmp_path: Path) -> None:
+    """Two choices that keep a worker's resident memory near 200 MB rather than 300 MB."""
+    import subprocess
+    import sys
+
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "3000", "--securities", "2")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "lean")
+    script = (
+        "import json, sys\n"
+        "from tickq.cli import main\n"
+        f"code = main(['worker', '--max-jobs', '{produced['jobs']}', '--idle-exit', '5', '--quiet'])\n"
+        "import pyarrow as pa\n"
+        "print(json.dumps({'code': code, 'pandas': 'pandas' in sys.modules,"
+        " 'pool': pa.default_memory_pool().backend_name}))\n"
+    )
+    env = {k: v for k, v in tickq.env.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tickq.workdir)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"code": 0, "pandas": False, "pool": "jemalloc"}, done.stderr[-2000:]
+    assert len(list((output / "runs" / "lean" / "succeeded").rglob("*.json"))) == produced["jobs"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from shared.errors import ConfigError, TickqError, one_line
+from shared.resources import keep_pandas_unloaded, use_returning_memory_pool
 
 if TYPE_CHECKING:  # imported where used: `tickq healthcheck` must start fast
     from shared.messages import JobParams
@@ -481,12 +482,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library warnings go through the JSON-lines metrics once a command configures them;
     # until then they are not printed as bare lines next to tickq's one-line errors.
     logging.getLogger().addHandler(logging.NullHandler())
+    use_returning_memory_pool()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["healthcheck"] and not {"-h", "--help"} & set(argv):
         # Docker and Kubernetes run this every few seconds: skip building the full parser.
         health = argparse.ArgumentParser(prog="tickq healthcheck")
         health.add_argument("--max-age", type=_seconds, default=60.0)
         return cmd_healthcheck(health.parse_args(argv[1:]))
+    keep_pandas_unloaded()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -386,6 +386,9 @@ def die_with_parent(parent_pid: int) -> None:
     import os
     import signal
 
+    from shared.resources import keep_pandas_unloaded
+
+    keep_pandas_unloaded()
     pr_set_pdeathsig = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -18,7 +19,7 @@ from typing import IO, Any
 
 import structlog
 
-from shared.errors import redact
+from shared.errors import ConfigError, redact
 
 _lock = threading.Lock()
 
@@ -77,10 +78,25 @@ def _serialise(obj: Any, **kwargs: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), **kwargs)
 
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def log_level() -> int:
+    """The level of lines written: ``TICKQ_LOG_LEVEL`` (debug, info, warning, error; default info)."""
+    name = os.environ.get("TICKQ_LOG_LEVEL", "info").strip().lower()
+    if name not in LOG_LEVELS:
+        raise ConfigError(f"TICKQ_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)} (got {name[:20]!r})")
+    return LOG_LEVELS[name]
+
+
 def configure(
     component: str, metrics_file: str | Path | None = None, stream: IO[str] | None = None, quiet: bool = False
 ) -> None:
-    """Route structlog to JSON lines for `component` (stdout unless `quiet`, plus the file)."""
+    """Route structlog to JSON lines for `component` (stdout unless `quiet`, plus the file).
+
+    Lines below `log_level()` cost nothing: the filtering logger turns them into no-ops.
+    """
+    level = log_level()
     out: IO[str] = stream or (open("/dev/null", "w") if quiet else sys.stdout)  # noqa: SIM115
     sink = _JsonLinesSink(out, Path(metrics_file) if metrics_file else None)
     structlog.configure(
@@ -93,6 +109,7 @@ def configure(
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_serialise),
         ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=_SinkFactory(sink),
         cache_logger_on_first_use=False,
     )

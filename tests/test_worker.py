@@ -91,7 +91,7 @@ def test_sigterm_finishes_the_job_in_hand_and_loses_nothing(tickq: Tickq, s3_ser
     data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 0.3, "term")
     try:
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "3",
-                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
+                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_LOG_LEVEL": "debug"})
         started = _wait_for_event(worker, "job.started")
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=120)
@@ -119,7 +119,7 @@ def test_sigterm_past_the_shutdown_timeout_requeues_the_job(
     data, output, proxy, _ = _slow_run(tickq, s3_server, tmp_path, 1.0, "abandon")
     try:
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--shutdown-timeout", "0.5",
-                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
+                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_LOG_LEVEL": "debug"})
         _wait_for_event(worker, "job.started")
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
@@ -141,7 +141,8 @@ def test_a_job_longer_than_two_heartbeats_keeps_its_connection(
     try:
         url = amqp_url + ("&" if "?" in amqp_url else "?") + f"heartbeat={heartbeat_s}"
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--idle-exit", "3",
-                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_AMQP_URL": url})
+                             env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_AMQP_URL": url,
+                                  "TICKQ_LOG_LEVEL": "debug"})
         tickq.wait_all([worker], timeout=300)
     finally:
         proxy.close()
@@ -153,6 +154,7 @@ def test_a_job_longer_than_two_heartbeats_keeps_its_connection(
     # Every ack went through on the connection the job arrived on: none failed or repeated.
     assert not [x for x in lines if x.get("event") in ("settle.failed", "publish.failed")]
     started = [x for x in lines if x.get("event") == "job.started"]
+    assert len(started) == produced["jobs"]
     assert all(x["deliveries"] == 1 for x in started)
 
 
@@ -189,6 +191,21 @@ def test_worker_serves_health_and_prometheus_metrics_while_it_works(tickq: Tickq
     assert samples[("tickq_job_duration_seconds_count", ())] == produced["jobs"]
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=60)
+
+
+def test_log_level_hides_debug_lines_by_default_and_rejects_unknown_levels(tickq: Tickq, tmp_path: Path) -> None:
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "500", "--securities", "1")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "lvl")
+    worker = tickq.start("worker", "--idle-exit", "2")
+    tickq.wait_all([worker], timeout=120)
+    events = [x["event"] for x in log_lines(worker)]
+    assert events.count("job.finished") == produced["jobs"]
+    assert "job.started" not in events  # a debug line
+    bad = tickq.start("worker", env={"TICKQ_LOG_LEVEL": "chatty"})
+    tickq.wait_all([bad], timeout=60)
+    assert bad.returncode == 2
+    assert "TICKQ_LOG_LEVEL must be one of debug, info, warning, error" in Path(bad.log_path).read_text()
 
 
 def test_worker_process_leaves_pandas_unloaded_and_returns_freed_arrow_memory(tickq: Tickq, tmp_path: Path) -> None:

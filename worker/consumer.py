@@ -301,7 +301,7 @@ class Worker:
         # child process, so that if it kills again only it is blamed. (One death is most
         # often someone else's job: those run as usual, with their month's batch.)
         suspect = deliveries >= ISOLATE_AFTER_DELIVERIES or crashes > 0
-        log.info("job.started", attempt=attempt, deliveries=deliveries + 1, isolated=suspect)
+        log.debug("job.started", attempt=attempt, deliveries=deliveries + 1, isolated=suspect)
         try:
             if suspect:
                 outcome = await self._execute_isolated(message.body)

@@ -17,6 +17,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 import structlog
 
 from shared.errors import ConfigError, redact
@@ -74,8 +75,14 @@ def _component_adder(component: str) -> Any:
 
 
 def _serialise(obj: Any, **kwargs: Any) -> str:
-    kwargs.setdefault("default", str)
-    return json.dumps(obj, separators=(",", ":"), **kwargs)
+    # orjson renders a job line about ten times faster than the standard library, which
+    # matters at thousands of lines a second; what it refuses (integers beyond 64 bits)
+    # goes the standard way.
+    default = kwargs.get("default", str)
+    try:
+        return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), default=default)
 
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}

@@ -272,13 +272,11 @@ class WorkerMetrics:
             "tickq_worker_rss_bytes", "Resident memory of the worker process.", registry=r
         )
         self.rss.set_function(_rss_bytes(psutil.Process()))
-        # Export every known series at zero from the start, so rates work from the first scrape.
-        for outcome in JOB_OUTCOMES:
-            self.jobs.labels(outcome=outcome)
-        for stage in JOB_STAGES:
-            self.stage_duration.labels(stage=stage)
-        for kind in ROW_KINDS:
-            self.rows.labels(kind=kind)
+        # Export every known series at zero from the start, so rates work from the first scrape;
+        # the labelled children are kept, since looking one up costs more than using it.
+        self._jobs_by_outcome = {outcome: self.jobs.labels(outcome=outcome) for outcome in JOB_OUTCOMES}
+        self._stage_by_name = {stage: self.stage_duration.labels(stage=stage) for stage in JOB_STAGES}
+        self._rows_by_kind = {kind: self.rows.labels(kind=kind) for kind in ROW_KINDS}
 
     def job_finished(
         self,
@@ -291,10 +289,12 @@ class WorkerMetrics:
         error_class: str | None = None,
     ) -> None:
         """Record one finished job delivery (any outcome) with its stage times and rows."""
-        self.jobs.labels(outcome=outcome).inc()
+        jobs = self._jobs_by_outcome.get(outcome) or self.jobs.labels(outcome=outcome)
+        jobs.inc()
         self.job_duration.observe(max(0.0, duration_s))
         for stage, seconds in (stages or {}).items():
-            self.stage_duration.labels(stage=stage).observe(max(0.0, seconds))
+            child = self._stage_by_name.get(stage) or self.stage_duration.labels(stage=stage)
+            child.observe(max(0.0, seconds))
         if outcome == "retry_scheduled":
             self.retries.inc()
         elif outcome == "dead_lettered":
@@ -305,7 +305,7 @@ class WorkerMetrics:
             ("rejected", rows_rejected),
         ):
             if count > 0:
-                self.rows.labels(kind=kind).inc(count)
+                self._rows_by_kind[kind].inc(count)
 
     def stage(self, stage: str, seconds: float) -> None:
         """Record one stage time on its own (when stages are not passed to `job_finished`)."""

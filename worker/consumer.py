@@ -6,7 +6,8 @@ job runs); jobs execute on a thread pool. For each delivery:
 1. parse and validate the message; a poison message is dead-lettered at once;
 2. a job redelivered more often than the crash budget is dead-lettered as ``crash-loop``;
 3. execute the job on a worker thread (result, then success marker);
-4. success: publish ``job.succeeded`` and wait for the broker's confirm, then ack;
+4. success: publish ``job.succeeded`` and wait for the broker's confirm, then ack (acks of
+   jobs that finish together go out as one ``multiple`` ack: `worker.acks`);
    transient failure: publish the job to a delay queue (confirmed), then ack, or dead-letter
    it as ``transient-exhausted`` once its attempt budget is spent;
    permanent failure: dead-letter it (confirmed), then ack.
@@ -47,6 +48,7 @@ from shared.observability import HealthServer, LivenessProbe, WorkerMetrics
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
+from worker.acks import AckCoalescer
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
 from worker.job import BatchResult, JobOutcome, MonthListings, die_with_parent, execute_batch, execute_isolated
 
@@ -122,6 +124,7 @@ class Worker:
         self.log = get_logger(worker=self.identity)
         self.stats = _Stats()
         self._listings = MonthListings()
+        self._acks = AckCoalescer()
         self._batcher = JobBatcher(
             self._execute_batch,
             self._announce,
@@ -196,6 +199,7 @@ class Worker:
             succeeded=self.stats.succeeded,
             retried=self.stats.retried,
             dead_lettered=self.stats.dead,
+            ack_frames=self._acks.frames,
         )
         return self.stats
 
@@ -243,6 +247,7 @@ class Worker:
     # -- one delivery ------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._acks.delivered(message)
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -275,9 +280,9 @@ class Worker:
         if await self._publish(
             self._channel.default_exchange, message.body, self.topology.jobs, message.message_id or "", headers
         ):
-            await self._settle(message.ack(), "ack after hand-back")
+            await self._settle(self._acks.ack(message), "ack after hand-back")
         else:
-            await self._settle(message.nack(requeue=True), "requeue on shutdown")
+            await self._settle(self._requeue(message), "requeue on shutdown")
 
     async def _handle(self, message: AbstractIncomingMessage) -> bool:
         """Settle one delivery; False when it was handed back unstarted."""
@@ -311,7 +316,7 @@ class Worker:
             await self._hand_back(message)
             return False
         except NotAnnounced:
-            await self._settle(message.nack(requeue=True), "requeue after failed event publish")
+            await self._settle(self._requeue(message), "requeue after failed event publish")
             return True
         except BrokenProcessPool:
             await self._requeue_after_crash(message, job, crashes + 1, started)
@@ -328,11 +333,11 @@ class Worker:
         if not outcome.announced:
             publish_start = time.perf_counter()
             if not await self._announce([(job, outcome)]):
-                await self._settle(message.nack(requeue=True), "requeue after failed event publish")
+                await self._settle(self._requeue(message), "requeue after failed event publish")
                 return True
             outcome.time("publish", time.perf_counter() - publish_start)
         ack_start = time.perf_counter()
-        acked = await self._settle(message.ack(), "ack")
+        acked = await self._settle(self._acks.ack(message), "ack")
         outcome.time("ack", time.perf_counter() - ack_start)
         if acked:
             self.stats.succeeded += 1
@@ -387,9 +392,9 @@ class Worker:
         if not await self._publish(
             self._channel.default_exchange, message.body, self.topology.jobs, job.job_id, headers
         ):
-            await self._settle(message.nack(requeue=True), "requeue after failed crash requeue")
+            await self._settle(self._requeue(message), "requeue after failed crash requeue")
             return
-        await self._settle(message.ack(), "ack after crash requeue")
+        await self._settle(self._acks.ack(message), "ack after crash requeue")
         self.log.warning(
             "job.finished", run_id=job.run_id, job_id=job.job_id, outcome="crashed", crashes=crashes,
             duration_s=round(time.perf_counter() - started, 6),
@@ -446,6 +451,13 @@ class Worker:
             self.log.warning("publish.failed", routing_key=routing_key, error=one_line(exc))
             return False
 
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        """Nack with requeue; only once the nack is out may a multiple ack span this delivery."""
+        try:
+            await message.nack(requeue=True)
+        finally:
+            self._acks.settled_otherwise(message)
+
     async def _settle(self, action: Awaitable[Any], what: str) -> bool:
         """Ack or nack; on a lost channel the broker redelivers the message anyway."""
         try:
@@ -477,10 +489,10 @@ class Worker:
             self._channel.default_exchange, message.body, self.topology.retry_queue(delay), job.job_id, headers
         )
         if not published:
-            await self._settle(message.nack(requeue=True), "requeue after failed retry publish")
+            await self._settle(self._requeue(message), "requeue after failed retry publish")
             return
         await self._record(job, "retrying", {"attempt": attempt, "retry_in_s": delay, "error": one_line(exc)})
-        if await self._settle(message.ack(), "ack after retry"):
+        if await self._settle(self._acks.ack(message), "ack after retry"):
             self.stats.retried += 1
         self.metrics.job_finished("retry_scheduled", time.perf_counter() - started)
         self.log.warning(
@@ -518,11 +530,11 @@ class Worker:
         message_id = job.job_id if job else (message.message_id or "")
         published = await self._publish(self._dlx, message.body, self.topology.dead, message_id, headers)
         if not published:
-            await self._settle(message.nack(requeue=True), "requeue after failed dead-letter publish")
+            await self._settle(self._requeue(message), "requeue after failed dead-letter publish")
             return
         if job is not None:
             await self._record_dead(job, error_class, exc, attempts)
-        if await self._settle(message.ack(), "ack after dead-letter"):
+        if await self._settle(self._acks.ack(message), "ack after dead-letter"):
             self.stats.dead += 1
         self.metrics.job_finished("dead_lettered", time.perf_counter() - started, error_class=str(error_class))
         self.log.error(

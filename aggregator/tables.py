@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from shared.errors import PermanentError
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobParams
@@ -67,8 +69,8 @@ class _ResultReader:
     def _read(self, key: JobKey) -> StoredResult:
         location = self._layout.result(key)
         try:
-            raw = json.loads(self._storage.read_bytes(location))
-        except json.JSONDecodeError as exc:
+            raw = orjson.loads(self._storage.read_bytes(location))
+        except orjson.JSONDecodeError as exc:
             raise PermanentError(f"job result {self._storage.describe(location)} is corrupt: {exc.msg}") from None
         return StoredResult(key.month, key.security, key.date, dict(raw["counts"]), dict(raw["data"]))
 

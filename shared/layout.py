@@ -5,7 +5,7 @@
     runs/<run>/manifest.json                      parameters, expected jobs, created_at, version
     runs/<run>/job_keys.csv                       month,security,date of every expected job
     runs/<run>/jobs/<month>/<security>/<date>.json      the job's partial result
-    runs/<run>/succeeded/<month>/<security>/<date>.json success marker, written after the result
+    runs/<run>/succeeded/<month>/<security>/<date>.json success marker (empty), written after the result
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
     runs/<run>/retrying/<month>/<security>/<date>.json  the job waits in a delay queue
     runs/<run>/aggregates/<table>.parquet|.csv, summary.json

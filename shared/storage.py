@@ -91,6 +91,7 @@ class LocalStorage:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
+        self._dirs: set[Path] = set()
 
     def _path(self, key: str) -> Path:
         key = _normalise_key(key)
@@ -143,7 +144,19 @@ class LocalStorage:
 
     def write_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_in(target, data)
+        except FileNotFoundError:  # the directory went away since it was made: make it again
+            self._dirs.discard(target.parent)
+            self._write_in(target, data)
+
+    def _write_in(self, target: Path, data: bytes) -> None:
+        self._make_parent(target)
+        if not data:
+            # An empty object cannot be seen half-written: create it in place (success markers
+            # are empty, one per job, so this saves a temporary file and a rename per job).
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, FILE_MODE))
+            return
         fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
         try:
             os.fchmod(fd, FILE_MODE)
@@ -153,6 +166,13 @@ class LocalStorage:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _make_parent(self, target: Path) -> None:
+        """Create `target`'s directory once; directories known to exist are not checked again."""
+        parent = target.parent
+        if parent not in self._dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(parent)
 
     def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         target = self._path(key)

@@ -97,7 +97,12 @@ class AckCoalescer:
 
     async def _send_ready(self) -> None:
         async with self._lock:
-            await self._send_ready_locked()
+            try:
+                await self._send_ready_locked()
+            finally:
+                # Whatever happened, deliveries still waiting get another flush.
+                if any(acks.ready for acks in self._channels.values()):
+                    self._schedule(self._hold_s / 4)
 
     async def _send_ready_locked(self) -> None:
         now = time.monotonic()
@@ -116,13 +121,15 @@ class AckCoalescer:
                 del acks.outstanding[tag], acks.ready[tag]
             if run:
                 await self._send(acks, run[-1][0], run, multiple=len(run) > 1)
-            # Ready deliveries stuck behind an unfinished one go alone once they waited too long.
-            for tag, (since, future) in list(acks.ready.items()):
-                if now - since >= self._hold_s:
-                    del acks.outstanding[tag], acks.ready[tag]
-                    await self._send(acks, tag, [(tag, future)], multiple=False)
-        if any(acks.ready for acks in self._channels.values()):
-            self._schedule(self._hold_s / 4)
+            # Ready deliveries stuck behind an unfinished one go alone once they waited too long
+            # (the list is read again after each send: a nack may have settled one meanwhile).
+            while True:
+                stale = next((t for t, (since, _) in acks.ready.items() if now - since >= self._hold_s), None)
+                if stale is None:
+                    break
+                acks.outstanding.pop(stale, None)
+                _, future = acks.ready.pop(stale)
+                await self._send(acks, stale, [(stale, future)], multiple=False)
 
     async def _send(
         self, acks: _ChannelAcks, tag: int, covered: list[tuple[int, asyncio.Future[bool]]], multiple: bool

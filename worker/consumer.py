@@ -22,14 +22,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import multiprocessing
 import os
 import signal
 import socket
 import time
 import traceback
 from collections.abc import Awaitable
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +48,8 @@ from shared.storage import open_storage
 from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
 from worker.acks import AckCoalescer
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
-from worker.job import BatchResult, JobOutcome, MonthListings, die_with_parent, execute_batch, execute_isolated
+from worker.isolation import IsolationChildren
+from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
@@ -125,6 +124,7 @@ class Worker:
         self.stats = _Stats()
         self._listings = MonthListings()
         self._acks = AckCoalescer()
+        self._isolation = IsolationChildren(options.concurrency)
         self._batcher = JobBatcher(
             self._execute_batch,
             self._announce,
@@ -191,6 +191,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await connection.close()
             self._batcher.shutdown()
+            self._isolation.close()
             if self._health is not None:
                 self._health.stop()
         self.log.info(
@@ -368,16 +369,10 @@ class Worker:
         )
 
     async def _execute_isolated(self, body: bytes) -> JobOutcome:
-        """Run a suspect job in a fresh child process (spawned: no inherited threads)."""
-        with ProcessPoolExecutor(
-            max_workers=1,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=die_with_parent,
-            initargs=(os.getpid(),),
-        ) as pool:
-            return await asyncio.get_running_loop().run_in_executor(
-                pool, execute_isolated, body, self.settings.s3_endpoint_url, self.identity, self.options.batch_rows
-            )
+        """Run a suspect job in an isolation child (`worker.isolation`)."""
+        return await self._isolation.run(
+            execute_isolated, body, self.settings.s3_endpoint_url, self.identity, self.options.batch_rows
+        )
 
     async def _requeue_after_crash(
         self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float

@@ -344,22 +344,18 @@ def _store(
     result = {
         "v": 1, "run_id": job.run_id, "job_id": job.job_id, "month": job.month,
         "security": job.security, "date": job.date, "processor": job.processor,
-        "counts": counts, "data": data,
+        "worker": worker_id, "finished_at": now().isoformat(), "counts": counts, "data": data,
     }
     body = json.dumps(result, separators=(",", ":")).encode()
-    marker = json.dumps(
-        {"job_id": job.job_id, "worker": worker_id, "finished_at": now().isoformat(), "counts": counts},
-        separators=(",", ":"),
-    ).encode()
     maybe_kill("before-upload", job.job_id)
     with _Timer(outcome, "upload"):
         output.write_bytes(layout.result(key), body, "application/json")
-        # The marker is written last: a marker always means a complete result.
-        output.write_bytes(layout.marker(key), marker, "application/json")
+        # The (empty) marker is written last: a marker always means a complete result.
+        output.write_bytes(layout.marker(key), b"", "application/json")
         for record in (layout.dead(key), layout.retrying(key)):
             if record in stale:
                 output.delete(record)
-    outcome.bytes_out = len(body) + len(marker)
+    outcome.bytes_out = len(body)
     maybe_kill("after-upload", job.job_id)
 
 

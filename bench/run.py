@@ -99,22 +99,61 @@ def _duckdb_security_daily(raw: Path, tz: str) -> float:
 def cmd_e2e(args: argparse.Namespace) -> None:
     raw, laid = _data(args.work, args.rows, args.securities)
     duck = _duckdb_security_daily(raw, args.tz)
+    for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
+        _e2e_sequential(args, label, source, duck)
+        _e2e_deployed(args, label, source, duck)
+
+
+def _e2e_sequential(args: argparse.Namespace, label: str, source: Path, duck: float) -> None:
+    """Each stage alone: produce, then workers until the queue is empty, then `tickq aggregate`."""
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
     out = args.work / f"out-{uuid.uuid4().hex[:8]}"
-    for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
+    t0 = time.perf_counter()
+    produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
+                                 "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
+    t1 = time.perf_counter()
+    work_s, peaks = _run_workers(args.workers, env)
+    t2 = time.perf_counter()
+    _tickq("aggregate", "--run", produced["run_id"], "--output", str(out), env=env)
+    t3 = time.perf_counter()
+    total = (t1 - t0) + work_s + (t3 - t2)
+    _row(target="e2e", mode="sequential", input=label, rows=args.rows, jobs=produced["jobs"],
+         workers=args.workers, produce_s=round(t1 - t0, 2), workers_s=round(work_s, 2),
+         aggregate_s=round(t3 - t2, 2), tickq_s=round(total, 2), duckdb_s=round(duck, 2),
+         ratio=round(total / duck, 2), rows_per_s=round(args.rows / total), peak_rss_mb=[round(p) for p in peaks])
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _e2e_deployed(args: argparse.Namespace, label: str, source: Path, duck: float) -> None:
+    """As deployed: workers and the aggregator service already run; from `tickq produce` until
+    the run's summary.json (written last, after every table) exists."""
+    env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+    out = args.work / f"out-{uuid.uuid4().hex[:8]}"
+    run_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    services = [subprocess.Popen([PY, "-m", "tickq", "aggregator", "--quiet"], env=env)]
+    services += [subprocess.Popen([PY, "-m", "tickq", "worker", "--quiet"], env=env) for _ in range(args.workers)]
+    time.sleep(3.0)  # services connected and waiting, as in a deployment
+    summary = out / "runs" / run_id / "aggregates" / "summary.json"
+    try:
         t0 = time.perf_counter()
         produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
-                                     "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
+                                     "--market-tz", args.tz, "--run-id", run_id, "--json", "--quiet",
+                                     env=env).stdout)
         t1 = time.perf_counter()
-        work_s, peaks = _run_workers(args.workers, env)
+        while not (summary.exists() and json.loads(summary.read_text())["complete"]):
+            if any(p.poll() is not None for p in services):
+                raise SystemExit("a service exited during the run")
+            time.sleep(0.02)
         t2 = time.perf_counter()
-        _tickq("aggregate", "--run", produced["run_id"], "--output", str(out), env=env)
-        t3 = time.perf_counter()
-        total = (t1 - t0) + work_s + (t3 - t2)
-        _row(target="e2e", input=label, rows=args.rows, jobs=produced["jobs"], workers=args.workers,
-             produce_s=round(t1 - t0, 2), workers_s=round(work_s, 2), aggregate_s=round(t3 - t2, 2),
-             tickq_s=round(total, 2), duckdb_s=round(duck, 2), ratio=round(total / duck, 2),
-             rows_per_s=round(args.rows / total), peak_rss_mb=[round(p) for p in peaks])
+    finally:
+        for proc in services:
+            proc.terminate()
+        for proc in services:
+            proc.wait(timeout=60)
+    total = t2 - t0
+    _row(target="e2e", mode="deployed", input=label, rows=args.rows, jobs=produced["jobs"], workers=args.workers,
+         produce_s=round(t1 - t0, 2), tables_after_produce_s=round(t2 - t1, 2), tickq_s=round(total, 2),
+         duckdb_s=round(duck, 2), ratio=round(total / duck, 2), rows_per_s=round(args.rows / total))
     shutil.rmtree(out, ignore_errors=True)
 
 

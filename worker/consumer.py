@@ -378,7 +378,9 @@ class Worker:
         self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float
     ) -> None:
         """The job killed its child process: count the crash on the job and queue it again."""
-        if _delivery_count(message) + crashes >= self.options.crash_budget:
+        # Only crashes in isolation count here: redeliveries after a worker died are shared by
+        # every job that worker had prefetched, and would condemn innocent jobs with the guilty.
+        if crashes >= self.options.crash_budget:
             crash = PermanentError(f"job killed its process {crashes} times")
             await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
             return

@@ -11,6 +11,7 @@ pyarrow compute; no per-row Python on the normal path.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
 import io
 from collections.abc import Collection, Iterator
@@ -207,8 +208,7 @@ def _dbn_batches(
     counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
     """DBN / zstd DBN through `shared.dbn` (which always yields every tickq column)."""
-    stream = _open_stream(storage, file)
-    try:
+    with _counted_stream(storage, file, counter) as stream:
         try:
             compressed = file.format == "dbn.zst"
             for batch in dbn_batches(stream, compressed=compressed, batch_rows=batch_rows):
@@ -217,10 +217,6 @@ def _dbn_batches(
                     yield batch.select([c for c in columns if c in DBN_COLUMNS])
         except (DbnError, OSError, EOFError) as exc:
             raise _unreadable(file, storage, exc) from None
-    finally:
-        if counter is not None:
-            counter.bytes += stream.tell() if file.format == "dbn" else file.size
-        stream.close()
 
 
 def _wanted(security: str | Collection[str] | None) -> tuple[str, ...] | None:
@@ -329,6 +325,22 @@ def _open_stream(storage: Storage, file: InputFile) -> IO[bytes]:
     return raw
 
 
+@contextlib.contextmanager
+def _counted_stream(storage: Storage, file: InputFile, counter: ByteCounter | None) -> Iterator[IO[bytes]]:
+    """A streamed input file, closed after use, its bytes added to `counter`.
+
+    An uncompressed file counts what was read; a compressed one its whole size (the
+    decompressor reads ahead, so the position says little).
+    """
+    stream = _open_stream(storage, file)
+    try:
+        yield stream
+    finally:
+        if counter is not None:
+            counter.bytes += stream.tell() if file.format in ("csv", "dbn") else file.size
+        stream.close()
+
+
 def _csv_batches(
     storage: Storage,
     file: InputFile,
@@ -337,8 +349,7 @@ def _csv_batches(
     batch_rows: int,
     counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
-    stream = _open_stream(storage, file)
-    try:
+    with _counted_stream(storage, file, counter) as stream:
         source: Any = stream
         if file.format == "csv.gz":
             source = pa.CompressedInputStream(pa.PythonFile(stream, mode="r"), "gzip")
@@ -378,10 +389,6 @@ def _csv_batches(
                     yield batch.slice(offset, batch_rows)
         except (pa.ArrowException, OSError, EOFError) as exc:
             raise _unreadable(file, storage, exc) from None
-    finally:
-        if counter is not None:
-            counter.bytes += stream.tell() if file.format == "csv" else file.size
-        stream.close()
 
 
 # ---------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class LocalStorage:
 
     def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._make_parent(target)
         fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
         os.fchmod(fd, FILE_MODE)
         os.close(fd)

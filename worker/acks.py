@@ -30,7 +30,7 @@ class _ChannelAcks:
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
-        self.outstanding: dict[int, AbstractIncomingMessage] = {}  # insertion order = tag order
+        self.outstanding: dict[int, None] = {}  # delivery tags; insertion order = tag order
         self.ready: dict[int, tuple[float, asyncio.Future[bool]]] = {}
 
 
@@ -56,7 +56,7 @@ class AckCoalescer:
     def delivered(self, message: AbstractIncomingMessage) -> None:
         """Register a delivery as it arrives (before anything can settle it)."""
         if message.delivery_tag is not None:
-            self._acks_of(message).outstanding[message.delivery_tag] = message
+            self._acks_of(message).outstanding[message.delivery_tag] = None
 
     def settled_otherwise(self, message: AbstractIncomingMessage) -> None:
         """The delivery was nacked or rejected: no ack may cover it."""

@@ -10,16 +10,30 @@ as a suspect, and a burst of them costs one interpreter start per child, not one
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from worker.job import die_with_parent
+from shared.resources import keep_pandas_unloaded
 
 T = TypeVar("T")
+PR_SET_PDEATHSIG = 1
+
+
+def start_child(parent_pid: int) -> None:
+    """First thing in an isolation child: die with the worker, and keep pandas unloaded."""
+    keep_pandas_unloaded()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: the child ends when its pipe closes
+        return
+    if os.getppid() != parent_pid:  # the worker died before the request took effect
+        os._exit(1)
 
 
 class IsolationChildren:
@@ -39,7 +53,7 @@ class IsolationChildren:
                 child = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=die_with_parent,
+                    initializer=start_child,
                     initargs=(os.getpid(),),
                 )
                 self._all.add(child)

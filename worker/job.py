@@ -376,24 +376,6 @@ def execute_job(
     return result
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """In an isolation child: be killed when the worker dies, never outlive it (Linux)."""
-    import ctypes
-    import os
-    import signal
-
-    from shared.resources import keep_pandas_unloaded
-
-    keep_pandas_unloaded()
-    pr_set_pdeathsig = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    except (OSError, AttributeError):  # not Linux: the child ends when its pipe closes
-        return
-    if os.getppid() != parent_pid:  # the worker died before the request took effect
-        os._exit(1)
-
-
 def execute_isolated(body: bytes, s3_endpoint_url: str | None, worker_id: str, batch_rows: int) -> JobOutcome:
     """`execute_job` in a child process: a job that kills its process kills only this one."""
     from shared.messages import parse_job

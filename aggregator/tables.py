@@ -1,8 +1,9 @@
 """Aggregating a run from its stored job results: the one code path behind both
 ``tickq aggregate`` and the aggregator service, so both write identical tables.
 
-Results are read in (security, date, month) order with a bounded window of parallel reads,
-so memory grows with the number of dates and groups, not with the number of jobs.
+Results are read in (security, date, month) order with a bounded window of parallel reads:
+besides dates and groups, memory holds one small index entry per job (which batch object
+holds its result), as the run's state holds one key per job.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from shared.errors import PermanentError
-from shared.layout import JobKey, RunLayout
+from shared.layout import RESULT_VERSION, JobKey, RunLayout
 from shared.messages import JobParams
 from shared.metrics import get_logger
 from shared.processors import StoredResult, get_processor
@@ -26,7 +28,10 @@ from shared.runstate import RunState, load_state, read_manifest
 from shared.storage import Storage
 from shared.tables import TableSink
 
-READ_WINDOW = 256
+# Batch objects parsed at a time while indexing, and read ahead of the one being aggregated:
+# enough parallel reads to hide an object store's latency, few enough to bound memory.
+READ_WINDOW = 16
+READ_AHEAD = 8
 READ_THREADS = 16
 
 
@@ -59,28 +64,85 @@ def _aggregation_order(key: JobKey) -> tuple[str, str, str]:
 
 
 class _ResultReader:
-    """Reads stored results in order, a bounded window at a time, counting rows."""
+    """Each succeeded job's result once, in the order of `keys`, from the batch result objects.
+
+    A job may be in several batch objects (it ran again after a crash, a lost marker or a
+    replay); the copy finished last counts, so aggregating again gives identical tables. An
+    index pass reads every batch object once to learn which one holds each job; the results
+    pass reads them again in the order they are first needed, a bounded window ahead, and
+    drops each once all of its jobs are out. Batches hold consecutive jobs of the queue, which
+    the producer publishes in key order, so only a few are open at a time.
+    """
 
     def __init__(self, storage: Storage, layout: RunLayout, keys: list[JobKey]) -> None:
         self._storage, self._layout, self._keys = storage, layout, keys
         self.counts = {"rows_read": 0, "rows_accepted": 0, "rows_rejected": 0, "rows_filtered": 0}
-        self.last_finished_at: str | None = None
 
-    def _read(self, key: JobKey) -> StoredResult:
-        location = self._layout.result(key)
+    def _load(self, name: str) -> dict[str, Any]:
         try:
-            raw = orjson.loads(self._storage.read_bytes(location))
+            batch: dict[str, Any] = orjson.loads(self._storage.read_bytes(name))
         except orjson.JSONDecodeError as exc:
-            raise PermanentError(f"job result {self._storage.describe(location)} is corrupt: {exc.msg}") from None
-        return StoredResult(key.month, key.security, key.date, dict(raw["counts"]), dict(raw["data"]))
+            raise PermanentError(f"job results {self._storage.describe(name)} are corrupt: {exc.msg}") from None
+        if batch.get("v") != RESULT_VERSION:
+            raise PermanentError(
+                f"job results {self._storage.describe(name)} have format {batch.get('v')!r}, "
+                f"this tickq reads {RESULT_VERSION}"
+            )
+        return batch
+
+    def _index(self, pool: ThreadPoolExecutor) -> dict[JobKey, str]:
+        """Which batch object holds the result that counts, for every wanted job."""
+        wanted = set(self._keys)
+        chosen: dict[JobKey, tuple[str, str]] = {}
+        names = [o.key for o in self._storage.list(self._layout.results_prefix)]
+        for start in range(0, len(names), READ_WINDOW):
+            window = names[start : start + READ_WINDOW]
+            for name, batch in zip(window, pool.map(self._load, window), strict=True):
+                copy = (str(batch["finished_at"]), name)
+                for entry in batch["jobs"]:
+                    key = JobKey(batch["month"], entry["security"], entry["date"])
+                    if key in wanted and copy > chosen.get(key, ("", "")):
+                        chosen[key] = copy
+        missing = wanted - chosen.keys()
+        if missing:
+            first = min(missing, key=_aggregation_order)
+            raise PermanentError(
+                f"{len(missing)} succeeded job(s) have no stored result, e.g. {first.month} {first.security} "
+                f"{first.date}: the results under {self._storage.describe(self._layout.results_prefix)} were removed"
+            )
+        return {key: name for key, (_, name) in chosen.items()}
+
+    def _results_in(self, name: str, chosen: dict[JobKey, str]) -> dict[JobKey, StoredResult]:
+        batch = self._load(name)
+        month = batch["month"]
+        found: dict[JobKey, StoredResult] = {}
+        for entry in batch["jobs"]:
+            key = JobKey(month, entry["security"], entry["date"])
+            if chosen.get(key) == name:
+                found[key] = StoredResult(month, key.security, key.date, dict(entry["counts"]), dict(entry["data"]))
+        return found
 
     def __iter__(self) -> Iterator[StoredResult]:
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tickq-read") as pool:
-            for start in range(0, len(self._keys), READ_WINDOW):
-                for result in pool.map(self._read, self._keys[start : start + READ_WINDOW]):
-                    for name in self.counts:
-                        self.counts[name] += int(result.counts.get(name, 0))
-                    yield result
+            chosen = self._index(pool)
+            remaining = Counter(chosen[key] for key in self._keys)
+            upcoming = iter(dict.fromkeys(chosen[key] for key in self._keys))  # in order of first need
+            reading: deque[tuple[str, Future[dict[JobKey, StoredResult]]]] = deque()
+            open_batches: dict[str, dict[JobKey, StoredResult]] = {}
+            for key in self._keys:
+                name = chosen[key]
+                while name not in open_batches:
+                    while len(reading) < READ_AHEAD and (next_name := next(upcoming, None)) is not None:
+                        reading.append((next_name, pool.submit(self._results_in, next_name, chosen)))
+                    read_name, future = reading.popleft()
+                    open_batches[read_name] = future.result()
+                result = open_batches[name].pop(key)
+                remaining[name] -= 1
+                if not remaining[name]:
+                    del open_batches[name]
+                for field_name in self.counts:
+                    self.counts[field_name] += int(result.counts.get(field_name, 0))
+                yield result
 
 
 def _rows_unassigned(manifest: dict[str, Any]) -> int:
@@ -88,7 +150,8 @@ def _rows_unassigned(manifest: dict[str, Any]) -> int:
 
 
 def _key_json(key: JobKey, run_id: str) -> dict[str, str]:
-    return {"job_id": f"{run_id}:{key.month}:{key.security}:{key.date}", **key.__dict__}
+    return {"job_id": f"{run_id}:{key.month}:{key.security}:{key.date}", "month": key.month,
+            "security": key.security, "date": key.date}
 
 
 def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) -> AggregateResult:

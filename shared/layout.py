@@ -4,7 +4,7 @@
 
     runs/<run>/manifest.json                      parameters, expected jobs, created_at, version
     runs/<run>/job_keys.csv                       month,security,date of every expected job
-    runs/<run>/jobs/<month>/<security>/<date>.json      the job's partial result
+    runs/<run>/results/<month>/<security>.<date>.<id>.json  partial results of one batch of jobs
     runs/<run>/succeeded/<month>/<security>/<date>.json success marker (empty), written after the result
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
     runs/<run>/retrying/<month>/<security>/<date>.json  the job waits in a delay queue
@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import csv
 import io
+import secrets
+import sys
 from dataclasses import dataclass
 
 from shared.storage import Storage
 
+# The format of a batch result object: {"v", "run_id", "month", "processor", "worker",
+# "finished_at", "jobs": [{"job_id", "security", "date", "counts", "data"}, …]}.
+RESULT_VERSION = 2
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class JobKey:
     """The key of one job."""
 
@@ -54,9 +60,17 @@ class RunLayout:
         """The CSV of every expected job key."""
         return f"{self.root}/job_keys.csv"
 
-    def result(self, key: JobKey) -> str:
-        """A job's partial result."""
-        return f"{self.root}/jobs/{key.path()}"
+    @property
+    def results_prefix(self) -> str:
+        """Prefix of the batch result objects."""
+        return f"{self.root}/results/"
+
+    def batch_result(self, month: str, security: str, date: str) -> str:
+        """A new, unique name for the results of a batch whose first job is (`security`, `date`).
+
+        Named after its first job, so that a listing comes roughly in job-key order.
+        """
+        return f"{self.results_prefix}{month}/{security}.{date}.{secrets.token_hex(6)}.json"
 
     @property
     def succeeded_prefix(self) -> str:
@@ -93,7 +107,7 @@ class RunLayout:
     def key_of(self, object_key: str, prefix: str) -> JobKey:
         """The job key of a marker or dead record, from its object key."""
         month, security, name = object_key[len(prefix):].split("/")
-        return JobKey(month, security, name.removesuffix(".json"))
+        return JobKey(sys.intern(month), sys.intern(security), sys.intern(name.removesuffix(".json")))
 
 
 def job_keys_csv(keys: list[JobKey]) -> bytes:
@@ -109,7 +123,8 @@ def job_keys_csv(keys: list[JobKey]) -> bytes:
 def read_job_keys(storage: Storage, layout: RunLayout) -> list[JobKey]:
     """The run's expected job keys, from its key file."""
     rows = csv.DictReader(io.StringIO(storage.read_bytes(layout.job_keys).decode()))
-    return [JobKey(r["month"], r["security"], r["date"]) for r in rows]
+    # Interned: a run's keys repeat a few months, dates and securities many times over.
+    return [JobKey(sys.intern(r["month"]), sys.intern(r["security"]), sys.intern(r["date"])) for r in rows]
 
 
 def succeeded_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:

@@ -9,10 +9,12 @@ row groups they need instead of downloading whole objects.
 
 from __future__ import annotations
 
+import errno
 import io
+import itertools
 import os
 import re
-import tempfile
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +62,10 @@ class Storage(Protocol):
         """Store a local file under `key`, atomically (multipart on S3 for large files)."""
         ...
 
+    def mark(self, key: str) -> None:
+        """Make sure an empty object exists under `key` (a marker: only its presence counts)."""
+        ...
+
     def open_read(self, key: str) -> IO[bytes]:
         """A seekable binary reader; on S3 every read is a ranged GET."""
         ...
@@ -76,6 +82,11 @@ class Storage(Protocol):
 # Stored files are readable by the group and others, as files written directly would be
 # (temporary files start private).
 FILE_MODE = 0o644
+# Local files of tickq's own (temporary files, the shared marker) start with this and are
+# never listed as objects.
+HIDDEN_PREFIX = ".tickq-"
+# The empty file local markers are hard links to.
+MARKER_NAME = f"{HIDDEN_PREFIX}marker"
 
 
 def _normalise_key(key: str) -> str:
@@ -92,6 +103,13 @@ class LocalStorage:
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
         self._dirs: set[Path] = set()
+        # Temporary names: unique per instance and write, without drawing a random name each time
+        # (the token keeps a restarted process with the same pid clear of its leftovers).
+        self._tmp_prefix = f"{HIDDEN_PREFIX}tmp-{os.getpid()}-{secrets.token_hex(4)}-"
+        self._tmp_names = itertools.count()
+
+    def _tmp_path(self, directory: Path) -> Path:
+        return directory / f"{self._tmp_prefix}{next(self._tmp_names)}"
 
     def _path(self, key: str) -> Path:
         key = _normalise_key(key)
@@ -117,7 +135,7 @@ class LocalStorage:
         while stack:
             with os.scandir(stack.pop()) as entries:
                 for entry in entries:
-                    if entry.name.startswith(".tickq-tmp"):
+                    if entry.name.startswith(HIDDEN_PREFIX):
                         continue
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
@@ -152,20 +170,48 @@ class LocalStorage:
 
     def _write_in(self, target: Path, data: bytes) -> None:
         self._make_parent(target)
-        if not data:
-            # An empty object cannot be seen half-written: create it in place (success markers
-            # are empty, one per job, so this saves a temporary file and a rename per job).
-            os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, FILE_MODE))
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
+        tmp = self._tmp_path(target.parent)
         try:
-            os.fchmod(fd, FILE_MODE)
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
+
+    def mark(self, key: str) -> None:
+        """An empty object at `key`: a hard link to one shared empty file under the root.
+
+        Markers are many (one per job) and only their presence counts. What makes a file
+        costly on a local disk is allocating its inode; a link is only a directory entry.
+        Where links are not supported the marker is an empty file of its own.
+        """
+        target = self._path(key)
+        source = self.root / MARKER_NAME
+        for _ in range(3):
+            try:
+                self._make_parent(target)
+                os.link(source, target)
+                return
+            except FileExistsError:
+                return  # marked before
+            except FileNotFoundError:  # the shared file (first marker here) or the directory is gone
+                if not source.exists():
+                    self._renew_marker(source)
+                self._dirs.discard(target.parent)
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    break  # no hard links on this file system
+                self._renew_marker(source)  # the shared file has all the links it may have
+        os.close(os.open(target, os.O_CREAT | os.O_WRONLY, FILE_MODE))
+
+    def _renew_marker(self, source: Path) -> None:
+        """A fresh shared empty file, swapped in atomically: other processes link to it too."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_path(self.root)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
+        os.replace(tmp, source)
 
     def _make_parent(self, target: Path) -> None:
         """Create `target`'s directory once; directories known to exist are not checked again."""
@@ -177,16 +223,15 @@ class LocalStorage:
     def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         target = self._path(key)
         self._make_parent(target)
-        fd, tmp = tempfile.mkstemp(prefix=".tickq-tmp", dir=target.parent)
-        os.fchmod(fd, FILE_MODE)
-        os.close(fd)
+        tmp = self._tmp_path(target.parent)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
         try:
             with open(path, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def open_read(self, key: str) -> IO[bytes]:
@@ -330,6 +375,9 @@ class S3Storage:
             if mapped is exc:
                 raise TransientError(f"{self.describe(key)}: upload failed ({type(exc).__name__})") from exc
             raise mapped from exc
+
+    def mark(self, key: str) -> None:
+        self.write_bytes(key, b"", "application/octet-stream")
 
     def open_read(self, key: str) -> IO[bytes]:
         return cast(IO[bytes], _S3RangeReader(self, key, self.size(key)))

@@ -174,6 +174,11 @@ def test_same_run_id_again_publishes_only_unfinished_jobs_and_changes_nothing(
     rerun = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "run1")
     assert rerun["published"] == 2
     tickq.wait_all(tickq.workers(1))
+    # Those two jobs' results are now stored twice (first batch, then the rerun's): each counts once.
+    stored = [(job["security"], job["date"])
+              for batch in (tmp_path / "out" / "runs" / "run1" / "results").rglob("*.json")
+              for job in json.loads(batch.read_bytes())["jobs"]]
+    assert len(stored) == first["jobs"] + 2
     tickq.run("aggregate", "--run", "run1", "--output", output, "--wait", "60")
     assert read_csv_tables(output, "run1") == tables_before
 
@@ -225,6 +230,28 @@ def test_summary_and_exit_status_when_jobs_are_missing(tickq: Tickq, tmp_path: P
     summary = json.loads((tmp_path / "out" / "runs" / "part" / "aggregates" / "summary.json").read_text())
     assert summary["complete"] is False
     assert summary["jobs_missing"] == produced["jobs"]
+
+
+def test_damaged_or_removed_results_fail_aggregation_with_one_line(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=5_000, securities=2)
+    output = str(tmp_path / "out")
+    _run(tickq, str(data), output, workers=1, run_id="dmg")
+    batches = sorted((tmp_path / "out" / "runs" / "dmg" / "results").rglob("*.json"))
+    assert batches
+
+    good = batches[0].read_bytes()
+    batches[0].write_bytes(good[: len(good) // 2])
+    corrupt = tickq.run("aggregate", "--run", "dmg", "--output", output, check=False)
+    assert corrupt.returncode == 2
+    assert "are corrupt" in corrupt.stderr and batches[0].name in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr and len(corrupt.stderr.strip().splitlines()) == 1
+
+    for batch in batches:
+        batch.unlink()
+    removed = tickq.run("aggregate", "--run", "dmg", "--output", output, check=False)
+    assert removed.returncode == 2
+    assert "have no stored result" in removed.stderr
+    assert "Traceback" not in removed.stderr and len(removed.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

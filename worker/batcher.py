@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from shared.errors import is_transient
 from shared.messages import JobMessage
+from shared.metrics import get_logger
 from worker.job import BatchKey, BatchResult, JobOutcome
 
 IN_PROCESS_TRIES = 3
@@ -53,6 +54,7 @@ class JobBatcher:
         self._stopped = False
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._log = get_logger()
 
     def start(self) -> None:
         """Start dispatching batches."""
@@ -100,6 +102,7 @@ class JobBatcher:
                     self._waiting[key] = rest
                 else:
                     del self._waiting[key]
+                self._log.debug("batch.started", jobs=len(batch), waiting=sum(map(len, self._waiting.values())))
                 task = asyncio.create_task(self._run_batch(batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)

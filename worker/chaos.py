@@ -1,8 +1,9 @@
 """Fault injection for resilience tests: kill this process at named points of a job.
 
 Off unless ``TICKQ_CHAOS_KILL`` is set, e.g. ``before-upload:0.05,after-upload:0.05`` (point
-and probability). Points: ``before-upload`` (result computed, nothing stored),
-``after-upload`` (result and marker stored, event not published, job not acked). The kill is a
+and probability, drawn once per batch of jobs at each point). Points: ``before-upload``
+(the batch's results computed, nothing stored), ``after-upload`` (results and markers stored,
+event not published, no job acked). The kill is a
 SIGKILL: no cleanup, no goodbye to the broker, as when the kernel's OOM killer strikes.
 """
 
@@ -28,13 +29,13 @@ _PLAN = _plan()
 _ONLY_JOB = os.environ.get("TICKQ_CHAOS_ONLY_JOB")
 
 
-def maybe_kill(point: str, job_id: str) -> None:
-    """SIGKILL this process at `point` with the configured probability.
+def maybe_kill(point: str, job_ids: list[str]) -> None:
+    """SIGKILL this process at `point` of a batch of `job_ids` with the configured probability.
 
-    With ``TICKQ_CHAOS_ONLY_JOB`` set, only that job ever kills its process.
+    With ``TICKQ_CHAOS_ONLY_JOB`` set, only a batch holding that job ever kills its process.
     """
     probability = _PLAN.get(point)
-    if _ONLY_JOB is not None and job_id != _ONLY_JOB:
+    if _ONLY_JOB is not None and _ONLY_JOB not in job_ids:
         return
     if probability and random.random() < probability:
         os.kill(os.getpid(), signal.SIGKILL)

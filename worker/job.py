@@ -2,24 +2,26 @@
 
 Runs on a worker thread, never on the broker connection's event loop. Data flows one way:
 month files → bounded batches of the job's security → normalised rows of the job's trade
-date → run filters → processor → result object, then the success marker, written last.
+date → run filters → processor → one result object per batch, then each job's success
+marker, written last.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, month_files, normalise, read_batches
-from shared.layout import JobKey, RunLayout
+from shared.layout import RESULT_VERSION, JobKey, RunLayout
 from shared.messages import JobMessage, JobParams
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
@@ -280,7 +282,7 @@ def execute_batch(
     batch_rows: int = 65_536,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> list[BatchResult]:
-    """Compute jobs of one `BatchKey` in one pass; store each result, then its marker.
+    """Compute jobs of one `BatchKey` in one pass; store their results, then each marker.
 
     Returns, per job, its outcome or the exception that failed it. Idempotent: a job whose
     success marker already exists is not computed again. Never acks anything itself.
@@ -313,50 +315,80 @@ def execute_batch(
         return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]
 
     results: list[BatchResult] = list(outcomes)
-    for i, job, accumulator in zip(todo, todo_jobs, accumulators, strict=True):
-        try:
-            _store(job, accumulator, outcomes[i], output, layout, stale, worker_id, now)
-        except Exception as exc:  # this job alone failed to store
-            results[i] = exc
+    for i, failure in zip(todo, _store(todo_jobs, accumulators, [outcomes[i] for i in todo], output, layout,
+                                       stale, worker_id, now), strict=True):
+        if failure is not None:
+            results[i] = failure
     return results
 
 
 def _store(
-    job: JobMessage,
-    accumulator: JobAccumulator,
-    outcome: JobOutcome,
+    jobs: list[JobMessage],
+    accumulators: list[JobAccumulator],
+    outcomes: list[JobOutcome],
     output: Storage,
     layout: RunLayout,
     stale: set[str],
     worker_id: str,
     now: Callable[[], dt.datetime],
-) -> None:
-    """Write one job's result, then its success marker; clear its dead or retry record."""
-    key = JobKey(job.month, job.security, job.date)
-    with _Timer(outcome, "compute"):
-        data = accumulator.finish()
-    counts = {
-        "rows_read": outcome.rows_read,
-        "rows_accepted": outcome.rows_accepted,
-        "rows_rejected": outcome.rows_rejected,
-        "rows_filtered": outcome.rows_filtered,
-    }
-    result = {
-        "v": 1, "run_id": job.run_id, "job_id": job.job_id, "month": job.month,
-        "security": job.security, "date": job.date, "processor": job.processor,
-        "worker": worker_id, "finished_at": now().isoformat(), "counts": counts, "data": data,
-    }
-    body = json.dumps(result, separators=(",", ":")).encode()
-    maybe_kill("before-upload", job.job_id)
-    with _Timer(outcome, "upload"):
-        output.write_bytes(layout.result(key), body, "application/json")
-        # The (empty) marker is written last: a marker always means a complete result.
-        output.write_bytes(layout.marker(key), b"", "application/json")
-        for record in (layout.dead(key), layout.retrying(key)):
-            if record in stale:
-                output.delete(record)
-    outcome.bytes_out = len(body)
-    maybe_kill("after-upload", job.job_id)
+) -> list[Exception | None]:
+    """Write the batch's results as one object, then each job's success marker.
+
+    Returns, per job, what failed it (None for a stored job). One object per batch rather than
+    per job: a stored object costs a request (S3) or an inode (a local disk), a marker only a
+    directory entry locally.
+    """
+    failures: list[Exception | None] = [None] * len(jobs)
+    entries: list[dict[str, Any]] = []
+    stored: list[int] = []
+    for i, (job, accumulator, outcome) in enumerate(zip(jobs, accumulators, outcomes, strict=True)):
+        try:
+            with _Timer(outcome, "compute"):
+                data = accumulator.finish()
+        except Exception as exc:  # this job alone failed to finish
+            failures[i] = exc
+            continue
+        counts = {
+            "rows_read": outcome.rows_read,
+            "rows_accepted": outcome.rows_accepted,
+            "rows_rejected": outcome.rows_rejected,
+            "rows_filtered": outcome.rows_filtered,
+        }
+        entries.append({"job_id": job.job_id, "security": job.security, "date": job.date, "counts": counts,
+                        "data": data})
+        stored.append(i)
+    if not entries:
+        return failures
+    first = jobs[stored[0]]
+    body = orjson.dumps({
+        "v": RESULT_VERSION, "run_id": first.run_id, "month": first.month, "processor": first.processor,
+        "worker": worker_id, "finished_at": now().isoformat(), "jobs": entries,
+    })
+    maybe_kill("before-upload", [jobs[i].job_id for i in stored])
+    start = time.perf_counter()
+    try:
+        output.write_bytes(layout.batch_result(first.month, first.security, first.date), body, "application/json")
+    except Exception as exc:  # nothing of the batch is stored: every job fails alike
+        for i in stored:
+            failures[i] = exc
+        return failures
+    for i in stored:
+        job = jobs[i]
+        key = JobKey(job.month, job.security, job.date)
+        try:
+            # The marker comes after the result: a marker always means a stored result.
+            output.mark(layout.marker(key))
+            for record in (layout.dead(key), layout.retrying(key)):
+                if record in stale:
+                    output.delete(record)
+        except Exception as exc:  # this job alone failed to store
+            failures[i] = exc
+        outcomes[i].bytes_out = len(body) // len(stored)
+    maybe_kill("after-upload", [jobs[i].job_id for i in stored])
+    upload_s = (time.perf_counter() - start) / len(stored)
+    for i in stored:
+        outcomes[i].time("upload", upload_s)
+    return failures
 
 
 def execute_job(

@@ -1,0 +1,68 @@
+"""Local storage: atomic writes and success markers on a real file system."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from shared.storage import HIDDEN_PREFIX, LocalStorage
+
+
+def test_a_marker_is_an_empty_object_listed_like_any_other(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.mark("runs/r/succeeded/2024-03/AAA/2024-03-01.json")
+    storage.mark("runs/r/succeeded/2024-03/AAA/2024-03-01.json")  # marking again is fine
+    storage.mark("runs/r/succeeded/2024-03/BBB/2024-03-04.json")
+
+    assert storage.exists("runs/r/succeeded/2024-03/AAA/2024-03-01.json")
+    assert storage.read_bytes("runs/r/succeeded/2024-03/BBB/2024-03-04.json") == b""
+    assert [o.key for o in storage.list("runs/r/succeeded/")] == [
+        "runs/r/succeeded/2024-03/AAA/2024-03-01.json",
+        "runs/r/succeeded/2024-03/BBB/2024-03-04.json",
+    ]
+    # The shared file the markers link to is tickq's own: never listed as an object.
+    assert [o.key for o in storage.list()] == [o.key for o in storage.list("runs/")]
+
+
+def test_markers_share_one_inode_instead_of_allocating_one_each(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    keys = [f"succeeded/2024-03/S{i % 7}/{i}.json" for i in range(50)]
+    for key in keys:
+        storage.mark(key)
+    inodes = {(tmp_path / key).stat().st_ino for key in keys}
+    assert len(inodes) == 1
+    assert (tmp_path / keys[0]).stat().st_nlink >= len(keys)
+
+
+def test_markers_survive_the_shared_file_being_removed(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.mark("a/1.json")
+    for hidden in tmp_path.glob(f"{HIDDEN_PREFIX}*"):
+        hidden.unlink()
+    LocalStorage(tmp_path).mark("a/2.json")  # another process, after someone cleaned up
+    storage.mark("b/3.json")
+    assert sorted(o.key for o in storage.list()) == ["a/1.json", "a/2.json", "b/3.json"]
+    assert all(storage.read_bytes(k) == b"" for k in ("a/1.json", "a/2.json", "b/3.json"))
+
+
+def test_more_markers_than_one_file_may_have_links(tmp_path: Path) -> None:
+    # ext4 allows 65,000 links to one inode; past that a fresh shared file takes over. (On
+    # file systems without such a limit this checks that many markers simply work.)
+    storage = LocalStorage(tmp_path)
+    count = 65_010
+    for i in range(count):
+        storage.mark(f"m/{i // 1000}/{i}.json")
+    assert sum(1 for _ in storage.list("m/")) == count
+    stats = [(tmp_path / "m" / str(i // 1000) / f"{i}.json").stat() for i in [*range(0, count, 97), count - 1]]
+    assert all(s.st_size == 0 for s in stats)
+    # Either the file system capped the links and a second shared file took over, or it has
+    # no such cap and every marker is a link to the first.
+    assert len({s.st_ino for s in stats}) >= 2 or stats[0].st_nlink > count
+
+
+def test_writes_leave_no_temporary_files_behind(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    storage.write_bytes("x/result.json", b'{"a": 1}')
+    storage.write_bytes("x/result.json", b'{"a": 2}')
+    assert storage.read_bytes("x/result.json") == b'{"a": 2}'
+    assert sorted(os.listdir(tmp_path / "x")) == ["result.json"]

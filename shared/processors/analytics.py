@@ -21,7 +21,7 @@ from shared.processors.base import JobContext, StoredResult
 from shared.tables import TableSink
 
 GROUP_DIMENSIONS = ("participant", "venue", "hour", "size_bucket")
-SECURITY_DAILY_FLUSH_ROWS = 50_000
+SECURITY_DAILY_FLUSH_ROWS = 8_192
 TS_UTC = pa.timestamp("ns", tz="UTC")
 
 
@@ -129,68 +129,116 @@ class AnalyticsJob:
         return {"day": self._day.to_json() if self._day.records else None, "groups": groups}
 
 
-_DAY_AGGREGATES = [
-    ("size", "count"),
-    ("size", "sum"),
-    ("notional", "sum"),
-    ("price", "min"),
-    ("price", "max"),
-    ("buy", "sum"),
-    ("sell", "sum"),
-    ("ts", "min"),
-    ("ts", "max"),
-]
 _FLOW_AGGREGATES = [("size", "count"), ("size", "sum"), ("notional", "sum")]
+# Above this many (job, group) cells a dimension is grouped by hashing instead of counting
+# into a dense table (a participant column with very many distinct values).
+DENSE_CELLS = 1 << 20
 
 
 def accumulate(jobs: list[AnalyticsJob], rows: pa.Table, slots: np.ndarray) -> None:
     """Add accepted rows to the jobs they belong to (`slots[i]` indexes `jobs` for row i).
 
-    One vectorised group-by per dimension serves every job of a batch, so the cost per job
-    is a few dictionary updates, not a pass over its rows.
+    One vectorised pass serves every job of a batch: per-job sums, minima and maxima are
+    scattered into arrays indexed by job (and by group, for the grouped dimensions), so the
+    cost per job is a few dictionary updates, not a pass over its rows.
     """
     if rows.num_rows == 0:
         return
-    price, size = rows.column("price"), rows.column("size")
-    notional = pc.multiply(price, pc.cast(size, pa.float64()))
-    edges = jobs[0]._edges
+    count = len(jobs)
+    price = rows.column("price").to_numpy()
+    size = rows.column("size").to_numpy()
+    notional = price * size
+    ts = rows.column("ts").cast(pa.int64()).to_numpy()
     side = rows.column("side")
-    zero = pa.scalar(0, pa.int64())
-    keyed = pa.table(
-        {
-            "slot": pa.array(slots),
-            "participant": rows.column("participant"),
-            "venue": rows.column("venue"),
-            "hour": rows.column("hour"),
-            "size_bucket": pa.array(np.searchsorted(edges, notional.to_numpy(), side="right").astype(np.int64)),
-            "size": size,
-            "notional": notional,
-            "price": price,
-            "buy": pc.if_else(pc.fill_null(pc.equal(side, "B"), False), size, zero),
-            "sell": pc.if_else(pc.fill_null(pc.equal(side, "S"), False), size, zero),
-            "ts": rows.column("ts").cast(pa.int64()),
-        }
-    )
-    day = keyed.group_by("slot", use_threads=False).aggregate(_DAY_AGGREGATES)
-    for slot, records, volume, notional_sum, low, high, buy, sell, first, last in zip(
-        *(day.column(name).to_pylist() for name in (
-            "slot", "size_count", "size_sum", "notional_sum", "price_min", "price_max",
-            "buy_sum", "sell_sum", "ts_min", "ts_max",
-        )),
+    buy = pc.fill_null(pc.equal(side, "B"), False).to_numpy(zero_copy_only=False)
+    sell = pc.fill_null(pc.equal(side, "S"), False).to_numpy(zero_copy_only=False)
+
+    records = np.bincount(slots, minlength=count)
+    volume = _int_sums(slots, size, count)
+    notional_sum = np.bincount(slots, weights=notional, minlength=count)
+    buy_volume = _int_sums(slots[buy], size[buy], count)
+    sell_volume = _int_sums(slots[sell], size[sell], count)
+    low, high = np.full(count, np.inf), np.full(count, -np.inf)
+    np.minimum.at(low, slots, price)
+    np.maximum.at(high, slots, price)
+    first, last = np.full(count, np.iinfo(np.int64).max), np.full(count, np.iinfo(np.int64).min)
+    np.minimum.at(first, slots, ts)
+    np.maximum.at(last, slots, ts)
+    for slot in np.flatnonzero(records).tolist():
+        jobs[slot]._day.merge_day(
+            DaySummary(int(records[slot]), int(volume[slot]), float(notional_sum[slot]), float(low[slot]),
+                       float(high[slot]), int(buy_volume[slot]), int(sell_volume[slot]), int(first[slot]),
+                       int(last[slot]))
+        )
+
+    edges = jobs[0]._edges
+    coded: dict[str, tuple[np.ndarray, list[Any]]] = {
+        "participant": _codes(rows.column("participant")),
+        "venue": _codes(rows.column("venue")),
+        "hour": (rows.column("hour").to_numpy(), list(range(24))),
+        "size_bucket": (np.searchsorted(edges, notional, side="right"), list(range(len(edges) + 1))),
+    }
+    for dim, (codes, values) in coded.items():
+        if count * len(values) > DENSE_CELLS:
+            _accumulate_hashed(jobs, dim, slots, codes, values, size, notional)
+            continue
+        cells = slots * len(values) + codes
+        cell_records = np.bincount(cells, minlength=count * len(values))
+        cell_volume = _int_sums(cells, size, count * len(values))
+        cell_notional = np.bincount(cells, weights=notional, minlength=count * len(values))
+        for cell in np.flatnonzero(cell_records).tolist():
+            slot, code = divmod(cell, len(values))
+            _add_to(jobs[slot]._groups[dim], values[code], int(cell_records[cell]), int(cell_volume[cell]),
+                    float(cell_notional[cell]))
+
+
+def _add_to(totals: dict[Any, Totals], key: Any, records: int, volume: int, notional: float) -> None:
+    """Add sums to `totals[key]` (the hottest loop of aggregation: no object made when the key exists)."""
+    found = totals.get(key)
+    if found is None:
+        totals[key] = Totals(records, volume, notional)
+    else:
+        found.records += records
+        found.volume += volume
+        found.notional += notional
+
+
+def _int_sums(index: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
+    """Exact integer sums of `values` per `index`."""
+    sums = np.zeros(length, dtype=np.int64)
+    np.add.at(sums, index, values)
+    return sums
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[Any]]:
+    """Each row's code for a text column, and the value of each code (null is the last)."""
+    encoded = pc.dictionary_encode(column.combine_chunks())
+    values: list[Any] = [*encoded.dictionary.to_pylist(), None]
+    codes = pc.fill_null(encoded.indices, len(values) - 1).to_numpy()
+    return codes.astype(np.int64, copy=False), values
+
+
+def _accumulate_hashed(
+    jobs: list[AnalyticsJob],
+    dim: str,
+    slots: np.ndarray,
+    codes: np.ndarray,
+    values: list[Any],
+    size: np.ndarray,
+    notional: np.ndarray,
+) -> None:
+    """One dimension grouped by hashing (job, code) pairs, for dimensions with very many values."""
+    keyed = pa.table({"slot": slots, "code": codes, "size": size, "notional": notional})
+    grouped = keyed.group_by(["slot", "code"], use_threads=False).aggregate(_FLOW_AGGREGATES)
+    for slot, code, records, volume, notional_sum in zip(
+        grouped.column("slot").to_pylist(),
+        grouped.column("code").to_pylist(),
+        grouped.column("size_count").to_pylist(),
+        grouped.column("size_sum").to_pylist(),
+        grouped.column("notional_sum").to_pylist(),
         strict=True,
     ):
-        jobs[slot]._day.merge_day(DaySummary(records, volume, notional_sum, low, high, buy, sell, first, last))
-    for dim in GROUP_DIMENSIONS:
-        grouped = keyed.group_by(["slot", dim], use_threads=False).aggregate(_FLOW_AGGREGATES)
-        for slot, key, records, volume, notional_sum in zip(
-            grouped.column("slot").to_pylist(),
-            grouped.column(dim).to_pylist(),
-            grouped.column("size_count").to_pylist(),
-            grouped.column("size_sum").to_pylist(),
-            grouped.column("notional_sum").to_pylist(),
-            strict=True,
-        ):
-            jobs[slot]._groups[dim].setdefault(key, Totals()).add(records, volume, notional_sum)
+        _add_to(jobs[slot]._groups[dim], values[code], records, volume, notional_sum)
 
 
 def _sort_key(key: Any) -> tuple[int, Any]:
@@ -254,13 +302,15 @@ class _Rows:
 
     def __post_init__(self) -> None:
         self.columns = {name: [] for name in self.schema.names}
+        self._count = 0
 
     def append(self, row: dict[str, Any]) -> None:
         for name, values in self.columns.items():
             values.append(row[name])
+        self._count += 1
 
     def __len__(self) -> int:
-        return len(next(iter(self.columns.values()), []))
+        return self._count
 
     def take(self) -> pa.Table:
         table = pa.table({n: pa.array(v, self.schema.field(n).type) for n, v in self.columns.items()})
@@ -334,9 +384,9 @@ class AnalyticsProcessor:
                     for dim in GROUP_DIMENSIONS:
                         target = groups[dim]
                         for key, records, volume, notional in part.data["groups"][dim]:
-                            target.setdefault(key, Totals()).add(records, volume, notional)
+                            _add_to(target, key, records, volume, notional)
                             if dim == "hour":
-                                hourly.setdefault((date, key), Totals()).add(records, volume, notional)
+                                _add_to(hourly, (date, key), records, volume, notional)
                 if not day.records:
                     continue
                 daily_rows.append({"security": security, "trade_date": _day_date(date), **day.columns()})

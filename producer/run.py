@@ -111,6 +111,7 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
             files=found.files,
             rows_scanned=found.rows_scanned,
             rows_unassigned=found.rows_unassigned,
+            source=found.source,
             duration_s=round(time.perf_counter() - started, 3),
         )
     return keys, {"months": per_month, "months_without_input": without_input}

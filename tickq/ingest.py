@@ -9,7 +9,11 @@ CSV, CSV.gz, DBN) is rewritten as Parquet under ``<output>/M/part-NNNNN.parquet`
   pruning by statistics), statistics on, row groups of `row_group_rows` rows, zstd;
 - a sidecar ``<output>/M/_index.json`` (ignored by the input reader, like every ``_`` file)
   listing per file and per row group: rows, byte offset and size, security min/max and ts
-  min/max, so that a reader can go straight to the row groups of a security.
+  min/max, so that a reader can go straight to the row groups of a security;
+- a key sidecar ``<output>/M/_keys.parquet`` (`shared.monthkeys`): rows per (security, UTC
+  quarter hour of ts[, trade_date]), null keys included, and the parts it describes, so that
+  job discovery reads it instead of the key columns of every row. It is counted from the
+  sorted output as it is written, never from the whole month in memory.
 
 Values. Ingest never drops a row and never changes what a run computes: every column goes
 through the same element-wise normalisation a worker applies (`shared.inputs`), and that
@@ -36,8 +40,8 @@ Memory stays bounded whatever the month's size (an external sort):
 
 The distinct securities of a month are held in memory (pass 1), and local temporary disk
 must hold the month's spill and one output file. Writing a month replaces the ingest output
-(``part-*.parquet``, ``_index.json``) of an earlier ingest of that month; do not run jobs on a
-month while it is being ingested.
+(``part-*.parquet``, ``_index.json``, ``_keys.parquet``) of an earlier ingest of that month;
+do not run jobs on a month while it is being ingested.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ from shared.inputs import (
     month_files,
     read_batches,
 )
+from shared.monthkeys import KEYS_NAME, KeysWriter, part_record
 from shared.storage import Storage, open_storage
 
 __all__ = ["INDEX_NAME", "OUTPUT_SCHEMA", "add_arguments", "ingest", "main", "read_index"]
@@ -602,21 +607,32 @@ def _ingest_month(
     row_bytes = table_bytes / rows if rows else plan.row_bytes
     sort_rows = max(row_group_rows, int(budget / SORT_FACTOR / row_bytes))
     merged_buckets = 0
+    keys = KeysWriter(work / KEYS_NAME, with_trade_date=has_date)
+    keys_s = 0.0
     pool = pa.default_memory_pool()
+
+    def emit(table: pa.Table) -> None:
+        nonlocal keys_s
+        counted_at = time.perf_counter()
+        keys.add(table)
+        keys_s += time.perf_counter() - counted_at
+        out.append(table)
+
     for bucket in range(plan.buckets):
         if plan.bucket_rows[bucket] <= sort_rows:
             holder = [pa.Table.from_batches(list(spill.batches(bucket)), schema=_SPILL_SCHEMA)]
             spill.drop(bucket)
             table = _sort_releasing(holder)
-            out.append(table)
+            emit(table)
             del table
             pool.release_unused()
         else:
             merged_buckets += 1
             for piece in _merge_sorted(spill, bucket, sort_rows, work):
-                out.append(piece)
+                emit(piece)
     parts = out.close()
     entries = [_file_entry(part, month) for part in parts]
+    keys.close(month, [part_record(p.key, p.path, e["rows"]) for p, e in zip(parts, entries, strict=True)])
     sorted_at = time.perf_counter()
 
     written = set()
@@ -638,6 +654,10 @@ def _ingest_month(
     target.write_bytes(
         f"{month}/{INDEX_NAME}", json.dumps(index, indent=1).encode(), "application/json"
     )
+    # Written after the parts it describes; a reader checks them before trusting it.
+    target.write_file(f"{month}/{KEYS_NAME}", keys.path, content_type="application/vnd.apache.parquet")
+    keys_bytes = keys.path.stat().st_size
+    keys.path.unlink()
     removed, foreign = [], []
     for obj in target.list(f"{month}/"):
         name = obj.key[len(month) + 1 :]
@@ -661,12 +681,14 @@ def _ingest_month(
         "buckets": plan.buckets,
         "merged_buckets": merged_buckets,
         "spill_bytes": spill.bytes,
+        "keys_bytes": keys_bytes,
         "removed": removed,
         "other_files": foreign,
         "seconds": {
             "count": round(counted - started, 3),
             "spill": round(spilled - counted, 3),
             "sort_write": round(sorted_at - spilled, 3),
+            "keys": round(keys_s, 3),
             "upload": round(done - sorted_at, 3),
             "total": round(done - started, 3),
         },
@@ -688,8 +710,10 @@ def ingest(
     The summary has ``input``, ``output``, ``rows`` (total), ``seconds``, ``peak_rss_mb`` and
     ``months``: per month ``rows``, ``securities``, ``input_files``, ``input_bytes``, ``files``
     (URIs written), ``bytes``, ``row_groups``, ``buckets``, ``merged_buckets``,
-    ``spill_bytes``, ``removed`` (stale parts deleted), ``other_files`` (files in the output
-    month that are not ingest output: a run would read them too) and ``seconds`` per stage.
+    ``spill_bytes``, ``keys_bytes`` (the key sidecar), ``removed`` (stale parts deleted),
+    ``other_files`` (files in the output month that are not ingest output: a run would read
+    them too) and ``seconds`` per stage (``keys``, counting the key sidecar, is part of
+    ``sort_write``).
     Raises `PermanentError` for unreadable or missing input, `ValueError` for bad arguments.
     """
     if row_group_rows < 1:

@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import datetime as dt
 import io
+import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -341,6 +342,177 @@ def _counted_stream(storage: Storage, file: InputFile, counter: ByteCounter | No
         stream.close()
 
 
+class _Borrowed(io.RawIOBase):
+    """A stream lent to an Arrow reader: closing this view leaves the stream open.
+
+    Arrow closes the Python file it reads when it drops the reader, which may be before
+    the stream's owner is done with it (after a fallback, the position is still counted).
+    """
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self._inner.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        # Arrow asks for whole blocks through read(); no copy through readinto.
+        return self._inner.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+
+# Columns that Arrow's CSV reader can convert itself when their text is clean, in the order
+# tried. Arrow's CSV converters take a subset of the text `normalise` takes, with the same
+# values (tests/test_inputs_csv.py checks this), and fail the whole block on anything else;
+# the read then goes on as text, so a bad value still rejects only its own row.
+_CSV_TYPES: dict[str, tuple[pa.DataType, ...]] = {
+    "ts": (TS_UTC, pa.timestamp("ns")),
+    "price": (pa.float64(),),
+    "size": (pa.int64(),),
+}
+# What the header probe parses: enough for the header and a sample of rows.
+CSV_PROBE_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class _CsvHeader:
+    """A CSV file's column names and its first rows (the wanted columns as text)."""
+
+    names: list[str]
+    sample: pa.Table
+
+
+class _CsvFallback(Exception):
+    """The typed read stopped at something only the text read handles, after `rows` rows."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(rows)
+        self.rows = rows
+
+
+def _csv_source(stream: IO[bytes], file: InputFile) -> Any:
+    """What Arrow reads `stream` through; closing it leaves `stream` to its owner."""
+    source = pa.PythonFile(_Borrowed(stream), mode="r")
+    return pa.CompressedInputStream(source, "gzip") if file.format == "csv.gz" else source
+
+
+def _csv_convert(
+    types: dict[str, pa.DataType], include: list[str], include_missing: bool
+) -> pacsv.ConvertOptions:
+    # An empty field is null in every column; a quoted empty string is text, not null.
+    return pacsv.ConvertOptions(
+        column_types=types,
+        include_columns=include,
+        include_missing_columns=include_missing,
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=False,
+    )
+
+
+def _open_csv(source: Any, convert: pacsv.ConvertOptions, block_bytes: int) -> Any:
+    # Conversion on the calling thread (Arrow's IO thread still reads ahead): workers already
+    # run a job per core, and conversion threads cost CPU in hand-offs without shortening a
+    # streamed read of one file.
+    return pacsv.open_csv(
+        source,
+        read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=False),
+        convert_options=convert,
+    )
+
+
+def _csv_header(stream: IO[bytes], file: InputFile, columns: tuple[str, ...]) -> _CsvHeader | None:
+    """The header and first rows of a CSV file, from its first bytes; the stream is rewound.
+
+    None when they cannot be parsed (an empty or corrupt file): the text read then meets
+    the same trouble and reports it. A header longer than the probe gets a second try
+    with the block size of the real read.
+    """
+    as_text = _csv_convert({c: pa.string() for c in columns}, [], include_missing=False)
+    for size in (CSV_PROBE_BYTES, CSV_BLOCK_BYTES):
+        text = _csv_prefix(stream, file, size)
+        if text is None:
+            continue
+        try:
+            # Parsed from memory: a reader on the stream itself would read ahead from it
+            # in the background, racing the real read.
+            sample = pacsv.read_csv(
+                pa.BufferReader(text),
+                read_options=pacsv.ReadOptions(block_size=size, use_threads=False),
+                convert_options=as_text,
+            )
+        except (pa.ArrowException, OSError, EOFError):
+            return None
+        return _CsvHeader(sample.schema.names, sample)
+    return None
+
+
+def _csv_prefix(stream: IO[bytes], file: InputFile, size: int) -> bytes | None:
+    """The file's first `size` bytes of text, cut after the last whole line in them; the
+    stream is rewound. None when they hold no whole line or do not decompress."""
+    start = stream.tell()
+    try:
+        raw = stream.read(size)
+    finally:
+        stream.seek(start)
+    whole = len(raw) < size
+    if file.format == "csv.gz":
+        text = b""
+        try:
+            while raw and len(text) < size:  # member after member (bgzip writes many)
+                member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                text += member.decompress(raw, size - len(text))
+                if not member.eof:
+                    break
+                raw = member.unused_data
+        except zlib.error:
+            return None
+        whole = whole and not raw
+        raw = text[:size]
+    if whole:
+        return raw
+    end = max(raw.rfind(b"\n"), raw.rfind(b"\r"))
+    return raw[: end + 1] if end >= 0 else None
+
+
+def _csv_types(header: _CsvHeader, present: list[str]) -> dict[str, pa.DataType]:
+    """The type to read each present column as: typed where the sample rows convert."""
+    types: dict[str, pa.DataType] = {}
+    for name in present:
+        types[name] = pa.string()
+        for kind in _CSV_TYPES.get(name, ()):
+            if header.sample.num_rows == 0 or _converts(header.sample.column(name), kind):
+                types[name] = kind
+                break
+    return types
+
+
+def _converts(text: pa.ChunkedArray, kind: pa.DataType) -> bool:
+    """Whether the CSV reader should take `text` as `kind` (a guess: a wrong one costs a
+    second read of the file's start, never a different result)."""
+    if not pa.types.is_timestamp(kind):
+        text = pc.utf8_trim_whitespace(text)  # as the CSV number converters do
+    try:
+        pc.cast(text, kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
+
+
 def _csv_batches(
     storage: Storage,
     file: InputFile,
@@ -349,46 +521,101 @@ def _csv_batches(
     batch_rows: int,
     counter: ByteCounter | None,
 ) -> Iterator[pa.RecordBatch]:
+    """CSV, converted by Arrow's reader where the text allows, else as text.
+
+    The header comes first, from a probe of the file's start: a missing required column
+    is a permanent error, columns the file lacks are left out. The typed read is the fast
+    path; at the first value it cannot convert (or any other trouble) the file is read
+    again as text from the row the typed read had reached, so every row comes out once,
+    malformed values reject only their rows, and errors are the text read's, as before.
+    """
     with _counted_stream(storage, file, counter) as stream:
-        source: Any = stream
-        if file.format == "csv.gz":
-            source = pa.CompressedInputStream(pa.PythonFile(stream, mode="r"), "gzip")
-        # Every wanted column is read as text and parsed by `normalise`, so a malformed
-        # value rejects its row instead of failing the file.
-        convert = pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in columns},
-            include_columns=list(columns),
-            include_missing_columns=True,
-            strings_can_be_null=True,
-            null_values=[""],
-            quoted_strings_can_be_null=False,
-        )
+        header = _csv_header(stream, file, columns)
+        present: list[str] | None = None
+        types: dict[str, pa.DataType] = {}
+        # A header with repeated names is left to the text read, which reads it as it always did.
+        if header is not None and len(set(header.names)) == len(header.names):
+            missing = [c for c in REQUIRED_COLUMNS if c in columns and c not in header.names]
+            if missing:
+                raise _missing(file, storage, missing)
+            present = [c for c in columns if c in header.names]
+            types = _csv_types(header, present)
+        if present is None or all(t == pa.string() for t in types.values()):
+            yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, 0)
+            return
         try:
-            reader = pacsv.open_csv(
-                source,
-                read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                convert_options=convert,
-            )
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                raise PermanentError(f"{storage.describe(file.key)} is empty (no header)") from None
-            raise _unreadable(file, storage, exc) from None
-        except (pa.ArrowException, OSError, EOFError) as exc:
-            raise _unreadable(file, storage, exc) from None
-        missing = [
-            c for c in REQUIRED_COLUMNS if c in columns and pa.types.is_null(reader.schema.field(c).type)
-        ]
-        if missing:
-            raise _missing(file, storage, missing)
-        present = [c for c in columns if not pa.types.is_null(reader.schema.field(c).type)]
-        try:
-            for batch in reader:
-                batch = _filter_security(batch.select(present), wanted)
-                # CSV blocks can be large; hand them on in bounded slices.
-                for offset in range(0, batch.num_rows, batch_rows):
-                    yield batch.slice(offset, batch_rows)
-        except (pa.ArrowException, OSError, EOFError) as exc:
-            raise _unreadable(file, storage, exc) from None
+            yield from _csv_typed(stream, file, types, wanted, batch_rows)
+            return
+        except _CsvFallback as fallback:
+            done = fallback.rows
+    with _counted_stream(storage, file, counter) as stream:
+        yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, done)
+
+
+def _csv_typed(
+    stream: IO[bytes],
+    file: InputFile,
+    types: dict[str, pa.DataType],
+    wanted: tuple[str, ...] | None,
+    batch_rows: int,
+) -> Iterator[pa.RecordBatch]:
+    """The columns of `types`, converted by the reader; `_CsvFallback` when it cannot go on."""
+    rows = 0
+    try:
+        convert = _csv_convert(types, list(types), include_missing=False)
+        reader = _open_csv(_csv_source(stream, file), convert, CSV_BLOCK_BYTES)
+        for batch in reader:
+            kept = _filter_security(batch, wanted)
+            # Counted before the yields, which cannot fail: a fallback repeats no row and
+            # loses none.
+            rows += batch.num_rows
+            yield from _bounded(kept, batch_rows)
+    except (pa.ArrowException, OSError, EOFError):
+        raise _CsvFallback(rows) from None
+
+
+def _bounded(batch: pa.RecordBatch, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    # CSV blocks can be large; hand them on in bounded slices.
+    for offset in range(0, batch.num_rows, batch_rows):
+        yield batch.slice(offset, batch_rows)
+
+
+def _csv_text(
+    storage: Storage,
+    file: InputFile,
+    stream: IO[bytes],
+    columns: tuple[str, ...],
+    present: list[str] | None,
+    wanted: tuple[str, ...] | None,
+    batch_rows: int,
+    skip: int,
+) -> Iterator[pa.RecordBatch]:
+    """The `present` columns as text, from data row `skip` on (rows before it were yielded).
+
+    `present` None (header unknown): every wanted column, a lacking one as nulls. Text is
+    parsed by `normalise`, so a malformed value rejects its row instead of failing the file.
+    """
+    include = list(columns) if present is None else present
+    convert = _csv_convert({c: pa.string() for c in include}, include, include_missing=present is None)
+    try:
+        reader = _open_csv(_csv_source(stream, file), convert, CSV_BLOCK_BYTES)
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise PermanentError(f"{storage.describe(file.key)} is empty (no header)") from None
+        raise _unreadable(file, storage, exc) from None
+    except (pa.ArrowException, OSError, EOFError) as exc:
+        raise _unreadable(file, storage, exc) from None
+    try:
+        for batch in reader:
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            batch, skip = batch.slice(skip), 0
+            yield from _bounded(_filter_security(batch, wanted), batch_rows)
+    except (pa.ArrowException, OSError, EOFError) as exc:
+        raise _unreadable(file, storage, exc) from None
+    if skip:
+        raise PermanentError(f"{storage.describe(file.key)} changed while being read")
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,8 +642,23 @@ def _cast_or_null(values: pa.Array, target: pa.DataType) -> pa.Array:
     return pa.array(out, target)
 
 
+def _cast_clean(text: pa.Array, target: pa.DataType) -> pa.Array | None:
+    """`text` cast to `target` when every value parses as it stands, else None.
+
+    Arrow's parsers reject surrounding whitespace, so where this succeeds, trimming first
+    would have given the same values: clean text (the usual case) skips the trim.
+    """
+    try:
+        return pc.cast(text, target)
+    except pa.ArrowInvalid:
+        return None
+
+
 def _parse_ts_text(values: pa.Array) -> pa.Array:
     """ISO-8601 text (with or without offset; naive = UTC) or integer nanoseconds."""
+    clean = _cast_clean(values, TS_UTC)
+    if clean is not None:
+        return clean
     values = pc.utf8_trim_whitespace(values)
     try:
         return pc.cast(values, TS_UTC)
@@ -426,6 +668,13 @@ def _parse_ts_text(values: pa.Array) -> pa.Array:
         return pc.cast(pc.cast(values, pa.timestamp("ns")), TS_UTC)
     except pa.ArrowInvalid:
         pass
+    # All integers: Arrow's integer parser takes [-]digits, which the rule below takes with
+    # the same value, and hexadecimal, which the rule below rejects (hence the "x" check).
+    if not pc.any(pc.match_substring(values, "x", ignore_case=True)).as_py():
+        try:
+            return pc.cast(values, pa.int64()).view(TS_UTC)
+        except pa.ArrowInvalid:
+            pass
     is_int = pc.fill_null(pc.match_substring_regex(values, _INTEGER_TEXT), False)
     has_offset = pc.fill_null(pc.match_substring_regex(values, _ISO_WITH_OFFSET), False)
     null_text = pa.nulls(len(values), pa.string())
@@ -464,7 +713,11 @@ def _normalise_price(values: pa.Array) -> pa.Array:
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        values = pc.utf8_trim_whitespace(values.cast(pa.string()))
+        values = values.cast(pa.string())
+        clean = _cast_clean(values, pa.float64())
+        if clean is not None:
+            return clean
+        values = pc.utf8_trim_whitespace(values)
     return _cast_or_null(values, pa.float64())
 
 
@@ -480,7 +733,11 @@ def _normalise_size(values: pa.Array) -> pa.Array:
         kept = pc.if_else(pc.fill_null(integral, False), as_float, pa.scalar(None, pa.float64()))
         return pc.cast(kept, pa.int64(), safe=False)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        text = pc.utf8_trim_whitespace(values.cast(pa.string()))
+        text = values.cast(pa.string())
+        clean = _cast_clean(text, pa.int64())
+        if clean is not None:
+            return clean
+        text = pc.utf8_trim_whitespace(text)
         try:
             return pc.cast(text, pa.int64())
         except pa.ArrowInvalid:
@@ -493,8 +750,23 @@ _BUY = pa.array(["B", "BUY"])
 _SELL = pa.array(["S", "SELL", "A"])
 
 
+_CANONICAL_SIDES = pa.array(["B", "S", None], pa.string())
+
+
 def _normalise_side(values: pa.Array) -> pa.Array:
-    text = pc.utf8_upper(pc.utf8_trim_whitespace(_normalise_text(values)))
+    text = _normalise_text(values)
+    # Many feeds write B and S already, which map to themselves: nothing to do.
+    if pc.all(pc.is_in(text, value_set=_CANONICAL_SIDES)).as_py() is not False:
+        return text
+    # Otherwise a side column still holds a handful of spellings: map each distinct one
+    # once and look every row up, rather than upper-casing and matching every row.
+    encoded = pc.dictionary_encode(text)
+    return pc.take(_side_of(encoded.dictionary), encoded.indices)
+
+
+def _side_of(values: pa.Array) -> pa.Array:
+    """B or S for each spelling of a side (any case, surrounding blanks), else null."""
+    text = pc.utf8_upper(pc.utf8_trim_whitespace(values))
     null = pa.scalar(None, pa.string())
     return pc.if_else(
         pc.is_in(text, value_set=_BUY),

@@ -15,11 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Workers dead-letter a crash-looping job themselves, with tickq's headers, once its
-# delivery count reaches the crash budget; the broker's delivery limit is the backstop
-# for a job that kills its worker before the worker can look at it.
+# Workers dead-letter a crash-looping job themselves, with tickq's headers, once it has
+# killed its isolation child `crash budget` times. A delivery count only says that a worker
+# holding the job died or lost its connection, which every job it had prefetched shares, so
+# workers renew a job's count well before the broker's limit (`worker.consumer`); the limit is
+# the backstop for a message that kills its worker before the worker can look at it.
 DEFAULT_CRASH_BUDGET = 5
-BROKER_DELIVERY_LIMIT = DEFAULT_CRASH_BUDGET + 3
+BROKER_DELIVERY_LIMIT = 8
 DEFAULT_RETRY_DELAYS_S: tuple[int, ...] = (5, 30, 120, 600)
 
 

@@ -64,3 +64,25 @@ def queue_depth(url: str, queue: str) -> int:
             return int(q.declaration_result.message_count or 0)
 
     return asyncio.run(run())
+
+
+def hold_and_drop(url: str, queue: str, times: int) -> int:
+    """Take every ready message of `queue` unacked and drop the connection, `times` over.
+
+    What the broker sees when a worker holding prefetched jobs dies: each round returns
+    the messages and raises their delivery count. Returns how many messages one round held.
+    """
+
+    async def round_trip() -> int:
+        connection = await aio_pika.connect(url)
+        channel = await connection.channel()
+        q = await channel.get_queue(queue, ensure=False)
+        held = 0
+        while await q.get(no_ack=False, fail=False, timeout=5) is not None:
+            held += 1
+        await connection.close()
+        return held
+
+    counts = [asyncio.run(round_trip()) for _ in range(times)]
+    assert len(set(counts)) == 1, f"messages held per round changed: {counts}"
+    return counts[0]

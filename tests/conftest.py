@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,8 +119,16 @@ class Tickq:
     namespace: str
     workdir: Path
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    # Delay queues of `--retry-delays` other than the defaults, deleted with the namespace.
+    retry_delays: set[int] = field(default_factory=set)
+
+    def _note_retry_delays(self, args: tuple[str, ...]) -> None:
+        if "--retry-delays" in args:
+            value = args[args.index("--retry-delays") + 1]
+            self.retry_delays.update(int(x) for x in value.split(","))
 
     def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        self._note_retry_delays(args)
         result = subprocess.run(
             [sys.executable, "-m", "tickq", *args],
             env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
@@ -135,6 +143,7 @@ class Tickq:
     def start(
         self, *args: str, log_name: str | None = None, env: dict[str, str] | None = None
     ) -> subprocess.Popen[str]:
+        self._note_retry_delays(args)
         log = self.workdir / f"{log_name or args[0]}-{len(self.procs)}.log"
         handle = open(log, "w")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
@@ -201,16 +210,24 @@ async def _delete_namespace(url: str, ns: str) -> None:
     from shared.topology import Topology
 
     topology = Topology(ns)
-    connection = await aio_pika.connect(url)
+    await _delete_queues(url, topology.all_queues())
+    connection = await aio_pika.connect(url, timeout=30)
     async with connection:
-        for name in topology.all_queues():
-            channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(name)
         for name in (topology.dlx, topology.events):
             channel = await connection.channel()
             with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)
+
+
+async def _delete_queues(url: str, names: Iterable[str]) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=30)
+    async with connection:
+        for name in names:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
 
 
 @pytest.fixture
@@ -229,6 +246,10 @@ def tickq(amqp_url: str, namespace: str, tmp_path: Path, s3_server: S3Server) ->
     runner = Tickq(env, namespace, tmp_path)
     yield runner
     runner.close()
+    if runner.retry_delays:
+        from shared.topology import Topology
+
+        asyncio.run(_delete_queues(amqp_url, [Topology(namespace).retry_queue(d) for d in runner.retry_delays]))
 
 
 @pytest.fixture(autouse=True)

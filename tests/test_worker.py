@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared.messages import JobMessage, JobParams
 from shared.topology import Topology
-from tests.brokertools import drain_queue, publish_raw
+from tests.brokertools import drain_queue, hold_and_drop, publish_raw
 from tests.conftest import S3Server, Tickq, log_lines
 from tests.helpers import FaultyS3Proxy, read_tables
 from tests.reference import assert_tables_equal, reference_tables
@@ -69,6 +69,30 @@ def test_bad_messages_and_missing_input_do_not_crash_the_worker(
     assert_tables_equal(read_tables(str(output), "ok"), reference_tables(str(data), [MONTH]))
     finished = [x for x in log_lines(worker) if x.get("event") == "job.finished"]
     assert sum(1 for x in finished if x["outcome"] == "succeeded") == produced["jobs"]
+
+
+def test_jobs_whose_holders_died_more_than_the_crash_budget_run_isolated_and_succeed(
+    tickq: Tickq, amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    # A delivery count says a worker holding the job died or lost its connection; every job
+    # it had prefetched shares that, so it is no evidence against any one of them.
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH,
+                             "--run-id", "held", "--dates", "2024-03-04..2024-03-06")
+    assert hold_and_drop(amqp_url, Topology(namespace).jobs, times=6) == produced["jobs"]
+
+    worker = tickq.start("worker", "--concurrency", "2", "--idle-exit", "3", "--crash-budget", "5",
+                         env={"TICKQ_LOG_LEVEL": "debug"})
+    tickq.wait_all([worker])
+    assert drain_queue(amqp_url, Topology(namespace).dead) == []
+    started = [x for x in log_lines(worker) if x.get("event") == "job.started"]
+    # Each job was renewed once (a fresh copy carrying its 6 returns), then ran isolated.
+    assert len(started) == produced["jobs"]
+    assert all(x["returns"] == 6 and x["isolated"] is True for x in started), started
+    tickq.run("aggregate", "--run", "held", "--output", str(output))
+    expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-06")
+    assert_tables_equal(read_tables(str(output), "held"), expected)
 
 
 def _slow_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, delay_s: float, run_id: str):  # type: ignore[no-untyped-def]

@@ -4,7 +4,8 @@ One asyncio event loop owns the broker connection (so heartbeats keep flowing ho
 job runs); jobs execute on a thread pool. For each delivery:
 
 1. parse and validate the message; a poison message is dead-lettered at once;
-2. a job redelivered more often than the crash budget is dead-lettered as ``crash-loop``;
+2. a job whose holders died twice runs in an isolation child; one that killed its child
+   `crash budget` times is dead-lettered as ``crash-loop``;
 3. execute the job on a worker thread (result, then success marker);
 4. success: publish ``job.succeeded`` and wait for the broker's confirm, then ack (acks of
    jobs that finish together go out as one ``multiple`` ack: `worker.acks`);
@@ -45,7 +46,13 @@ from shared.metrics import get_logger
 from shared.observability import HealthServer, LivenessProbe, WorkerMetrics
 from shared.settings import Settings
 from shared.storage import open_storage
-from shared.topology import DEFAULT_CRASH_BUDGET, DEFAULT_RETRY_DELAYS_S, Topology, declare
+from shared.topology import (
+    BROKER_DELIVERY_LIMIT,
+    DEFAULT_CRASH_BUDGET,
+    DEFAULT_RETRY_DELAYS_S,
+    Topology,
+    declare,
+)
 from worker.acks import AckCoalescer
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
 from worker.isolation import IsolationChildren
@@ -53,7 +60,11 @@ from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, ex
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
-ISOLATE_AFTER_DELIVERIES = 2
+# A job that was in hand when two workers died may be what killed them: it runs isolated.
+ISOLATE_AFTER_RETURNS = 2
+# A redelivered job is renewed (a fresh copy carrying its returns, then an ack) at this
+# count, half the broker's limit: innocent jobs prefetched by dying workers never reach it.
+RENEW_AT_DELIVERIES = BROKER_DELIVERY_LIMIT // 2
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,11 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return 0
+
+
+def _returns(message: AbstractIncomingMessage) -> int:
+    """Deliveries of this job that ended with their worker gone, renewed copies included."""
+    return _delivery_count(message) + _header_int(message, "x-tickq-returns")
 
 
 def _header_int(message: AbstractIncomingMessage, name: str) -> int:
@@ -272,18 +288,21 @@ class Worker:
             self.stop("max-jobs")
 
     async def _hand_back(self, message: AbstractIncomingMessage) -> None:
-        """Return a job this worker never started, without charging it a delivery.
+        """Return a job this worker never started as a fresh copy, then ack the original.
 
-        A plain requeue would raise the job's delivery count and make it look like a crash
-        suspect; a confirmed copy followed by an ack keeps it clean.
+        A plain requeue would raise the job's delivery count. The copy starts the broker's
+        count afresh and carries the job's returns (deliveries that ended with their worker
+        gone), so that a suspect stays one.
         """
         headers = self._carried_headers(message)
+        if returns := _returns(message):
+            headers["x-tickq-returns"] = returns
         if await self._publish(
             self._channel.default_exchange, message.body, self.topology.jobs, message.message_id or "", headers
         ):
             await self._settle(self._acks.ack(message), "ack after hand-back")
         else:
-            await self._settle(self._requeue(message), "requeue on shutdown")
+            await self._settle(self._requeue(message), "requeue after failed hand-back")
 
     async def _handle(self, message: AbstractIncomingMessage) -> bool:
         """Settle one delivery; False when it was handed back unstarted."""
@@ -295,19 +314,22 @@ class Worker:
             return True
         log = self.log.bind(run_id=job.run_id, job_id=job.job_id)
         deliveries = _delivery_count(message)
+        returns = _returns(message)
         crashes = _header_int(message, "x-tickq-crashes")
-        if deliveries + crashes >= self.options.crash_budget:
-            crash = PermanentError(
-                f"job was delivered {deliveries + crashes + 1} times without finishing: its worker died each time"
-            )
+        if crashes >= self.options.crash_budget:
+            # Counted by a worker with a larger budget: this worker's budget is spent.
+            crash = PermanentError(f"job killed its process {crashes} times")
             await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
             return True
+        if deliveries >= RENEW_AT_DELIVERIES:
+            await self._hand_back(message)
+            return False
         attempt = _attempts(message) + 1
         # A job that was in hand when two workers died may be what killed them: run it in a
         # child process, so that if it kills again only it is blamed. (One death is most
         # often someone else's job: those run as usual, with their month's batch.)
-        suspect = deliveries >= ISOLATE_AFTER_DELIVERIES or crashes > 0
-        log.debug("job.started", attempt=attempt, deliveries=deliveries + 1, isolated=suspect)
+        suspect = returns >= ISOLATE_AFTER_RETURNS or crashes > 0
+        log.debug("job.started", attempt=attempt, returns=returns, isolated=suspect)
         try:
             if suspect:
                 outcome = await self._execute_isolated(message.body)

@@ -14,7 +14,7 @@ def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str
     """Publish raw bodies to the namespace's job queue, confirmed."""
 
     async def run() -> None:
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(url, timeout=30)
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             from shared.topology import declare
@@ -33,7 +33,7 @@ def drain_queue(url: str, queue: str, requeue: bool = True) -> list[aio_pika.abc
     """Every message now in `queue` (handed back afterwards unless `requeue` is False)."""
 
     async def run() -> list[Any]:
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(url, timeout=30)
         async with connection:
             channel = await connection.channel()
             q = await channel.get_queue(queue, ensure=False)
@@ -57,7 +57,7 @@ def queue_depth(url: str, queue: str) -> int:
     """Messages ready in `queue`."""
 
     async def run() -> int:
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(url, timeout=30)
         async with connection:
             channel = await connection.channel()
             q = await channel.declare_queue(queue, passive=True)
@@ -74,7 +74,7 @@ def hold_and_drop(url: str, queue: str, times: int) -> int:
     """
 
     async def round_trip() -> int:
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(url, timeout=30)
         channel = await connection.channel()
         q = await channel.get_queue(queue, ensure=False)
         held = 0

@@ -201,7 +201,8 @@ def namespace(amqp_url: str) -> Iterator[str]:
     """A namespace of its own for this test; its queues and exchanges are deleted after."""
     ns = f"tqtest-{uuid.uuid4().hex[:10]}"
     yield ns
-    asyncio.run(_delete_namespace(amqp_url, ns))
+    # Bounded: a broker that stopped answering fails this teardown instead of hanging the run.
+    asyncio.run(asyncio.wait_for(_delete_namespace(amqp_url, ns), timeout=120))
 
 
 async def _delete_namespace(url: str, ns: str) -> None:
@@ -249,7 +250,8 @@ def tickq(amqp_url: str, namespace: str, tmp_path: Path, s3_server: S3Server) ->
     if runner.retry_delays:
         from shared.topology import Topology
 
-        asyncio.run(_delete_queues(amqp_url, [Topology(namespace).retry_queue(d) for d in runner.retry_delays]))
+        names = [Topology(namespace).retry_queue(d) for d in runner.retry_delays]
+        asyncio.run(asyncio.wait_for(_delete_queues(amqp_url, names), timeout=120))
 
 
 @pytest.fixture(autouse=True)

@@ -38,8 +38,36 @@ def _tickq(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run([PY, "-m", "tickq", *args], check=True, capture_output=True, text=True, env=env)
 
 
+# Every namespace a benchmark used: its queues and exchanges are deleted when it ends, so that
+# runs leave no queues (nor unconsumed job events) on the broker.
+_NAMESPACES: list[str] = []
+
+
 def _env(namespace: str) -> dict[str, str]:
+    _NAMESPACES.append(namespace)
     return {**os.environ, "TICKQ_NAMESPACE": namespace}
+
+
+def _drop_namespaces() -> None:
+    import asyncio
+
+    import aio_pika
+
+    from shared.settings import Settings
+    from shared.topology import Topology
+
+    async def drop() -> None:
+        connection = await aio_pika.connect(Settings.load().amqp_url, timeout=30)
+        async with connection:
+            channel = await connection.channel()
+            for ns in _NAMESPACES:
+                topology = Topology(ns)
+                for queue in topology.all_queues():
+                    await channel.queue_delete(queue)
+                for exchange in (topology.dlx, topology.events):
+                    await channel.exchange_delete(exchange)
+
+    asyncio.run(drop())
 
 
 def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True) -> tuple[Path, Path]:
@@ -247,10 +275,11 @@ def cmd_producer(args: argparse.Namespace) -> None:
     from shared.topology import Topology
 
     ns = f"bench-{uuid.uuid4().hex[:8]}"
+    env = _env(ns)
     settings = Settings.load(namespace=ns)
     _tickq("gen", "--out", str(args.work / "tiny"), "--months", MONTH, "--rows", "1000", "--securities", "2")
     _tickq("produce", "--input", str(args.work / "tiny"), "--output", str(args.work / "tiny-out"), "--months", MONTH,
-           "--quiet", env=_env(ns))  # declares the namespace's queues
+           "--quiet", env=env)  # declares the namespace's queues
     topology = Topology(ns)
     days = [f"2024-03-{d:02d}" for d in range(1, 29)]
     messages = [
@@ -266,7 +295,6 @@ def cmd_producer(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t0
         _row(target="producer", jobs=count, confirm_window=window, seconds=round(seconds, 3),
              jobs_per_s=round(count / seconds))
-    subprocess.run(["rabbitmqctl", "delete_queue", topology.jobs], capture_output=True, check=False)
 
 
 def _stored_run(out: Path, jobs: int) -> str:
@@ -419,8 +447,11 @@ def main() -> None:
         args.rows = int(args.rows)
     if args.target != "aggregator":
         args.jobs = int(args.jobs)
-    {"e2e": cmd_e2e, "per-job": cmd_per_job, "memory": cmd_memory, "producer": cmd_producer,
-     "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator}[args.target](args)
+    try:
+        {"e2e": cmd_e2e, "per-job": cmd_per_job, "memory": cmd_memory, "producer": cmd_producer,
+         "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator}[args.target](args)
+    finally:
+        _drop_namespaces()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ results (`aggregator.tables.aggregate_run`), so a duplicate event, a replay of a
 in fact succeeded, or the service's own crash and restart cannot count a job twice. An event
 is acked only after its effect is durable: on a crash it is redelivered, and the run's state
 is rebuilt from storage when the service first sees it again.
+
+The event queue is bounded (`shared.topology`): when the service falls far behind, or is not
+running at all, the oldest events are dropped. So a run that stays unaccounted with no event
+for `resync_after_s` has its state read again from storage, and is aggregated if that shows
+every job accounted for.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from shared.topology import Topology, declare
 EVENT_PREFETCH = 200
 HEARTBEAT_INTERVAL_S = 10.0
 FORGET_WRITTEN_AFTER_S = 3600.0
+DEFAULT_RESYNC_AFTER_S = 60.0
+# A stalled run (no job finishing) is read again less and less often: reading a large run's
+# state lists every marker.
+MAX_RESYNC_INTERVAL_S = 3600.0
 
 
 @dataclass
@@ -43,6 +52,8 @@ class _Run:
     state: RunState
     written_signature: tuple[int, int] | None = None
     touched: float = 0.0
+    synced: float = 0.0
+    resync_interval: float = 0.0
 
     def signature(self) -> tuple[int, int]:
         return (len(self.state.succeeded), len(self.state.dead))
@@ -57,8 +68,10 @@ class AggregatorService:
         idle_exit_s: float | None = None,
         heartbeat_file: Path | None = None,
         health_port: int | None = None,
+        resync_after_s: float = DEFAULT_RESYNC_AFTER_S,
     ) -> None:
         self.settings = settings
+        self.resync_after_s = resync_after_s
         self.topology = Topology(settings.namespace)
         self.idle_exit_s = idle_exit_s
         self.heartbeat_file = heartbeat_file
@@ -122,6 +135,8 @@ class AggregatorService:
                     self.heartbeat_file.touch()
                 self.log.info("aggregator.heartbeat", runs_tracked=len(self.runs), aggregations=self.aggregations)
                 self._forget_old_runs(now)
+            if not self._lock.locked():
+                await self._resync_quiet_runs(now)
             idle = self.idle_exit_s is not None and now - self._last_activity >= self.idle_exit_s
             if idle and not self._lock.locked():
                 self.stop("idle")
@@ -131,6 +146,26 @@ class AggregatorService:
         for key, run in list(self.runs.items()):
             if run.written_signature is not None and now - run.touched > FORGET_WRITTEN_AFTER_S:
                 del self.runs[key]
+
+    async def _resync_quiet_runs(self, now: float) -> None:
+        """Read again from storage the state of runs left unaccounted with no recent event."""
+        quiet = [
+            run for run in self.runs.values()
+            if not run.state.accounted
+            and now - max(run.touched, run.synced) >= max(run.resync_interval, self.resync_after_s)
+        ]
+        for run in quiet:
+            async with self._lock:
+                run.synced = time.monotonic()
+                known = run.signature()
+                try:
+                    await self._aggregate_if_accounted(run, resync=True)
+                except Exception as exc:  # storage trouble: the next resync tries again
+                    self.log.warning("aggregator.resync_failed", run_id=run.run_id, error=one_line(exc))
+                stalled = run.signature() == known
+                run.resync_interval = (
+                    min(2 * max(run.resync_interval, self.resync_after_s), MAX_RESYNC_INTERVAL_S) if stalled else 0.0
+                )
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
         self._last_activity = time.monotonic()
@@ -175,10 +210,21 @@ class AggregatorService:
             elif job not in run.state.succeeded:
                 run.state.dead.add(job)
         run.touched = time.monotonic()
+        run.resync_interval = 0.0
         if run.state.accounted and run.written_signature != run.signature():
-            storage = open_storage(run.output, self.settings.s3_endpoint_url)
-            state = await loop.run_in_executor(None, load_state, storage, RunLayout(run.run_id))
-            run.state = state
+            await self._aggregate_if_accounted(run)
+
+    async def _aggregate_if_accounted(self, run: _Run, resync: bool = False) -> None:
+        """Read the run's state from storage; write its tables if every job is accounted for."""
+        loop = asyncio.get_running_loop()
+        storage = open_storage(run.output, self.settings.s3_endpoint_url)
+        state = await loop.run_in_executor(None, load_state, storage, RunLayout(run.run_id))
+        known = run.signature()
+        run.state = state
+        if resync:
+            self.log.info("aggregator.resynced", run_id=run.run_id, events_missed=run.signature() != known,
+                          accounted=state.accounted)
+        if state.accounted and run.written_signature != run.signature():
             result = await loop.run_in_executor(None, aggregate_run, storage, run.run_id, state)
             run.written_signature = run.signature()
             self.aggregations += 1
@@ -197,6 +243,7 @@ async def run_aggregator(
     idle_exit_s: float | None = None,
     heartbeat_file: Path | None = None,
     health_port: int | None = None,
+    resync_after_s: float = DEFAULT_RESYNC_AFTER_S,
 ) -> None:
     """Run the aggregator service until stopped."""
-    await AggregatorService(settings, idle_exit_s, heartbeat_file, health_port).run()
+    await AggregatorService(settings, idle_exit_s, heartbeat_file, health_port, resync_after_s).run()

@@ -23,6 +23,8 @@ from typing import Any
 DEFAULT_CRASH_BUDGET = 5
 BROKER_DELIVERY_LIMIT = 8
 DEFAULT_RETRY_DELAYS_S: tuple[int, ...] = (5, 30, 120, 600)
+# Job events kept for the aggregator service at most (a few hundred bytes each).
+EVENTS_MAX_LENGTH = 200_000
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,13 @@ class Topology:
         return {"x-queue-type": "quorum"}
 
     def events_arguments(self) -> dict[str, Any]:
-        """Arguments of the aggregator's event queue."""
-        return {"x-queue-type": "quorum"}
+        """Arguments of the aggregator's event queue: bounded, dropping the oldest events.
+
+        Events only say when to aggregate (stored results and markers are the truth, and the
+        aggregator service reads them again for a run whose events went missing). Unbounded,
+        the queue would keep every event of every run aggregated with `tickq aggregate` alone.
+        """
+        return {"x-queue-type": "quorum", "x-max-length": EVENTS_MAX_LENGTH, "x-overflow": "drop-head"}
 
     def all_queues(self) -> list[str]:
         """Every queue of the namespace."""

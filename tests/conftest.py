@@ -127,11 +127,13 @@ class Tickq:
             value = args[args.index("--retry-delays") + 1]
             self.retry_delays.update(int(x) for x in value.split(","))
 
-    def run(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         self._note_retry_delays(args)
         result = subprocess.run(
             [sys.executable, "-m", "tickq", *args],
-            env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
+            env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
         )
         if check and result.returncode != 0:
             raise AssertionError(

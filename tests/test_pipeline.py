@@ -3,8 +3,11 @@ computation of every table (tests/reference.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import S3Server, Tickq, log_lines
+from shared.topology import Topology
+from tests.brokertools import queue_depth
+from tests.conftest import S3Server, Tickq, _delete_namespace, log_lines
 from tests.helpers import read_csv_tables, read_summary, read_tables, upload_dir
 from tests.reference import assert_tables_equal, reference_counts, reference_tables
 
@@ -219,6 +224,42 @@ def test_aggregator_service_writes_the_same_tables_as_aggregate(tickq: Tickq, tm
     tickq.run("aggregate", "--run", "svc", "--output", output)
     assert read_csv_tables(output, "svc") == from_service
     assert_tables_equal(read_tables(output, "svc"), reference_tables(str(data), [MONTH]))
+
+
+def test_aggregator_service_writes_a_run_whose_later_events_it_never_got(
+    tickq: Tickq, tmp_path: Path, amqp_url: str
+) -> None:
+    # The event queue drops its oldest events when it is full. The service reads the state of
+    # a run that stays unaccounted with no event for --resync-after seconds again from storage.
+    data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    output = str(tmp_path / "out")
+    args = ("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "lost")
+    produced = tickq.produce(*args)
+    tickq.wait_all([tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--max-jobs", "3")])
+    service = tickq.start("aggregator", "--idle-exit", "120", "--resync-after", "1")
+    events = Topology(tickq.namespace).aggregator_events
+    deadline = time.monotonic() + 60
+    while queue_depth(amqp_url, events) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert queue_depth(amqp_url, events) == 0  # the service has seen the first jobs' events
+    # The other jobs run in another namespace: their events never reach this service.
+    other = f"{tickq.namespace}-other"
+    try:
+        tickq.run("produce", *args, "--quiet", env={"TICKQ_NAMESPACE": other})
+        tickq.wait_all([tickq.start("worker", "--idle-exit", "3", env={"TICKQ_NAMESPACE": other})])
+    finally:
+        asyncio.run(_delete_namespace(amqp_url, other))
+    deadline = time.monotonic() + 120
+    while not [x for x in log_lines(service) if x.get("event") == "aggregator.run_written"]:
+        assert service.poll() is None and time.monotonic() < deadline, log_lines(service)[-5:]
+        time.sleep(0.2)
+    service.send_signal(signal.SIGTERM)
+    tickq.wait_all([service], timeout=60)
+    lines = log_lines(service)
+    assert any(x["event"] == "aggregator.resynced" and x["events_missed"] for x in lines)
+    [written] = [x for x in lines if x.get("event") == "aggregator.run_written"]
+    assert written["complete"] is True and written["succeeded"] == produced["jobs"]
+    assert_tables_equal(read_tables(output, "lost"), reference_tables(str(data), [MONTH]))
 
 
 def test_summary_and_exit_status_when_jobs_are_missing(tickq: Tickq, tmp_path: Path) -> None:

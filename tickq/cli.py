@@ -282,7 +282,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logs(args, "aggregator")
     heartbeat = Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE))
-    asyncio.run(run_aggregator(settings, args.idle_exit, heartbeat, args.health_port))
+    asyncio.run(run_aggregator(settings, args.idle_exit, heartbeat, args.health_port, args.resync_after))
     return EXIT_OK
 
 
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregator", help="the aggregation service: writes runs' tables as they complete")
     p.add_argument("--idle-exit", type=_seconds, help="exit after this many idle seconds")
     p.add_argument("--health-port", type=int, help="serve /healthz and /metrics on this port")
+    p.add_argument("--resync-after", type=_seconds, default=60.0,
+                   help="read a run's state again from storage after this many seconds without an event "
+                        "while it is unaccounted (events dropped from the bounded queue) (default 60)")
     _common(p)
     p.set_defaults(func=cmd_aggregator)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -50,10 +51,18 @@ def discover_month(
     Raises `PermanentError` when the month has no input or a file is unreadable.
     """
     files = month_files(storage, month)
-    found = _from_keys(storage, month, files, market_tz, securities, dates)
-    if found is None:
-        found = _scan(storage, month, files, market_tz, securities, dates)
+    source, counted = "keys", _counts_from_keys(storage, month, files, market_tz)
+    if counted is None:
+        source, counted = "scan", _counts_from_rows(storage, files, market_tz)
+    found = MonthDiscovery(month, files=len(files), source=source)
+    for rows_seen, counts in counted:
+        found.rows_scanned += rows_seen
+        _tally(found, counts, securities, dates)
     return found
+
+
+# Rows seen, and their counts per (security, trade_date) as columns security, trade_date, count.
+_Counted = Iterable[tuple[int, pa.Table]]
 
 
 def _tally(
@@ -81,15 +90,8 @@ def _tally(
         found.rows[(sec, day.isoformat())] += n
 
 
-def _from_keys(
-    storage: Storage,
-    month: str,
-    files: list[InputFile],
-    market_tz: str,
-    securities: set[str] | None,
-    dates: set[dt.date] | None,
-) -> MonthDiscovery | None:
-    """Discovery from the month's key sidecar; None when there is none or it is not usable."""
+def _counts_from_keys(storage: Storage, month: str, files: list[InputFile], market_tz: str) -> _Counted | None:
+    """Counts from the month's key sidecar; None when there is none or it is not usable."""
     keys = read_keys(storage, month, files)
     if keys is None or not quarters_share_dates(month, market_tz, keys.column("quarter")):
         return None
@@ -99,25 +101,14 @@ def _from_keys(
     day = pc.coalesce(keys.column("trade_date").combine_chunks(), derived)
     table = pa.table({"security": keys.column("security"), "trade_date": day, "rows": keys.column("rows")})
     counts = table.group_by(["security", "trade_date"], use_threads=False).aggregate([("rows", "sum")])
-    found = MonthDiscovery(month, files=len(files), source="keys")
-    found.rows_scanned = pc.sum(keys.column("rows")).as_py() or 0
-    _tally(found, counts.select(["security", "trade_date", "rows_sum"]), securities, dates)
-    return found
+    rows_seen = pc.sum(keys.column("rows")).as_py() or 0
+    return [(rows_seen, counts.select(["security", "trade_date", "rows_sum"]))]
 
 
-def _scan(
-    storage: Storage,
-    month: str,
-    files: list[InputFile],
-    market_tz: str,
-    securities: set[str] | None,
-    dates: set[dt.date] | None,
-) -> MonthDiscovery:
-    """Discovery from the key columns of every row of the month."""
-    found = MonthDiscovery(month, files=len(files))
+def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) -> _Counted:
+    """Counts from the key columns of every row of the month, a batch at a time."""
     for file in files:
         for batch in read_batches(storage, file, KEY_COLUMNS):
-            found.rows_scanned += batch.num_rows
             security = batch.column("security")
             if pa.types.is_dictionary(security.type):
                 security = security.dictionary_decode()
@@ -126,5 +117,4 @@ def _scan(
             counts = table.group_by(["security", "trade_date"], use_threads=False).aggregate(
                 [([], "count_all")]
             )
-            _tally(found, counts.select(["security", "trade_date", "count_all"]), securities, dates)
-    return found
+            yield batch.num_rows, counts.select(["security", "trade_date", "count_all"])

@@ -159,10 +159,12 @@ class AggregatorService:
                 run.synced = time.monotonic()
                 known = run.signature()
                 try:
-                    await self._aggregate_if_accounted(run, resync=True)
+                    await self._aggregate_if_accounted(run)
                 except Exception as exc:  # storage trouble: the next resync tries again
                     self.log.warning("aggregator.resync_failed", run_id=run.run_id, error=one_line(exc))
                 stalled = run.signature() == known
+                self.log.info("aggregator.resynced", run_id=run.run_id, events_missed=not stalled,
+                              accounted=run.state.accounted)
                 run.resync_interval = (
                     min(2 * max(run.resync_interval, self.resync_after_s), MAX_RESYNC_INTERVAL_S) if stalled else 0.0
                 )
@@ -214,16 +216,12 @@ class AggregatorService:
         if run.state.accounted and run.written_signature != run.signature():
             await self._aggregate_if_accounted(run)
 
-    async def _aggregate_if_accounted(self, run: _Run, resync: bool = False) -> None:
+    async def _aggregate_if_accounted(self, run: _Run) -> None:
         """Read the run's state from storage; write its tables if every job is accounted for."""
         loop = asyncio.get_running_loop()
         storage = open_storage(run.output, self.settings.s3_endpoint_url)
         state = await loop.run_in_executor(None, load_state, storage, RunLayout(run.run_id))
-        known = run.signature()
         run.state = state
-        if resync:
-            self.log.info("aggregator.resynced", run_id=run.run_id, events_missed=run.signature() != known,
-                          accounted=state.accounted)
         if state.accounted and run.written_signature != run.signature():
             result = await loop.run_in_executor(None, aggregate_run, storage, run.run_id, state)
             run.written_signature = run.signature()

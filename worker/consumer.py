@@ -60,7 +60,6 @@ from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, ex
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
-# A job that was in hand when two workers died may be what killed them: it runs isolated.
 ISOLATE_AFTER_RETURNS = 2
 # A redelivered job is renewed (a fresh copy carrying its returns, then an ack) at this
 # count, half the broker's limit: innocent jobs prefetched by dying workers never reach it.
@@ -318,8 +317,7 @@ class Worker:
         crashes = _header_int(message, "x-tickq-crashes")
         if crashes >= self.options.crash_budget:
             # Counted by a worker with a larger budget: this worker's budget is spent.
-            crash = PermanentError(f"job killed its process {crashes} times")
-            await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
+            await self._dead_letter_crash_loop(message, job, crashes, started)
             return True
         if deliveries >= RENEW_AT_DELIVERIES:
             await self._hand_back(message)
@@ -396,6 +394,12 @@ class Worker:
             execute_isolated, body, self.settings.s3_endpoint_url, self.identity, self.options.batch_rows
         )
 
+    async def _dead_letter_crash_loop(
+        self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float
+    ) -> None:
+        crash = PermanentError(f"job killed its process {crashes} times")
+        await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
+
     async def _requeue_after_crash(
         self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float
     ) -> None:
@@ -403,8 +407,7 @@ class Worker:
         # Only crashes in isolation count here: redeliveries after a worker died are shared by
         # every job that worker had prefetched, and would condemn innocent jobs with the guilty.
         if crashes >= self.options.crash_budget:
-            crash = PermanentError(f"job killed its process {crashes} times")
-            await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
+            await self._dead_letter_crash_loop(message, job, crashes, started)
             return
         headers = self._carried_headers(message)
         headers["x-tickq-crashes"] = crashes

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.inputs import KEY_COLUMNS, InputFile, local_time, month_files, read_batches, trade_dates
+from shared.inputs import KEY_COLUMNS, InputFile, month_files, read_batches, trade_dates
+from shared.markettime import local_time
 from shared.messages import is_valid_security
 from shared.monthkeys import quarters_share_dates, read_keys
 from shared.storage import Storage

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from shared.dbn import DBN_COLUMNS, DbnError, dbn_batches
 from shared.errors import PermanentError
+from shared.markettime import local_time
 from shared.storage import Storage
 
 REQUIRED_COLUMNS = ("ts", "security", "price", "size")
@@ -787,25 +788,6 @@ def _normalise_trade_date(values: pa.Array) -> pa.Array:
         text = pc.utf8_trim_whitespace(values.cast(pa.string()))
         return _cast_or_null(text, pa.date32())
     return pa.nulls(len(values), pa.date32())
-
-
-@dataclass(frozen=True)
-class LocalTime:
-    """Market-time components of each row's timestamp."""
-
-    trade_date: pa.Array
-    hour: pa.Array
-    minute_of_day: pa.Array
-
-
-def local_time(ts: pa.Array, market_tz: str) -> LocalTime:
-    """trade_date, hour and minute of day of UTC timestamps in `market_tz`."""
-    local = ts if market_tz == "UTC" else pc.local_timestamp(ts.cast(pa.timestamp("ns", tz=market_tz)))
-    if market_tz == "UTC":
-        local = ts.cast(pa.timestamp("ns"))
-    hour = pc.cast(pc.hour(local), pa.int64())
-    minute = pc.add(pc.multiply(hour, 60), pc.cast(pc.minute(local), pa.int64()))
-    return LocalTime(pc.cast(local, pa.date32()), hour, minute)
 
 
 def _column(batch: pa.RecordBatch, name: str) -> pa.Array | None:

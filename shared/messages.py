@@ -15,6 +15,7 @@ import re
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import PoisonError
@@ -250,9 +251,9 @@ def parse_job(body: bytes) -> JobMessage:
     if len(body) > MAX_MESSAGE_BYTES:
         raise PoisonError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PoisonError(f"message body is not JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonError(f"message body is not JSON ({exc.msg})") from None
     if not isinstance(data, dict):
         raise PoisonError("message body is not a JSON object")
     if data.get("v") != MESSAGE_VERSION:

@@ -15,11 +15,12 @@ import contextlib
 import datetime as dt
 import io
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -49,15 +50,19 @@ DEFAULT_BATCH_ROWS = 65_536
 PARQUET_BUFFER_BYTES = 1 << 20
 CSV_BLOCK_BYTES = 4 << 20
 
+# Text columns of normalised rows are labels: dictionary-encoded strings, so that each
+# distinct value is normalised, matched and grouped once per batch rather than once per row.
+LABEL = pa.dictionary(pa.int32(), pa.string())
+LABEL_COLUMNS = ("security", "side", "participant", "venue")
 NORMALISED_SCHEMA = pa.schema(
     [
         ("ts", TS_UTC),
-        ("security", pa.string()),
+        ("security", LABEL),
         ("price", pa.float64()),
         ("size", pa.int64()),
-        ("side", pa.string()),
-        ("participant", pa.string()),
-        ("venue", pa.string()),
+        ("side", LABEL),
+        ("participant", LABEL),
+        ("venue", LABEL),
         ("trade_date", pa.date32()),
         ("hour", pa.int64()),
         ("minute_of_day", pa.int64()),
@@ -232,10 +237,22 @@ def _filter_security(batch: pa.RecordBatch, wanted: tuple[str, ...] | None) -> p
     if wanted is None or batch.num_rows == 0:
         return batch
     column = batch.column("security")
-    if not pa.types.is_string(column.type):
-        column = column.cast(pa.string())
-    match = pc.equal(column, wanted[0]) if len(wanted) == 1 else pc.is_in(column, value_set=pa.array(wanted))
-    return batch.filter(pc.fill_null(match, False))
+    if pa.types.is_dictionary(column.type):
+        # Each distinct code is matched once, every row by its index.
+        codes, values = label_codes(column)
+        match = np.append(_matches(values, wanted), False)[codes]
+    else:
+        match = _matches(column, wanted)
+    return batch if match.all() else batch.filter(pa.array(match))
+
+
+def _matches(values: pa.Array, wanted: tuple[str, ...]) -> np.ndarray:
+    """Whether each value is a wanted security (null is not)."""
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    match = pc.equal(values, wanted[0]) if len(wanted) == 1 else pc.is_in(values, value_set=pa.array(wanted))
+    result: np.ndarray = pc.fill_null(match, False).to_numpy(zero_copy_only=False)
+    return result
 
 
 def _parquet_batches(
@@ -250,12 +267,14 @@ def _parquet_batches(
     source = _CountingReader(storage.open_read(file.key))
     try:
         try:
-            parquet = pq.ParquetFile(
-                source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES
-            )
+            parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+            names = parquet.schema_arrow.names
+            labels = [c for c in LABEL_COLUMNS if c in columns and c in names]
+            if labels:  # text read as dictionaries: no string copied per row (footer parsed once)
+                parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES,
+                                         metadata=parquet.metadata, read_dictionary=labels)
         except (pa.ArrowException, OSError) as exc:
             raise _unreadable(file, storage, exc) from None
-        names = parquet.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c in columns and c not in names]
         if missing:
             raise _missing(file, storage, missing)
@@ -276,6 +295,11 @@ def _parquet_batches(
         if counter is not None:
             counter.bytes += source.bytes_read
         source.close()
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """String, or dictionary-encoded string (as label columns are read)."""
+    return pa.types.is_string(kind) or (pa.types.is_dictionary(kind) and pa.types.is_string(kind.value_type))
 
 
 def _stat_range(stats: Any) -> tuple[Any, Any] | None:
@@ -302,7 +326,7 @@ def _row_groups_to_read(
     keep: list[int] = []
     for i in range(meta.num_row_groups):
         group = meta.row_group(i)
-        if sec_idx >= 0 and pa.types.is_string(schema.field(sec_idx).type):
+        if sec_idx >= 0 and _is_text(schema.field(sec_idx).type):
             bounds = _stat_range(group.column(sec_idx).statistics)
             if bounds is not None:
                 low, high = (b.decode() if isinstance(b, bytes) else b for b in bounds)
@@ -803,20 +827,24 @@ def normalise(batch: pa.RecordBatch, market_tz: str) -> tuple[pa.Table, pa.Array
     """
     n = batch.num_rows
     ts = _normalise_ts(batch.column("ts"))
-    security = _normalise_text(batch.column("security"))
+    security = _labels(batch.column("security"), _normalise_text)
     price = _normalise_price(batch.column("price"))
     size = _normalise_size(batch.column("size"))
-    side_raw, participant_raw = _column(batch, "side"), _column(batch, "participant")
-    venue_raw, date_raw = _column(batch, "venue"), _column(batch, "trade_date")
-    side = _normalise_side(side_raw) if side_raw is not None else pa.nulls(n, pa.string())
-    participant = _normalise_text(participant_raw) if participant_raw is not None else pa.nulls(n, pa.string())
-    venue = _normalise_text(venue_raw) if venue_raw is not None else pa.nulls(n, pa.string())
+    side, participant, venue = (
+        _labels(raw, _normalise_side if name == "side" else _normalise_text) if raw is not None else _no_labels(n)
+        for name, raw in (("side", _column(batch, "side")), ("participant", _column(batch, "participant")),
+                          ("venue", _column(batch, "venue")))
+    )
+    date_raw = _column(batch, "trade_date")
     local = local_time(ts, market_tz)
     trade_date = local.trade_date
     if date_raw is not None:
         trade_date = pc.coalesce(_normalise_trade_date(date_raw), trade_date)
+    codes, values = label_codes(security)
+    named = np.append(pc.fill_null(pc.greater(pc.utf8_length(values), 0), False).to_numpy(zero_copy_only=False),
+                      False)[codes]
     valid = pc.and_(
-        pc.and_(pc.is_valid(ts), pc.greater(pc.utf8_length(security), 0)),
+        pc.and_(pc.is_valid(ts), pa.array(named)),
         pc.and_(
             pc.and_(pc.is_finite(price), pc.greater(price, 0.0)),
             pc.greater(size, 0),
@@ -827,6 +855,41 @@ def normalise(batch: pa.RecordBatch, market_tz: str) -> tuple[pa.Table, pa.Array
         schema=NORMALISED_SCHEMA,
     )
     return table, pc.fill_null(valid, False)
+
+
+def _labels(values: pa.Array, normalise_values: Callable[[pa.Array], pa.Array]) -> pa.Array:
+    """A text column as labels (`LABEL`): each distinct value normalised once.
+
+    The dictionary holds distinct, non-null values; a value that normalises to null makes
+    its rows null.
+    """
+    if pa.types.is_null(values.type):
+        return _no_labels(len(values))
+    encoded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
+    normalised = normalise_values(encoded.dictionary)
+    clean = normalised.null_count == 0 and normalised.equals(encoded.dictionary)
+    if clean and pc.count_distinct(normalised).as_py() == len(normalised):  # already distinct and normalised
+        return pa.DictionaryArray.from_arrays(encoded.indices.cast(pa.int32()), normalised)
+    distinct = pc.dictionary_encode(normalised)
+    indices = pc.take(distinct.indices, encoded.indices)
+    return pa.DictionaryArray.from_arrays(indices.cast(pa.int32()), distinct.dictionary.cast(pa.string()))
+
+
+def _no_labels(n: int) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(pa.nulls(n, pa.int32()), pa.array([], pa.string()))
+
+
+def label_codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Each row's index into a dictionary column's values (-1 for null), and the values.
+
+    `lookup[codes]` then maps every row through a per-value `lookup` array with one extra,
+    last, entry for null.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.unify_dictionaries().combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    indices = column.indices
+    codes = (indices.fill_null(-1) if indices.null_count else indices).to_numpy().astype(np.int64, copy=False)
+    return codes, column.dictionary
 
 
 def trade_dates(batch: pa.RecordBatch, market_tz: str) -> pa.Array:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.storage import open_storage
@@ -29,6 +30,12 @@ TABLE_NAMES = (
     "timeseries_hourly",
     "timeseries_daily",
 )
+
+
+def decoded(table: pa.Table) -> pa.Table:
+    """`table` with its label (dictionary) columns as plain strings, to compare values."""
+    fields = [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in table.schema]
+    return table.cast(pa.schema(fields))
 
 
 def read_tables(output: str, run_id: str, endpoint: str | None = None) -> dict[str, pd.DataFrame]:

@@ -17,6 +17,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
+from tests.helpers import decoded
 from tickq.gen import SCHEMA, generate, security_codes
 
 try:
@@ -140,7 +141,7 @@ def _read_month(out: Path, month: str) -> pa.Table:
         for batch in read_batches(storage, file, ALL_COLUMNS, batch_rows=1_000):
             table, valid = normalise(batch, SYD)
             assert pc.all(valid).as_py()
-            tables.append(table)
+            tables.append(decoded(table))
     return pa.concat_tables(tables)
 
 

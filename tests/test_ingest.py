@@ -17,6 +17,7 @@ import pytest
 
 from shared.inputs import ALL_COLUMNS, ByteCounter, month_files, normalise, read_batches
 from shared.storage import LocalStorage, open_storage
+from tests.helpers import decoded
 from tickq.gen import generate
 from tickq.ingest import INDEX_NAME, add_arguments, ingest, main, read_index
 
@@ -35,7 +36,7 @@ def read_normalised(root: Path, month: str = MONTH, security: str | None = None)
     for file in month_files(storage, month):
         for batch in read_batches(storage, file, ALL_COLUMNS, security=security, batch_rows=5000):
             table, valid = normalise(batch, "Australia/Sydney")
-            frames.append(table.append_column("valid", valid).to_pandas())
+            frames.append(decoded(table).append_column("valid", valid).to_pandas())
     frame = pd.concat(frames, ignore_index=True)
     return frame.sort_values(list(frame.columns), ignore_index=True, na_position="last")
 

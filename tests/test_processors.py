@@ -77,8 +77,12 @@ def test_many_distinct_groups_are_accumulated_by_hashing_with_the_same_results(
     # A participant column with very many distinct values is grouped by hashing instead of
     # into a dense (job x participant) table; both ways must give every job the same partials.
     from shared.inputs import normalise
-    from shared.messages import JobParams
-    from shared.processors import analytics
+    from shared.messages import JobMessage, JobParams
+    from shared.processors import JobContext, analytics
+
+    def _job(security: str) -> JobMessage:
+        return JobMessage.build(run_id="r", month=MONTH, security=security, date="2024-03-04", input="/in",
+                                output="/out", processor="analytics", params=JobParams())
 
     rng = np.random.default_rng(11)
     n = 20_000
@@ -96,12 +100,27 @@ def test_many_distinct_groups_are_accumulated_by_hashing_with_the_same_results(
 
     def partials(dense_cells: int) -> list[dict]:
         monkeypatch.setattr(analytics, "DENSE_CELLS", dense_cells)
-        jobs = [analytics.AnalyticsJob(JobParams()) for _ in range(40)]
-        analytics.accumulate(jobs, rows, slots)
+        processor = analytics.AnalyticsProcessor()
+        contexts = [JobContext(job=_job(f"S{i}"), output=None) for i in range(40)]  # type: ignore[arg-type]
+        jobs = processor.start_batch(contexts)
+        for start in range(0, n, n // 4):  # rows arrive in several batches
+            processor.add_many(jobs, rows.slice(start, n // 4), slots[start : start + n // 4])
+        one_by_one = [processor.start_job(context) for context in contexts]
+        for slot, job in enumerate(one_by_one):
+            job.add(rows.filter(pa.array(slots == slot)))
+        assert _close([job.finish() for job in jobs], [job.finish() for job in one_by_one])
+        # Rows in runs of one job (input sorted by security and time) are reduced per run first.
+        order = np.argsort(slots, kind="stable")
+        in_runs = processor.start_batch(contexts)
+        processor.add_many(in_runs, rows.take(pa.array(order)), slots[order])
+        assert _close([job.finish() for job in jobs], [job.finish() for job in in_runs])
         return [job.finish() for job in jobs]
 
     dense, hashed = partials(1 << 30), partials(0)
-    assert len(dense[0]["groups"]["participant"]) > 100
+    # Cells merged as they come (bounded memory on unsorted input) give the same partials.
+    monkeypatch.setattr(analytics, "COMPACT_CELLS", 0)
+    assert _close(partials(1 << 30), dense)
+    assert len(dense[0]["groups"]["participant"]["keys"]) > 100
     assert _close(dense, hashed)
 
 
@@ -114,3 +133,52 @@ def _close(left: object, right: object) -> bool:
     if isinstance(left, float) and isinstance(right, float):
         return math.isclose(left, right, rel_tol=1e-12)
     return left == right
+
+
+def test_group_sums_do_not_depend_on_result_format_or_buffering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Job results keep their groups as columns; results of earlier versions hold rows. The
+    # aggregator sums both alike, and summing in many small steps (a bounded buffer) gives the
+    # same tables as summing once.
+    from shared.messages import JobParams
+    from shared.processors import StoredResult, analytics
+    from shared.storage import open_storage
+    from shared.tables import TableSink
+
+    rng = np.random.default_rng(5)
+    results = []
+    for security in ("AAA", "BHP"):
+        for day in ("2024-03-04", "2024-03-05"):
+            groups = {}
+            for dim, keys in (("participant", ["P1", "P2", None]), ("venue", ["CP", None]), ("hour", [9, 10, 15]),
+                              ("size_bucket", [0, 2])):
+                groups[dim] = {"keys": keys, "records": rng.integers(1, 9, len(keys)).tolist(),
+                               "volume": rng.integers(1, 999, len(keys)).tolist(),
+                               "notional": rng.uniform(1, 1e6, len(keys)).tolist()}
+            records = sum(groups["hour"]["records"])
+            day_part = analytics.DaySummary(records, sum(groups["hour"]["volume"]), sum(groups["hour"]["notional"]),
+                                            1.0, 2.0, 1, 1, 1, 2).to_json()
+            results.append(StoredResult(MONTH, security, day, {}, {"day": day_part, "groups": groups}))
+
+    def as_rows(result: StoredResult) -> StoredResult:
+        groups = {dim: [list(cell) for cell in zip(*columns.values(), strict=True)]
+                  for dim, columns in result.data["groups"].items()}
+        return StoredResult(result.month, result.security, result.date, {}, {**result.data, "groups": groups})
+
+    def tables(name: str, parts: list[StoredResult]) -> dict[str, pd.DataFrame]:
+        storage = open_storage(str(tmp_path / name))
+        analytics.AnalyticsProcessor().aggregate(parts, JobParams(), TableSink(storage, "t/"))
+        return {t: pq.read_table(tmp_path / name / "t" / f"{t}.parquet").to_pandas() for t in analytics.TABLES}
+
+    columns = tables("columns", results)
+    rows = tables("rows", [as_rows(r) for r in results])
+    monkeypatch.setattr(analytics, "GROUP_BUFFER_CELLS", 3)
+    small_steps = tables("small", results)
+    participants = pq.read_table(tmp_path / "columns/t/by_participant.parquet").column("participant")
+    assert participants.to_pylist() == ["P1", "P2", None]
+    assert columns["timeseries_hourly"]["records"].sum() == sum(sum(r.data["groups"]["hour"]["records"])
+                                                                for r in results)
+    for name, expected in columns.items():
+        pd.testing.assert_frame_equal(rows[name], expected, rtol=1e-12)
+        pd.testing.assert_frame_equal(small_steps[name], expected, rtol=1e-12)

@@ -20,7 +20,16 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, month_files, normalise, read_batches
+from shared.inputs import (
+    ALL_COLUMNS,
+    ByteCounter,
+    DayWindow,
+    InputFile,
+    label_codes,
+    month_files,
+    normalise,
+    read_batches,
+)
 from shared.layout import RESULT_VERSION, JobKey, RunLayout
 from shared.messages import JobMessage, JobParams
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
@@ -28,6 +37,7 @@ from shared.storage import Storage, open_storage
 from worker.chaos import maybe_kill
 
 MONTH_LISTING_TTL_S = 60.0
+EPOCH = dt.date(1970, 1, 1)
 
 
 @dataclass
@@ -134,25 +144,28 @@ class _Slots:
     """Maps rows to the jobs of a batch by (security, trade_date), vectorised."""
 
     def __init__(self, jobs: list[JobMessage]) -> None:
-        self.securities = pa.array(sorted({j.security for j in jobs}))
-        self.dates = pa.array(sorted({j.trade_date for j in jobs}), pa.date32())
-        sec_pos = {s: i for i, s in enumerate(self.securities.to_pylist())}
-        date_pos = {d: i for i, d in enumerate(self.dates.to_pylist())}
-        self.table = np.full((len(sec_pos), len(date_pos)), -1, dtype=np.int64)
+        self.securities = sorted({j.security for j in jobs})
+        self.days = np.array(sorted({(j.trade_date - EPOCH).days for j in jobs}), dtype=np.int64)
+        sec_pos = {s: i for i, s in enumerate(self.securities)}
+        day_pos = {int(d): i for i, d in enumerate(self.days)}
+        # One extra row and column stay -1: rows of another security or day, or none.
+        self.table = np.full((len(sec_pos) + 1, len(day_pos) + 1), -1, dtype=np.int64)
         for slot, job in enumerate(jobs):
-            self.table[sec_pos[job.security], date_pos[job.trade_date]] = slot
+            self.table[sec_pos[job.security], day_pos[(job.trade_date - EPOCH).days]] = slot
         self.count = len(jobs)
 
     def of(self, rows: pa.Table) -> np.ndarray:
         """Each row's job slot, -1 for rows of no job in the batch."""
-        sec = pc.index_in(rows.column("security"), value_set=self.securities)
-        day = pc.index_in(rows.column("trade_date"), value_set=self.dates)
-        sec_i = sec.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        day_i = day.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        known = (sec_i >= 0) & (day_i >= 0)
-        slots = np.full(len(sec_i), -1, dtype=np.int64)
-        slots[known] = self.table[sec_i[known], day_i[known]]
-        return slots
+        codes, values = label_codes(rows.column("security"))
+        # Position of each distinct security among the batch's (the extra last one if absent).
+        found = pc.index_in(values, value_set=pa.array(self.securities, pa.string()))
+        sec_of_value = np.append(found.fill_null(-1).to_numpy(zero_copy_only=False), -1)
+        sec_i = sec_of_value[codes]
+        days = rows.column("trade_date").combine_chunks()
+        day = days.cast(pa.int32()).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        day_i = np.searchsorted(self.days, day)
+        day_i[(day_i >= len(self.days)) | (self.days[np.minimum(day_i, len(self.days) - 1)] != day)] = -1
+        return self.table[sec_i, day_i]
 
     def counts(self, slots: np.ndarray) -> np.ndarray:
         """Rows per slot."""
@@ -195,6 +208,7 @@ def _compute(
     share = 1.0 / len(jobs)
     bytes_in = 0
     stage = {"read": 0.0, "filter": 0.0, "compute": 0.0}
+    counts = {name: np.zeros(len(jobs), dtype=np.int64) for name in ("read", "rejected", "filtered", "accepted")}
     for file in files:
         counter = ByteCounter()
         batches = read_batches(
@@ -211,28 +225,20 @@ def _compute(
             rows, valid = normalise(batch, params.market_tz)
             slots = slots_of.of(rows)
             valid_np = valid.to_numpy(zero_copy_only=False)
-            in_jobs = slots >= 0
-            read = slots_of.counts(slots)
-            rejected = slots_of.counts(np.where(valid_np, -1, slots))
-            keep = in_jobs & valid_np
+            keep = (slots >= 0) & valid_np
+            counts["read"] += slots_of.counts(slots)
+            counts["rejected"] += slots_of.counts(np.where(valid_np, -1, slots))
             mask = run_filter_mask(rows, params)
             if mask is not None:
                 passed = mask.to_numpy(zero_copy_only=False)
-                filtered = slots_of.counts(np.where(keep & ~passed, slots, -1))
+                counts["filtered"] += slots_of.counts(np.where(keep & ~passed, slots, -1))
                 keep &= passed
-            else:
-                filtered = np.zeros(len(jobs), dtype=np.int64)
-            accepted = slots_of.counts(np.where(keep, slots, -1))
-            for i, outcome in enumerate(outcomes):
-                outcome.rows_read += int(read[i])
-                outcome.rows_rejected += int(rejected[i])
-                outcome.rows_filtered += int(filtered[i])
-                outcome.rows_accepted += int(accepted[i])
+            counts["accepted"] += slots_of.counts(np.where(keep, slots, -1))
             stage["filter"] += time.perf_counter() - start
             if not keep.any():
                 continue
             start = time.perf_counter()
-            kept = rows.filter(pa.array(keep))
+            kept = rows if keep.all() else rows.filter(pa.array(keep))
             if add_many is not None:
                 add_many(accumulators, kept, slots[keep])
             else:
@@ -240,7 +246,11 @@ def _compute(
                     accumulators[slot].add(part)
             stage["compute"] += time.perf_counter() - start
         bytes_in += counter.bytes
-    for outcome in outcomes:
+    for i, outcome in enumerate(outcomes):
+        outcome.rows_read += int(counts["read"][i])
+        outcome.rows_rejected += int(counts["rejected"][i])
+        outcome.rows_filtered += int(counts["filtered"][i])
+        outcome.rows_accepted += int(counts["accepted"][i])
         outcome.files = len(files)
         outcome.bytes_in = int(bytes_in * share)
         for name, seconds in stage.items():
@@ -308,7 +318,10 @@ def execute_batch(
         for i in todo:
             outcomes[i].time("list", (time.perf_counter() - start) / len(todo))
         todo_jobs = [jobs[i] for i in todo]
-        accumulators = [processor.start_job(JobContext(job=job, output=output)) for job in todo_jobs]
+        contexts = [JobContext(job=job, output=output) for job in todo_jobs]
+        # Processors whose jobs of one batch share state (vectorised) say so with `start_batch`.
+        start_batch = getattr(processor, "start_batch", None)
+        accumulators = start_batch(contexts) if start_batch else [processor.start_job(c) for c in contexts]
         _compute(processor, todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows)
         stale = _records_to_clear(output, layout, todo_jobs)
     except Exception as exc:  # the whole batch fails the same way

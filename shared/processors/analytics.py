@@ -16,12 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shared.inputs import label_codes
 from shared.messages import JobParams
 from shared.processors.base import JobContext, StoredResult
 from shared.tables import TableSink
 
 GROUP_DIMENSIONS = ("participant", "venue", "hour", "size_bucket")
 SECURITY_DAILY_FLUSH_ROWS = 8_192
+# Group cells (job x group value) buffered by the aggregator before they are summed.
+GROUP_BUFFER_CELLS = 1 << 18
 TS_UTC = pa.timestamp("ns", tz="UTC")
 
 
@@ -108,137 +111,208 @@ class DaySummary(Totals):
         }
 
 
-class AnalyticsJob:
-    """Accumulates one job's analytics partials over its accepted rows."""
+class BatchPartials:
+    """The analytics partials of every job of one batch, as arrays indexed by the job's slot.
 
-    def __init__(self, params: JobParams) -> None:
+    Rows of many jobs arrive together (`add`); the day columns are reduced into per-slot
+    arrays and the grouped dimensions into (slot, group) cells, all vectorised, so the cost
+    per job is a few array slices when its result is asked for, not work per row or per batch.
+    """
+
+    def __init__(self, params: JobParams, count: int) -> None:
+        self.count = count
         self._edges = np.asarray(params.size_buckets, dtype=np.float64)
-        self._day = DaySummary()
-        self._groups: dict[str, dict[Any, Totals]] = {d: {} for d in GROUP_DIMENSIONS}
+        self.records = np.zeros(count, dtype=np.int64)
+        self.volume = np.zeros(count, dtype=np.int64)
+        self.notional = np.zeros(count, dtype=np.float64)
+        self.low = np.full(count, np.inf)
+        self.high = np.full(count, -np.inf)
+        self.buy_volume = np.zeros(count, dtype=np.int64)
+        self.sell_volume = np.zeros(count, dtype=np.int64)
+        self.first = np.full(count, np.iinfo(np.int64).max)
+        self.last = np.full(count, np.iinfo(np.int64).min)
+        # Per dimension: its group values seen so far (a group's code is its position) and
+        # the (slot, code, records, volume, notional) cells of each added batch of rows.
+        self._values: dict[str, list[Any]] = {d: [] for d in GROUP_DIMENSIONS}
+        self._codes: dict[str, dict[Any, int]] = {d: {} for d in GROUP_DIMENSIONS}
+        self._cells: dict[str, list[tuple[np.ndarray, ...]]] = {d: [] for d in GROUP_DIMENSIONS}
+        self._groups: dict[str, _SlotGroups] | None = None
+
+    def add(self, rows: pa.Table, slots: np.ndarray) -> None:
+        """Take accepted rows; `slots[i]` is the slot of row i's job."""
+        if rows.num_rows == 0:
+            return
+        if self._groups is not None:
+            raise RuntimeError("rows added after results were taken")
+        price = rows.column("price").to_numpy()
+        size = rows.column("size").to_numpy()
+        notional = price * size
+        self._add_day(rows, slots, price, size, notional)
+        self._add_groups("participant", slots, *_codes(rows.column("participant")), size, notional)
+        self._add_groups("venue", slots, *_codes(rows.column("venue")), size, notional)
+        self._add_groups("hour", slots, rows.column("hour").to_numpy(), HOURS, size, notional)
+        buckets = list(range(len(self._edges) + 1))
+        self._add_groups("size_bucket", slots, _bucket_of(notional, self._edges), buckets, size, notional)
+
+    def _add_day(self, rows: pa.Table, slots: np.ndarray, price: np.ndarray, size: np.ndarray,
+                 notional: np.ndarray) -> None:
+        ts = rows.column("ts").cast(pa.int64()).to_numpy()
+        side, sides = label_codes(rows.column("side"))
+        is_buy, is_sell = (np.append(pc.fill_null(pc.equal(sides, v), False).to_numpy(zero_copy_only=False), False)
+                           for v in ("B", "S"))
+        buy, sell = np.where(is_buy[side], size, 0), np.where(is_sell[side], size, 0)
+        # Rows of one job usually come in runs (input sorted by security and time): reduce
+        # each run first, then scatter the runs' partials to their slots.
+        starts = np.flatnonzero(np.diff(slots)) + 1
+        if len(starts) < len(slots) // 4:
+            starts = np.concatenate(([0], starts))
+            owner = slots[starts]
+            np.add.at(self.records, owner, np.diff(np.append(starts, len(slots))))
+            for target, values in ((self.volume, size), (self.notional, notional), (self.buy_volume, buy),
+                                   (self.sell_volume, sell)):
+                np.add.at(target, owner, np.add.reduceat(values, starts))
+            np.minimum.at(self.low, owner, np.minimum.reduceat(price, starts))
+            np.maximum.at(self.high, owner, np.maximum.reduceat(price, starts))
+            np.minimum.at(self.first, owner, np.minimum.reduceat(ts, starts))
+            np.maximum.at(self.last, owner, np.maximum.reduceat(ts, starts))
+            return
+        np.add.at(self.records, slots, 1)
+        for target, values in ((self.volume, size), (self.notional, notional), (self.buy_volume, buy),
+                               (self.sell_volume, sell)):
+            np.add.at(target, slots, values)
+        np.minimum.at(self.low, slots, price)
+        np.maximum.at(self.high, slots, price)
+        np.minimum.at(self.first, slots, ts)
+        np.maximum.at(self.last, slots, ts)
+
+    def _add_groups(self, dim: str, slots: np.ndarray, codes: np.ndarray, values: list[Any], size: np.ndarray,
+                    notional: np.ndarray) -> None:
+        """Sums per (slot, group) cell of one dimension; `codes` index `values` (this batch's)."""
+        width = len(values)
+        cells = slots * width + codes
+        dense = self.count * width <= DENSE_CELLS
+        if dense:
+            index, length = cells, self.count * width
+        else:  # very many distinct values: number the cells present by sorting, not a dense table
+            present, index = np.unique(cells, return_inverse=True)
+            length = len(present)
+        records = np.bincount(index, minlength=length)
+        volume = np.zeros(length, dtype=np.int64)
+        np.add.at(volume, index, size)
+        amount = np.bincount(index, weights=notional, minlength=length)
+        if dense:
+            present = np.flatnonzero(records)
+            records, volume, amount = records[present], volume[present], amount[present]
+        known = self._codes[dim]
+        seen = self._values[dim]
+        to_code = np.fromiter((known.setdefault(v, len(known)) for v in values), dtype=np.int64, count=width)
+        before = len(seen)
+        seen.extend(values[i] for i in range(width) if to_code[i] >= before)
+        parts = self._cells[dim]
+        parts.append((present // width, to_code[present % width], records, volume, amount))
+        if sum(len(part[0]) for part in parts) > COMPACT_CELLS:
+            # Unsorted input spreads every job over every batch of rows: keep one cell per
+            # (job, group value), not one per batch of rows, so memory stays bounded.
+            self._cells[dim] = [_merged_cells(parts, len(seen))]
+
+    def result(self, slot: int) -> dict[str, Any]:
+        """One job's partial result (JSON-ready)."""
+        if self._groups is None:
+            self._groups = {d: _SlotGroups.of(self._cells[d], self._values[d], self.count) for d in GROUP_DIMENSIONS}
+            self._cells = {d: [] for d in GROUP_DIMENSIONS}
+        records = int(self.records[slot])
+        day = None
+        if records:
+            day = DaySummary(records, int(self.volume[slot]), float(self.notional[slot]), float(self.low[slot]),
+                             float(self.high[slot]), int(self.buy_volume[slot]), int(self.sell_volume[slot]),
+                             int(self.first[slot]), int(self.last[slot])).to_json()
+        return {"day": day, "groups": {d: groups.of_slot(slot) for d, groups in self._groups.items()}}
+
+
+@dataclass
+class _SlotGroups:
+    """One dimension's merged cells, ordered by slot and then by group value (null last)."""
+
+    bounds: np.ndarray
+    keys: list[Any]
+    records: list[int]
+    volume: list[int]
+    notional: list[float]
+
+    @classmethod
+    def of(cls, parts: list[tuple[np.ndarray, ...]], values: list[Any], count: int) -> _SlotGroups:
+        if not parts:
+            return cls(np.zeros(count + 1, dtype=np.int64), [], [], [], [])
+        # Codes renumbered in the order of their values, so cells sort by slot, then value.
+        rank = np.empty(len(values), dtype=np.int64)
+        rank[sorted(range(len(values)), key=lambda i: _sort_key(values[i]))] = np.arange(len(values))
+        slot, code, records, volume, amount = _merged_cells([(p[0], rank[p[1]], *p[2:]) for p in parts], len(values))
+        by_rank = np.argsort(rank)
+        return cls(
+            np.searchsorted(slot, np.arange(count + 1)),
+            [values[i] for i in by_rank[code].tolist()],
+            records.tolist(),
+            volume.tolist(),
+            amount.tolist(),
+        )
+
+    def of_slot(self, slot: int) -> dict[str, list[Any]]:
+        begin, end = int(self.bounds[slot]), int(self.bounds[slot + 1])
+        return {"keys": self.keys[begin:end], "records": self.records[begin:end],
+                "volume": self.volume[begin:end], "notional": self.notional[begin:end]}
+
+
+def _bucket_of(notional: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each notional's bucket: how many edges are at or below it."""
+    if len(edges) > 8:
+        return np.searchsorted(edges, notional, side="right")
+    # Few edges (the usual case): one comparison per edge beats a binary search per row.
+    bucket = np.zeros(len(notional), dtype=np.int64)
+    for edge in edges:
+        bucket += notional >= edge
+    return bucket
+
+
+def _merged_cells(parts: list[tuple[np.ndarray, ...]], width: int) -> tuple[np.ndarray, ...]:
+    """(slot, code, records, volume, notional) cells with one cell per (slot, code), in that order."""
+    slot, code, records, volume, amount = (np.concatenate(column) for column in zip(*parts, strict=True))
+    cells, index = np.unique(slot * width + code, return_inverse=True)
+    merged_records = np.zeros(len(cells), dtype=np.int64)
+    merged_volume = np.zeros(len(cells), dtype=np.int64)
+    np.add.at(merged_records, index, records)
+    np.add.at(merged_volume, index, volume)
+    merged_amount = np.bincount(index, weights=amount, minlength=len(cells))
+    return cells // width, cells % width, merged_records, merged_volume, merged_amount
+
+
+class AnalyticsJob:
+    """One job's view of a `BatchPartials`: its slot's rows in, its partial result out."""
+
+    def __init__(self, batch: BatchPartials, slot: int) -> None:
+        self.batch, self.slot = batch, slot
 
     def add(self, rows: pa.Table) -> None:
-        """Take a batch of accepted rows."""
-        accumulate([self], rows, np.zeros(rows.num_rows, dtype=np.int64))
+        """Take a batch of this job's accepted rows."""
+        self.batch.add(rows, np.full(rows.num_rows, self.slot, dtype=np.int64))
 
     def finish(self) -> dict[str, Any]:
         """The job's partial result."""
-        groups = {
-            dim: [[k, t.records, t.volume, t.notional] for k, t in _sorted_items(values)]
-            for dim, values in self._groups.items()
-        }
-        return {"day": self._day.to_json() if self._day.records else None, "groups": groups}
+        return self.batch.result(self.slot)
 
 
-_FLOW_AGGREGATES = [("size", "count"), ("size", "sum"), ("notional", "sum")]
-# Above this many (job, group) cells a dimension is grouped by hashing instead of counting
-# into a dense table (a participant column with very many distinct values).
+HOURS = list(range(24))
+# Above this many (job, group) cells a dimension is grouped by sorting the cells present
+# instead of counting into a dense table (a participant column with very many distinct values).
 DENSE_CELLS = 1 << 20
-
-
-def accumulate(jobs: list[AnalyticsJob], rows: pa.Table, slots: np.ndarray) -> None:
-    """Add accepted rows to the jobs they belong to (`slots[i]` indexes `jobs` for row i).
-
-    One vectorised pass serves every job of a batch: per-job sums, minima and maxima are
-    scattered into arrays indexed by job (and by group, for the grouped dimensions), so the
-    cost per job is a few dictionary updates, not a pass over its rows.
-    """
-    if rows.num_rows == 0:
-        return
-    count = len(jobs)
-    price = rows.column("price").to_numpy()
-    size = rows.column("size").to_numpy()
-    notional = price * size
-    ts = rows.column("ts").cast(pa.int64()).to_numpy()
-    side = rows.column("side")
-    buy = pc.fill_null(pc.equal(side, "B"), False).to_numpy(zero_copy_only=False)
-    sell = pc.fill_null(pc.equal(side, "S"), False).to_numpy(zero_copy_only=False)
-
-    records = np.bincount(slots, minlength=count)
-    volume = _int_sums(slots, size, count)
-    notional_sum = np.bincount(slots, weights=notional, minlength=count)
-    buy_volume = _int_sums(slots[buy], size[buy], count)
-    sell_volume = _int_sums(slots[sell], size[sell], count)
-    low, high = np.full(count, np.inf), np.full(count, -np.inf)
-    np.minimum.at(low, slots, price)
-    np.maximum.at(high, slots, price)
-    first, last = np.full(count, np.iinfo(np.int64).max), np.full(count, np.iinfo(np.int64).min)
-    np.minimum.at(first, slots, ts)
-    np.maximum.at(last, slots, ts)
-    for slot in np.flatnonzero(records).tolist():
-        jobs[slot]._day.merge_day(
-            DaySummary(int(records[slot]), int(volume[slot]), float(notional_sum[slot]), float(low[slot]),
-                       float(high[slot]), int(buy_volume[slot]), int(sell_volume[slot]), int(first[slot]),
-                       int(last[slot]))
-        )
-
-    edges = jobs[0]._edges
-    coded: dict[str, tuple[np.ndarray, list[Any]]] = {
-        "participant": _codes(rows.column("participant")),
-        "venue": _codes(rows.column("venue")),
-        "hour": (rows.column("hour").to_numpy(), list(range(24))),
-        "size_bucket": (np.searchsorted(edges, notional, side="right"), list(range(len(edges) + 1))),
-    }
-    for dim, (codes, values) in coded.items():
-        if count * len(values) > DENSE_CELLS:
-            _accumulate_hashed(jobs, dim, slots, codes, values, size, notional)
-            continue
-        cells = slots * len(values) + codes
-        cell_records = np.bincount(cells, minlength=count * len(values))
-        cell_volume = _int_sums(cells, size, count * len(values))
-        cell_notional = np.bincount(cells, weights=notional, minlength=count * len(values))
-        for cell in np.flatnonzero(cell_records).tolist():
-            slot, code = divmod(cell, len(values))
-            _add_to(jobs[slot]._groups[dim], values[code], int(cell_records[cell]), int(cell_volume[cell]),
-                    float(cell_notional[cell]))
-
-
-def _add_to(totals: dict[Any, Totals], key: Any, records: int, volume: int, notional: float) -> None:
-    """Add sums to `totals[key]` (the hottest loop of aggregation: no object made when the key exists)."""
-    found = totals.get(key)
-    if found is None:
-        totals[key] = Totals(records, volume, notional)
-    else:
-        found.records += records
-        found.volume += volume
-        found.notional += notional
-
-
-def _int_sums(index: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
-    """Exact integer sums of `values` per `index`."""
-    sums = np.zeros(length, dtype=np.int64)
-    np.add.at(sums, index, values)
-    return sums
+# Cells a batch buffers per dimension before merging them into one cell per (job, value).
+COMPACT_CELLS = 1 << 18
 
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[Any]]:
-    """Each row's code for a text column, and the value of each code (null is the last)."""
-    encoded = pc.dictionary_encode(column.combine_chunks())
-    values: list[Any] = [*encoded.dictionary.to_pylist(), None]
-    codes = pc.fill_null(encoded.indices, len(values) - 1).to_numpy()
-    return codes.astype(np.int64, copy=False), values
-
-
-def _accumulate_hashed(
-    jobs: list[AnalyticsJob],
-    dim: str,
-    slots: np.ndarray,
-    codes: np.ndarray,
-    values: list[Any],
-    size: np.ndarray,
-    notional: np.ndarray,
-) -> None:
-    """One dimension grouped by hashing (job, code) pairs, for dimensions with very many values."""
-    keyed = pa.table({"slot": slots, "code": codes, "size": size, "notional": notional})
-    grouped = keyed.group_by(["slot", "code"], use_threads=False).aggregate(_FLOW_AGGREGATES)
-    for slot, code, records, volume, notional_sum in zip(
-        grouped.column("slot").to_pylist(),
-        grouped.column("code").to_pylist(),
-        grouped.column("size_count").to_pylist(),
-        grouped.column("size_sum").to_pylist(),
-        grouped.column("notional_sum").to_pylist(),
-        strict=True,
-    ):
-        _add_to(jobs[slot]._groups[dim], values[code], records, volume, notional_sum)
+    """Each row's code for a label column, and the value of each code (null is the last)."""
+    codes, values = label_codes(column)
+    labels: list[Any] = [*values.to_pylist(), None]
+    return np.where(codes < 0, len(labels) - 1, codes), labels
 
 
 def _sort_key(key: Any) -> tuple[int, Any]:
@@ -318,6 +392,72 @@ class _Rows:
         return table
 
 
+def _group_columns(groups: dict[str, list[Any]] | list[list[Any]]) -> dict[str, list[Any]]:
+    """A job's groups of one dimension as columns (results of earlier versions hold rows)."""
+    if isinstance(groups, dict):
+        return groups
+    keys, records, volume, notional = (list(column) for column in zip(*groups, strict=True)) if groups else ([],) * 4
+    return {"keys": keys, "records": records, "volume": volume, "notional": notional}
+
+
+class _GroupSums:
+    """(records, volume, notional) summed per group key, taken in bulk from many jobs.
+
+    Cells are buffered as columns and summed by one Arrow group-by whenever the buffer is
+    large, so memory holds the distinct groups and one buffer, not every job's cells.
+    """
+
+    def __init__(self, key_columns: int) -> None:
+        self._width = key_columns
+        self._buffer: list[dict[str, list[Any]]] = []
+        self._buffered = 0
+        self._summed: pa.Table | None = None
+
+    def extend(self, cells: dict[str, list[Any]], *keys: list[Any]) -> None:
+        """Add cells (columns records, volume, notional) with their key columns."""
+        if not cells["records"]:
+            return
+        self._buffer.append({**{f"k{i}": k for i, k in enumerate(keys)}, "records": cells["records"],
+                             "volume": cells["volume"], "notional": cells["notional"]})
+        self._buffered += len(cells["records"])
+        if self._buffered >= GROUP_BUFFER_CELLS:
+            self._sum()
+
+    def _sum(self) -> None:
+        names = [f"k{i}" for i in range(self._width)]
+        columns = {n: [v for part in self._buffer for v in part[n]] for n in [*names, "records", "volume", "notional"]}
+        table = pa.table({**{n: columns[n] for n in names},
+                          "records": pa.array(columns["records"], pa.int64()),
+                          "volume": pa.array(columns["volume"], pa.int64()),
+                          "notional": pa.array(columns["notional"], pa.float64())})
+        if self._summed is not None:
+            table = pa.concat_tables([self._summed, table], promote_options="permissive")
+        summed = table.group_by(names, use_threads=False).aggregate(
+            [("records", "sum"), ("volume", "sum"), ("notional", "sum")]
+        )
+        self._summed = summed.rename_columns([*names, "records", "volume", "notional"]) if summed.num_rows else None
+        self._buffer, self._buffered = [], 0
+
+    def totals(self) -> dict[Any, Totals]:
+        """The sums per key (a tuple of the key columns when there are several)."""
+        if self._buffer:
+            self._sum()
+        if self._summed is None:
+            return {}
+        columns = [self._summed.column(f"k{i}").to_pylist() for i in range(self._width)]
+        keys = columns[0] if self._width == 1 else list(zip(*columns, strict=True))
+        return {
+            key: Totals(records, volume, notional)
+            for key, records, volume, notional in zip(
+                keys,
+                self._summed.column("records").to_pylist(),
+                self._summed.column("volume").to_pylist(),
+                self._summed.column("notional").to_pylist(),
+                strict=True,
+            )
+        }
+
+
 def _day_date(text: str) -> dt.date:
     return dt.date.fromisoformat(text)
 
@@ -347,18 +487,26 @@ class AnalyticsProcessor:
 
     def start_job(self, context: JobContext) -> AnalyticsJob:
         """A fresh accumulator for one job."""
-        return AnalyticsJob(context.job.params)
+        return AnalyticsJob(BatchPartials(context.job.params, 1), 0)
 
-    def add_many(self, accumulators: list[Any], rows: pa.Table, slots: np.ndarray) -> None:
-        """Rows of many jobs at once (see `accumulate`)."""
-        accumulate(accumulators, rows, slots)
+    def start_batch(self, contexts: list[JobContext]) -> list[AnalyticsJob]:
+        """Accumulators for the jobs of one batch, sharing one set of arrays."""
+        batch = BatchPartials(contexts[0].job.params, len(contexts))
+        return [AnalyticsJob(batch, slot) for slot in range(len(contexts))]
+
+    def add_many(self, accumulators: list[AnalyticsJob], rows: pa.Table, slots: np.ndarray) -> None:
+        """Rows of many jobs at once; `accumulators` come from one `start_batch`, in its order."""
+        batch = accumulators[0].batch
+        if batch.count != len(accumulators) or any(a.batch is not batch for a in accumulators):
+            raise ValueError("add_many takes the accumulators of one start_batch")
+        batch.add(rows, slots)
 
     def aggregate(self, results: Iterable[StoredResult], params: JobParams, sink: TableSink) -> dict[str, Any]:
         """Write every analytics table; memory stays bounded by dates, not by jobs."""
         by_date: dict[str, DaySummary] = {}
         securities_per_date: dict[str, int] = {}
-        groups: dict[str, dict[Any, Totals]] = {d: {} for d in GROUP_DIMENSIONS}
-        hourly: dict[tuple[str, int], Totals] = {}
+        groups = {d: _GroupSums(1) for d in GROUP_DIMENSIONS}
+        hourly = _GroupSums(2)
         total = Totals()
         daily_rows = _Rows(SCHEMAS["security_daily"])
         security_rows = _Rows(SCHEMAS["by_security"])
@@ -382,11 +530,10 @@ class AnalyticsProcessor:
                     current_security, security_day, security_days = security, DaySummary(), 0
                 for part in parts:
                     for dim in GROUP_DIMENSIONS:
-                        target = groups[dim]
-                        for key, records, volume, notional in part.data["groups"][dim]:
-                            _add_to(target, key, records, volume, notional)
-                            if dim == "hour":
-                                _add_to(hourly, (date, key), records, volume, notional)
+                        cells = _group_columns(part.data["groups"][dim])
+                        groups[dim].extend(cells, cells["keys"])
+                        if dim == "hour":
+                            hourly.extend(cells, [date] * len(cells["keys"]), cells["keys"])
                 if not day.records:
                     continue
                 daily_rows.append({"security": security, "trade_date": _day_date(date), **day.columns()})
@@ -403,7 +550,8 @@ class AnalyticsProcessor:
             daily_out.write(daily_rows.take())
             security_out.write(security_rows.take())
 
-        self._write_small_tables(sink, params, by_date, securities_per_date, groups, hourly, total)
+        self._write_small_tables(sink, params, by_date, securities_per_date,
+                                 {d: sums.totals() for d, sums in groups.items()}, hourly.totals(), total)
         return {"records": total.records, "volume": total.volume, "notional": total.notional}
 
     @staticmethod

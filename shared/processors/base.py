@@ -54,9 +54,11 @@ class JobAccumulator(Protocol):
 class Processor(Protocol):
     """A per-job computation and the aggregation of its results.
 
-    A processor may also offer ``add_many(accumulators, rows, slots)``: the rows of many jobs
-    of one batch at once, ``slots[i]`` indexing `accumulators` for row i. Workers use it when
-    present (one vectorised pass instead of one per job) and fall back to `add` per job.
+    A processor may also offer ``start_batch(contexts)``, accumulators for the jobs of one
+    batch that may share state, and ``add_many(accumulators, rows, slots)``: the rows of many
+    jobs of one batch at once, ``slots[i]`` indexing `accumulators` for row i. Workers use
+    them when present (one vectorised pass instead of one per job) and otherwise call
+    `start_job` and `add` per job.
     """
 
     name: str

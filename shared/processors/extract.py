@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.inputs import LABEL, LABEL_COLUMNS, NORMALISED_SCHEMA
 from shared.layout import RunLayout
 from shared.messages import JobParams
 from shared.processors.base import JobContext, StoredResult
@@ -23,6 +24,11 @@ from shared.tables import TableSink
 
 # security and trade_date live in the partition path, as Hive-style readers expect.
 EXTRACT_COLUMNS = ("ts", "price", "size", "side", "participant", "venue")
+# Labels are written as plain strings: the extract's readers should not meet dictionary types.
+EXTRACT_SCHEMA = pa.schema(
+    [pa.field(name, LABEL.value_type) if name in LABEL_COLUMNS else NORMALISED_SCHEMA.field(name)
+     for name in EXTRACT_COLUMNS]
+)
 COUNTS_SCHEMA = pa.schema(
     [("security", pa.string()), ("trade_date", pa.date32()), ("rows", pa.int64()), ("path", pa.string())]
 )
@@ -45,9 +51,9 @@ class ExtractJob:
 
     def add(self, rows: pa.Table) -> None:
         """Append a batch of accepted rows."""
-        rows = rows.select(list(EXTRACT_COLUMNS))
+        rows = rows.select(list(EXTRACT_COLUMNS)).cast(EXTRACT_SCHEMA)
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._path, rows.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._path, EXTRACT_SCHEMA, compression="zstd")
         self._writer.write_table(rows)
         self._rows += rows.num_rows
 
@@ -56,10 +62,7 @@ class ExtractJob:
         job = self._context.job
         try:
             if self._writer is None:
-                from shared.inputs import NORMALISED_SCHEMA
-
-                schema = pa.schema([NORMALISED_SCHEMA.field(c) for c in EXTRACT_COLUMNS])
-                self._writer = pq.ParquetWriter(self._path, schema, compression="zstd")
+                self._writer = pq.ParquetWriter(self._path, EXTRACT_SCHEMA, compression="zstd")
             self._writer.close()
             key = extract_key(job.run_id, job.security, job.date, job.month)
             self._context.output.write_file(key, self._path)

@@ -23,8 +23,6 @@ from shared.tables import TableSink
 
 GROUP_DIMENSIONS = ("participant", "venue", "hour", "size_bucket")
 SECURITY_DAILY_FLUSH_ROWS = 8_192
-# Group cells (job x group value) buffered by the aggregator before they are summed.
-GROUP_BUFFER_CELLS = 1 << 18
 TS_UTC = pa.timestamp("ns", tz="UTC")
 
 
@@ -401,61 +399,28 @@ def _group_columns(groups: dict[str, list[Any]] | list[list[Any]]) -> dict[str, 
 
 
 class _GroupSums:
-    """(records, volume, notional) summed per group key, taken in bulk from many jobs.
+    """(records, volume, notional) summed per group key, taken a job's cells at a time."""
 
-    Cells are buffered as columns and summed by one Arrow group-by whenever the buffer is
-    large, so memory holds the distinct groups and one buffer, not every job's cells.
-    """
+    def __init__(self) -> None:
+        self._sums: dict[Any, list[Any]] = {}
 
-    def __init__(self, key_columns: int) -> None:
-        self._width = key_columns
-        self._buffer: list[dict[str, list[Any]]] = []
-        self._buffered = 0
-        self._summed: pa.Table | None = None
-
-    def extend(self, cells: dict[str, list[Any]], *keys: list[Any]) -> None:
-        """Add cells (columns records, volume, notional) with their key columns."""
-        if not cells["records"]:
-            return
-        self._buffer.append({**{f"k{i}": k for i, k in enumerate(keys)}, "records": cells["records"],
-                             "volume": cells["volume"], "notional": cells["notional"]})
-        self._buffered += len(cells["records"])
-        if self._buffered >= GROUP_BUFFER_CELLS:
-            self._sum()
-
-    def _sum(self) -> None:
-        names = [f"k{i}" for i in range(self._width)]
-        columns = {n: [v for part in self._buffer for v in part[n]] for n in [*names, "records", "volume", "notional"]}
-        table = pa.table({**{n: columns[n] for n in names},
-                          "records": pa.array(columns["records"], pa.int64()),
-                          "volume": pa.array(columns["volume"], pa.int64()),
-                          "notional": pa.array(columns["notional"], pa.float64())})
-        if self._summed is not None:
-            table = pa.concat_tables([self._summed, table], promote_options="permissive")
-        summed = table.group_by(names, use_threads=False).aggregate(
-            [("records", "sum"), ("volume", "sum"), ("notional", "sum")]
-        )
-        self._summed = summed.rename_columns([*names, "records", "volume", "notional"]) if summed.num_rows else None
-        self._buffer, self._buffered = [], 0
+    def extend(self, cells: dict[str, list[Any]], keys: list[Any] | None = None) -> None:
+        """Add a job's cells (columns keys, records, volume, notional); `keys` replaces theirs."""
+        sums = self._sums
+        for key, records, volume, notional in zip(
+            cells["keys"] if keys is None else keys, cells["records"], cells["volume"], cells["notional"], strict=True
+        ):
+            found = sums.get(key)
+            if found is None:
+                sums[key] = [records, volume, notional]
+            else:  # the aggregator's hottest loop: no object made for a key seen before
+                found[0] += records
+                found[1] += volume
+                found[2] += notional
 
     def totals(self) -> dict[Any, Totals]:
-        """The sums per key (a tuple of the key columns when there are several)."""
-        if self._buffer:
-            self._sum()
-        if self._summed is None:
-            return {}
-        columns = [self._summed.column(f"k{i}").to_pylist() for i in range(self._width)]
-        keys = columns[0] if self._width == 1 else list(zip(*columns, strict=True))
-        return {
-            key: Totals(records, volume, notional)
-            for key, records, volume, notional in zip(
-                keys,
-                self._summed.column("records").to_pylist(),
-                self._summed.column("volume").to_pylist(),
-                self._summed.column("notional").to_pylist(),
-                strict=True,
-            )
-        }
+        """The sums per key."""
+        return {key: Totals(*sums) for key, sums in self._sums.items()}
 
 
 def _day_date(text: str) -> dt.date:
@@ -505,8 +470,8 @@ class AnalyticsProcessor:
         """Write every analytics table; memory stays bounded by dates, not by jobs."""
         by_date: dict[str, DaySummary] = {}
         securities_per_date: dict[str, int] = {}
-        groups = {d: _GroupSums(1) for d in GROUP_DIMENSIONS}
-        hourly = _GroupSums(2)
+        groups = {d: _GroupSums() for d in GROUP_DIMENSIONS}
+        hourly = _GroupSums()
         total = Totals()
         daily_rows = _Rows(SCHEMAS["security_daily"])
         security_rows = _Rows(SCHEMAS["by_security"])
@@ -531,9 +496,9 @@ class AnalyticsProcessor:
                 for part in parts:
                     for dim in GROUP_DIMENSIONS:
                         cells = _group_columns(part.data["groups"][dim])
-                        groups[dim].extend(cells, cells["keys"])
+                        groups[dim].extend(cells)
                         if dim == "hour":
-                            hourly.extend(cells, [date] * len(cells["keys"]), cells["keys"])
+                            hourly.extend(cells, [(date, hour) for hour in cells["keys"]])
                 if not day.records:
                     continue
                 daily_rows.append({"security": security, "trade_date": _day_date(date), **day.columns()})

@@ -518,7 +518,8 @@ def _csv_types(header: _CsvHeader, present: list[str]) -> dict[str, pa.DataType]
     """The type to read each present column as: typed where the sample rows convert."""
     types: dict[str, pa.DataType] = {}
     for name in present:
-        types[name] = pa.string()
+        # Text columns come as labels straight from the reader (normalise encodes them anyway).
+        types[name] = LABEL if name in LABEL_COLUMNS else pa.string()
         for kind in _CSV_TYPES.get(name, ()):
             if header.sample.num_rows == 0 or _converts(header.sample.column(name), kind):
                 types[name] = kind
@@ -565,7 +566,7 @@ def _csv_batches(
                 raise _missing(file, storage, missing)
             present = [c for c in columns if c in header.names]
             types = _csv_types(header, present)
-        if present is None or all(t == pa.string() for t in types.values()):
+        if present is None or all(t in (pa.string(), LABEL) for t in types.values()):
             yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, 0)
             return
         try:

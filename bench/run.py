@@ -107,6 +107,12 @@ def _run_workers(n: int, env: dict[str, str], extra: tuple[str, ...] = ()) -> tu
     return time.perf_counter() - started - 1.0, peaks
 
 
+def _share_of_cores(workers: int) -> str:
+    """Each worker's concurrency when `workers` share this machine: its share of the cores, as
+    the README advises (a worker's `auto` would take every core, once per worker)."""
+    return str(max(1, (os.cpu_count() or 1) // workers))
+
+
 def _duckdb_security_daily(raw: Path, tz: str) -> float:
     import duckdb
 
@@ -152,7 +158,7 @@ def _e2e_sequential(args: argparse.Namespace, label: str, source: Path) -> float
     produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
                                  "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
     t1 = time.perf_counter()
-    work_s, peaks = _run_workers(args.workers, env)
+    work_s, peaks = _run_workers(args.workers, env, ("--concurrency", _share_of_cores(args.workers)))
     t2 = time.perf_counter()
     _tickq("aggregate", "--run", produced["run_id"], "--output", str(out), env=env)
     t3 = time.perf_counter()
@@ -172,7 +178,8 @@ def _e2e_deployed(args: argparse.Namespace, label: str, source: Path) -> float:
     out = args.work / f"out-{uuid.uuid4().hex[:8]}"
     run_id = f"e2e-{uuid.uuid4().hex[:8]}"
     services = [subprocess.Popen([PY, "-m", "tickq", "aggregator", "--quiet"], env=env)]
-    services += [subprocess.Popen([PY, "-m", "tickq", "worker", "--quiet"], env=env) for _ in range(args.workers)]
+    services += [subprocess.Popen([PY, "-m", "tickq", "worker", "--quiet", "--concurrency",
+                                   _share_of_cores(args.workers)], env=env) for _ in range(args.workers)]
     time.sleep(3.0)  # services connected and waiting, as in a deployment
     summary = out / "runs" / run_id / "aggregates" / "summary.json"
     try:
@@ -318,12 +325,12 @@ def _stored_run(out: Path, jobs: int) -> str:
         entries = []
         for key in keys[start : start + 128]:
             records = rng.randint(500, 5000)
-            groups = {
-                "participant": [[f"P{p:02d}", records // 10, records * 50, records * 5e3] for p in range(10)],
-                "venue": [["CP", records // 2, records * 250, records * 2.5e4],
-                          ["TM", records // 2, records * 250, records * 2.5e4]],
-                "hour": [[h, records // 7, records * 35, records * 3.5e3] for h in range(10, 17)],
-                "size_bucket": [[b, records // 6, records * 40, records * 4e3] for b in range(6)],
+            groups = {  # as the worker writes them: columns per dimension
+                dim: {"keys": keys, "records": [records // n] * n, "volume": [records * 500 // n] * n,
+                      "notional": [records * 5e4 / n] * n}
+                for dim, keys in (("participant", [f"P{p:02d}" for p in range(10)]), ("venue", ["CP", "TM"]),
+                                  ("hour", list(range(10, 17))), ("size_bucket", list(range(6))))
+                for n in (len(keys),)
             }
             day = {"records": records, "volume": records * 500, "notional": records * 5e4, "low": 9.5, "high": 10.5,
                    "buy_volume": records * 250, "sell_volume": records * 250, "first_ts": 1709251200000000000,

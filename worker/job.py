@@ -38,6 +38,7 @@ from worker.chaos import maybe_kill
 
 MONTH_LISTING_TTL_S = 60.0
 EPOCH = dt.date(1970, 1, 1)
+NO_DAY = np.iinfo(np.int32).min
 
 
 @dataclass
@@ -162,7 +163,8 @@ class _Slots:
         sec_of_value = np.append(found.fill_null(-1).to_numpy(zero_copy_only=False), -1)
         sec_i = sec_of_value[codes]
         days = rows.column("trade_date").combine_chunks()
-        day = days.cast(pa.int32()).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        # A null date becomes a day no job can have (jobs' dates are years 1 to 9999).
+        day = days.cast(pa.int32()).fill_null(NO_DAY).to_numpy(zero_copy_only=False).astype(np.int64)
         day_i = np.searchsorted(self.days, day)
         day_i[(day_i >= len(self.days)) | (self.days[np.minimum(day_i, len(self.days) - 1)] != day)] = -1
         return self.table[sec_i, day_i]

@@ -237,22 +237,16 @@ def _filter_security(batch: pa.RecordBatch, wanted: tuple[str, ...] | None) -> p
     if wanted is None or batch.num_rows == 0:
         return batch
     column = batch.column("security")
+
+    def wanted_ones(values: pa.Array) -> pa.Array:
+        text = values if pa.types.is_string(values.type) else values.cast(pa.string())
+        return pc.equal(text, wanted[0]) if len(wanted) == 1 else pc.is_in(text, value_set=pa.array(wanted))
+
     if pa.types.is_dictionary(column.type):
-        # Each distinct code is matched once, every row by its index.
-        codes, values = label_codes(column)
-        match = np.append(_matches(values, wanted), False)[codes]
+        match = label_mask(column, wanted_ones)
     else:
-        match = _matches(column, wanted)
+        match = pc.fill_null(wanted_ones(column), False).to_numpy(zero_copy_only=False)
     return batch if match.all() else batch.filter(pa.array(match))
-
-
-def _matches(values: pa.Array, wanted: tuple[str, ...]) -> np.ndarray:
-    """Whether each value is a wanted security (null is not)."""
-    if not pa.types.is_string(values.type):
-        values = values.cast(pa.string())
-    match = pc.equal(values, wanted[0]) if len(wanted) == 1 else pc.is_in(values, value_set=pa.array(wanted))
-    result: np.ndarray = pc.fill_null(match, False).to_numpy(zero_copy_only=False)
-    return result
 
 
 def _parquet_batches(
@@ -841,9 +835,7 @@ def normalise(batch: pa.RecordBatch, market_tz: str) -> tuple[pa.Table, pa.Array
     trade_date = local.trade_date
     if date_raw is not None:
         trade_date = pc.coalesce(_normalise_trade_date(date_raw), trade_date)
-    codes, values = label_codes(security)
-    named = np.append(pc.fill_null(pc.greater(pc.utf8_length(values), 0), False).to_numpy(zero_copy_only=False),
-                      False)[codes]
+    named = label_mask(security, lambda values: pc.greater(pc.utf8_length(values), 0))
     valid = pc.and_(
         pc.and_(pc.is_valid(ts), pa.array(named)),
         pc.and_(
@@ -891,6 +883,14 @@ def label_codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Arra
     indices = column.indices
     codes = (indices.fill_null(-1) if indices.null_count else indices).to_numpy().astype(np.int64, copy=False)
     return codes, column.dictionary
+
+
+def label_mask(column: pa.Array | pa.ChunkedArray, predicate: Callable[[pa.Array], pa.Array]) -> np.ndarray:
+    """`predicate` of each row's label, evaluated once per distinct value (null rows: False)."""
+    codes, values = label_codes(column)
+    per_value = pc.fill_null(predicate(values), False).to_numpy(zero_copy_only=False)
+    mask: np.ndarray = np.append(per_value, False)[codes]
+    return mask
 
 
 def trade_dates(batch: pa.RecordBatch, market_tz: str) -> pa.Array:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.inputs import label_codes
+from shared.inputs import label_codes, label_mask
 from shared.messages import JobParams
 from shared.processors.base import JobContext, StoredResult
 from shared.tables import TableSink
@@ -155,10 +155,9 @@ class BatchPartials:
     def _add_day(self, rows: pa.Table, slots: np.ndarray, price: np.ndarray, size: np.ndarray,
                  notional: np.ndarray) -> None:
         ts = rows.column("ts").cast(pa.int64()).to_numpy()
-        side, sides = label_codes(rows.column("side"))
-        is_buy, is_sell = (np.append(pc.fill_null(pc.equal(sides, v), False).to_numpy(zero_copy_only=False), False)
-                           for v in ("B", "S"))
-        buy, sell = np.where(is_buy[side], size, 0), np.where(is_sell[side], size, 0)
+        side = rows.column("side")
+        buy = np.where(label_mask(side, lambda sides: pc.equal(sides, "B")), size, 0)
+        sell = np.where(label_mask(side, lambda sides: pc.equal(sides, "S")), size, 0)
         # Rows of one job usually come in runs (input sorted by security and time): reduce
         # each run first, then scatter the runs' partials to their slots.
         starts = np.flatnonzero(np.diff(slots)) + 1

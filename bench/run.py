@@ -2,6 +2,7 @@
 
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2
     python bench/run.py per-job   --rows 1000000,20000000
+    python bench/run.py batch     --rows 20000000 --securities 500 --jobs 128
     python bench/run.py memory    --rows 1000000,20000000
     python bench/run.py producer  --jobs 10500
     python bench/run.py scaling   --rows 4000000 --securities 200
@@ -240,6 +241,34 @@ def cmd_per_job(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def cmd_batch(args: argparse.Namespace) -> None:
+    """Every job of the month through `execute_batch` in one process, in batches of --jobs (in key
+    order, as a worker's prefetch holds them): the data pass without the broker."""
+    from shared.messages import JobMessage, JobParams
+    from worker.job import MonthListings, execute_batch
+
+    _, laid = _data(args.work, int(args.rows), args.securities)
+    out = args.work / f"batch-{uuid.uuid4().hex[:8]}"
+    params = JobParams(market_tz=args.tz)
+    jobs = [JobMessage.build(run_id="batch", month=month, security=security, date=date, input=str(laid),
+                             output=str(out), processor="analytics", params=params)
+            for month, security, date in (line.split(",") for line in _job_keys(laid, args))]
+    listings, stages = MonthListings(), dict[str, float]()
+    c0, t0 = psutil.Process().cpu_times(), time.perf_counter()
+    for start in range(0, len(jobs), args.jobs):
+        for result in execute_batch(jobs[start : start + args.jobs], s3_endpoint_url=None, worker_id="bench",
+                                    listings=listings):
+            assert not isinstance(result, BaseException), result
+            for stage, seconds in result.stages.items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+    seconds, c1 = time.perf_counter() - t0, psutil.Process().cpu_times()
+    cpu = (c1.user + c1.system) - (c0.user + c0.system)
+    _row(target="batch", rows=int(args.rows), jobs=len(jobs), batch_jobs=args.jobs, seconds=round(seconds, 2),
+         cpu_s=round(cpu, 2), cpu_ms_per_job=round(cpu / len(jobs) * 1000, 3),
+         stages_s={stage: round(total, 2) for stage, total in stages.items()})
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def _job_keys(laid: Path, args: argparse.Namespace) -> list[str]:
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
     out = args.work / f"keys-{uuid.uuid4().hex[:8]}"
@@ -438,12 +467,13 @@ def cmd_naive(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", choices=["e2e", "per-job", "memory", "producer", "scaling", "csv", "naive",
-                                           "aggregator"])
+    parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
+                                           "naive", "aggregator"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--jobs", default="10500", help="aggregator: a comma-separated list")
+    parser.add_argument("--jobs", default="10500",
+                        help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list")
     parser.add_argument("--sample", type=int, default=50)
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--raw-too", action="store_true", help="e2e: also run on the raw (not ingested) files")
@@ -455,7 +485,7 @@ def main() -> None:
     if args.target != "aggregator":
         args.jobs = int(args.jobs)
     try:
-        {"e2e": cmd_e2e, "per-job": cmd_per_job, "memory": cmd_memory, "producer": cmd_producer,
+        {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
          "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator}[args.target](args)
     finally:
         _drop_namespaces()

@@ -23,6 +23,12 @@ from shared.tables import TableSink
 
 GROUP_DIMENSIONS = ("participant", "venue", "hour", "size_bucket")
 SECURITY_DAILY_FLUSH_ROWS = 8_192
+HOURS = list(range(24))
+# Above this many (job, group) cells a dimension is grouped by sorting the cells present
+# instead of counting into a dense table (a participant column with very many distinct values).
+DENSE_CELLS = 1 << 20
+# Cells a batch buffers per dimension before merging them into one cell per (job, value).
+COMPACT_CELLS = 1 << 18
 TS_UTC = pa.timestamp("ns", tz="UTC")
 
 
@@ -295,14 +301,6 @@ class AnalyticsJob:
     def finish(self) -> dict[str, Any]:
         """The job's partial result."""
         return self.batch.result(self.slot)
-
-
-HOURS = list(range(24))
-# Above this many (job, group) cells a dimension is grouped by sorting the cells present
-# instead of counting into a dense table (a participant column with very many distinct values).
-DENSE_CELLS = 1 << 20
-# Cells a batch buffers per dimension before merging them into one cell per (job, value).
-COMPACT_CELLS = 1 << 18
 
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[Any]]:

@@ -33,7 +33,8 @@ def test_dictionary_columns_from_parquet_are_normalised_once_per_value(tmp_path:
 
     batches = list(read_batches(storage, file, ALL_COLUMNS, security=["BHP"]))
     assert sum(b.num_rows for b in batches) == 3  # row-filtered through the dictionary
-    rows, valid = normalise(pa.concat_batches(list(read_batches(storage, file, ALL_COLUMNS))), "UTC")
+    [whole] = pa.Table.from_batches(list(read_batches(storage, file, ALL_COLUMNS))).combine_chunks().to_batches()
+    rows, valid = normalise(whole, "UTC")
 
     assert rows.schema.field("side").type == LABEL and rows.schema.field("participant").type == LABEL
     assert rows.column("side").to_pylist() == ["B", "S", "B", None, None, "S"]

@@ -253,7 +253,8 @@ def cmd_batch(args: argparse.Namespace) -> None:
     jobs = [JobMessage.build(run_id="batch", month=month, security=security, date=date, input=str(laid),
                              output=str(out), processor="analytics", params=params)
             for month, security, date in (line.split(",") for line in _job_keys(laid, args))]
-    listings, stages = MonthListings(), dict[str, float]()
+    listings = MonthListings()
+    stages: dict[str, float] = {}
     c0, t0 = psutil.Process().cpu_times(), time.perf_counter()
     for start in range(0, len(jobs), args.jobs):
         for result in execute_batch(jobs[start : start + args.jobs], s3_endpoint_url=None, worker_id="bench",

@@ -165,8 +165,8 @@ class _Slots:
         days = rows.column("trade_date").combine_chunks()
         # A null date becomes a day no job can have (jobs' dates are years 1 to 9999).
         day = days.cast(pa.int32()).fill_null(NO_DAY).to_numpy(zero_copy_only=False).astype(np.int64)
-        day_i = np.searchsorted(self.days, day)
-        day_i[(day_i >= len(self.days)) | (self.days[np.minimum(day_i, len(self.days) - 1)] != day)] = -1
+        nearest = np.minimum(np.searchsorted(self.days, day), len(self.days) - 1)
+        day_i = np.where(self.days[nearest] == day, nearest, -1)
         return self.table[sec_i, day_i]
 
     def counts(self, slots: np.ndarray) -> np.ndarray:

@@ -165,28 +165,25 @@ class BatchPartials:
         buy = np.where(label_mask(side, lambda sides: pc.equal(sides, "B")), size, 0)
         sell = np.where(label_mask(side, lambda sides: pc.equal(sides, "S")), size, 0)
         # Rows of one job usually come in runs (input sorted by security and time): reduce
-        # each run first, then scatter the runs' partials to their slots.
+        # each run first, then scatter the runs' partials to their slots. Unsorted rows are
+        # scattered one by one.
         starts = np.flatnonzero(np.diff(slots)) + 1
-        if len(starts) < len(slots) // 4:
+        in_runs = len(starts) < len(slots) // 4
+        if in_runs:
             starts = np.concatenate(([0], starts))
-            owner = slots[starts]
-            np.add.at(self.records, owner, np.diff(np.append(starts, len(slots))))
-            for target, values in ((self.volume, size), (self.notional, notional), (self.buy_volume, buy),
-                                   (self.sell_volume, sell)):
-                np.add.at(target, owner, np.add.reduceat(values, starts))
-            np.minimum.at(self.low, owner, np.minimum.reduceat(price, starts))
-            np.maximum.at(self.high, owner, np.maximum.reduceat(price, starts))
-            np.minimum.at(self.first, owner, np.minimum.reduceat(ts, starts))
-            np.maximum.at(self.last, owner, np.maximum.reduceat(ts, starts))
-            return
-        np.add.at(self.records, slots, 1)
+
+        def per_run(reduce: np.ufunc, values: np.ndarray) -> np.ndarray:
+            return reduce.reduceat(values, starts) if in_runs else values
+
+        owner = slots[starts] if in_runs else slots
+        np.add.at(self.records, owner, np.diff(np.append(starts, len(slots))) if in_runs else 1)
         for target, values in ((self.volume, size), (self.notional, notional), (self.buy_volume, buy),
                                (self.sell_volume, sell)):
-            np.add.at(target, slots, values)
-        np.minimum.at(self.low, slots, price)
-        np.maximum.at(self.high, slots, price)
-        np.minimum.at(self.first, slots, ts)
-        np.maximum.at(self.last, slots, ts)
+            np.add.at(target, owner, per_run(np.add, values))
+        np.minimum.at(self.low, owner, per_run(np.minimum, price))
+        np.maximum.at(self.high, owner, per_run(np.maximum, price))
+        np.minimum.at(self.first, owner, per_run(np.minimum, ts))
+        np.maximum.at(self.last, owner, per_run(np.maximum, ts))
 
     def _add_groups(self, dim: str, slots: np.ndarray, codes: np.ndarray, values: list[Any], size: np.ndarray,
                     notional: np.ndarray) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
+import functools
 import io
+import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -133,6 +136,75 @@ class ByteCounter:
         self.bytes = 0
 
 
+_FileId = tuple[str, str, int]  # storage URI, key, size
+
+
+class ParquetCache:
+    """What a reader keeps between passes over the same Parquet files.
+
+    Jobs of one month come in consecutive batches, and two consecutive batches meet inside
+    the row group that holds the last job of one and the first of the next: without this,
+    that row group is fetched and decoded twice, and every pass parses the file's footer
+    again. Keeps the `footers` most recently used parsed footers and the `row_groups` most
+    recently decoded row groups (each of at most `max_group_rows` rows; larger ones are
+    streamed and never kept), so its memory is bounded whatever the input.
+
+    Entries are keyed by storage, file key and size. Whoever lists the files calls `clear`
+    when it lists them again, so a file replaced in place is read afresh.
+    """
+
+    def __init__(self, footers: int = 16, row_groups: int = 4, max_group_rows: int = 4 * DEFAULT_BATCH_ROWS) -> None:
+        self.max_group_rows = max_group_rows
+        self._lock = threading.Lock()
+        self._footers: OrderedDict[_FileId, pq.FileMetaData] = OrderedDict()
+        self._groups: OrderedDict[tuple[_FileId, int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self._capacity = {"footers": footers, "row_groups": row_groups}
+        self.hits = 0  # row groups served without reading them
+
+    def footer(self, file: _FileId) -> pq.FileMetaData | None:
+        """The parsed footer of `file`, if kept."""
+        with self._lock:
+            return self._touch(self._footers, file)
+
+    def keep_footer(self, file: _FileId, footer: pq.FileMetaData) -> None:
+        """Keep `file`'s parsed footer."""
+        with self._lock:
+            self._keep(self._footers, file, footer, self._capacity["footers"])
+
+    def row_group(self, file: _FileId, index: int, columns: tuple[str, ...], read: Callable[[], pa.Table]) -> pa.Table:
+        """Row group `index` of `file` as `columns`, decoded by `read` unless kept."""
+        key = (file, index, columns)
+        with self._lock:
+            table = self._touch(self._groups, key)
+            if table is not None:
+                self.hits += 1
+                return table
+        table = read()
+        with self._lock:
+            self._keep(self._groups, key, table, self._capacity["row_groups"])
+        return table
+
+    def clear(self) -> None:
+        """Forget everything kept."""
+        with self._lock:
+            self._footers.clear()
+            self._groups.clear()
+
+    @staticmethod
+    def _touch(entries: OrderedDict[Any, Any], key: Any) -> Any:
+        value = entries.get(key)
+        if value is not None:
+            entries.move_to_end(key)
+        return value
+
+    @staticmethod
+    def _keep(entries: OrderedDict[Any, Any], key: Any, value: Any, capacity: int) -> None:
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > capacity:
+            entries.popitem(last=False)
+
+
 class _CountingReader(io.RawIOBase):
     """A seekable reader that counts the bytes read through it (what a job really fetched)."""
 
@@ -184,17 +256,19 @@ def read_batches(
     window: DayWindow | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     counter: ByteCounter | None = None,
+    cache: ParquetCache | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of `file` holding the wanted `columns` that exist in it.
 
     With `security` (one code or several), only those securities' rows come out, and
     Parquet row groups whose statistics exclude them, or exclude `window`, are skipped
     without being read. Required columns that the file lacks raise `PermanentError`;
-    unreadable files raise it too.
+    unreadable files raise it too. A `cache` serves Parquet footers and row groups that
+    an earlier call already read.
     """
     wanted = _wanted(security)
     if file.format == "parquet":
-        yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter)
+        yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache)
     elif file.format in ("csv", "csv.gz"):
         yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter)
     elif file.format in ("dbn", "dbn.zst"):
@@ -257,29 +331,22 @@ def _parquet_batches(
     window: DayWindow | None,
     batch_rows: int,
     counter: ByteCounter | None,
+    cache: ParquetCache | None,
 ) -> Iterator[pa.RecordBatch]:
     source = _CountingReader(storage.open_read(file.key))
+    file_id = (storage.uri, file.key, file.size)
     try:
-        try:
-            parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
-            names = parquet.schema_arrow.names
-            labels = [c for c in LABEL_COLUMNS if c in columns and c in names]
-            if labels:  # text read as dictionaries: no string copied per row (footer parsed once)
-                parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES,
-                                         metadata=parquet.metadata, read_dictionary=labels)
-        except (pa.ArrowException, OSError) as exc:
-            raise _unreadable(file, storage, exc) from None
+        parquet = _open_parquet(storage, file, source, columns, cache.footer(file_id) if cache else None)
+        if cache is not None:
+            cache.keep_footer(file_id, parquet.metadata)
+        names = parquet.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c in columns and c not in names]
         if missing:
             raise _missing(file, storage, missing)
         present = [c for c in columns if c in names]
         groups = _row_groups_to_read(parquet, wanted, window)
-        if not groups:
-            return
         try:
-            for batch in parquet.iter_batches(
-                batch_size=batch_rows, row_groups=groups, columns=present, use_threads=False
-            ):
+            for batch in _row_group_batches(parquet, groups, present, batch_rows, file_id, cache):
                 batch = _filter_security(batch, wanted)
                 if batch.num_rows:
                     yield batch
@@ -289,6 +356,47 @@ def _parquet_batches(
         if counter is not None:
             counter.bytes += source.bytes_read
         source.close()
+
+
+def _open_parquet(
+    storage: Storage, file: InputFile, source: _CountingReader, columns: tuple[str, ...], footer: pq.FileMetaData | None
+) -> pq.ParquetFile:
+    """`source` as a Parquet file whose label columns read as dictionaries (no string copied
+    per row); its footer is read and parsed unless given."""
+    try:
+        if footer is None:
+            footer = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES).metadata
+        names = footer.schema.to_arrow_schema().names
+        labels = [c for c in LABEL_COLUMNS if c in columns and c in names]
+        return pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES, metadata=footer,
+                              read_dictionary=labels or None)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(file, storage, exc) from None
+
+
+def _row_group_batches(
+    parquet: pq.ParquetFile,
+    groups: list[int],
+    columns: list[str],
+    batch_rows: int,
+    file_id: _FileId,
+    cache: ParquetCache | None,
+) -> Iterator[pa.RecordBatch]:
+    """Batches of the given row groups: through `cache` where it may keep them, else streamed."""
+    if not groups:
+        return
+    if cache is None:
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False)
+        return
+    meta = parquet.metadata
+    for index in groups:
+        if meta.row_group(index).num_rows > cache.max_group_rows:
+            yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns,
+                                            use_threads=False)
+            continue
+        read = functools.partial(parquet.read_row_group, index, columns=columns, use_threads=False)
+        table = cache.row_group(file_id, index, tuple(columns), read)
+        yield from table.to_batches(max_chunksize=batch_rows)
 
 
 def _is_text(kind: pa.DataType) -> bool:

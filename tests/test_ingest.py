@@ -72,6 +72,13 @@ def assert_index_matches(out: Path, row_group_rows: int, month: str = MONTH) -> 
         sec_i = parquet.schema_arrow.get_field_index("security")
         ts_i = parquet.schema_arrow.get_field_index("ts")
         data = path.read_bytes()
+        # The encodings that make row groups cheap to decode (bench/RESULTS.md).
+        if meta.num_row_groups:  # an empty month's file has none
+            first = meta.row_group(0)
+            chunks = {first.column(j).path_in_schema: first.column(j) for j in range(first.num_columns)}
+            assert {"ts", "size"} <= {name for name, c in chunks.items() if "DELTA_BINARY_PACKED" in c.encodings}
+            assert "RLE_DICTIONARY" in chunks["security"].encodings
+            assert {c.compression for c in chunks.values()} == {"LZ4"}  # pyarrow's name for LZ4_RAW
         for i, group in enumerate(entry["row_groups"]):
             rg = meta.row_group(i)
             assert group["index"] == i and group["rows"] == rg.num_rows

@@ -6,7 +6,8 @@ CSV, CSV.gz, DBN) is rewritten as Parquet under ``<output>/M/part-NNNNN.parquet`
 - rows sorted by (security, ts) across the whole month (null securities last, null ts last
   within a security), so a job's rows sit in a few consecutive row groups;
 - ``security`` as a plain ``string`` column (an Arrow dictionary column would defeat row-group
-  pruning by statistics), statistics on, row groups of `row_group_rows` rows, zstd;
+  pruning by statistics), statistics on, row groups of `row_group_rows` rows, lz4, ts and size
+  delta-encoded, the text columns and price dictionary-encoded;
 - a sidecar ``<output>/M/_index.json`` (ignored by the input reader, like every ``_`` file)
   listing per file and per row group: rows, byte offset and size, security min/max and ts
   min/max, so that a reader can go straight to the row groups of a security;
@@ -96,7 +97,14 @@ MAX_OPEN_SPILLS = 256  # spill files kept open at once (least recently used are 
 # table, the sort indices and one sorted column at a time (see `_sort_releasing`), with room
 # for the row group being written, allocator slack and an estimate of the row size that is off.
 SORT_FACTOR = 2
-COMPRESSION = "zstd"
+# Decoding, not reading, is most of a worker's pass over its row groups. Measured on a 20 M-row
+# month's row groups (bench/RESULTS.md, sixth session): zstd over plain values took 8.2 ms per
+# 128 k-row group and 1,388 KB; delta-encoded ts and size, dictionary-encoded price and lz4
+# take 3.7 ms and 1,155 KB. (ts, sorted within a security, and size are small deltas; prices
+# repeat on their tick grid: a dictionary that outgrows its page falls back to plain.)
+COMPRESSION = "lz4"
+DELTA_ENCODED = ("ts", "size")
+DICTIONARY_ENCODED = ("security", "side", "participant", "venue", "price", "trade_date")
 RANK = "_rank"
 _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
 _INT64_MAX = np.iinfo(np.int64).max
@@ -464,7 +472,8 @@ class _Output:
             write_statistics=True,
             # Parquet dictionary *encoding* keeps the Arrow type a plain string (and its
             # statistics); it only makes the sorted, repetitive columns smaller.
-            use_dictionary=["security", "side", "participant", "venue"],
+            use_dictionary=[c for c in DICTIONARY_ENCODED if c in names],
+            column_encoding={c: "DELTA_BINARY_PACKED" for c in DELTA_ENCODED if c in names},
             sorting_columns=[
                 pq.SortingColumn(names.index("security"), nulls_first=False),
                 pq.SortingColumn(names.index("ts"), nulls_first=False),

@@ -25,6 +25,7 @@ from shared.inputs import (
     ByteCounter,
     DayWindow,
     InputFile,
+    ParquetCache,
     label_codes,
     month_files,
     normalise,
@@ -74,12 +75,14 @@ class _Timer:
 
 
 class MonthListings:
-    """Caches month file listings, so many jobs of one month list its files once."""
+    """Caches month file listings, so many jobs of one month list its files once, and what
+    passes over those files can share (`ParquetCache`), forgotten whenever a listing is renewed."""
 
     def __init__(self, ttl_s: float = MONTH_LISTING_TTL_S) -> None:
         self._ttl = ttl_s
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, list[InputFile]]] = {}
+        self.parquet = ParquetCache()
 
     def files(self, storage: Storage, month: str) -> list[InputFile]:
         """The month's input files (from cache when fresh)."""
@@ -90,6 +93,7 @@ class MonthListings:
             if hit and now - hit[0] < self._ttl:
                 return hit[1]
         files = month_files(storage, month)
+        self.parquet.clear()
         with self._lock:
             self._cache[key] = (now, files)
         return files
@@ -201,6 +205,7 @@ def _compute(
     accumulators: list[JobAccumulator],
     outcomes: list[JobOutcome],
     batch_rows: int,
+    cache: ParquetCache,
 ) -> None:
     """One pass over the month's files serves every job of the batch."""
     params = jobs[0].params
@@ -215,7 +220,7 @@ def _compute(
         counter = ByteCounter()
         batches = read_batches(
             source, file, ALL_COLUMNS, security=[j.security for j in jobs], window=_batch_window(jobs),
-            batch_rows=batch_rows, counter=counter,
+            batch_rows=batch_rows, counter=counter, cache=cache,
         )
         while True:
             start = time.perf_counter()
@@ -324,7 +329,8 @@ def execute_batch(
         # Processors whose jobs of one batch share state (vectorised) say so with `start_batch`.
         start_batch = getattr(processor, "start_batch", None)
         accumulators = start_batch(contexts) if start_batch else [processor.start_job(c) for c in contexts]
-        _compute(processor, todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows)
+        _compute(processor, todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows,
+                 listings.parquet)
         stale = _records_to_clear(output, layout, todo_jobs)
     except Exception as exc:  # the whole batch fails the same way
         return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]

@@ -1,0 +1,83 @@
+"""Passes over the same Parquet file share its footer and the row groups at their edges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared.inputs import ALL_COLUMNS, ByteCounter, InputFile, ParquetCache, month_files, read_batches
+from shared.storage import Storage, open_storage
+
+MONTH = "2024-03"
+TS = pa.timestamp("ns", tz="UTC")
+
+
+def _month(tmp_path: Path, securities: list[str], group_rows: int) -> tuple[Storage, InputFile]:
+    """One sorted file of 100 rows per security, in row groups of `group_rows` rows."""
+    rows = [(s, i) for s in securities for i in range(100)]
+    table = pa.table({
+        "ts": pa.array([1_709_251_200_000_000_000 + i * 10**9 for _, i in rows], pa.int64()).cast(TS),
+        "security": [s for s, _ in rows],
+        "price": [1.0 + i for _, i in rows],
+        "size": [1 + i for _, i in rows],
+        "side": ["B" if i % 2 else "S" for _, i in rows],
+    })
+    (tmp_path / MONTH).mkdir()
+    pq.write_table(table, tmp_path / MONTH / "part.parquet", row_group_size=group_rows)
+    storage = open_storage(str(tmp_path))
+    [file] = month_files(storage, MONTH)
+    return storage, file
+
+
+def _read(storage: Storage, file: InputFile, securities: list[str], cache: ParquetCache | None) -> tuple[pa.Table, int]:
+    counter = ByteCounter()
+    batches = list(read_batches(storage, file, ALL_COLUMNS, security=securities, counter=counter, cache=cache))
+    return pa.Table.from_batches(batches).combine_chunks(), counter.bytes
+
+
+def test_consecutive_passes_read_their_shared_row_group_once(tmp_path: Path) -> None:
+    # Row groups of 150 rows: the first holds A and B's start, the second B's end and C.
+    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=150)
+    cache = ParquetCache()
+
+    first, _ = _read(storage, file, ["A"], cache)
+    second, second_bytes = _read(storage, file, ["B", "C"], cache)
+
+    uncached_second, uncached_bytes = _read(storage, file, ["B", "C"], None)
+    assert second.equals(uncached_second)  # the same rows, cached or not
+    assert first.column("security").to_pylist() == ["A"] * 100
+    assert second.column("security").to_pylist() == ["B"] * 100 + ["C"] * 100
+    assert cache.hits == 1  # the group holding A and B's start is not read again
+    # Neither the footer nor the shared group is fetched again: only the second group.
+    assert 0 < second_bytes < uncached_bytes
+
+
+def test_clear_reads_again(tmp_path: Path) -> None:
+    storage, file = _month(tmp_path, ["A", "B"], group_rows=150)
+    cache = ParquetCache()
+    _, cold = _read(storage, file, ["A"], cache)
+    _, warm = _read(storage, file, ["A"], cache)
+    cache.clear()
+    _, again = _read(storage, file, ["A"], cache)
+    assert warm == 0 and again == cold
+
+
+def test_large_row_groups_are_streamed_not_kept(tmp_path: Path) -> None:
+    storage, file = _month(tmp_path, ["A", "B"], group_rows=200)
+    cache = ParquetCache(max_group_rows=100)  # smaller than every group: none is kept
+    first, cold = _read(storage, file, ["A", "B"], cache)
+    second, warm = _read(storage, file, ["A", "B"], cache)
+    assert first.equals(second) and first.num_rows == 200
+    assert cache.hits == 0 and 0 < warm < cold  # the footer is kept, the rows are read again
+
+
+def test_kept_row_groups_are_bounded(tmp_path: Path) -> None:
+    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=100)
+    cache = ParquetCache(row_groups=2)
+    _read(storage, file, ["A", "B", "C", "D"], cache)  # four groups decoded, the last two kept
+    _, first_two = _read(storage, file, ["A", "B"], cache)
+    _, last_two = _read(storage, file, ["C", "D"], cache)
+    assert first_two > 0  # evicted: read again (and now kept in place of C and D)
+    assert last_two > 0 and cache.hits == 0

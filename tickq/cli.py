@@ -367,8 +367,13 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `tickq` argument parser."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `tickq` argument parser; given the `command` about to run, the other subcommands
+    whose options live in their own modules are listed without loading those modules."""
+
+    def full(name: str) -> bool:
+        return command is None or command == name
+
     parser = _Parser(prog="tickq", description="Distributed analytics over monthly market-data files.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -449,30 +454,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("ingest", help="rewrite raw monthly files into sorted, indexed Parquet for cheap jobs")
-    from tickq import ingest
+    if full("ingest"):
+        from tickq import ingest
 
-    ingest.add_arguments(p)
-    _common(p)
-    p.set_defaults(func=ingest.main)
+        ingest.add_arguments(p)
+        _common(p)
+        p.set_defaults(func=ingest.main)
 
     p = sub.add_parser("status", help="a run's ledger: expected, succeeded, dead, retrying, queued")
-    from tickq import status
+    if full("status"):
+        from tickq import status
 
-    status.add_arguments(p)
-    _common(p, metrics=False)
-    p.set_defaults(func=cmd_status)
+        status.add_arguments(p)
+        _common(p, metrics=False)
+        p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="stage breakdown, throughput, memory and bottlenecks from metrics files")
-    from tickq import report
+    if full("report"):
+        from tickq import report
 
-    report.add_arguments(p)
-    p.set_defaults(func=report.main)
+        report.add_arguments(p)
+        p.set_defaults(func=report.main)
 
     p = sub.add_parser("dlq", help="list, show, replay or purge dead-lettered jobs")
-    from tickq import dlq
+    if full("dlq"):
+        from tickq import dlq
 
-    dlq.add_arguments(p, _common)
-    p.set_defaults(func=cmd_dlq)
+        dlq.add_arguments(p, _common)
+        p.set_defaults(func=cmd_dlq)
 
     p = sub.add_parser("healthcheck", help="exit 0 if this container's tickq process is alive")
     p.add_argument("--max-age", type=_seconds, default=60.0, help="heartbeat age limit (default 60 s)")
@@ -493,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         health.add_argument("--max-age", type=_seconds, default=60.0)
         return cmd_healthcheck(health.parse_args(argv[1:]))
     keep_pandas_unloaded()
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

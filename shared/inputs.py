@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
-import functools
 import io
 import threading
 import zlib
@@ -211,7 +210,20 @@ class _CountingReader(io.RawIOBase):
     def __init__(self, inner: IO[bytes]) -> None:
         super().__init__()
         self._inner = inner
-        self.bytes_read = 0
+        self._read_through = 0
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched from storage: the inner reader's count where it keeps one (reads it
+        served from a prefetched span were counted when the span was fetched)."""
+        fetched = getattr(self._inner, "bytes_read", None)
+        return fetched if isinstance(fetched, int) else self._read_through
+
+    def prefetch(self, start: int, length: int) -> None:
+        """Tell a reader that fetches over the network the span about to be read (else nothing)."""
+        prefetch = getattr(self._inner, "prefetch", None)
+        if prefetch is not None:
+            prefetch(start, length)
 
     def readable(self) -> bool:
         return True
@@ -228,7 +240,7 @@ class _CountingReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         data = self._inner.read(len(memoryview(buffer)))
         memoryview(buffer).cast("B")[: len(data)] = data
-        self.bytes_read += len(data)
+        self._read_through += len(data)
         return len(data)
 
     def close(self) -> None:
@@ -346,7 +358,7 @@ def _parquet_batches(
         present = [c for c in columns if c in names]
         groups = _row_groups_to_read(parquet, wanted, window)
         try:
-            for batch in _row_group_batches(parquet, groups, present, batch_rows, file_id, cache):
+            for batch in _row_group_batches(parquet, source, groups, present, batch_rows, file_id, cache):
                 batch = _filter_security(batch, wanted)
                 if batch.num_rows:
                     yield batch
@@ -376,6 +388,7 @@ def _open_parquet(
 
 def _row_group_batches(
     parquet: pq.ParquetFile,
+    source: _CountingReader,
     groups: list[int],
     columns: list[str],
     batch_rows: int,
@@ -394,9 +407,28 @@ def _row_group_batches(
             yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns,
                                             use_threads=False)
             continue
-        read = functools.partial(parquet.read_row_group, index, columns=columns, use_threads=False)
+
+        def read(index: int = index) -> pa.Table:
+            source.prefetch(*_column_chunks_span(meta, index, columns))
+            return parquet.read_row_group(index, columns=columns, use_threads=False)
+
         table = cache.row_group(file_id, index, tuple(columns), read)
         yield from table.to_batches(max_chunksize=batch_rows)
+
+
+def _column_chunks_span(meta: pq.FileMetaData, index: int, columns: list[str]) -> tuple[int, int]:
+    """(offset, length) of the bytes holding row group `index`'s chunks of `columns`."""
+    group = meta.row_group(index)
+    spans = []
+    for j in range(group.num_columns):
+        chunk = group.column(j)
+        if chunk.path_in_schema in columns:
+            start = min(chunk.data_page_offset, chunk.dictionary_page_offset or chunk.data_page_offset)
+            spans.append((start, start + chunk.total_compressed_size))
+    if not spans:
+        return 0, 0
+    start = min(s for s, _ in spans)
+    return start, max(e for _, e in spans) - start
 
 
 def _is_text(kind: pa.DataType) -> bool:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -36,6 +37,8 @@ from shared.messages import JobMessage, JobParams
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
 from worker.chaos import maybe_kill
+
+_T = TypeVar("_T")
 
 MONTH_LISTING_TTL_S = 60.0
 EPOCH = dt.date(1970, 1, 1)
@@ -264,12 +267,45 @@ def _compute(
             outcome.time(name, seconds * share)
 
 
+_requests_lock = threading.Lock()
+_requests: ThreadPoolExecutor | None = None
+
+
+def _each(storage: Storage, call: Callable[[_T], None], items: Sequence[_T]) -> list[Exception | None]:
+    """`call` on every item, and what each raised (None: done). On a store whose requests wait
+    on the network, up to its `parallel_requests` are in flight at once: a batch's markers and
+    listings would otherwise cost one round trip each, end to end."""
+
+    def outcome(item: _T) -> Exception | None:
+        try:
+            call(item)
+            return None
+        except Exception as exc:  # reported per item: the caller decides what fails
+            return exc
+
+    if storage.parallel_requests <= 1 or len(items) <= 1:
+        return [outcome(item) for item in items]
+    global _requests
+    with _requests_lock:
+        if _requests is None:
+            _requests = ThreadPoolExecutor(max_workers=storage.parallel_requests, thread_name_prefix="tickq-store")
+    return list(_requests.map(outcome, items))
+
+
 def _listed(output: Storage, prefix: str, jobs: list[JobMessage]) -> set[str]:
     """Keys under `prefix` of the batch's securities: one listing per security, not per job."""
     month = jobs[0].month
     found: set[str] = set()
-    for security in sorted({j.security for j in jobs}):
-        found |= {o.key for o in output.list(f"{prefix}{month}/{security}/")}
+    lock = threading.Lock()
+
+    def list_security(security: str) -> None:
+        keys = {o.key for o in output.list(f"{prefix}{month}/{security}/")}
+        with lock:
+            found.update(keys)
+
+    for failure in _each(output, list_security, sorted({j.security for j in jobs})):
+        if failure is not None:
+            raise failure
     return found
 
 
@@ -393,17 +429,18 @@ def _store(
         for i in stored:
             failures[i] = exc
         return failures
-    for i in stored:
+
+    def mark(i: int) -> None:
         job = jobs[i]
         key = JobKey(job.month, job.security, job.date)
-        try:
-            # The marker comes after the result: a marker always means a stored result.
-            output.mark(layout.marker(key))
-            for record in (layout.dead(key), layout.retrying(key)):
-                if record in stale:
-                    output.delete(record)
-        except Exception as exc:  # this job alone failed to store
-            failures[i] = exc
+        # The marker comes after the result: a marker always means a stored result.
+        output.mark(layout.marker(key))
+        for record in (layout.dead(key), layout.retrying(key)):
+            if record in stale:
+                output.delete(record)
+
+    for i, failure in zip(stored, _each(output, mark, stored), strict=True):
+        failures[i] = failure  # this job alone failed to store, or None
         outcomes[i].bytes_out = len(body) // len(stored)
     maybe_kill("after-upload", [jobs[i].job_id for i in stored])
     upload_s = (time.perf_counter() - start) / len(stored)

@@ -9,6 +9,7 @@
     python bench/run.py csv       --rows 2000000
     python bench/run.py naive     --rows 500000 --securities 20
     python bench/run.py aggregator --jobs 1000,100000
+    python bench/run.py s3        --rows 2000000 --securities 100 --jobs 128 --sample 4 --latency-ms 20
 
 Needs a broker at TICKQ_AMQP_URL (default localhost) and the test extras (duckdb, pandas).
 Data goes under --work (default /tmp/tickq-bench); every figure is printed as a table row.
@@ -420,6 +421,63 @@ def cmd_scaling(args: argparse.Namespace) -> None:
     _row(target="scaling", speedup_2_vs_1=round(statistics.mean(results[2]) / statistics.mean(results[1]), 2))
 
 
+def cmd_s3(args: argparse.Namespace) -> None:
+    """Batches of jobs against S3 with a round-trip delay: a moto server behind a proxy that
+    waits --latency-ms before each request, as a distant object store would. What a batch
+    costs in wall time when every request is a round trip; figures per batch of --jobs."""
+    import socket
+
+    import boto3
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.helpers; PYTHONPATH first
+    from shared.messages import JobMessage, JobParams
+    from tests.helpers import FaultyS3Proxy, upload_dir
+    from worker.job import MonthListings, execute_batch
+
+    _, laid = _data(args.work, int(args.rows), args.securities)
+    keys = [line.split(",") for line in _job_keys(laid, args)][: args.sample * args.jobs]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    moto = shutil.which("moto_server", path=str(Path(PY).parent)) or "moto_server"
+    server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                       ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(key, value)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.1)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="bench")
+        upload_dir(laid, client, "bench", "laid")
+        proxy = FaultyS3Proxy(endpoint)
+        proxy.delay_s = args.latency_ms / 1000
+        params = JobParams(market_tz=args.tz)
+        jobs = [JobMessage.build(run_id="s3", month=month, security=security, date=date, input="s3://bench/laid",
+                                 output="s3://bench/out", processor="analytics", params=params)
+                for month, security, date in keys]
+        listings = MonthListings()
+        times = []
+        proxy.requests = 0
+        for start in range(0, len(jobs), args.jobs):
+            t0 = time.perf_counter()
+            for result in execute_batch(jobs[start : start + args.jobs], s3_endpoint_url=proxy.endpoint,
+                                        worker_id="bench", listings=listings):
+                assert not isinstance(result, BaseException), result
+            times.append(time.perf_counter() - t0)
+        _row(target="s3", latency_ms=args.latency_ms, batches=len(times), batch_jobs=args.jobs,
+             median_batch_s=round(statistics.median(times), 3), jobs_per_s=round(len(jobs) / sum(times), 1),
+             requests_per_batch=round(proxy.requests / len(times), 1))
+        proxy.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def cmd_csv(args: argparse.Namespace) -> None:
     from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
     from shared.storage import open_storage
@@ -469,7 +527,7 @@ def cmd_naive(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
-                                           "naive", "aggregator"])
+                                           "naive", "aggregator", "s3"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
@@ -477,6 +535,7 @@ def main() -> None:
                         help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list")
     parser.add_argument("--sample", type=int, default=50)
     parser.add_argument("--tz", default="Australia/Sydney")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--raw-too", action="store_true", help="e2e: also run on the raw (not ingested) files")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
     args = parser.parse_args()
@@ -487,7 +546,8 @@ def main() -> None:
         args.jobs = int(args.jobs)
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
-         "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator}[args.target](args)
+         "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,
+         "s3": cmd_s3}[args.target](args)
     finally:
         _drop_namespaces()
 

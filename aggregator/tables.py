@@ -17,10 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from shared.errors import PermanentError
-from shared.layout import RESULT_VERSION, JobKey, RunLayout
+from shared.layout import JobKey, RunLayout, batch_result_header, batch_result_jobs
 from shared.messages import JobParams
 from shared.metrics import get_logger
 from shared.processors import StoredResult, get_processor
@@ -80,30 +78,24 @@ class _ResultReader:
         self._storage, self._layout, self._keys = storage, layout, keys
         self.counts = {"rows_read": 0, "rows_accepted": 0, "rows_rejected": 0, "rows_filtered": 0}
 
-    def _parse(self, name: str, body: bytes) -> dict[str, Any]:
-        try:
-            batch: dict[str, Any] = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise PermanentError(f"job results {self._storage.describe(name)} are corrupt: {exc.msg}") from None
-        if batch.get("v") != RESULT_VERSION:
-            raise PermanentError(
-                f"job results {self._storage.describe(name)} have format {batch.get('v')!r}, "
-                f"this tickq reads {RESULT_VERSION}"
-            )
-        return batch
+    def _corrupt(self, name: str, exc: ValueError) -> PermanentError:
+        return PermanentError(f"job results {self._storage.describe(name)}: {exc}")
 
     def _index(self, pool: ThreadPoolExecutor) -> dict[JobKey, str]:
-        """Which batch object holds the result that counts, for every wanted job."""
+        """Which batch object holds the result that counts, for every wanted job (headers only)."""
         wanted = set(self._keys)
         chosen: dict[JobKey, tuple[str, str]] = {}
         names = [o.key for o in self._storage.list(self._layout.results_prefix)]
         for start in range(0, len(names), READ_WINDOW):
             window = names[start : start + READ_WINDOW]
             for name, body in zip(window, pool.map(self._storage.read_bytes, window), strict=True):
-                batch = self._parse(name, body)
-                copy = (str(batch["finished_at"]), name)
-                for entry in batch["jobs"]:
-                    key = JobKey(batch["month"], entry["security"], entry["date"])
+                try:
+                    header, keys = batch_result_header(body)
+                except ValueError as exc:
+                    raise self._corrupt(name, exc) from None
+                copy = (str(header["finished_at"]), name)
+                for security, date in keys:
+                    key = JobKey(header["month"], security, date)
                     if key in wanted and copy > chosen.get(key, ("", "")):
                         chosen[key] = copy
         missing = wanted - chosen.keys()
@@ -116,10 +108,13 @@ class _ResultReader:
         return {key: name for key, (_, name) in chosen.items()}
 
     def _results_in(self, name: str, body: bytes, chosen: dict[JobKey, str]) -> dict[JobKey, StoredResult]:
-        batch = self._parse(name, body)
-        month = batch["month"]
+        try:
+            header, jobs = batch_result_jobs(body)
+        except ValueError as exc:
+            raise self._corrupt(name, exc) from None
+        month = header["month"]
         found: dict[JobKey, StoredResult] = {}
-        for entry in batch["jobs"]:
+        for entry in jobs:
             key = JobKey(month, entry["security"], entry["date"])
             if chosen.get(key) == name:
                 found[key] = StoredResult(month, key.security, key.date, entry["counts"], entry["data"])

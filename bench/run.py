@@ -340,9 +340,7 @@ def _stored_run(out: Path, jobs: int) -> str:
     import datetime as dt
     import random
 
-    import orjson
-
-    from shared.layout import RESULT_VERSION, JobKey, RunLayout, job_keys_csv
+    from shared.layout import JobKey, RunLayout, batch_result_body, job_keys_csv
     from shared.messages import JobParams
     from shared.storage import LocalStorage
 
@@ -370,9 +368,9 @@ def _stored_run(out: Path, jobs: int) -> str:
             entries.append({"job_id": f"{run_id}:{key.month}:{key.security}:{key.date}", "security": key.security,
                             "date": key.date, "counts": counts, "data": {"day": day, "groups": groups}})
         first = keys[start]
-        storage.write_bytes(layout.batch_result(MONTH, first.security, first.date), orjson.dumps({
-            "v": RESULT_VERSION, "run_id": run_id, "month": MONTH, "processor": "analytics", "worker": "bench",
-            "finished_at": dt.datetime.now(dt.UTC).isoformat(), "jobs": entries}))
+        header = {"run_id": run_id, "month": MONTH, "processor": "analytics", "worker": "bench",
+                  "finished_at": dt.datetime.now(dt.UTC).isoformat()}
+        storage.write_bytes(layout.batch_result(MONTH, first.security, first.date), batch_result_body(header, entries))
     for key in keys:
         storage.mark(layout.marker(key))
     storage.write_bytes(layout.job_keys, job_keys_csv(keys))

@@ -18,12 +18,59 @@ import io
 import secrets
 import sys
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from shared.storage import Storage
 
-# The format of a batch result object: {"v", "run_id", "month", "processor", "worker",
-# "finished_at", "jobs": [{"job_id", "security", "date", "counts", "data"}, …]}.
-RESULT_VERSION = 2
+# The format of a batch result object: two JSON lines. The header {"v", "run_id", "month",
+# "processor", "worker", "finished_at", "jobs": [[security, date], …]} names the batch's jobs,
+# so that finding which object holds a job reads headers only; the second line holds the jobs
+# in the same order: {"jobs": [{"job_id", "security", "date", "counts", "data"}, …]}.
+# Version 2 objects (one document: the header's fields with the full jobs) are still read.
+RESULT_VERSION = 3
+_ONE_DOCUMENT_VERSION = 2
+
+
+def batch_result_body(header: dict[str, Any], jobs: list[dict[str, Any]]) -> bytes:
+    """A batch result object of `jobs` with `header` (run_id, month, processor, worker, finished_at)."""
+    keys = [[job["security"], job["date"]] for job in jobs]
+    return orjson.dumps({"v": RESULT_VERSION, **header, "jobs": keys}) + b"\n" + orjson.dumps({"jobs": jobs})
+
+
+def batch_result_header(body: bytes) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A batch result object's header and its jobs' (security, date); `ValueError` when it is
+    not a result object this version reads."""
+    line, _, _ = body.partition(b"\n")
+    header = _versioned(line)
+    if header["v"] == _ONE_DOCUMENT_VERSION:
+        return header, [(job["security"], job["date"]) for job in header["jobs"]]
+    return header, [(security, date) for security, date in header["jobs"]]
+
+
+def batch_result_jobs(body: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A batch result object's header and its jobs, each with counts and data."""
+    line, _, rest = body.partition(b"\n")
+    header = _versioned(line)
+    if header["v"] == _ONE_DOCUMENT_VERSION:
+        return header, header["jobs"]
+    try:
+        jobs: list[dict[str, Any]] = orjson.loads(rest)["jobs"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"its jobs are corrupt ({type(exc).__name__})") from None
+    return header, jobs
+
+
+def _versioned(line: bytes) -> dict[str, Any]:
+    try:
+        header = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"corrupt ({exc.msg})") from None
+    version = header.get("v") if isinstance(header, dict) else None
+    if version not in (RESULT_VERSION, _ONE_DOCUMENT_VERSION):
+        raise ValueError(f"format {version!r}, this tickq reads {_ONE_DOCUMENT_VERSION} and {RESULT_VERSION}")
+    return header
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,7 +31,7 @@ from shared.inputs import (
     normalise,
     read_batches,
 )
-from shared.layout import RESULT_VERSION, JobKey, RunLayout
+from shared.layout import JobKey, RunLayout, batch_result_body
 from shared.messages import JobMessage, JobParams
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
@@ -417,14 +416,13 @@ def _store(
     if not entries:
         return failures
     first = jobs[stored[0]]
-    body = orjson.dumps({
-        "v": RESULT_VERSION, "run_id": first.run_id, "month": first.month, "processor": first.processor,
-        "worker": worker_id, "finished_at": now().isoformat(), "jobs": entries,
-    })
+    body = batch_result_body({"run_id": first.run_id, "month": first.month, "processor": first.processor,
+                              "worker": worker_id, "finished_at": now().isoformat()}, entries)
     maybe_kill("before-upload", [jobs[i].job_id for i in stored])
     start = time.perf_counter()
     try:
-        output.write_bytes(layout.batch_result(first.month, first.security, first.date), body, "application/json")
+        output.write_bytes(layout.batch_result(first.month, first.security, first.date), body,
+                           "application/x-ndjson")
     except Exception as exc:  # nothing of the batch is stored: every job fails alike
         for i in stored:
             failures[i] = exc

@@ -1,0 +1,102 @@
+"""Batch result objects: a header line naming the batch's jobs, then the jobs. Runs whose
+results were written as one document (version 2) aggregate the same."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from aggregator.tables import aggregate_run
+from shared.errors import PermanentError
+from shared.layout import JobKey, RunLayout, batch_result_body, batch_result_header, batch_result_jobs, job_keys_csv
+from shared.messages import JobParams
+from shared.storage import LocalStorage
+
+MONTH = "2024-03"
+KEYS = [JobKey(MONTH, security, f"2024-03-{day:02d}") for security in ("AAA", "BHP") for day in (4, 5, 6)]
+
+
+def _entry(key: JobKey, records: int) -> dict[str, Any]:
+    groups = {dim: {"keys": keys, "records": [records] * len(keys), "volume": [records * 10] * len(keys),
+                    "notional": [records * 105.5] * len(keys)}
+              for dim, keys in (("participant", ["P1", None]), ("venue", ["CP"]), ("hour", [10, 11]),
+                                ("size_bucket", [0]))}
+    day = {"records": 2 * records, "volume": 20 * records, "notional": 211.0 * records, "low": 10.0, "high": 11.0,
+           "buy_volume": 10 * records, "sell_volume": 10 * records, "first_ts": 1709506800000000000,
+           "last_ts": 1709528400000000000}
+    counts = {"rows_read": 2 * records, "rows_accepted": 2 * records, "rows_rejected": 0, "rows_filtered": 0}
+    return {"job_id": f"r:{key.month}:{key.security}:{key.date}", "security": key.security, "date": key.date,
+            "counts": counts, "data": {"day": day, "groups": groups}}
+
+
+def _header(finished_at: str) -> dict[str, Any]:
+    return {"run_id": "r", "month": MONTH, "processor": "analytics", "worker": "test", "finished_at": finished_at}
+
+
+def _run(root: Path, bodies: list[bytes]) -> LocalStorage:
+    storage, layout = LocalStorage(root), RunLayout("r")
+    request = {"input": "/in", "output": str(root), "months": [MONTH], "processor": "analytics",
+               "securities": None, "dates": None, "params": JobParams().as_json()}
+    manifest = {"run_id": "r", "created_at": dt.datetime.now(dt.UTC).isoformat(), "request": request,
+                "jobs": len(KEYS)}
+    storage.write_bytes(layout.manifest, json.dumps(manifest).encode())
+    storage.write_bytes(layout.job_keys, job_keys_csv(KEYS))
+    for i, body in enumerate(bodies):
+        storage.write_bytes(layout.batch_result(MONTH, "AAA", f"2024-03-0{i}"), body)
+    for key in KEYS:
+        storage.mark(layout.marker(key))
+    return storage
+
+
+def _tables(root: Path) -> dict[str, Any]:
+    return {p.stem: pq.read_table(p).to_pylist() for p in sorted((root / "runs/r/aggregates").glob("*.parquet"))}
+
+
+def test_header_names_the_jobs_and_the_second_line_holds_them() -> None:
+    entries = [_entry(k, 3) for k in KEYS[:2]]
+    body = batch_result_body(_header("2026-01-01T00:00:00+00:00"), entries)
+    header, keys = batch_result_header(body)
+    assert keys == [("AAA", "2024-03-04"), ("AAA", "2024-03-05")] and header["month"] == MONTH
+    assert len(body.split(b"\n")[0]) < len(body) // 4  # the index reads a small part of each object
+    assert batch_result_jobs(body)[1] == entries
+
+
+def test_one_document_results_aggregate_like_two_line_results(tmp_path: Path) -> None:
+    entries = [_entry(k, 1 + i) for i, k in enumerate(KEYS)]
+    now = "2026-01-01T00:00:00+00:00"
+    two_line = [batch_result_body(_header(now), entries[:3]), batch_result_body(_header(now), entries[3:])]
+    one_document = [orjson.dumps({"v": 2, **_header(now), "jobs": entries[:3]}),
+                    orjson.dumps({"v": 2, **_header(now), "jobs": entries[3:]})]
+    mixed = [two_line[0], one_document[1]]
+    for name, bodies in (("new", two_line), ("old", one_document), ("mixed", mixed)):
+        assert aggregate_run(_run(tmp_path / name, bodies), "r").complete
+    assert _tables(tmp_path / "new") == _tables(tmp_path / "old") == _tables(tmp_path / "mixed")
+    assert len(_tables(tmp_path / "new")["security_daily"]) == len(KEYS)
+
+
+def test_the_copy_finished_last_counts(tmp_path: Path) -> None:
+    first = [_entry(k, 1) for k in KEYS]
+    again = [_entry(KEYS[0], 100)]  # the first job ran again later (a replay)
+    storage = _run(tmp_path, [batch_result_body(_header("2026-01-01T00:00:00+00:00"), first),
+                              batch_result_body(_header("2026-01-02T00:00:00+00:00"), again)])
+    aggregate_run(storage, "r")
+    daily = _tables(tmp_path)["security_daily"]
+    assert daily[0]["records"] == 200 and [row["records"] for row in daily[1:]] == [2] * (len(KEYS) - 1)
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"not json", "corrupt"),
+    (orjson.dumps({"v": 9, "jobs": []}), "format 9"),
+    (orjson.dumps({"v": 3, "month": MONTH, "finished_at": "x", "jobs": [[k.security, k.date] for k in KEYS]})
+     + b"\n{", "jobs are corrupt"),
+])
+def test_a_bad_result_object_is_a_permanent_error_naming_it(tmp_path: Path, body: bytes, says: str) -> None:
+    storage = _run(tmp_path, [body])
+    with pytest.raises(PermanentError, match=rf"job results .*results/{MONTH}/AAA.*{says}"):
+        aggregate_run(storage, "r")

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from shared.errors import PermanentError
 from shared.storage import Storage
 
 # The format of a batch result object: two JSON lines. The header {"v", "run_id", "month",
@@ -169,9 +170,13 @@ def job_keys_csv(keys: list[JobKey]) -> bytes:
 
 def read_job_keys(storage: Storage, layout: RunLayout) -> list[JobKey]:
     """The run's expected job keys, from its key file."""
-    rows = csv.DictReader(io.StringIO(storage.read_bytes(layout.job_keys).decode()))
+    rows = csv.reader(io.StringIO(storage.read_bytes(layout.job_keys).decode()))
+    header = next(rows, [])
+    if not {"month", "security", "date"} <= set(header):
+        raise PermanentError(f"{storage.describe(layout.job_keys)} is not a job key file (its header is {header})")
+    month, security, date = (header.index(name) for name in ("month", "security", "date"))
     # Interned: a run's keys repeat a few months, dates and securities many times over.
-    return [JobKey(sys.intern(r["month"]), sys.intern(r["security"]), sys.intern(r["date"])) for r in rows]
+    return [JobKey(sys.intern(r[month]), sys.intern(r[security]), sys.intern(r[date])) for r in rows]
 
 
 def succeeded_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:

@@ -100,3 +100,14 @@ def test_a_bad_result_object_is_a_permanent_error_naming_it(tmp_path: Path, body
     storage = _run(tmp_path, [body])
     with pytest.raises(PermanentError, match=rf"job results .*results/{MONTH}/AAA.*{says}"):
         aggregate_run(storage, "r")
+
+
+def test_job_keys_round_trip_and_a_foreign_file_is_a_clear_error(tmp_path: Path) -> None:
+    from shared.layout import read_job_keys
+
+    storage, layout = LocalStorage(tmp_path), RunLayout("r")
+    storage.write_bytes(layout.job_keys, job_keys_csv(KEYS))
+    assert read_job_keys(storage, layout) == KEYS
+    storage.write_bytes(layout.job_keys, b"a,b,c\n1,2,3\n")
+    with pytest.raises(PermanentError, match="is not a job key file"):
+        read_job_keys(storage, layout)

@@ -217,10 +217,10 @@ def cmd_per_job(args: argparse.Namespace) -> None:
         out = args.work / f"perjob-{uuid.uuid4().hex[:8]}"
         keys = [line.split(",") for line in _job_keys(laid, args)]
         sample = keys[:: max(1, len(keys) // args.sample)][: args.sample]
-        listings = MonthListings()
         times, bytes_in, slice_rows, cpu = [], [], [], []
         process = psutil.Process()
         for month, security, date in sample:
+            listings = MonthListings()  # each job alone: nothing kept from the previous one
             job = JobMessage.build(run_id="perjob", month=month, security=security, date=date, input=str(laid),
                                    output=str(out), processor="analytics", params=JobParams(market_tz=args.tz))
             c0, t0 = process.cpu_times(), time.perf_counter()

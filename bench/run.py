@@ -90,11 +90,15 @@ def _row(**fields: Any) -> None:
     print(json.dumps(fields))
 
 
-def _run_workers(n: int, env: dict[str, str], extra: tuple[str, ...] = ()) -> tuple[float, list[float]]:
-    """Start n workers, wait until they exit (idle), return wall seconds and peak RSS (MB)."""
+def _run_workers(
+    n: int, env: dict[str, str], extra: tuple[str, ...] = (), metrics: list[Path] | None = None
+) -> tuple[float, list[float]]:
+    """Start n workers (each writing `metrics[i]` when given), wait until they exit (idle),
+    return wall seconds and peak RSS (MB)."""
     started = time.perf_counter()
-    procs = [subprocess.Popen([PY, "-m", "tickq", "worker", "--idle-exit", "1", "--quiet", *extra], env=env)
-             for _ in range(n)]
+    procs = [subprocess.Popen([PY, "-m", "tickq", "worker", "--idle-exit", "1", "--quiet", *extra,
+                               *(("--metrics-file", str(metrics[i])) if metrics else ())], env=env)
+             for i in range(n)]
     peaks = [0.0] * n
     handles = [psutil.Process(p.pid) for p in procs]
     while any(p.poll() is None for p in procs):
@@ -402,21 +406,44 @@ def cmd_aggregator(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _consuming_seconds(metrics: list[Path]) -> float:
+    """From the first worker's start of consuming to the last job finished, in the workers'
+    metrics: the run without interpreter start-up and shutdown."""
+    import datetime as dt
+
+    started, finished = [], []
+    for path in metrics:
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            at = dt.datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+            if event["event"] == "worker.started":
+                started.append(at)
+            elif event["event"] == "job.finished":
+                finished.append(at)
+    return max(finished) - min(started)
+
+
 def cmd_scaling(args: argparse.Namespace) -> None:
     _, laid = _data(args.work, args.rows, args.securities)
-    results: dict[int, list[float]] = {1: [], 2: []}
+    wall: dict[int, list[float]] = {1: [], 2: []}
+    consuming: dict[int, list[float]] = {1: [], 2: []}
     # Alternated, twice: this machine's speed drifts within minutes.
     for workers in (1, 2, 1, 2):
         env = _env(f"bench-{uuid.uuid4().hex[:8]}")
         out = args.work / f"scale-{uuid.uuid4().hex[:8]}"
         produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH,
                                      "--json", "--quiet", env=env).stdout)
-        work_s, _ = _run_workers(workers, env, ("--concurrency", "1"))
-        results[workers].append(produced["jobs"] / work_s)
+        metrics = [out / f"worker-{i}.jsonl" for i in range(workers)]
+        work_s, _ = _run_workers(workers, env, ("--concurrency", "1"), metrics)
+        consuming_s = _consuming_seconds(metrics)
+        wall[workers].append(produced["jobs"] / work_s)
+        consuming[workers].append(produced["jobs"] / consuming_s)
         _row(target="scaling", workers=workers, jobs=produced["jobs"], seconds=round(work_s, 2),
-             jobs_per_s=round(results[workers][-1], 1))
+             jobs_per_s=round(wall[workers][-1], 1), consuming_s=round(consuming_s, 2),
+             consuming_jobs_per_s=round(consuming[workers][-1], 1))
         shutil.rmtree(out, ignore_errors=True)
-    _row(target="scaling", speedup_2_vs_1=round(statistics.mean(results[2]) / statistics.mean(results[1]), 2))
+    _row(target="scaling", speedup_2_vs_1=round(statistics.mean(consuming[2]) / statistics.mean(consuming[1]), 2),
+         speedup_2_vs_1_with_startup=round(statistics.mean(wall[2]) / statistics.mean(wall[1]), 2))
 
 
 def cmd_s3(args: argparse.Namespace) -> None:

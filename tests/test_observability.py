@@ -191,3 +191,24 @@ def test_liveness_probe_goes_stale() -> None:
     assert not probe()
     probe.beat()
     assert probe() and probe.age_s < 0.2
+
+
+def test_json_lines_start_without_loading_rich() -> None:
+    # structlog would import rich as it loads (about 0.1 s of every process's start); tickq's
+    # lines are JSON, and rich stays importable for `tickq status --watch`.
+    import subprocess
+    import sys
+
+    code = (
+        "import io, json, sys\n"
+        "from shared.metrics import configure, get_logger\n"
+        "out = io.StringIO()\n"
+        "configure('worker', stream=out)\n"
+        "get_logger(run_id='r').info('job.finished', rows_in=3)\n"
+        "line = json.loads(out.getvalue())\n"
+        "assert line['event'] == 'job.finished' and line['rows_in'] == 3 and line['component'] == 'worker'\n"
+        "assert 'rich' not in sys.modules, 'rich loaded'\n"
+        "import rich.progress\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -549,6 +549,17 @@ def cmd_naive(args: argparse.Namespace) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+def _compile_project() -> None:
+    """Bytecode for tickq's own modules, as the image has it (its build compiles everything):
+    an editable checkout under PYTHONDONTWRITEBYTECODE would otherwise compile them again in
+    every process the benchmarks start (about 0.1 s each)."""
+    import compileall
+
+    root = Path(__file__).resolve().parents[1]
+    for package in ("shared", "producer", "worker", "aggregator", "tickq"):
+        compileall.compile_dir(str(root / package), quiet=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
@@ -565,6 +576,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    _compile_project()
     if args.target in ("e2e", "scaling", "csv", "naive"):
         args.rows = int(args.rows)
     if args.target != "aggregator":

@@ -9,6 +9,7 @@
     python bench/run.py csv       --rows 2000000
     python bench/run.py naive     --rows 500000 --securities 20
     python bench/run.py aggregator --jobs 1000,100000
+    python bench/run.py encodings --rows 20000000 --securities 500
     python bench/run.py s3        --rows 2000000 --securities 100 --jobs 128 --sample 4 --latency-ms 20
 
 Needs a broker at TICKQ_AMQP_URL (default localhost) and the test extras (duckdb, pandas).
@@ -503,6 +504,46 @@ def cmd_s3(args: argparse.Namespace) -> None:
         server.wait(timeout=10)
 
 
+def cmd_encodings(args: argparse.Namespace) -> None:
+    """Decoding cost and size of one row group per Parquet encoding: the ingested month's first
+    20 row groups rewritten each way, then every column read back as a worker reads it (labels
+    as dictionaries), best of three passes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shared.inputs import LABEL_COLUMNS
+
+    _, laid = _data(args.work, int(args.rows), args.securities)
+    source = pq.ParquetFile(next((laid / MONTH).glob("part-*.parquet")))
+    table = pa.Table.from_batches([b for g in range(min(20, source.num_row_groups))
+                                   for b in source.iter_batches(row_groups=[g])])
+    labels = [c for c in LABEL_COLUMNS if c in table.column_names]
+    delta = {"ts": "DELTA_BINARY_PACKED", "size": "DELTA_BINARY_PACKED"}
+    variants = {
+        "zstd (fifth session)": {"compression": "zstd", "use_dictionary": labels},
+        "lz4": {"compression": "lz4", "use_dictionary": labels},
+        "zstd, delta ts and size, dictionary price": {"compression": "zstd", "use_dictionary": [*labels, "price"],
+                                                      "column_encoding": delta},
+        "lz4, delta ts and size, dictionary price (ingest)": {"compression": "lz4",
+                                                              "use_dictionary": [*labels, "price"],
+                                                              "column_encoding": delta},
+    }
+    for name, options in variants.items():
+        path = args.work / "encoding.parquet"
+        pq.write_table(table, path, row_group_size=128 * 1024, write_statistics=True, **options)
+        parquet = pq.ParquetFile(path, pre_buffer=False, read_dictionary=labels)
+        best = float("inf")
+        for _ in range(3):
+            c0 = time.process_time()
+            for group in range(parquet.num_row_groups):
+                parquet.read_row_group(group, use_threads=False)
+            best = min(best, (time.process_time() - c0) / parquet.num_row_groups)
+        meta = parquet.metadata.row_group(0)
+        size = sum(meta.column(i).total_compressed_size for i in range(meta.num_columns))
+        _row(target="encodings", encoding=name, ms_per_row_group=round(best * 1000, 2), kb_per_row_group=size // 1024)
+        path.unlink()
+
+
 def cmd_csv(args: argparse.Namespace) -> None:
     from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
     from shared.storage import open_storage
@@ -563,7 +604,7 @@ def _compile_project() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
-                                           "naive", "aggregator", "s3"])
+                                           "naive", "aggregator", "s3", "encodings"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
@@ -584,7 +625,7 @@ def main() -> None:
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
          "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,
-         "s3": cmd_s3}[args.target](args)
+         "s3": cmd_s3, "encodings": cmd_encodings}[args.target](args)
     finally:
         _drop_namespaces()
 

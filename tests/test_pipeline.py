@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from shared.layout import batch_result_header
 from shared.topology import Topology
 from tests.brokertools import queue_depth
 from tests.conftest import S3Server, Tickq, _delete_namespace, log_lines
@@ -180,9 +181,8 @@ def test_same_run_id_again_publishes_only_unfinished_jobs_and_changes_nothing(
     assert rerun["published"] == 2
     tickq.wait_all(tickq.workers(1))
     # Those two jobs' results are now stored twice (first batch, then the rerun's): each counts once.
-    stored = [(job["security"], job["date"])
-              for batch in (tmp_path / "out" / "runs" / "run1" / "results").rglob("*.json")
-              for job in json.loads(batch.read_bytes())["jobs"]]
+    stored = [key for batch in (tmp_path / "out" / "runs" / "run1" / "results").rglob("*.json")
+              for key in batch_result_header(batch.read_bytes())[1]]
     assert len(stored) == first["jobs"] + 2
     tickq.run("aggregate", "--run", "run1", "--output", output, "--wait", "60")
     assert read_csv_tables(output, "run1") == tables_before

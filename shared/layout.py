@@ -45,9 +45,15 @@ def batch_result_header(body: bytes) -> tuple[dict[str, Any], list[tuple[str, st
     not a result object this version reads."""
     line, _, _ = body.partition(b"\n")
     header = _versioned(line)
-    if header["v"] == _ONE_DOCUMENT_VERSION:
-        return header, [(job["security"], job["date"]) for job in header["jobs"]]
-    return header, [(security, date) for security, date in header["jobs"]]
+    missing = {"month", "finished_at", "jobs"} - header.keys()
+    if missing:
+        raise ValueError(f"its header is corrupt (no {', '.join(sorted(missing))})")
+    try:
+        if header["v"] == _ONE_DOCUMENT_VERSION:
+            return header, [(job["security"], job["date"]) for job in header["jobs"]]
+        return header, [(security, date) for security, date in header["jobs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"its header is corrupt ({type(exc).__name__} in its jobs)") from None
 
 
 def batch_result_jobs(body: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:

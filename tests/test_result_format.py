@@ -93,6 +93,7 @@ def test_the_copy_finished_last_counts(tmp_path: Path) -> None:
 @pytest.mark.parametrize("body, says", [
     (b"not json", "corrupt"),
     (orjson.dumps({"v": 9, "jobs": []}), "format 9"),
+    (orjson.dumps({"v": 3, "month": MONTH, "jobs": [["AAA"]]}), "header is corrupt"),
     (orjson.dumps({"v": 3, "month": MONTH, "finished_at": "x", "jobs": [[k.security, k.date] for k in KEYS]})
      + b"\n{", "jobs are corrupt"),
 ])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import datetime as dt
+import functools
 import io
 import threading
 import zlib
@@ -395,25 +396,34 @@ def _row_group_batches(
     file_id: _FileId,
     cache: ParquetCache | None,
 ) -> Iterator[pa.RecordBatch]:
-    """Batches of the given row groups: through `cache` where it may keep them, else streamed."""
+    """Batches of the given row groups, in order.
+
+    With a `cache`, the first and the last of them go through it (consecutive passes share
+    their edge row groups); the others are streamed, so that a pass over many row groups
+    (a file not laid out for jobs) neither holds whole row groups nor churns the cache.
+    Row groups small enough to cache are fetched in one request each.
+    """
     if not groups:
         return
     if cache is None:
         yield from parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False)
         return
     meta = parquet.metadata
-    for index in groups:
-        if meta.row_group(index).num_rows > cache.max_group_rows:
-            yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns,
-                                            use_threads=False)
+    for position, index in enumerate(groups):
+        small = meta.row_group(index).num_rows <= cache.max_group_rows
+        if small and position in (0, len(groups) - 1):
+            read = functools.partial(_read_row_group, parquet, source, index, columns)
+            yield from cache.row_group(file_id, index, tuple(columns), read).to_batches(max_chunksize=batch_rows)
             continue
-
-        def read(index: int = index) -> pa.Table:
+        if small:
             source.prefetch(*_column_chunks_span(meta, index, columns))
-            return parquet.read_row_group(index, columns=columns, use_threads=False)
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns, use_threads=False)
 
-        table = cache.row_group(file_id, index, tuple(columns), read)
-        yield from table.to_batches(max_chunksize=batch_rows)
+
+def _read_row_group(parquet: pq.ParquetFile, source: _CountingReader, index: int, columns: list[str]) -> pa.Table:
+    """Row group `index` whole, its column chunks fetched in one request."""
+    source.prefetch(*_column_chunks_span(parquet.metadata, index, columns))
+    return parquet.read_row_group(index, columns=columns, use_threads=False)
 
 
 def _column_chunks_span(meta: pq.FileMetaData, index: int, columns: list[str]) -> tuple[int, int]:

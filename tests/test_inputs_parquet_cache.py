@@ -74,10 +74,21 @@ def test_large_row_groups_are_streamed_not_kept(tmp_path: Path) -> None:
 
 
 def test_kept_row_groups_are_bounded(tmp_path: Path) -> None:
-    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=100)
+    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=100)  # one group each
     cache = ParquetCache(row_groups=2)
-    _read(storage, file, ["A", "B", "C", "D"], cache)  # four groups decoded, the last two kept
-    _, first_two = _read(storage, file, ["A", "B"], cache)
-    _, last_two = _read(storage, file, ["C", "D"], cache)
-    assert first_two > 0  # evicted: read again (and now kept in place of C and D)
-    assert last_two > 0 and cache.hits == 0
+    for security in ("A", "B", "C"):  # each pass keeps its group; C's pushes A out
+        _read(storage, file, [security], cache)
+    _, again = _read(storage, file, ["A"], cache)
+    _, kept = _read(storage, file, ["C"], cache)
+    assert again > 0 and kept == 0 and cache.hits == 1
+
+
+def test_a_pass_keeps_only_its_edge_row_groups(tmp_path: Path) -> None:
+    # The middle of a long pass is streamed: a file not laid out for jobs (every pass reads
+    # every row group) does not hold whole row groups, nor push the edges out.
+    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=100)
+    cache = ParquetCache()
+    whole, _ = _read(storage, file, ["A", "B", "C", "D"], cache)
+    _, middle = _read(storage, file, ["B"], cache)
+    _, last = _read(storage, file, ["D"], cache)
+    assert whole.num_rows == 400 and middle > 0 and last == 0 and cache.hits == 1

@@ -291,16 +291,17 @@ def _job_keys(laid: Path, args: argparse.Namespace) -> list[str]:
 
 def cmd_memory(args: argparse.Namespace) -> None:
     for rows in (int(r) for r in args.rows.split(",")):
-        _, laid = _data(args.work, rows, args.securities)
-        env = _env(f"bench-{uuid.uuid4().hex[:8]}")
-        out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
-        produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH,
-                                     "--securities", ",".join(_top_securities(laid, 20)), "--json", "--quiet",
-                                     env=env).stdout)
-        work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
-        _row(target="memory", rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
-             seconds=round(work_s, 2))
-        shutil.rmtree(out, ignore_errors=True)
+        raw, laid = _data(args.work, rows, args.securities)
+        for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
+            env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+            out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
+            produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
+                                         "--securities", ",".join(_top_securities(laid, 20)), "--json", "--quiet",
+                                         env=env).stdout)
+            work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
+            _row(target="memory", input=label, rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
+                 seconds=round(work_s, 2))
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def _top_securities(laid: Path, n: int) -> list[str]:
@@ -613,7 +614,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=50)
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
-    parser.add_argument("--raw-too", action="store_true", help="e2e: also run on the raw (not ingested) files")
+    parser.add_argument("--raw-too", action="store_true",
+                        help="e2e, memory: also run on the raw (not ingested) files")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
     python bench/run.py per-job   --rows 1000000,20000000
     python bench/run.py batch     --rows 20000000 --securities 500 --jobs 128
     python bench/run.py memory    --rows 1000000,20000000
+    python bench/run.py memory    --rows 2000000 --securities 100 --format csv
     python bench/run.py producer  --jobs 10500
     python bench/run.py scaling   --rows 4000000 --securities 200
     python bench/run.py csv       --rows 2000000
@@ -290,6 +291,9 @@ def _job_keys(laid: Path, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
+    if args.format == "csv":
+        _memory_raw_csv(args)
+        return
     for rows in (int(r) for r in args.rows.split(",")):
         raw, laid = _data(args.work, rows, args.securities)
         for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
@@ -302,6 +306,21 @@ def cmd_memory(args: argparse.Namespace) -> None:
             _row(target="memory", input=label, rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
                  seconds=round(work_s, 2))
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _memory_raw_csv(args: argparse.Namespace) -> None:
+    """One worker of two slots over every job of a raw (not ingested) CSV month: each batch
+    streams the whole file."""
+    for rows in (int(r) for r in args.rows.split(",")):
+        raw, _ = _data(args.work, rows, args.securities, fmt="csv", ingest=False)
+        env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+        out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
+        produced = json.loads(_tickq("produce", "--input", str(raw), "--output", str(out), "--months", MONTH,
+                                     "--json", "--quiet", env=env).stdout)
+        work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
+        _row(target="memory", input="raw csv", rows=rows, jobs=produced["jobs"],
+             worker_peak_rss_mb=round(max(peaks)), seconds=round(work_s, 2))
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _top_securities(laid: Path, n: int) -> list[str]:
@@ -613,6 +632,8 @@ def main() -> None:
                         help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list")
     parser.add_argument("--sample", type=int, default=50)
     parser.add_argument("--tz", default="Australia/Sydney")
+    parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
+                        help="memory: csv measures a worker over a raw CSV month")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--raw-too", action="store_true",
                         help="e2e, memory: also run on the raw (not ingested) files")

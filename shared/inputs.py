@@ -51,7 +51,10 @@ TS_UTC = pa.timestamp("ns", tz="UTC")
 DEFAULT_BATCH_ROWS = 65_536
 # Small read buffer for streamed Parquet: bounded memory whatever the row-group size.
 PARQUET_BUFFER_BYTES = 1 << 20
-CSV_BLOCK_BYTES = 4 << 20
+# Arrow's streaming CSV reader reads up to 32 blocks ahead of the batch handed out: 1 MB blocks
+# bound that to about 32 MB per file being read. Its batches are joined again into batches of
+# `batch_rows` (`_Coalescer`), the size the rest of a pass is quick with.
+CSV_BLOCK_BYTES = 1 << 20
 
 # Text columns of normalised rows are labels: dictionary-encoded strings, so that each
 # distinct value is normalised, matched and grouped once per batch rather than once per row.
@@ -731,23 +734,48 @@ def _csv_typed(
 ) -> Iterator[pa.RecordBatch]:
     """The columns of `types`, converted by the reader; `_CsvFallback` when it cannot go on."""
     rows = 0
+    joined = _Coalescer(batch_rows)
     try:
         convert = _csv_convert(types, list(types), include_missing=False)
         reader = _open_csv(_csv_source(stream, file), convert, CSV_BLOCK_BYTES)
         for batch in reader:
-            kept = _filter_security(batch, wanted)
-            # Counted before the yields, which cannot fail: a fallback repeats no row and
-            # loses none.
             rows += batch.num_rows
-            yield from _bounded(kept, batch_rows)
+            yield from joined.add(_filter_security(batch, wanted))
     except (pa.ArrowException, OSError, EOFError):
+        # Every row counted is handed out before the fallback, which goes on after them: it
+        # repeats no row and loses none.
+        yield from joined.flush()
         raise _CsvFallback(rows) from None
+    yield from joined.flush()
 
 
-def _bounded(batch: pa.RecordBatch, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    # CSV blocks can be large; hand them on in bounded slices.
-    for offset in range(0, batch.num_rows, batch_rows):
-        yield batch.slice(offset, batch_rows)
+class _Coalescer:
+    """Joins small record batches into batches of up to `batch_rows` rows."""
+
+    def __init__(self, batch_rows: int) -> None:
+        self._batch_rows = batch_rows
+        self._parts: list[pa.RecordBatch] = []
+        self._rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        """Take `batch`; hand out full batches."""
+        if batch.num_rows:
+            self._parts.append(batch)
+            self._rows += batch.num_rows
+        if self._rows >= self._batch_rows:
+            yield from self.flush()
+
+    def flush(self) -> Iterator[pa.RecordBatch]:
+        """Hand out every row taken."""
+        parts, self._parts, self._rows = self._parts, [], 0
+        if len(parts) == 1:
+            whole = parts[0]
+        elif parts:  # differing dictionaries of label columns are unified
+            whole = pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
+        else:
+            return
+        for offset in range(0, whole.num_rows, self._batch_rows):
+            yield whole.slice(offset, self._batch_rows)
 
 
 def _csv_text(
@@ -775,15 +803,17 @@ def _csv_text(
         raise _unreadable(file, storage, exc) from None
     except (pa.ArrowException, OSError, EOFError) as exc:
         raise _unreadable(file, storage, exc) from None
+    joined = _Coalescer(batch_rows)
     try:
         for batch in reader:
             if skip >= batch.num_rows:
                 skip -= batch.num_rows
                 continue
             batch, skip = batch.slice(skip), 0
-            yield from _bounded(_filter_security(batch, wanted), batch_rows)
+            yield from joined.add(_filter_security(batch, wanted))
     except (pa.ArrowException, OSError, EOFError) as exc:
         raise _unreadable(file, storage, exc) from None
+    yield from joined.flush()
     if skip:
         raise PermanentError(f"{storage.describe(file.key)} changed while being read")
 

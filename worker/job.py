@@ -291,18 +291,21 @@ def _each(storage: Storage, call: Callable[[_T], None], items: Sequence[_T]) -> 
     return list(_requests.map(outcome, items))
 
 
-def _listed(output: Storage, prefix: str, jobs: list[JobMessage]) -> set[str]:
-    """Keys under `prefix` of the batch's securities: one listing per security, not per job."""
+def _listed(output: Storage, prefixes: tuple[str, ...], jobs: list[JobMessage]) -> set[str]:
+    """Keys under each of `prefixes` for the batch's securities: one listing per (prefix,
+    security), not per job, all of them in flight together where the store allows."""
     month = jobs[0].month
     found: set[str] = set()
     lock = threading.Lock()
 
-    def list_security(security: str) -> None:
-        keys = {o.key for o in output.list(f"{prefix}{month}/{security}/")}
+    def list_prefix(prefix: str) -> None:
+        keys = {o.key for o in output.list(prefix)}
         with lock:
             found.update(keys)
 
-    for failure in _each(output, list_security, sorted({j.security for j in jobs})):
+    securities = sorted({j.security for j in jobs})
+    listings = [f"{prefix}{month}/{security}/" for prefix in prefixes for security in securities]
+    for failure in _each(output, list_prefix, listings):
         if failure is not None:
             raise failure
     return found
@@ -313,13 +316,13 @@ def _already_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) ->
     keys = {j.job_id: layout.marker(JobKey(j.month, j.security, j.date)) for j in jobs}
     if len(jobs) == 1:
         return {job_id for job_id, key in keys.items() if output.exists(key)}
-    listed = _listed(output, layout.succeeded_prefix, jobs)
+    listed = _listed(output, (layout.succeeded_prefix,), jobs)
     return {job_id for job_id, key in keys.items() if key in listed}
 
 
 def _records_to_clear(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
     """Dead and retry records of the batch's securities: a job that now succeeds clears its own."""
-    return _listed(output, layout.dead_prefix, jobs) | _listed(output, layout.retrying_prefix, jobs)
+    return _listed(output, (layout.dead_prefix, layout.retrying_prefix), jobs)
 
 
 BatchResult = JobOutcome | BaseException

@@ -1,0 +1,57 @@
+"""Job messages: what the worker accepts, and that knowing a run never loosens a check."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from shared.errors import PoisonError
+from shared.messages import JobMessage, JobParams, parse_job
+
+
+def _body(security: str = "ABC", date: str = "2024-03-05", changes: dict[str, object] | None = None) -> bytes:
+    job = JobMessage.build(run_id="r1", month="2024-03", security=security, date=date, input="/data/in",
+                           output="/data/out", processor="analytics",
+                           params=JobParams(market_tz="Australia/Sydney", size_buckets=(100.0, 1000.0)))
+    data = orjson.loads(job.to_body())
+    data.update(changes or {})
+    return orjson.dumps(data)
+
+
+def test_jobs_of_a_known_run_parse_to_what_full_validation_gives() -> None:
+    first = parse_job(_body())
+    second = parse_job(_body(security="XYZ", date="2024-03-06"))
+
+    assert first == JobMessage.model_validate_json(_body())
+    assert second == JobMessage.model_validate_json(_body(security="XYZ", date="2024-03-06"))
+    assert (second.security, second.date, second.job_id) == ("XYZ", "2024-03-06", "r1:2024-03:XYZ:2024-03-06")
+    assert second.params is first.params  # the run's parameters were validated once
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"security": "../etc"}, "invalid job message: security: Value error, security is not a valid security code"),
+        ({"date": "2024-3-5"}, "invalid job message: date: Value error, date must be YYYY-MM-DD"),
+        ({"month": "2024-13"}, "invalid job message: month: Value error, month must be YYYY-MM"),
+        ({"job_id": "r1:2024-03:ABC:2024-03-06"}, "job_id does not match run_id, month, security and date"),
+        ({"security": 7}, "invalid job message: security: Input should be a valid string"),
+        ({"extra": 1}, "invalid job message: extra: Extra inputs are not permitted"),
+    ],
+)
+def test_a_known_run_still_rejects_a_bad_job_with_the_same_message(changes: dict[str, object], message: str) -> None:
+    parse_job(_body())  # the run is known from here on
+
+    with pytest.raises(PoisonError, match=message.replace("(", r"\(")):
+        parse_job(_body(changes=changes))
+
+
+def test_runs_that_differ_in_a_shared_field_are_validated_apart() -> None:
+    parse_job(_body())
+    data = orjson.loads(_body())
+    data["params"]["size_buckets"] = [1000.0, 100.0]
+
+    with pytest.raises(PoisonError, match="size bucket edges must be strictly increasing"):
+        parse_job(orjson.dumps(data))
+    data["params"]["size_buckets"] = [100, 1000]  # integers: validated (and made floats) afresh
+    assert parse_job(orjson.dumps(data)).params.size_buckets == (100.0, 1000.0)

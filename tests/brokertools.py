@@ -53,6 +53,18 @@ def drain_queue(url: str, queue: str, requeue: bool = True) -> list[aio_pika.abc
     return asyncio.run(run())
 
 
+def delete_queue(url: str, queue: str) -> None:
+    """Delete `queue` (its consumers are cancelled by the broker)."""
+
+    async def run() -> None:
+        connection = await aio_pika.connect(url, timeout=30)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+
+    asyncio.run(run())
+
+
 def queue_depth(url: str, queue: str) -> int:
     """Messages ready in `queue`."""
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from worker.acks import AckCoalescer
+from worker.delivery import Delivery
 
 
 @dataclass
@@ -19,20 +20,14 @@ class RecordingChannel:
     async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
         self.frames.append(("ack", delivery_tag, multiple))
 
-
-@dataclass
-class Delivery:
-    channel: Any
-    delivery_tag: int
-
-    async def nack(self, requeue: bool = True) -> None:
-        self.channel.frames.append(("nack", self.delivery_tag, False))
+    async def basic_nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        self.frames.append(("nack", delivery_tag, multiple))
 
 
 def _deliveries(channel: RecordingChannel, n: int, acks: AckCoalescer) -> list[Delivery]:
-    out = [Delivery(channel, tag) for tag in range(1, n + 1)]
+    out = [Delivery(b"{}", {}, None, tag, cast(Any, channel)) for tag in range(1, n + 1)]
     for d in out:
-        acks.delivered(d)  # type: ignore[arg-type]
+        acks.delivered(d)
     return out
 
 
@@ -43,7 +38,7 @@ def test_a_run_of_finished_deliveries_is_acked_with_one_frame() -> None:
         later = [asyncio.ensure_future(acks.ack(x)) for x in d[1:3]]  # 2 and 3 finish first
         await asyncio.sleep(0.05)
         assert channel.frames == []  # 1 is still running: nothing may cover it
-        assert await acks.ack(d[0])  # type: ignore[arg-type]
+        assert await acks.ack(d[0])
         assert all(await asyncio.gather(*later))
         return channel.frames
 
@@ -54,7 +49,7 @@ def test_a_delivery_stuck_behind_a_slow_one_is_acked_alone_after_the_hold() -> N
     async def scenario() -> list[tuple[str, int, bool]]:
         channel, acks = RecordingChannel(), AckCoalescer(flush_after_s=0.001, hold_s=0.05)
         d = _deliveries(channel, 2, acks)
-        assert await asyncio.wait_for(acks.ack(d[1]), timeout=2)  # type: ignore[arg-type]
+        assert await asyncio.wait_for(acks.ack(d[1]), timeout=2)
         return channel.frames
 
     assert asyncio.run(scenario()) == [("ack", 2, False)]
@@ -64,11 +59,11 @@ def test_a_multiple_ack_spans_a_nacked_delivery_only_after_its_nack_went_out() -
     async def scenario() -> list[tuple[str, int, bool]]:
         channel, acks = RecordingChannel(), AckCoalescer(flush_after_s=0.001, hold_s=10)
         d = _deliveries(channel, 3, acks)
-        first = asyncio.ensure_future(acks.ack(d[0]))  # type: ignore[arg-type]
-        third = asyncio.ensure_future(acks.ack(d[2]))  # type: ignore[arg-type]
+        first = asyncio.ensure_future(acks.ack(d[0]))
+        third = asyncio.ensure_future(acks.ack(d[2]))
         await asyncio.sleep(0.02)
         await d[1].nack()
-        acks.settled_otherwise(d[1])  # type: ignore[arg-type]
+        acks.settled_otherwise(d[1])
         await asyncio.gather(first, third)
         return channel.frames
 

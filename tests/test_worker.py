@@ -10,7 +10,7 @@ from pathlib import Path
 
 from shared.messages import JobMessage, JobParams
 from shared.topology import Topology
-from tests.brokertools import drain_queue, hold_and_drop, publish_raw
+from tests.brokertools import delete_queue, drain_queue, hold_and_drop, publish_raw
 from tests.conftest import S3Server, Tickq, log_lines
 from tests.helpers import FaultyS3Proxy, read_tables
 from tests.reference import assert_tables_equal, reference_tables
@@ -69,6 +69,26 @@ def test_bad_messages_and_missing_input_do_not_crash_the_worker(
     assert_tables_equal(read_tables(str(output), "ok"), reference_tables(str(data), [MONTH]))
     finished = [x for x in log_lines(worker) if x.get("event") == "job.finished"]
     assert sum(1 for x in finished if x["outcome"] == "succeeded") == produced["jobs"]
+
+
+def test_a_worker_whose_consumer_the_broker_cancelled_declares_the_queue_again_and_goes_on(
+    tickq: Tickq, amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
+    publish_raw(amqp_url, namespace, [])  # the topology exists before the worker subscribes
+    worker = tickq.start("worker", "--concurrency", "1", "--idle-exit", "5")
+    _wait_for_event(worker, "worker.started")
+
+    delete_queue(amqp_url, Topology(namespace).jobs)  # an operator's mistake: the queue is gone
+    _wait_for_event(worker, "worker.consumer_cancelled")
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH)
+    tickq.wait_all([worker])
+
+    assert worker.returncode == 0
+    finished = [line for line in log_lines(worker) if line.get("event") == "job.finished"]
+    assert len(finished) == produced["jobs"] > 0
+    assert {line["outcome"] for line in finished} == {"succeeded"}
 
 
 def test_jobs_whose_holders_died_more_than_the_crash_budget_run_isolated_and_succeed(

@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from worker.delivery import Delivery
 
 FLUSH_AFTER_S = 0.002
 HOLD_S = 0.2
@@ -46,19 +46,19 @@ class AckCoalescer:
         self._lock = asyncio.Lock()  # one flush at a time: each walks and edits the same runs
         self.frames = 0  # ack frames sent: the saving is deliveries acked / frames
 
-    def _acks_of(self, message: AbstractIncomingMessage) -> _ChannelAcks:
+    def _acks_of(self, message: Delivery) -> _ChannelAcks:
         channel = message.channel
         acks = self._channels.get(id(channel))
         if acks is None or acks.channel is not channel:
             acks = self._channels[id(channel)] = _ChannelAcks(channel)
         return acks
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
+    def delivered(self, message: Delivery) -> None:
         """Register a delivery as it arrives (before anything can settle it)."""
         if message.delivery_tag is not None:
             self._acks_of(message).outstanding[message.delivery_tag] = None
 
-    def settled_otherwise(self, message: AbstractIncomingMessage) -> None:
+    def settled_otherwise(self, message: Delivery) -> None:
         """The delivery was nacked or rejected: no ack may cover it."""
         if message.delivery_tag is not None:
             acks = self._acks_of(message)
@@ -67,7 +67,7 @@ class AckCoalescer:
             if acks.ready:  # deliveries held behind this one may go now
                 self._schedule(self._flush_after_s)
 
-    async def ack(self, message: AbstractIncomingMessage) -> bool:
+    async def ack(self, message: Delivery) -> bool:
         """Ack `message` soon, with others where possible; True once the ack frame was sent."""
         tag = message.delivery_tag
         acks = self._acks_of(message)

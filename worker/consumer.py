@@ -36,7 +36,6 @@ from typing import Any
 
 import aio_pika
 import psutil
-from aio_pika.abc import AbstractIncomingMessage
 
 from shared.broker import connect
 from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient, one_line, redact
@@ -55,11 +54,13 @@ from shared.topology import (
 )
 from worker.acks import AckCoalescer
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
+from worker.delivery import Delivery, JobSubscription
 from worker.isolation import IsolationChildren
 from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
+HOUSEKEEPING_S = 0.2
 ISOLATE_AFTER_RETURNS = 2
 # A redelivered job is renewed (a fresh copy carrying its returns, then an ack) at this
 # count, half the broker's limit: innocent jobs prefetched by dying workers never reach it.
@@ -99,30 +100,30 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _delivery_count(message: AbstractIncomingMessage) -> int:
+def _delivery_count(message: Delivery) -> int:
     """How many times the broker delivered this message before (quorum queues count)."""
     value = (message.headers or {}).get("x-delivery-count", 0)
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
     except (TypeError, ValueError):
         return 0
 
 
-def _returns(message: AbstractIncomingMessage) -> int:
+def _returns(message: Delivery) -> int:
     """Deliveries of this job that ended with their worker gone, renewed copies included."""
     return _delivery_count(message) + _header_int(message, "x-tickq-returns")
 
 
-def _header_int(message: AbstractIncomingMessage, name: str) -> int:
+def _header_int(message: Delivery, name: str) -> int:
     """A non-negative integer header, 0 when absent or malformed."""
     value = (message.headers or {}).get(name, 0)
     try:
-        return max(0, int(value))  # type: ignore[arg-type]
+        return max(0, int(value))
     except (TypeError, ValueError):
         return 0
 
 
-def _attempts(message: AbstractIncomingMessage) -> int:
+def _attempts(message: Delivery) -> int:
     """Attempts this job already spent on transient failures."""
     return _header_int(message, "x-tickq-attempts")
 
@@ -184,7 +185,9 @@ class Worker:
             await declare(self._channel, self.topology)
             self._events = await self._channel.get_exchange(self.topology.events)
             self._dlx = await self._channel.get_exchange(self.topology.dlx)
-            queue = await self._channel.get_queue(self.topology.jobs)
+            subscription = JobSubscription(
+                self._channel, self.topology.jobs, self._on_message, lambda: declare(self._channel, self.topology)
+            )
             self.log.info(
                 "worker.started",
                 queue=self.topology.jobs,
@@ -193,11 +196,10 @@ class Worker:
                 broker=self.settings.safe_amqp_url,
             )
             self._batcher.start()
-            tag = await queue.consume(self._on_message)
+            await subscription.start()
             housekeeping = asyncio.create_task(self._housekeeping())
             await self._stopping.wait()
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+            await subscription.stop()
             self._batcher.stop()
             await self._drain()
             self._drained = True
@@ -240,9 +242,14 @@ class Worker:
                 self._beat()
             idle = self.options.idle_exit_s
             quiet = self.stats.in_flight == 0 and not self._waiting() and not self._stopping.is_set()
-            if idle is not None and quiet and now - self.stats.last_activity >= idle:
-                self.stop("idle")
-            await asyncio.sleep(0.2)
+            pause = HOUSEKEEPING_S
+            if idle is not None and quiet:
+                idle_for = now - self.stats.last_activity
+                if idle_for >= idle:
+                    self.stop("idle")
+                # Wake when the idle time is up, not up to a pause later.
+                pause = min(pause, max(0.0, idle - idle_for) + 0.001)
+            await asyncio.sleep(pause)
 
     def _waiting(self) -> bool:
         return any(not t.done() for t in self._handlers)
@@ -262,7 +269,7 @@ class Worker:
 
     # -- one delivery ------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         self._acks.delivered(message)
         task = asyncio.current_task()
         if task is not None:
@@ -286,7 +293,7 @@ class Worker:
         if self.options.max_jobs is not None and self.stats.done >= self.options.max_jobs:
             self.stop("max-jobs")
 
-    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+    async def _hand_back(self, message: Delivery) -> None:
         """Return a job this worker never started as a fresh copy, then ack the original.
 
         A plain requeue would raise the job's delivery count. The copy starts the broker's
@@ -303,7 +310,7 @@ class Worker:
         else:
             await self._settle(self._requeue(message), "requeue after failed hand-back")
 
-    async def _handle(self, message: AbstractIncomingMessage) -> bool:
+    async def _handle(self, message: Delivery) -> bool:
         """Settle one delivery; False when it was handed back unstarted."""
         started = time.perf_counter()
         try:
@@ -395,13 +402,13 @@ class Worker:
         )
 
     async def _dead_letter_crash_loop(
-        self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float
+        self, message: Delivery, job: JobMessage, crashes: int, started: float
     ) -> None:
         crash = PermanentError(f"job killed its process {crashes} times")
         await self._dead_letter(message, job, ErrorClass.CRASH_LOOP, crash, started)
 
     async def _requeue_after_crash(
-        self, message: AbstractIncomingMessage, job: JobMessage, crashes: int, started: float
+        self, message: Delivery, job: JobMessage, crashes: int, started: float
     ) -> None:
         """The job killed its child process: count the crash on the job and queue it again."""
         # Only crashes in isolation count here: redeliveries after a worker died are shared by
@@ -473,7 +480,7 @@ class Worker:
             self.log.warning("publish.failed", routing_key=routing_key, error=one_line(exc))
             return False
 
-    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+    async def _requeue(self, message: Delivery) -> None:
         """Nack with requeue; only once the nack is out may a multiple ack span this delivery."""
         try:
             await message.nack(requeue=True)
@@ -490,7 +497,7 @@ class Worker:
             return False
 
     @staticmethod
-    def _carried_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    def _carried_headers(message: Delivery) -> dict[str, Any]:
         return {
             k: v
             for k, v in (message.headers or {}).items()
@@ -501,7 +508,7 @@ class Worker:
         }
 
     async def _retry_later(
-        self, message: AbstractIncomingMessage, job: JobMessage, attempt: int, exc: BaseException, started: float
+        self, message: Delivery, job: JobMessage, attempt: int, exc: BaseException, started: float
     ) -> None:
         delays = self.options.retry_delays_s
         delay = delays[min(attempt - 1, len(delays) - 1)]
@@ -530,7 +537,7 @@ class Worker:
 
     async def _dead_letter(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         job: JobMessage | None,
         error_class: ErrorClass,
         exc: BaseException,

@@ -176,3 +176,25 @@ def test_group_sums_do_not_depend_on_result_format(tmp_path: Path) -> None:
                                                                 for r in results)
     for name, expected in columns.items():
         pd.testing.assert_frame_equal(rows[name], expected, rtol=1e-12)
+
+
+def test_group_sums_equal_adding_each_cell_in_turn_across_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.processors.analytics import _GroupSums
+
+    monkeypatch.setattr(_GroupSums, "FOLD_CELLS", 7)  # many folds, a key's cells split across them
+    rng = np.random.default_rng(5)
+    sums, expected = _GroupSums(), {}
+    for _ in range(40):
+        n = int(rng.integers(1, 6))
+        keys = [None if k == 0 else f"P{k}" for k in rng.integers(0, 4, n).tolist()]
+        cells = {"keys": keys, "records": rng.integers(1, 100, n).tolist(),
+                 "volume": rng.integers(1, 10**12, n).tolist(), "notional": (rng.random(n) * 1e7).tolist()}
+        sums.extend(cells)
+        for key, records, volume, notional in zip(*cells.values(), strict=True):
+            total = expected.setdefault(key, [0, 0, 0.0])
+            total[0], total[1], total[2] = total[0] + records, total[1] + volume, total[2] + notional
+
+    totals = sums.totals()
+    assert list(totals) == list(expected)  # keys in order of first sight
+    for key, (records, volume, notional) in expected.items():
+        assert (totals[key].records, totals[key].volume, totals[key].notional) == (records, volume, notional)

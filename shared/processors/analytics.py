@@ -393,28 +393,50 @@ def _group_columns(groups: dict[str, list[Any]] | list[list[Any]]) -> dict[str, 
 
 
 class _GroupSums:
-    """(records, volume, notional) summed per group key, taken a job's cells at a time."""
+    """(records, volume, notional) summed per group key, taken a job's cells at a time.
+
+    The aggregator's hottest loop: 10 k jobs bring about 300 k cells. Cells are gathered as
+    columns and added up with `numpy.add.at` every `FOLD_CELLS` cells and at the end. It adds
+    in cell order, one cell at a time, so every sum (floating point included) is the one that
+    adding the cells in turn gives, with a bounded number of cells held.
+    """
+
+    FOLD_CELLS = 65_536
 
     def __init__(self) -> None:
-        self._sums: dict[Any, list[Any]] = {}
+        self._codes: dict[Any, int] = {}  # key -> its row in the sums, in order of first sight
+        self._sums = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+        self._keys: list[Any] = []
+        self._columns: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
 
     def extend(self, cells: dict[str, list[Any]], keys: list[Any] | None = None) -> None:
         """Add a job's cells (columns keys, records, volume, notional); `keys` replaces theirs."""
-        sums = self._sums
-        for key, records, volume, notional in zip(
-            cells["keys"] if keys is None else keys, cells["records"], cells["volume"], cells["notional"], strict=True
-        ):
-            found = sums.get(key)
-            if found is None:
-                sums[key] = [records, volume, notional]
-            else:  # the aggregator's hottest loop: no object made for a key seen before
-                found[0] += records
-                found[1] += volume
-                found[2] += notional
+        self._keys.extend(cells["keys"] if keys is None else keys)
+        records, volume, notional = self._columns
+        records.extend(cells["records"])
+        volume.extend(cells["volume"])
+        notional.extend(cells["notional"])
+        if len(self._keys) >= self.FOLD_CELLS:
+            self._fold()
+
+    def _fold(self) -> None:
+        codes_of = self._codes
+        codes = np.fromiter((codes_of.setdefault(k, len(codes_of)) for k in self._keys), np.int64, len(self._keys))
+        grown = len(codes_of) - len(self._sums[0])
+        for total, column in zip(self._sums, self._columns, strict=True):
+            if grown:
+                total.resize(len(codes_of), refcheck=False)
+            np.add.at(total, codes, np.array(column, dtype=total.dtype))
+            column.clear()
+        self._keys.clear()
 
     def totals(self) -> dict[Any, Totals]:
         """The sums per key."""
-        return {key: Totals(*sums) for key, sums in self._sums.items()}
+        self._fold()
+        records: list[int] = self._sums[0].tolist()
+        volume: list[int] = self._sums[1].tolist()
+        notional: list[float] = self._sums[2].tolist()
+        return {key: Totals(records[i], volume[i], notional[i]) for key, i in self._codes.items()}
 
 
 def _day_date(text: str) -> dt.date:

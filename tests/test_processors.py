@@ -198,3 +198,32 @@ def test_group_sums_equal_adding_each_cell_in_turn_across_folds(monkeypatch: pyt
     assert list(totals) == list(expected)  # keys in order of first sight
     for key, (records, volume, notional) in expected.items():
         assert (totals[key].records, totals[key].volume, totals[key].notional) == (records, volume, notional)
+
+
+def test_a_jobs_notional_is_the_same_to_the_bit_whatever_shared_its_batch() -> None:
+    from shared.messages import JobParams
+    from shared.processors.analytics import BatchPartials
+
+    rng = np.random.default_rng(11)
+    n = 3_000
+    rows = pa.table({
+        "price": rng.random(n) * 100 + 1, "size": rng.integers(1, 1_000, n),
+        "ts": pa.array(np.arange(n, dtype=np.int64)).cast(pa.timestamp("ns", "UTC")),
+        "side": pa.array(["B", "S"] * (n // 2)).dictionary_encode(),  # label columns read as dictionaries
+        "participant": pa.array(["P1"] * n).dictionary_encode(), "venue": pa.array(["V"] * n).dictionary_encode(),
+        "hour": np.full(n, 10),
+    })
+    owner = rng.integers(0, 2, n)  # rows of job 0 interleaved with another job's
+
+    def notional(batches: list[tuple[pa.Table, np.ndarray]], count: int) -> float:
+        partials = BatchPartials(JobParams(), count)
+        for table, slots in batches:
+            partials.add(table, slots)
+        return float(partials.notional[0])
+
+    mine = rows.filter(pa.array(owner == 0))
+    shared = notional([(rows, owner)], 2)  # many slot changes: the rows one by one
+    alone = notional([(mine, np.zeros(mine.num_rows, np.int64))], 1)  # one run of rows
+    split = notional([(mine.slice(0, 1000), np.zeros(1000, np.int64)),
+                      (mine.slice(1000), np.zeros(mine.num_rows - 1000, np.int64))], 1)
+    assert shared == alone == split

@@ -177,9 +177,12 @@ class BatchPartials:
 
         owner = slots[starts] if in_runs else slots
         np.add.at(self.records, owner, np.diff(np.append(starts, len(slots))) if in_runs else 1)
-        for target, values in ((self.volume, size), (self.notional, notional), (self.buy_volume, buy),
-                               (self.sell_volume, sell)):
+        for target, values in ((self.volume, size), (self.buy_volume, buy), (self.sell_volume, sell)):
             np.add.at(target, owner, per_run(np.add, values))
+        # Notional is added row by row, in input order: a floating-point sum that does not
+        # depend on which other jobs shared the batch (runs or not) or how the rows were split
+        # into batches, so a job run again gives the same result to the last bit.
+        np.add.at(self.notional, slots, notional)
         np.minimum.at(self.low, owner, per_run(np.minimum, price))
         np.maximum.at(self.high, owner, per_run(np.maximum, price))
         np.minimum.at(self.first, owner, per_run(np.minimum, ts))

@@ -92,3 +92,15 @@ def test_a_pass_keeps_only_its_edge_row_groups(tmp_path: Path) -> None:
     _, middle = _read(storage, file, ["B"], cache)
     _, last = _read(storage, file, ["D"], cache)
     assert whole.num_rows == 400 and middle > 0 and last == 0 and cache.hits == 1
+
+
+def test_a_row_group_is_split_into_the_same_batches_kept_or_streamed(tmp_path: Path) -> None:
+    # A job's sums over batches must not depend on its batch mates: B's row group is streamed
+    # in the middle of the first pass and read whole through the cache in the second.
+    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=100)
+
+    def b_batches(securities: list[str]) -> list[int]:
+        batches = read_batches(storage, file, ALL_COLUMNS, security=securities, batch_rows=32, cache=ParquetCache())
+        return [b.num_rows for b in batches if b.column("security")[0].as_py() == "B"]
+
+    assert b_batches(["A", "B", "C", "D"]) == b_batches(["B"]) == [32, 32, 32, 4]

@@ -408,7 +408,7 @@ class _GroupSums:
 
     def __init__(self) -> None:
         self._codes: dict[Any, int] = {}  # key -> its row in the sums, in order of first sight
-        self._sums = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+        self._sums: tuple[np.ndarray, ...] = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
         self._keys: list[Any] = []
         self._columns: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
 
@@ -426,9 +426,9 @@ class _GroupSums:
         codes_of = self._codes
         codes = np.fromiter((codes_of.setdefault(k, len(codes_of)) for k in self._keys), np.int64, len(self._keys))
         grown = len(codes_of) - len(self._sums[0])
+        if grown:  # keys seen for the first time start at zero
+            self._sums = tuple(np.concatenate((total, np.zeros(grown, total.dtype))) for total in self._sums)
         for total, column in zip(self._sums, self._columns, strict=True):
-            if grown:
-                total.resize(len(codes_of), refcheck=False)
             np.add.at(total, codes, np.array(column, dtype=total.dtype))
             column.clear()
         self._keys.clear()

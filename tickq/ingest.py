@@ -98,10 +98,11 @@ MAX_OPEN_SPILLS = 256  # spill files kept open at once (least recently used are 
 # for the row group being written, allocator slack and an estimate of the row size that is off.
 SORT_FACTOR = 2
 # Decoding, not reading, is most of a worker's pass over its row groups. Measured on a 20 M-row
-# month's row groups (bench/RESULTS.md, sixth session): zstd over plain values took 8.2 ms per
-# 128 k-row group and 1,388 KB; delta-encoded ts and size, dictionary-encoded price and lz4
-# take 3.7 ms and 1,155 KB. (ts, sorted within a security, and size are small deltas; prices
-# repeat on their tick grid: a dictionary that outgrows its page falls back to plain.)
+# month's row groups (`bench/run.py encodings`, bench/RESULTS.md, sixth session): zstd over
+# plain values took 6.4 ms per 128 k-row group and 1,391 KB; delta-encoded ts and size,
+# dictionary-encoded price and lz4 take 3.5 ms and 1,159 KB. (ts, sorted within a security,
+# and size are small deltas; prices repeat on their tick grid: a dictionary that outgrows its
+# page falls back to plain.)
 COMPRESSION = "lz4"
 DELTA_ENCODED = ("ts", "size")
 DICTIONARY_ENCODED = ("security", "side", "participant", "venue", "price", "trade_date")

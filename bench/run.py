@@ -291,36 +291,28 @@ def _job_keys(laid: Path, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
-    if args.format == "csv":
-        _memory_raw_csv(args)
-        return
     for rows in (int(r) for r in args.rows.split(",")):
+        if args.format == "csv":
+            # Every job of a raw (not ingested) CSV month: each batch streams the whole file.
+            raw, _ = _data(args.work, rows, args.securities, fmt="csv", ingest=False)
+            _worker_peak(args, "raw csv", rows, raw, ())
+            continue
         raw, laid = _data(args.work, rows, args.securities)
+        securities = ("--securities", ",".join(_top_securities(laid, 20)))
         for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
-            env = _env(f"bench-{uuid.uuid4().hex[:8]}")
-            out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
-            produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
-                                         "--securities", ",".join(_top_securities(laid, 20)), "--json", "--quiet",
-                                         env=env).stdout)
-            work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
-            _row(target="memory", input=label, rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
-                 seconds=round(work_s, 2))
-            shutil.rmtree(out, ignore_errors=True)
+            _worker_peak(args, label, rows, source, securities)
 
 
-def _memory_raw_csv(args: argparse.Namespace) -> None:
-    """One worker of two slots over every job of a raw (not ingested) CSV month: each batch
-    streams the whole file."""
-    for rows in (int(r) for r in args.rows.split(",")):
-        raw, _ = _data(args.work, rows, args.securities, fmt="csv", ingest=False)
-        env = _env(f"bench-{uuid.uuid4().hex[:8]}")
-        out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
-        produced = json.loads(_tickq("produce", "--input", str(raw), "--output", str(out), "--months", MONTH,
-                                     "--json", "--quiet", env=env).stdout)
-        work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
-        _row(target="memory", input="raw csv", rows=rows, jobs=produced["jobs"],
-             worker_peak_rss_mb=round(max(peaks)), seconds=round(work_s, 2))
-        shutil.rmtree(out, ignore_errors=True)
+def _worker_peak(args: argparse.Namespace, label: str, rows: int, source: Path, produce_args: tuple[str, ...]) -> None:
+    """One worker of two slots over a run of `source`'s jobs: its peak RSS."""
+    env = _env(f"bench-{uuid.uuid4().hex[:8]}")
+    out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
+    produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
+                                 *produce_args, "--json", "--quiet", env=env).stdout)
+    work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
+    _row(target="memory", input=label, rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
+         seconds=round(work_s, 2))
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _top_securities(laid: Path, n: int) -> list[str]:

@@ -12,16 +12,27 @@ import datetime as dt
 import json
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from shared.errors import PermanentError
-from shared.layout import JobKey, RunLayout, batch_result_header, batch_result_jobs
+from shared.layout import (
+    COUNT_COLUMNS,
+    JobKey,
+    RunLayout,
+    batch_result_header,
+    batch_result_jobs,
+    batch_result_table,
+    is_columnar,
+)
 from shared.messages import JobParams
 from shared.metrics import get_logger
-from shared.processors import StoredResult, get_processor
+from shared.processors import Processor, StoredResult, get_processor
 from shared.runstate import RunState, load_state, read_manifest
 from shared.storage import Storage
 from shared.tables import TableSink
@@ -63,6 +74,14 @@ def _aggregation_order(key: JobKey) -> tuple[str, str, str]:
     return (key.security, key.date, key.month)
 
 
+# Jobs a columnar processor folds at a time: the chunk ends where a (security, date) does.
+CHUNK_JOBS = 4_096
+
+# What a batch object holds once opened: its results by job (JSON-ready processors), or its
+# table and each job's row (columnar processors).
+_Opened = TypeVar("_Opened")
+
+
 class _ResultReader:
     """Each succeeded job's result once, in the order of `keys`, from the batch result objects.
 
@@ -72,11 +91,14 @@ class _ResultReader:
     pass reads them again in the order they are first needed, a bounded window ahead, and
     drops each once all of its jobs are out. Batches hold consecutive jobs of the queue, which
     the producer publishes in key order, so only a few are open at a time.
+
+    Results come one by one (`results`) or, for processors that fold columns
+    (``aggregate_tables``), as tables of consecutive jobs (`tables`).
     """
 
-    def __init__(self, storage: Storage, layout: RunLayout, keys: list[JobKey]) -> None:
-        self._storage, self._layout, self._keys = storage, layout, keys
-        self.counts = {"rows_read": 0, "rows_accepted": 0, "rows_rejected": 0, "rows_filtered": 0}
+    def __init__(self, storage: Storage, layout: RunLayout, keys: list[JobKey], processor: Processor) -> None:
+        self._storage, self._layout, self._keys, self._processor = storage, layout, keys, processor
+        self.counts = dict.fromkeys(COUNT_COLUMNS, 0)
 
     def _corrupt(self, name: str, exc: ValueError) -> PermanentError:
         return PermanentError(f"job results {self._storage.describe(name)}: {exc}")
@@ -107,40 +129,93 @@ class _ResultReader:
             )
         return {key: name for key, (_, name) in chosen.items()}
 
-    def _results_in(self, name: str, body: bytes, chosen: dict[JobKey, str]) -> dict[JobKey, StoredResult]:
-        try:
-            header, jobs = batch_result_jobs(body)
-        except ValueError as exc:
-            raise self._corrupt(name, exc) from None
-        month = header["month"]
-        found: dict[JobKey, StoredResult] = {}
-        for entry in jobs:
-            key = JobKey(month, entry["security"], entry["date"])
-            if chosen.get(key) == name:
-                found[key] = StoredResult(month, key.security, key.date, entry["counts"], entry["data"])
-        return found
-
-    def __iter__(self) -> Iterator[StoredResult]:
+    def _placed(self, open_batch: Callable[[str, bytes], _Opened]) -> Iterator[tuple[JobKey, _Opened]]:
+        """Every key, in order, with the opened batch object holding its result."""
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tickq-read") as pool:
             chosen = self._index(pool)
             remaining = Counter(chosen[key] for key in self._keys)
             upcoming = iter(dict.fromkeys(chosen[key] for key in self._keys))  # in order of first need
             reading: deque[tuple[str, Future[bytes]]] = deque()
-            open_batches: dict[str, dict[JobKey, StoredResult]] = {}
+            open_batches: dict[str, _Opened] = {}
             for key in self._keys:
                 name = chosen[key]
                 while name not in open_batches:
                     while len(reading) < READ_AHEAD and (next_name := next(upcoming, None)) is not None:
                         reading.append((next_name, pool.submit(self._storage.read_bytes, next_name)))
                     read_name, future = reading.popleft()
-                    open_batches[read_name] = self._results_in(read_name, future.result(), chosen)
-                result = open_batches[name].pop(key)
+                    try:
+                        open_batches[read_name] = open_batch(read_name, future.result())
+                    except ValueError as exc:
+                        raise self._corrupt(read_name, exc) from None
+                yield key, open_batches[name]
                 remaining[name] -= 1
                 if not remaining[name]:
                     del open_batches[name]
-                for field_name in self.counts:
-                    self.counts[field_name] += int(result.counts.get(field_name, 0))
-                yield result
+
+    def results(self) -> Iterator[StoredResult]:
+        """Each job's result, one by one."""
+
+        def by_job(name: str, body: bytes) -> dict[tuple[str, str], StoredResult]:
+            header, jobs = batch_result_jobs(body)
+            month = header["month"]
+            return {(e["security"], e["date"]): StoredResult(month, e["security"], e["date"], e["counts"], e["data"])
+                    for e in jobs}
+
+        for key, batch in self._placed(by_job):
+            result = batch[(key.security, key.date)]
+            for column in self.counts:
+                self.counts[column] += int(result.counts.get(column, 0))
+            yield result
+
+    def tables(self) -> Iterator[pa.Table]:
+        """Results as tables of about `CHUNK_JOBS` consecutive jobs: month, security, date, the
+        row counts, then the processor's columns; a (security, date) is never split."""
+        pending: list[tuple[JobKey, pa.Table, int]] = []
+        for key, (table, rows) in self._placed(self._opened_table):
+            if len(pending) >= CHUNK_JOBS and (key.security, key.date) != (pending[-1][0].security,
+                                                                          pending[-1][0].date):
+                yield self._chunk(pending)
+                pending = []
+            pending.append((key, table, rows[(key.security, key.date)]))
+        if pending:
+            yield self._chunk(pending)
+
+    def _opened_table(self, name: str, body: bytes) -> tuple[pa.Table, dict[tuple[str, str], int]]:
+        """A batch object as a table of `security`, `date`, the counts and the processor's
+        columns, and each job's row. JSON results (earlier versions) are turned into columns."""
+        if is_columnar(body):
+            _, table = batch_result_table(body)
+        else:
+            _, jobs = batch_result_jobs(body)
+            as_columns = getattr(self._processor, "results_table", None)
+            if as_columns is None:
+                raise ValueError(f"it holds JSON results, which processor {self._processor.name!r} does not read")
+            try:
+                data = as_columns([job["data"] for job in jobs])
+                keys = {name: pa.array([job[name] for job in jobs], pa.string()) for name in ("security", "date")}
+                counts = {name: pa.array([int(job["counts"].get(name, 0)) for job in jobs], pa.int64())
+                          for name in COUNT_COLUMNS}
+            except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
+                raise ValueError(f"its jobs are corrupt ({type(exc).__name__})") from None
+            table = pa.table({**keys, **counts, **{c: data.column(c) for c in data.column_names}})
+        table = table.drop_columns([c for c in ("job_id",) if c in table.column_names])
+        securities, dates = table.column("security").to_pylist(), table.column("date").to_pylist()
+        return table, {job: row for row, job in enumerate(zip(securities, dates, strict=True))}
+
+    def _chunk(self, placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:
+        """The rows of `placed` jobs, in order, taken from their tables a run at a time."""
+        parts = []
+        start = 0
+        for end in range(1, len(placed) + 1):
+            if end == len(placed) or placed[end][1] is not placed[start][1]:
+                table, rows = placed[start][1], [row for _, _, row in placed[start:end]]
+                consecutive = rows == list(range(rows[0], rows[0] + len(rows)))  # the usual case
+                parts.append(table.slice(rows[0], len(rows)) if consecutive else table.take(pa.array(rows)))
+                start = end
+        chunk = pa.concat_tables(parts).combine_chunks()
+        for column in self.counts:
+            self.counts[column] += int(pc.sum(chunk.column(column)).as_py() or 0)
+        return chunk.add_column(0, "month", pa.array([key.month for key, _, _ in placed], pa.string()))
 
 
 def _rows_unassigned(manifest: dict[str, Any]) -> int:
@@ -162,9 +237,14 @@ def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) 
     params = JobParams.model_validate_json(json.dumps(request["params"]))
     processor = get_processor(request["processor"])
     keys = sorted(state.succeeded, key=_aggregation_order)
-    reader = _ResultReader(storage, layout, keys)
+    reader = _ResultReader(storage, layout, keys, processor)
     sink = TableSink(storage, layout.aggregates)
-    totals = processor.aggregate(reader, params, sink)
+    # Processors that fold columns say so with `aggregate_tables` (see `shared.processors.base`).
+    aggregate_tables = getattr(processor, "aggregate_tables", None)
+    if aggregate_tables is not None:
+        totals = aggregate_tables(reader.tables(), params, sink)
+    else:
+        totals = processor.aggregate(reader.results(), params, sink)
     unassigned = _rows_unassigned(manifest)
     dead_records = _dead_details(storage, layout, sorted(state.dead, key=_aggregation_order), run_id)
     summary = {

@@ -357,8 +357,11 @@ def _stored_run(out: Path, jobs: int) -> str:
     import datetime as dt
     import random
 
-    from shared.layout import JobKey, RunLayout, batch_result_body, job_keys_csv
+    import pyarrow as pa
+
+    from shared.layout import COUNT_COLUMNS, JobKey, RunLayout, batch_result_table_body, job_keys_csv
     from shared.messages import JobParams
+    from shared.processors.analytics import results_table
     from shared.storage import LocalStorage
 
     run_id = f"agg-{jobs}"
@@ -387,7 +390,14 @@ def _stored_run(out: Path, jobs: int) -> str:
         first = keys[start]
         header = {"run_id": run_id, "month": MONTH, "processor": "analytics", "worker": "bench",
                   "finished_at": dt.datetime.now(dt.UTC).isoformat()}
-        storage.write_bytes(layout.batch_result(MONTH, first.security, first.date), batch_result_body(header, entries))
+        # As the worker stores them: one row per job, the partials as columns.
+        data = results_table([entry["data"] for entry in entries])
+        table = pa.table({**{name: [entry[name] for entry in entries] for name in ("job_id", "security", "date")},
+                          **{name: pa.array([entry["counts"][name] for entry in entries], pa.int64())
+                             for name in COUNT_COLUMNS},
+                          **{name: data.column(name) for name in data.column_names}})
+        storage.write_bytes(layout.batch_result(MONTH, first.security, first.date, columnar=True),
+                            batch_result_table_body(header, table))
     for key in keys:
         storage.mark(layout.marker(key))
     storage.write_bytes(layout.job_keys, job_keys_csv(keys))

@@ -4,7 +4,7 @@
 
     runs/<run>/manifest.json                      parameters, expected jobs, created_at, version
     runs/<run>/job_keys.csv                       month,security,date of every expected job
-    runs/<run>/results/<month>/<security>.<date>.<id>.json  partial results of one batch of jobs
+    runs/<run>/results/<month>/<security>.<date>.<id>.arrows|.json  partial results of one batch of jobs
     runs/<run>/succeeded/<month>/<security>/<date>.json success marker (empty), written after the result
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
     runs/<run>/retrying/<month>/<security>/<date>.json  the job waits in a delay queue
@@ -21,17 +21,71 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pyarrow as pa
 
 from shared.errors import PermanentError
 from shared.storage import Storage
 
-# The format of a batch result object: two JSON lines. The header {"v", "run_id", "month",
-# "processor", "worker", "finished_at", "jobs": [[security, date], …]} names the batch's jobs,
-# so that finding which object holds a job reads headers only; the second line holds the jobs
-# in the same order: {"jobs": [{"job_id", "security", "date", "counts", "data"}, …]}.
-# Version 2 objects (one document: the header's fields with the full jobs) are still read.
+# A batch result object comes in one of two formats.
+#
+# Columns (version 4), for processors whose partial results are columns (`finish_batch`): an
+# Arrow IPC stream of one table, one row per job: job_id, security, date, the row counts
+# (`COUNT_COLUMNS`), then the processor's columns. The header's fields {"v", "run_id",
+# "month", "processor", "worker", "finished_at"} are the schema's metadata under
+# `HEADER_METADATA`. Both sides handle whole arrays: nothing is done per job in Python.
+#
+# JSON lines (version 3), for processors with a JSON-ready result per job: the header, with
+# "jobs": [[security, date], …] naming the batch's jobs so that finding which object holds a
+# job reads headers only; then {"jobs": [{"job_id", "security", "date", "counts", "data"}, …]}
+# in the same order. Version 2 objects (one document: the header's fields with the full jobs)
+# are still read.
 RESULT_VERSION = 3
+COLUMNAR_VERSION = 4
 _ONE_DOCUMENT_VERSION = 2
+COUNT_COLUMNS = ("rows_read", "rows_accepted", "rows_rejected", "rows_filtered")
+HEADER_METADATA = b"tickq.result"
+ARROW_STREAM_TYPE = "application/vnd.apache.arrow.stream"
+# Every Arrow IPC stream starts with this continuation marker; a JSON object cannot.
+_IPC_START = b"\xff\xff\xff\xff"
+
+
+def batch_result_table_body(header: dict[str, Any], jobs: pa.Table) -> bytes:
+    """A columnar batch result object: `jobs` (job_id, security, date, counts, the processor's
+    columns; one row per job) with `header` (run_id, month, processor, worker, finished_at)."""
+    metadata = {HEADER_METADATA: orjson.dumps({"v": COLUMNAR_VERSION, **header})}
+    jobs = jobs.replace_schema_metadata(metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, jobs.schema) as writer:
+        writer.write_table(jobs)
+    return sink.getvalue().to_pybytes()
+
+
+def is_columnar(body: bytes) -> bool:
+    """Whether a batch result object holds columns (version 4) rather than JSON lines."""
+    return body.startswith(_IPC_START)
+
+
+def batch_result_table(body: bytes) -> tuple[dict[str, Any], pa.Table]:
+    """A columnar batch result object's header and its jobs' table (zero-copy on `body`);
+    `ValueError` when it is not one."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"its columns are corrupt ({str(exc).splitlines()[0]})") from None
+    raw = (table.schema.metadata or {}).get(HEADER_METADATA)
+    if raw is None:
+        raise ValueError("it has no tickq header")
+    try:
+        header = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"its header is corrupt ({exc.msg})") from None
+    if not isinstance(header, dict) or header.get("v") != COLUMNAR_VERSION:
+        raise ValueError("its header is corrupt (not format 4)")
+    missing = ({"month", "finished_at"} - header.keys()) | ({"job_id", "security", "date", *COUNT_COLUMNS}
+                                                             - set(table.column_names))
+    if missing:
+        raise ValueError(f"it is corrupt (no {', '.join(sorted(missing))})")
+    return header, table
 
 
 def batch_result_body(header: dict[str, Any], jobs: list[dict[str, Any]]) -> bytes:
@@ -41,8 +95,11 @@ def batch_result_body(header: dict[str, Any], jobs: list[dict[str, Any]]) -> byt
 
 
 def batch_result_header(body: bytes) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """A batch result object's header and its jobs' (security, date); `ValueError` when it is
-    not a result object this version reads."""
+    """A batch result object's header and its jobs' (security, date), in either format;
+    `ValueError` when it is not a result object this version reads."""
+    if is_columnar(body):
+        header, table = batch_result_table(body)
+        return header, list(zip(table.column("security").to_pylist(), table.column("date").to_pylist(), strict=True))
     line, _, _ = body.partition(b"\n")
     header = _versioned(line)
     missing = {"month", "finished_at", "jobs"} - header.keys()
@@ -57,7 +114,7 @@ def batch_result_header(body: bytes) -> tuple[dict[str, Any], list[tuple[str, st
 
 
 def batch_result_jobs(body: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A batch result object's header and its jobs, each with counts and data."""
+    """A JSON batch result object's header and its jobs, each with counts and data."""
     line, _, rest = body.partition(b"\n")
     header = _versioned(line)
     if header["v"] == _ONE_DOCUMENT_VERSION:
@@ -75,8 +132,8 @@ def _versioned(line: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"corrupt ({exc.msg})") from None
     version = header.get("v") if isinstance(header, dict) else None
-    if version not in (RESULT_VERSION, _ONE_DOCUMENT_VERSION):
-        raise ValueError(f"format {version!r}, this tickq reads {_ONE_DOCUMENT_VERSION} and {RESULT_VERSION}")
+    if version not in (RESULT_VERSION, _ONE_DOCUMENT_VERSION, COLUMNAR_VERSION):
+        raise ValueError(f"format {version!r}, this tickq reads {_ONE_DOCUMENT_VERSION} to {COLUMNAR_VERSION}")
     return header
 
 
@@ -119,12 +176,13 @@ class RunLayout:
         """Prefix of the batch result objects."""
         return f"{self.root}/results/"
 
-    def batch_result(self, month: str, security: str, date: str) -> str:
+    def batch_result(self, month: str, security: str, date: str, columnar: bool = False) -> str:
         """A new, unique name for the results of a batch whose first job is (`security`, `date`).
 
         Named after its first job, so that a listing comes roughly in job-key order.
         """
-        return f"{self.results_prefix}{month}/{security}.{date}.{secrets.token_hex(6)}.json"
+        suffix = "arrows" if columnar else "json"
+        return f"{self.results_prefix}{month}/{security}.{date}.{secrets.token_hex(6)}.{suffix}"
 
     @property
     def succeeded_prefix(self) -> str:

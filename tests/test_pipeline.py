@@ -181,7 +181,7 @@ def test_same_run_id_again_publishes_only_unfinished_jobs_and_changes_nothing(
     assert rerun["published"] == 2
     tickq.wait_all(tickq.workers(1))
     # Those two jobs' results are now stored twice (first batch, then the rerun's): each counts once.
-    stored = [key for batch in (tmp_path / "out" / "runs" / "run1" / "results").rglob("*.json")
+    stored = [key for batch in (tmp_path / "out" / "runs" / "run1" / "results").rglob("*.arrows")
               for key in batch_result_header(batch.read_bytes())[1]]
     assert len(stored) == first["jobs"] + 2
     tickq.run("aggregate", "--run", "run1", "--output", output, "--wait", "60")
@@ -277,7 +277,7 @@ def test_damaged_or_removed_results_fail_aggregation_with_one_line(tickq: Tickq,
     data = _gen(tickq, tmp_path / "data", rows=5_000, securities=2)
     output = str(tmp_path / "out")
     _run(tickq, str(data), output, workers=1, run_id="dmg")
-    batches = sorted((tmp_path / "out" / "runs" / "dmg" / "results").rglob("*.json"))
+    batches = sorted((tmp_path / "out" / "runs" / "dmg" / "results").rglob("*.arrows"))
     assert batches
 
     good = batches[0].read_bytes()

@@ -114,6 +114,8 @@ def test_many_distinct_groups_are_accumulated_by_hashing_with_the_same_results(
         in_runs = processor.start_batch(contexts)
         processor.add_many(in_runs, rows.take(pa.array(order)), slots[order])
         assert _close([job.finish() for job in jobs], [job.finish() for job in in_runs])
+        # The batch's columns (what the worker stores) hold exactly what each job's JSON form does.
+        assert processor.finish_batch(jobs).equals(analytics.results_table([job.finish() for job in jobs]))
         return [job.finish() for job in jobs]
 
     dense, hashed = partials(1 << 30), partials(0)
@@ -178,52 +180,85 @@ def test_group_sums_do_not_depend_on_result_format(tmp_path: Path) -> None:
         pd.testing.assert_frame_equal(rows[name], expected, rtol=1e-12)
 
 
-def test_group_sums_equal_adding_each_cell_in_turn_across_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_group_sums_equal_adding_each_cell_in_turn_across_calls() -> None:
     from shared.processors.analytics import _GroupSums
 
-    monkeypatch.setattr(_GroupSums, "FOLD_CELLS", 7)  # many folds, a key's cells split across them
     rng = np.random.default_rng(5)
     sums, expected = _GroupSums(), {}
-    for _ in range(40):
+    for _ in range(40):  # many calls, each with its own codes, a key's cells split across them
         n = int(rng.integers(1, 6))
-        keys = [None if k == 0 else f"P{k}" for k in rng.integers(0, 4, n).tolist()]
-        cells = {"keys": keys, "records": rng.integers(1, 100, n).tolist(),
-                 "volume": rng.integers(1, 10**12, n).tolist(), "notional": (rng.random(n) * 1e7).tolist()}
-        sums.extend(cells)
-        for key, records, volume, notional in zip(*cells.values(), strict=True):
-            total = expected.setdefault(key, [0, 0, 0.0])
-            total[0], total[1], total[2] = total[0] + records, total[1] + volume, total[2] + notional
+        keys = [None, *(f"P{k}" for k in rng.permutation(4)[:3].tolist())]
+        codes = rng.integers(0, len(keys), n)
+        records, volume = rng.integers(1, 100, n), rng.integers(1, 10**12, n)
+        notional = rng.random(n) * 1e7
+        sums.add(codes, keys, records, volume, notional)
+        for code, r, v, amount in zip(codes.tolist(), records.tolist(), volume.tolist(), notional.tolist(),
+                                      strict=True):
+            total = expected.setdefault(keys[code], [0, 0, 0.0])
+            total[0], total[1], total[2] = total[0] + r, total[1] + v, total[2] + amount
 
     totals = sums.totals()
-    assert list(totals) == list(expected)  # keys in order of first sight
+    assert totals.keys() == expected.keys()
     for key, (records, volume, notional) in expected.items():
         assert (totals[key].records, totals[key].volume, totals[key].notional) == (records, volume, notional)
 
 
-def test_a_jobs_notional_is_the_same_to_the_bit_whatever_shared_its_batch() -> None:
+def test_tables_are_those_of_merging_day_summaries_in_turn_whatever_the_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The aggregator folds chunks of job results with numpy; its sums must be, to the bit, those
+    # of merging the jobs' day summaries one at a time in key order, however the run is cut into
+    # chunks: a security's days spread over chunks, a day in two months' files, jobs without rows.
     from shared.messages import JobParams
-    from shared.processors.analytics import BatchPartials
+    from shared.processors import StoredResult, analytics
+    from shared.storage import open_storage
+    from shared.tables import TableSink
 
-    rng = np.random.default_rng(11)
-    n = 3_000
-    rows = pa.table({
-        "price": rng.random(n) * 100 + 1, "size": rng.integers(1, 1_000, n),
-        "ts": pa.array(np.arange(n, dtype=np.int64)).cast(pa.timestamp("ns", "UTC")),
-        "side": pa.array(["B", "S"] * (n // 2)).dictionary_encode(),  # label columns read as dictionaries
-        "participant": pa.array(["P1"] * n).dictionary_encode(), "venue": pa.array(["V"] * n).dictionary_encode(),
-        "hour": np.full(n, 10),
-    })
-    owner = rng.integers(0, 2, n)  # rows of job 0 interleaved with another job's
+    rng = np.random.default_rng(8)
+    results = []
+    for security in ("AAA", "BHP", "CBA"):
+        for day in (f"2024-03-{d:02d}" for d in range(1, 12)):
+            for month in ("2024-02", "2024-03") if day == "2024-03-01" else (MONTH,):
+                records = int(rng.integers(0, 4)) * int(rng.integers(1, 1000))
+                data = {"day": None, "groups": {d: {"keys": [], "records": [], "volume": [], "notional": []}
+                                                for d in analytics.GROUP_DIMENSIONS}}
+                if records:
+                    volume = int(rng.integers(records, 10**9))
+                    notional = float(rng.random() * 1e9)
+                    low = float(rng.uniform(1, 10))
+                    data["day"] = analytics.DaySummary(records, volume, notional, low, low + float(rng.random()),
+                                                       volume // 3, volume // 4, int(rng.integers(0, 10**9)),
+                                                       int(rng.integers(10**9, 2 * 10**9))).to_json()
+                    data["groups"]["hour"] = {"keys": [10, 11], "records": [records, 0], "volume": [volume, 0],
+                                              "notional": [notional * 0.3, notional * 0.7]}
+                results.append(StoredResult(month, security, day, {}, data))
 
-    def notional(batches: list[tuple[pa.Table, np.ndarray]], count: int) -> float:
-        partials = BatchPartials(JobParams(), count)
-        for table, slots in batches:
-            partials.add(table, slots)
-        return float(partials.notional[0])
+    def tables(name: str, chunk_jobs: int) -> dict[str, pd.DataFrame]:
+        monkeypatch.setattr(analytics, "RESULT_CHUNK_JOBS", chunk_jobs)
+        storage = open_storage(str(tmp_path / name))
+        analytics.AnalyticsProcessor().aggregate(results, JobParams(), TableSink(storage, "t/"))
+        return {t: pq.read_table(tmp_path / name / "t" / f"{t}.parquet").to_pandas() for t in analytics.TABLES}
 
-    mine = rows.filter(pa.array(owner == 0))
-    shared = notional([(rows, owner)], 2)  # many slot changes: the rows one by one
-    alone = notional([(mine, np.zeros(mine.num_rows, np.int64))], 1)  # one run of rows
-    split = notional([(mine.slice(0, 1000), np.zeros(1000, np.int64)),
-                      (mine.slice(1000), np.zeros(mine.num_rows - 1000, np.int64))], 1)
-    assert shared == alone == split
+    whole = tables("whole", 10**6)
+    for chunk_jobs in (1, 2, 5):
+        for name, frame in tables(f"chunks-{chunk_jobs}", chunk_jobs).items():
+            pd.testing.assert_frame_equal(frame, whole[name], check_exact=True)
+
+    days: dict[tuple[str, str], analytics.DaySummary] = {}
+    for result in results:  # in key order already
+        if result.data["day"]:
+            day = days.setdefault((result.security, result.date), analytics.DaySummary())
+            day.merge_day(analytics.DaySummary.from_json(result.data["day"]))
+    per_security: dict[str, analytics.DaySummary] = {}
+    per_date: dict[str, analytics.DaySummary] = {}
+    for (security, date), day in days.items():
+        per_security.setdefault(security, analytics.DaySummary()).merge_day(day)
+        per_date.setdefault(date, analytics.DaySummary()).merge_day(day)
+    daily = whole["security_daily"]
+    assert daily["notional"].tolist() == [day.notional for day in days.values()]
+    assert daily["records"].tolist() == [day.records for day in days.values()]
+    assert whole["by_security"]["notional"].tolist() == [s.notional for s in per_security.values()]
+    assert whole["by_security"]["days"].tolist() == [
+        sum(1 for security, _ in days if security == name) for name in per_security]
+    assert whole["by_date"]["notional"].tolist() == [per_date[d].notional for d in sorted(per_date)]
+    assert whole["by_date"]["low"].tolist() == [per_date[d].low for d in sorted(per_date)]

@@ -1,5 +1,6 @@
-"""Batch result objects: a header line naming the batch's jobs, then the jobs. Runs whose
-results were written as one document (version 2) aggregate the same."""
+"""Batch result objects: columns (version 4, Arrow), or a header line naming the batch's jobs
+then the jobs (version 3, JSON). Runs whose results were written as JSON lines or as one
+document (version 2) aggregate the same as columns."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from aggregator.tables import aggregate_run
 from shared.errors import PermanentError
-from shared.layout import JobKey, RunLayout, batch_result_body, batch_result_header, batch_result_jobs, job_keys_csv
+from shared.layout import (
+    COUNT_COLUMNS,
+    JobKey,
+    RunLayout,
+    batch_result_body,
+    batch_result_header,
+    batch_result_jobs,
+    batch_result_table,
+    batch_result_table_body,
+    job_keys_csv,
+)
 from shared.messages import JobParams
 from shared.storage import LocalStorage
 
@@ -37,6 +49,16 @@ def _entry(key: JobKey, records: int) -> dict[str, Any]:
 
 def _header(finished_at: str) -> dict[str, Any]:
     return {"run_id": "r", "month": MONTH, "processor": "analytics", "worker": "test", "finished_at": finished_at}
+
+
+def _columnar(header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
+    """What a worker of this version stores for `entries`: their columns."""
+    from shared.processors.analytics import results_table
+
+    data = results_table([entry["data"] for entry in entries])
+    keys = {name: pa.array([entry[name] for entry in entries]) for name in ("job_id", "security", "date")}
+    counts = {name: pa.array([entry["counts"][name] for entry in entries], pa.int64()) for name in COUNT_COLUMNS}
+    return batch_result_table_body(header, pa.table({**keys, **counts, **{c: data[c] for c in data.column_names}}))
 
 
 def _run(root: Path, bodies: list[bytes]) -> LocalStorage:
@@ -67,24 +89,40 @@ def test_header_names_the_jobs_and_the_second_line_holds_them() -> None:
     assert batch_result_jobs(body)[1] == entries
 
 
-def test_one_document_results_aggregate_like_two_line_results(tmp_path: Path) -> None:
+def test_columnar_results_name_their_jobs_and_hold_the_header() -> None:
+    entries = [_entry(k, 3) for k in KEYS[:2]]
+    body = _columnar(_header("2026-01-01T00:00:00+00:00"), entries)
+    header, keys = batch_result_header(body)
+    assert keys == [("AAA", "2024-03-04"), ("AAA", "2024-03-05")]
+    assert header["month"] == MONTH and header["v"] == 4 and header["worker"] == "test"
+    _, table = batch_result_table(body)
+    assert table.column("participant_keys").to_pylist() == [["P1", None]] * 2
+    assert table.column("rows_read").to_pylist() == [6, 6]
+
+
+def test_json_and_one_document_results_aggregate_like_columns(tmp_path: Path) -> None:
     entries = [_entry(k, 1 + i) for i, k in enumerate(KEYS)]
     now = "2026-01-01T00:00:00+00:00"
+    columns = [_columnar(_header(now), entries[:3]), _columnar(_header(now), entries[3:])]
     two_line = [batch_result_body(_header(now), entries[:3]), batch_result_body(_header(now), entries[3:])]
     one_document = [orjson.dumps({"v": 2, **_header(now), "jobs": entries[:3]}),
                     orjson.dumps({"v": 2, **_header(now), "jobs": entries[3:]})]
-    mixed = [two_line[0], one_document[1]]
-    for name, bodies in (("new", two_line), ("old", one_document), ("mixed", mixed)):
-        assert aggregate_run(_run(tmp_path / name, bodies), "r").complete
-    assert _tables(tmp_path / "new") == _tables(tmp_path / "old") == _tables(tmp_path / "mixed")
-    assert len(_tables(tmp_path / "new")["security_daily"]) == len(KEYS)
+    mixed = [columns[0], one_document[1]]
+    for name, bodies in (("columns", columns), ("json", two_line), ("old", one_document), ("mixed", mixed)):
+        assert aggregate_run(_run(tmp_path / name, bodies), "r").summary["rows_read"] == sum(
+            e["counts"]["rows_read"] for e in entries)
+    expected = _tables(tmp_path / "columns")
+    assert _tables(tmp_path / "json") == _tables(tmp_path / "old") == _tables(tmp_path / "mixed") == expected
+    assert len(expected["security_daily"]) == len(KEYS)
 
 
-def test_the_copy_finished_last_counts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("first_format, again_format", [(batch_result_body, batch_result_body),
+                                                         (batch_result_body, _columnar), (_columnar, _columnar)])
+def test_the_copy_finished_last_counts(tmp_path: Path, first_format: Any, again_format: Any) -> None:
     first = [_entry(k, 1) for k in KEYS]
-    again = [_entry(KEYS[0], 100)]  # the first job ran again later (a replay)
-    storage = _run(tmp_path, [batch_result_body(_header("2026-01-01T00:00:00+00:00"), first),
-                              batch_result_body(_header("2026-01-02T00:00:00+00:00"), again)])
+    again = [_entry(KEYS[0], 100)]  # the first job ran again later (a replay, perhaps by a newer worker)
+    storage = _run(tmp_path, [first_format(_header("2026-01-01T00:00:00+00:00"), first),
+                              again_format(_header("2026-01-02T00:00:00+00:00"), again)])
     aggregate_run(storage, "r")
     daily = _tables(tmp_path)["security_daily"]
     assert daily[0]["records"] == 200 and [row["records"] for row in daily[1:]] == [2] * (len(KEYS) - 1)
@@ -96,6 +134,9 @@ def test_the_copy_finished_last_counts(tmp_path: Path) -> None:
     (orjson.dumps({"v": 3, "month": MONTH, "jobs": [["AAA"]]}), "header is corrupt"),
     (orjson.dumps({"v": 3, "month": MONTH, "finished_at": "x", "jobs": [[k.security, k.date] for k in KEYS]})
      + b"\n{", "jobs are corrupt"),
+    (_columnar(_header("2026-01-01T00:00:00+00:00"), [_entry(k, 1) for k in KEYS])[:-200], "columns are corrupt"),
+    (batch_result_table_body(_header("x"), pa.table({"security": ["AAA"], "date": ["2024-03-04"]})),
+     "corrupt .no job_id, rows_accepted"),
 ])
 def test_a_bad_result_object_is_a_permanent_error_naming_it(tmp_path: Path, body: bytes, says: str) -> None:
     storage = _run(tmp_path, [body])

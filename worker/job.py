@@ -31,7 +31,14 @@ from shared.inputs import (
     normalise,
     read_batches,
 )
-from shared.layout import JobKey, RunLayout, batch_result_body
+from shared.layout import (
+    ARROW_STREAM_TYPE,
+    COUNT_COLUMNS,
+    JobKey,
+    RunLayout,
+    batch_result_body,
+    batch_result_table_body,
+)
 from shared.messages import JobMessage, JobParams
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
@@ -374,14 +381,57 @@ def execute_batch(
         return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]
 
     results: list[BatchResult] = list(outcomes)
-    for i, failure in zip(todo, _store(todo_jobs, accumulators, [outcomes[i] for i in todo], output, layout,
+    for i, failure in zip(todo, _store(processor, todo_jobs, accumulators, [outcomes[i] for i in todo], output, layout,
                                        stale, worker_id, now), strict=True):
         if failure is not None:
             results[i] = failure
     return results
 
 
+def _job_counts(outcome: JobOutcome) -> dict[str, int]:
+    return {"rows_read": outcome.rows_read, "rows_accepted": outcome.rows_accepted,
+            "rows_rejected": outcome.rows_rejected, "rows_filtered": outcome.rows_filtered}
+
+
+def _with_keys_and_counts(data: pa.Table, jobs: list[JobMessage], outcomes: list[JobOutcome]) -> pa.Table:
+    """A columnar batch result's table: each job's id, key and row counts, then `data`'s columns."""
+    if data.num_rows != len(jobs):
+        raise ValueError(f"finish_batch gave {data.num_rows} rows for {len(jobs)} jobs")
+    counts = [_job_counts(outcome) for outcome in outcomes]
+    columns: dict[str, pa.Array] = {
+        "job_id": pa.array([job.job_id for job in jobs], pa.string()),
+        "security": pa.array([job.security for job in jobs], pa.string()),
+        "date": pa.array([job.date for job in jobs], pa.string()),
+        **{name: pa.array([c[name] for c in counts], pa.int64()) for name in COUNT_COLUMNS},
+    }
+    return pa.table({**columns, **{name: data.column(name) for name in data.column_names}})
+
+
+def _json_results(
+    header: dict[str, Any],
+    jobs: list[JobMessage],
+    accumulators: list[JobAccumulator],
+    outcomes: list[JobOutcome],
+    failures: list[Exception | None],
+) -> tuple[list[int], bytes]:
+    """The JSON batch result of the jobs whose `finish` succeeded (the others' failures are set)."""
+    entries: list[dict[str, Any]] = []
+    stored: list[int] = []
+    for i, (job, accumulator, outcome) in enumerate(zip(jobs, accumulators, outcomes, strict=True)):
+        try:
+            with _Timer(outcome, "compute"):
+                data = accumulator.finish()
+        except Exception as exc:  # this job alone failed to finish
+            failures[i] = exc
+            continue
+        entries.append({"job_id": job.job_id, "security": job.security, "date": job.date,
+                        "counts": _job_counts(outcome), "data": data})
+        stored.append(i)
+    return stored, batch_result_body(header, entries) if entries else b""
+
+
 def _store(
+    processor: Processor,
     jobs: list[JobMessage],
     accumulators: list[JobAccumulator],
     outcomes: list[JobOutcome],
@@ -398,34 +448,31 @@ def _store(
     directory entry locally.
     """
     failures: list[Exception | None] = [None] * len(jobs)
-    entries: list[dict[str, Any]] = []
-    stored: list[int] = []
-    for i, (job, accumulator, outcome) in enumerate(zip(jobs, accumulators, outcomes, strict=True)):
+    header = {"run_id": jobs[0].run_id, "month": jobs[0].month, "processor": jobs[0].processor,
+              "worker": worker_id, "finished_at": now().isoformat()}
+    # Processors whose results are columns say so with `finish_batch` (one row per job).
+    finish_batch = getattr(processor, "finish_batch", None)
+    if finish_batch is not None:
+        start = time.perf_counter()
         try:
-            with _Timer(outcome, "compute"):
-                data = accumulator.finish()
-        except Exception as exc:  # this job alone failed to finish
-            failures[i] = exc
-            continue
-        counts = {
-            "rows_read": outcome.rows_read,
-            "rows_accepted": outcome.rows_accepted,
-            "rows_rejected": outcome.rows_rejected,
-            "rows_filtered": outcome.rows_filtered,
-        }
-        entries.append({"job_id": job.job_id, "security": job.security, "date": job.date, "counts": counts,
-                        "data": data})
-        stored.append(i)
-    if not entries:
+            body = batch_result_table_body(header, _with_keys_and_counts(finish_batch(accumulators), jobs, outcomes))
+        except Exception as exc:  # the batch's results cannot be taken: every job fails alike
+            return [exc] * len(jobs)
+        for outcome in outcomes:
+            outcome.time("compute", (time.perf_counter() - start) / len(jobs))
+        stored = list(range(len(jobs)))
+        columnar = True
+    else:
+        stored, body = _json_results(header, jobs, accumulators, outcomes, failures)
+        columnar = False
+    if not stored:
         return failures
     first = jobs[stored[0]]
-    body = batch_result_body({"run_id": first.run_id, "month": first.month, "processor": first.processor,
-                              "worker": worker_id, "finished_at": now().isoformat()}, entries)
     maybe_kill("before-upload", [jobs[i].job_id for i in stored])
     start = time.perf_counter()
     try:
-        output.write_bytes(layout.batch_result(first.month, first.security, first.date), body,
-                           "application/x-ndjson")
+        output.write_bytes(layout.batch_result(first.month, first.security, first.date, columnar), body,
+                           ARROW_STREAM_TYPE if columnar else "application/x-ndjson")
     except Exception as exc:  # nothing of the batch is stored: every job fails alike
         for i in stored:
             failures[i] = exc

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,6 @@ from shared.processors.base import JobContext, StoredResult
 from shared.tables import TableSink
 
 GROUP_DIMENSIONS = ("participant", "venue", "hour", "size_bucket")
-SECURITY_DAILY_FLUSH_ROWS = 8_192
 HOURS = list(range(24))
 # Above this many (job, group) cells a dimension is grouped by sorting the cells present
 # instead of counting into a dense table (a participant column with very many distinct values).
@@ -30,6 +29,28 @@ DENSE_CELLS = 1 << 20
 # Cells a batch buffers per dimension before merging them into one cell per (job, value).
 COMPACT_CELLS = 1 << 18
 TS_UTC = pa.timestamp("ns", tz="UTC")
+
+# A job's partial result as columns (one row per job in a batch's result object): the day's
+# summary, then per dimension its cells as lists (keys, records, volume, notional).
+DAY_FIELDS = [
+    ("records", pa.int64()),
+    ("volume", pa.int64()),
+    ("notional", pa.float64()),
+    ("low", pa.float64()),
+    ("high", pa.float64()),
+    ("buy_volume", pa.int64()),
+    ("sell_volume", pa.int64()),
+    ("first_ts", pa.int64()),
+    ("last_ts", pa.int64()),
+]
+_UNSET_WHEN_EMPTY = frozenset({"low", "high", "first_ts", "last_ts"})
+GROUP_KEY_TYPES = {"participant": pa.string(), "venue": pa.string(), "hour": pa.int64(), "size_bucket": pa.int64()}
+RESULT_SCHEMA = pa.schema([
+    *DAY_FIELDS,
+    *((f"{dim}_{name}", pa.list_(kind)) for dim in GROUP_DIMENSIONS for name, kind in (
+        ("keys", GROUP_KEY_TYPES[dim]), ("records", pa.int64()), ("volume", pa.int64()),
+        ("notional", pa.float64()))),
+])
 
 
 @dataclass
@@ -218,51 +239,73 @@ class BatchPartials:
             # (job, group value), not one per batch of rows, so memory stays bounded.
             self._cells[dim] = [_merged_cells(parts, len(seen))]
 
-    def result(self, slot: int) -> dict[str, Any]:
-        """One job's partial result (JSON-ready)."""
+    def _slot_groups(self) -> dict[str, _SlotGroups]:
         if self._groups is None:
             self._groups = {d: _SlotGroups.of(self._cells[d], self._values[d], self.count) for d in GROUP_DIMENSIONS}
             self._cells = {d: [] for d in GROUP_DIMENSIONS}
+        return self._groups
+
+    def result(self, slot: int) -> dict[str, Any]:
+        """One job's partial result (JSON-ready)."""
+        groups = self._slot_groups()
         records = int(self.records[slot])
         day = None
         if records:
             day = DaySummary(records, int(self.volume[slot]), float(self.notional[slot]), float(self.low[slot]),
                              float(self.high[slot]), int(self.buy_volume[slot]), int(self.sell_volume[slot]),
                              int(self.first[slot]), int(self.last[slot])).to_json()
-        return {"day": day, "groups": {d: groups.of_slot(slot) for d, groups in self._groups.items()}}
+        return {"day": day, "groups": {d: g.of_slot(slot) for d, g in groups.items()}}
+
+    def result_table(self) -> pa.Table:
+        """Every job's partial result as one row of `RESULT_SCHEMA`, in slot order."""
+        empty = self.records == 0  # a job without rows has no low, high, first or last
+        day = {"records": self.records, "volume": self.volume, "notional": self.notional, "low": self.low,
+               "high": self.high, "buy_volume": self.buy_volume, "sell_volume": self.sell_volume,
+               "first_ts": self.first, "last_ts": self.last}
+        columns = {name: pa.array(day[name], kind, mask=empty if name in _UNSET_WHEN_EMPTY else None)
+                   for name, kind in DAY_FIELDS}
+        for dim, groups in self._slot_groups().items():
+            columns.update(groups.columns(dim))
+        return pa.table(columns, schema=RESULT_SCHEMA)
 
 
 @dataclass
 class _SlotGroups:
     """One dimension's merged cells, ordered by slot and then by group value (null last)."""
 
-    bounds: np.ndarray
-    keys: list[Any]
-    records: list[int]
-    volume: list[int]
-    notional: list[float]
+    bounds: np.ndarray  # slot s holds cells bounds[s] to bounds[s + 1]
+    values: list[Any]  # the dimension's values, sorted
+    codes: np.ndarray  # each cell's position in `values`
+    records: np.ndarray
+    volume: np.ndarray
+    notional: np.ndarray
 
     @classmethod
     def of(cls, parts: list[tuple[np.ndarray, ...]], values: list[Any], count: int) -> _SlotGroups:
         if not parts:
-            return cls(np.zeros(count + 1, dtype=np.int64), [], [], [], [])
+            none = np.zeros(0, dtype=np.int64)
+            return cls(np.zeros(count + 1, dtype=np.int64), [], none, none, none, np.zeros(0))
         # Codes renumbered in the order of their values, so cells sort by slot, then value.
+        by_rank = sorted(range(len(values)), key=lambda i: _sort_key(values[i]))
         rank = np.empty(len(values), dtype=np.int64)
-        rank[sorted(range(len(values)), key=lambda i: _sort_key(values[i]))] = np.arange(len(values))
+        rank[by_rank] = np.arange(len(values))
         slot, code, records, volume, amount = _merged_cells([(p[0], rank[p[1]], *p[2:]) for p in parts], len(values))
-        by_rank = np.argsort(rank)
-        return cls(
-            np.searchsorted(slot, np.arange(count + 1)),
-            [values[i] for i in by_rank[code].tolist()],
-            records.tolist(),
-            volume.tolist(),
-            amount.tolist(),
-        )
+        return cls(np.searchsorted(slot, np.arange(count + 1)), [values[i] for i in by_rank], code, records, volume,
+                   amount)
 
     def of_slot(self, slot: int) -> dict[str, list[Any]]:
         begin, end = int(self.bounds[slot]), int(self.bounds[slot + 1])
-        return {"keys": self.keys[begin:end], "records": self.records[begin:end],
-                "volume": self.volume[begin:end], "notional": self.notional[begin:end]}
+        return {"keys": [self.values[c] for c in self.codes[begin:end].tolist()],
+                "records": self.records[begin:end].tolist(), "volume": self.volume[begin:end].tolist(),
+                "notional": self.notional[begin:end].tolist()}
+
+    def columns(self, dim: str) -> dict[str, pa.Array]:
+        """Every slot's cells as list columns (one list per slot)."""
+        offsets = pa.array(self.bounds, pa.int32())
+        keys = pa.array(self.values, GROUP_KEY_TYPES[dim]).take(pa.array(self.codes, pa.int64()))
+        return {f"{dim}_{name}": pa.ListArray.from_arrays(offsets, values) for name, values in (
+            ("keys", keys), ("records", pa.array(self.records, pa.int64())),
+            ("volume", pa.array(self.volume, pa.int64())), ("notional", pa.array(self.notional, pa.float64())))}
 
 
 def _bucket_of(notional: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -396,72 +439,291 @@ def _group_columns(groups: dict[str, list[Any]] | list[list[Any]]) -> dict[str, 
 
 
 class _GroupSums:
-    """(records, volume, notional) summed per group key, taken a job's cells at a time.
+    """(records, volume, notional) summed per group key.
 
-    The aggregator's hottest loop: 10 k jobs bring about 300 k cells. Cells are gathered as
-    columns and added up with `numpy.add.at` every `FOLD_CELLS` cells and at the end. It adds
-    in cell order, one cell at a time, so every sum (floating point included) is the one that
-    adding the cells in turn gives, with a bounded number of cells held.
+    Cells are added with `numpy.add.at`, which adds in cell order, one cell at a time: every
+    sum (floating point included) is the one that adding the cells in turn gives, so tables
+    do not depend on how results were cut into chunks.
     """
-
-    FOLD_CELLS = 65_536
 
     def __init__(self) -> None:
         self._codes: dict[Any, int] = {}  # key -> its row in the sums, in order of first sight
         self._sums: tuple[np.ndarray, ...] = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
-        self._keys: list[Any] = []
-        self._columns: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
 
-    def extend(self, cells: dict[str, list[Any]], keys: list[Any] | None = None) -> None:
-        """Add a job's cells (columns keys, records, volume, notional); `keys` replaces theirs."""
-        self._keys.extend(cells["keys"] if keys is None else keys)
-        records, volume, notional = self._columns
-        records.extend(cells["records"])
-        volume.extend(cells["volume"])
-        notional.extend(cells["notional"])
-        if len(self._keys) >= self.FOLD_CELLS:
-            self._fold()
-
-    def _fold(self) -> None:
-        codes_of = self._codes
-        codes = np.fromiter((codes_of.setdefault(k, len(codes_of)) for k in self._keys), np.int64, len(self._keys))
-        grown = len(codes_of) - len(self._sums[0])
+    def add(self, codes: np.ndarray, keys: list[Any], records: np.ndarray, volume: np.ndarray,
+            notional: np.ndarray) -> None:
+        """Add cells in order; cell i's key is ``keys[codes[i]]``."""
+        known = self._codes
+        rows = np.fromiter((known.setdefault(k, len(known)) for k in keys), np.int64, len(keys))
+        grown = len(known) - len(self._sums[0])
         if grown:  # keys seen for the first time start at zero
             self._sums = tuple(np.concatenate((total, np.zeros(grown, total.dtype))) for total in self._sums)
-        for total, column in zip(self._sums, self._columns, strict=True):
-            np.add.at(total, codes, np.array(column, dtype=total.dtype))
-            column.clear()
-        self._keys.clear()
+        index = rows[codes]
+        for total, column in zip(self._sums, (records, volume, notional), strict=True):
+            np.add.at(total, index, column)
 
     def totals(self) -> dict[Any, Totals]:
         """The sums per key."""
-        self._fold()
         records: list[int] = self._sums[0].tolist()
         volume: list[int] = self._sums[1].tolist()
         notional: list[float] = self._sums[2].tolist()
         return {key: Totals(records[i], volume[i], notional[i]) for key, i in self._codes.items()}
 
 
+_NO_TS_LOW, _NO_TS_HIGH = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+
+
+@dataclass
+class _Days:
+    """Day summaries as arrays (one element per day, security or date), merged with ``ufunc.at``
+    in element order: the sums are those of merging `DaySummary`s one at a time."""
+
+    records: np.ndarray
+    volume: np.ndarray
+    notional: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    buy_volume: np.ndarray
+    sell_volume: np.ndarray
+    first_ts: np.ndarray
+    last_ts: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> _Days:
+        """`n` summaries of nothing."""
+        return cls(np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n), np.full(n, np.inf),
+                   np.full(n, -np.inf), np.zeros(n, np.int64), np.zeros(n, np.int64), np.full(n, _NO_TS_LOW),
+                   np.full(n, _NO_TS_HIGH))
+
+    @classmethod
+    def of(cls, jobs: pa.Table) -> _Days:
+        """The day summaries of job result rows (`DAY_FIELDS`; unset values are null)."""
+        def column(name: str, unset: Any) -> np.ndarray:
+            values = jobs.column(name)
+            return (values.fill_null(unset) if values.null_count else values).to_numpy()
+
+        return cls(column("records", 0), column("volume", 0), column("notional", 0.0), column("low", np.inf),
+                   column("high", -np.inf), column("buy_volume", 0), column("sell_volume", 0),
+                   column("first_ts", _NO_TS_LOW), column("last_ts", _NO_TS_HIGH))
+
+    def merge_into(self, target: _Days, index: np.ndarray) -> None:
+        """Merge element i into ``target[index[i]]``, in element order."""
+        for name in ("records", "volume", "notional", "buy_volume", "sell_volume"):
+            np.add.at(getattr(target, name), index, getattr(self, name))
+        np.minimum.at(target.low, index, self.low)
+        np.maximum.at(target.high, index, self.high)
+        np.minimum.at(target.first_ts, index, self.first_ts)
+        np.maximum.at(target.last_ts, index, self.last_ts)
+
+    def take(self, index: np.ndarray | slice) -> _Days:
+        """The summaries at `index`."""
+        return _Days(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def extend(self, n: int) -> _Days:
+        """These summaries followed by `n` summaries of nothing."""
+        more = _Days.empty(n)
+        return _Days(*(np.concatenate((getattr(self, f.name), getattr(more, f.name))) for f in fields(self)))
+
+    def summary(self, i: int) -> DaySummary:
+        """Summary `i` as a `DaySummary`."""
+        first, last = int(self.first_ts[i]), int(self.last_ts[i])
+        return DaySummary(int(self.records[i]), int(self.volume[i]), float(self.notional[i]), float(self.low[i]),
+                          float(self.high[i]), int(self.buy_volume[i]), int(self.sell_volume[i]),
+                          None if first == _NO_TS_LOW else first, None if last == _NO_TS_HIGH else last)
+
+    def columns(self) -> dict[str, pa.Array]:
+        """The analytics columns (`ANALYTICS_FIELDS`), as `DaySummary.columns` gives them."""
+        volume, records = self.volume.astype(np.float64), self.records.astype(np.float64)
+        vwap = np.divide(self.notional, volume, out=np.zeros(len(volume)), where=self.volume != 0)
+        avg_size = np.divide(volume, records, out=np.zeros(len(volume)), where=self.records != 0)
+        return {
+            "records": pa.array(self.records), "volume": pa.array(self.volume), "notional": pa.array(self.notional),
+            "vwap": pa.array(vwap, mask=self.volume == 0), "avg_size": pa.array(avg_size, mask=self.records == 0),
+            "low": pa.array(self.low), "high": pa.array(self.high), "buy_volume": pa.array(self.buy_volume),
+            "sell_volume": pa.array(self.sell_volume),
+            "first_ts": pa.array(self.first_ts, mask=self.first_ts == _NO_TS_LOW).view(TS_UTC),
+            "last_ts": pa.array(self.last_ts, mask=self.last_ts == _NO_TS_HIGH).view(TS_UTC),
+        }
+
+
+def _segments(*keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """For rows sorted by `keys`: each row's segment (rows with equal keys, in a run) and the
+    first row of each segment."""
+    n = len(keys[0])
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    change = np.zeros(n - 1, dtype=bool)
+    for key in keys:
+        change |= pc.not_equal(key.slice(1), key.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return np.cumsum(np.concatenate(([0], change))), np.flatnonzero(np.concatenate(([True], change)))
+
+
+def _local_codes(values: pa.Array) -> tuple[np.ndarray, list[Any]]:
+    """Each value's code and the value of each code (null is a value of its own)."""
+    encoded = pc.dictionary_encode(values, null_encoding="encode")
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
+
+
+def _day_dates(text: pa.Array) -> pa.Array:
+    return pc.cast(text, pa.date32())
+
+
+class _RunFold:
+    """The run's tables from chunks of job results in (security, date, month) order.
+
+    A chunk never splits a (security, date): a day seen in two months' files is merged within
+    one chunk. A security may continue into the next chunk: its summary is carried over.
+    Memory holds the dates, the group keys and one security's summary, not the jobs.
+    """
+
+    def __init__(self) -> None:
+        self.groups = {dim: _GroupSums() for dim in GROUP_DIMENSIONS}
+        self.hourly = _GroupSums()
+        self._date_rows: dict[str, int] = {}
+        self._by_date = _Days.empty(0)
+        self._securities_per_date = np.zeros(0, np.int64)
+        self._total = _Days.empty(1)
+        self._carried: tuple[str, _Days, int] | None = None  # security, its summary so far, its days
+
+    def add(self, jobs: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Fold a chunk of job results; its ``security_daily`` rows and the ``by_security`` rows
+        of the securities it finished."""
+        jobs = jobs.combine_chunks()
+        for dim in GROUP_DIMENSIONS:
+            self._add_cells(dim, jobs)
+        self._add_hourly(jobs)
+        with_rows = jobs.filter(pc.greater(jobs.column("records"), 0))
+        security, date = with_rows.column("security").combine_chunks(), with_rows.column("date").combine_chunks()
+        day_of_row, first_rows = _segments(security, date)
+        days = _Days.empty(len(first_rows))
+        _Days.of(with_rows).merge_into(days, day_of_row)
+        day_security, day_date = security.take(pa.array(first_rows)), date.take(pa.array(first_rows))
+        self._add_dates(days, day_date)
+        days.merge_into(self._total, np.zeros(len(first_rows), np.int64))
+        daily = pa.table({"security": day_security, "trade_date": _day_dates(day_date), **days.columns()})
+        return daily, self._add_securities(days, day_security)
+
+    def _add_cells(self, dim: str, jobs: pa.Table) -> None:
+        codes, keys = _local_codes(pc.list_flatten(jobs.column(f"{dim}_keys").combine_chunks()))
+        self.groups[dim].add(codes, keys, *self._cell_values(dim, jobs))
+
+    @staticmethod
+    def _cell_values(dim: str, jobs: pa.Table) -> tuple[np.ndarray, ...]:
+        return tuple(pc.list_flatten(jobs.column(f"{dim}_{name}").combine_chunks()).to_numpy()
+                     for name in ("records", "volume", "notional"))
+
+    def _add_hourly(self, jobs: pa.Table) -> None:
+        """Hour cells keyed by (date, hour)."""
+        hours = jobs.column("hour_keys").combine_chunks()
+        date_codes, dates = _local_codes(jobs.column("date").combine_chunks())
+        hour_codes, hour_values = _local_codes(pc.list_flatten(hours))
+        row = pc.list_parent_indices(hours).to_numpy()
+        pairs, codes = np.unique(date_codes[row] * len(hour_values) + hour_codes, return_inverse=True)
+        keys = [(dates[p // len(hour_values)], hour_values[p % len(hour_values)]) for p in pairs.tolist()]
+        self.hourly.add(codes.reshape(-1), keys, *self._cell_values("hour", jobs))
+
+    def _add_dates(self, days: _Days, day_date: pa.Array) -> None:
+        known = self._date_rows
+        rows = np.fromiter((known.setdefault(d, len(known)) for d in day_date.to_pylist()), np.int64, len(day_date))
+        grown = len(known) - len(self._securities_per_date)
+        if grown:
+            self._by_date = self._by_date.extend(grown)
+            self._securities_per_date = np.concatenate((self._securities_per_date, np.zeros(grown, np.int64)))
+        days.merge_into(self._by_date, rows)
+        np.add.at(self._securities_per_date, rows, 1)
+
+    def _add_securities(self, days: _Days, day_security: pa.Array) -> pa.Table:
+        """Merge days into their securities' summaries; the rows of the securities finished."""
+        if len(day_security) == 0:  # the carried security may still go on
+            return _security_rows([])
+        security_of_day, first_days = _segments(day_security)
+        names: list[str] = day_security.take(pa.array(first_days)).to_pylist()
+        summaries = _Days.empty(len(names))
+        day_counts = np.zeros(len(names), np.int64)
+        finished: list[tuple[str, _Days, int]] = []
+        if self._carried is not None:
+            name, carried, count = self._carried
+            if names[0] == name:  # the carried security goes on: its sums start from what it had
+                summaries = _Days(*(np.concatenate((getattr(carried, f.name), getattr(summaries, f.name)[1:]))
+                                    for f in fields(carried)))
+                day_counts[0] = count
+            else:
+                finished.append(self._carried)
+            self._carried = None
+        days.merge_into(summaries, security_of_day)
+        np.add.at(day_counts, security_of_day, 1)
+        last = len(names) - 1  # the last security may go on in the next chunk
+        self._carried = (names[last], summaries.take(slice(last, None)), int(day_counts[last]))
+        finished += [(names[i], summaries.take(slice(i, i + 1)), int(day_counts[i])) for i in range(last)]
+        return _security_rows(finished)
+
+    def finish(self) -> pa.Table:
+        """The ``by_security`` row of the last security."""
+        finished, self._carried = [self._carried] if self._carried else [], None
+        return _security_rows(finished)
+
+    def by_date(self) -> tuple[dict[str, DaySummary], dict[str, int]]:
+        """Each date's summary and how many securities traded on it."""
+        return ({d: self._by_date.summary(i) for d, i in self._date_rows.items()},
+                {d: int(self._securities_per_date[i]) for d, i in self._date_rows.items()})
+
+    def total(self) -> Totals:
+        """The run's totals."""
+        total = self._total.summary(0)
+        return Totals(total.records, total.volume, total.notional)
+
+
+def _security_rows(finished: list[tuple[str, _Days, int]]) -> pa.Table:
+    if not finished:
+        return SCHEMAS["by_security"].empty_table()
+    merged = _Days(*(np.concatenate([getattr(days, f.name) for _, days, _ in finished])
+                     for f in fields(_Days)))
+    return pa.table({"security": pa.array([name for name, _, _ in finished], pa.string()), **merged.columns(),
+                     "days": pa.array([count for _, _, count in finished], pa.int64())})
+
+
+def results_table(datas: list[dict[str, Any]]) -> pa.Table:
+    """Partial results in their JSON form (`AnalyticsJob.finish`, results of earlier versions)
+    as rows of `RESULT_SCHEMA`."""
+    columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
+    for data in datas:
+        day = data.get("day") or {}
+        for name, _ in DAY_FIELDS:
+            columns[name].append(day.get(name, None if name in _UNSET_WHEN_EMPTY else 0))
+        for dim in GROUP_DIMENSIONS:
+            cells = _group_columns(data["groups"][dim])
+            for name in ("keys", "records", "volume", "notional"):
+                columns[f"{dim}_{name}"].append(cells[name])
+    return pa.table(columns, schema=RESULT_SCHEMA)
+
+
 def _day_date(text: str) -> dt.date:
     return dt.date.fromisoformat(text)
 
 
-def _security_days(results: Iterable[StoredResult]) -> Iterator[tuple[str, str, DaySummary, list[StoredResult]]]:
-    """Results merged per (security, date): a day seen in two months' files is one day."""
-    current: tuple[str, str] | None = None
-    day = DaySummary()
-    parts: list[StoredResult] = []
+# Job results folded at a time when they come one by one (`AnalyticsProcessor.aggregate`).
+RESULT_CHUNK_JOBS = 4_096
+
+
+def _chunks_of(results: Iterable[StoredResult]) -> Iterator[pa.Table]:
+    """Results, in key order, as tables of at most about `RESULT_CHUNK_JOBS` jobs, each ending
+    where a (security, date) does."""
+    pending: list[StoredResult] = []
+
+    def table() -> pa.Table:
+        keys = {name: pa.array([getattr(r, name) for r in pending], pa.string())
+                for name in ("month", "security", "date")}
+        data = results_table([r.data for r in pending])
+        return pa.table({**keys, **{name: data.column(name) for name in data.column_names}})
+
     for result in results:
-        key = (result.security, result.date)
-        if key != current:
-            if current is not None:
-                yield current[0], current[1], day, parts
-            current, day, parts = key, DaySummary(), []
-        if result.data.get("day"):
-            day.merge_day(DaySummary.from_json(result.data["day"]))
-        parts.append(result)
-    if current is not None:
-        yield current[0], current[1], day, parts
+        if len(pending) >= RESULT_CHUNK_JOBS and (result.security, result.date) != (pending[-1].security,
+                                                                                   pending[-1].date):
+            yield table()
+            pending = []
+        pending.append(result)
+    if pending:
+        yield table()
 
 
 class AnalyticsProcessor:
@@ -480,62 +742,45 @@ class AnalyticsProcessor:
 
     def add_many(self, accumulators: list[AnalyticsJob], rows: pa.Table, slots: np.ndarray) -> None:
         """Rows of many jobs at once; `accumulators` come from one `start_batch`, in its order."""
+        self._batch_of(accumulators).add(rows, slots)
+
+    @staticmethod
+    def _batch_of(accumulators: list[AnalyticsJob]) -> BatchPartials:
         batch = accumulators[0].batch
         if batch.count != len(accumulators) or any(a.batch is not batch for a in accumulators):
-            raise ValueError("add_many takes the accumulators of one start_batch")
-        batch.add(rows, slots)
+            raise ValueError("expected the accumulators of one start_batch, in its order")
+        return batch
+
+    def finish_batch(self, accumulators: list[AnalyticsJob]) -> pa.Table:
+        """Every job's partial result as a row of `RESULT_SCHEMA`, in the accumulators' order."""
+        return self._batch_of(accumulators).result_table()
+
+    def results_table(self, datas: list[dict[str, Any]]) -> pa.Table:
+        """Partial results in their JSON form (earlier versions stored them so) as rows of `RESULT_SCHEMA`."""
+        return results_table(datas)
 
     def aggregate(self, results: Iterable[StoredResult], params: JobParams, sink: TableSink) -> dict[str, Any]:
-        """Write every analytics table; memory stays bounded by dates, not by jobs."""
-        by_date: dict[str, DaySummary] = {}
-        securities_per_date: dict[str, int] = {}
-        groups = {d: _GroupSums() for d in GROUP_DIMENSIONS}
-        hourly = _GroupSums()
-        total = Totals()
-        daily_rows = _Rows(SCHEMAS["security_daily"])
-        security_rows = _Rows(SCHEMAS["by_security"])
-        current_security: str | None = None
-        security_day = DaySummary()
-        security_days = 0
+        """`aggregate_tables` over results given one by one."""
+        return self.aggregate_tables(_chunks_of(results), params, sink)
 
-        def close_security() -> None:
-            if current_security is not None and security_days:
-                security_rows.append(
-                    {"security": current_security, **security_day.columns(), "days": security_days}
-                )
-
+    def aggregate_tables(self, chunks: Iterable[pa.Table], params: JobParams, sink: TableSink) -> dict[str, Any]:
+        """Write every analytics table from chunks of job results (month, security, date, then
+        `RESULT_SCHEMA`) in (security, date, month) order; memory stays bounded by dates, not by jobs."""
+        fold = _RunFold()
         with (
             sink.stream("security_daily", SCHEMAS["security_daily"]) as daily_out,
             sink.stream("by_security", SCHEMAS["by_security"]) as security_out,
         ):
-            for security, date, day, parts in _security_days(results):
-                if security != current_security:
-                    close_security()
-                    current_security, security_day, security_days = security, DaySummary(), 0
-                for part in parts:
-                    for dim in GROUP_DIMENSIONS:
-                        cells = _group_columns(part.data["groups"][dim])
-                        groups[dim].extend(cells)
-                        if dim == "hour":
-                            hourly.extend(cells, [(date, hour) for hour in cells["keys"]])
-                if not day.records:
-                    continue
-                daily_rows.append({"security": security, "trade_date": _day_date(date), **day.columns()})
-                security_day.merge_day(day)
-                security_days += 1
-                by_date.setdefault(date, DaySummary()).merge_day(day)
-                securities_per_date[date] = securities_per_date.get(date, 0) + 1
-                total.merge(day)
-                if len(daily_rows) >= SECURITY_DAILY_FLUSH_ROWS:
-                    daily_out.write(daily_rows.take())
-                if len(security_rows) >= SECURITY_DAILY_FLUSH_ROWS:
-                    security_out.write(security_rows.take())
-            close_security()
-            daily_out.write(daily_rows.take())
-            security_out.write(security_rows.take())
-
+            for chunk in chunks:
+                daily, securities = fold.add(chunk)
+                for out, rows in ((daily_out, daily), (security_out, securities)):
+                    if rows.num_rows:
+                        out.write(rows)
+            security_out.write(fold.finish())
+        by_date, securities_per_date = fold.by_date()
+        total = fold.total()
         self._write_small_tables(sink, params, by_date, securities_per_date,
-                                 {d: sums.totals() for d, sums in groups.items()}, hourly.totals(), total)
+                                 {d: sums.totals() for d, sums in fold.groups.items()}, fold.hourly.totals(), total)
         return {"records": total.records, "volume": total.volume, "notional": total.notional}
 
     @staticmethod

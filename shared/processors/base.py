@@ -59,6 +59,12 @@ class Processor(Protocol):
     jobs of one batch at once, ``slots[i]`` indexing `accumulators` for row i. Workers use
     them when present (one vectorised pass instead of one per job) and otherwise call
     `start_job` and `add` per job.
+
+    A processor whose results are columns may offer ``finish_batch(accumulators) -> pa.Table``
+    (one row per accumulator; stored as the batch's Arrow result object),
+    ``aggregate_tables(chunks, params, sink)`` (in place of `aggregate`: tables of consecutive
+    jobs, month, security, date and the row counts first) and ``results_table(datas)`` (JSON
+    partial results of earlier versions as those columns). See docs/processors.md.
     """
 
     name: str

@@ -17,7 +17,7 @@ from producer.publish import Outgoing, publish_confirmed
 from shared.broker import connect
 from shared.errors import ConfigError, PermanentError
 from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys, succeeded_keys
-from shared.messages import JobMessage, JobParams
+from shared.messages import JobMessage, JobParams, run_job_bodies
 from shared.metrics import get_logger
 from shared.processors import get_processor
 from shared.settings import Settings
@@ -117,18 +117,16 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
     return keys, {"months": per_month, "months_without_input": without_input}
 
 
-def _messages(request: RunRequest, keys: list[JobKey]) -> Iterator[JobMessage]:
-    for key in keys:
-        yield JobMessage.build(
-            run_id=request.run_id,
-            month=key.month,
-            security=key.security,
-            date=key.date,
-            input=request.input,
-            output=request.output,
-            processor=request.processor,
-            params=request.params,
-        )
+def _messages(request: RunRequest, keys: list[JobKey], routing_key: str) -> Iterator[Outgoing]:
+    """The run's job messages, in key order."""
+    if not keys:
+        return
+    first = keys[0]
+    run = JobMessage.build(run_id=request.run_id, month=first.month, security=first.security, date=first.date,
+                           input=request.input, output=request.output, processor=request.processor,
+                           params=request.params)
+    for job_id, body in run_job_bodies(run, ((k.month, k.security, k.date) for k in keys)):
+        yield Outgoing(routing_key, body, job_id)
 
 
 async def produce(request: RunRequest, settings: Settings, dry_run: bool = False) -> ProduceResult:
@@ -196,7 +194,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         await declare(channel, topology)
     finally:
         await connection.close()
-    outgoing = (Outgoing(topology.jobs, m.to_body(), m.job_id) for m in _messages(request, todo))
+    outgoing = _messages(request, todo, topology.jobs)
     publish_started = time.perf_counter()
     result.published = await asyncio.get_running_loop().run_in_executor(
         None, publish_confirmed, settings.amqp_url, outgoing, f"tickq-producer {request.run_id}"

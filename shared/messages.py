@@ -12,6 +12,7 @@ import datetime as dt
 import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -299,6 +300,23 @@ def _job_of_known_run(template: JobMessage, data: dict[str, Any]) -> JobMessage 
     except ValueError:
         return None
     return template.model_copy(update=fields)
+
+
+def run_job_bodies(first: JobMessage, keys: Iterable[tuple[str, str, str]]) -> Iterator[tuple[str, bytes]]:
+    """The (job id, message body) of each (month, security, date) of `first`'s run.
+
+    The bodies are those of `JobMessage.build(...).to_body()` for the run's fields, which
+    `first` (a validated job of the run) holds; each job's own fields pass the same checks
+    (`ValueError` naming the first that fails). A producer publishes thousands of jobs a
+    second: validating the run's fields once instead of per job is most of a body's cost.
+    """
+    run = first.model_dump(mode="json")
+    for month, security, date in keys:
+        _check_month(month)
+        _check_security(security)
+        _check_date(date)
+        job_id = job_id_for(first.run_id, month, security, date)
+        yield job_id, orjson.dumps({**run, "job_id": job_id, "month": month, "security": security, "date": date})
 
 
 def parse_job(body: bytes) -> JobMessage:

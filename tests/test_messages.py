@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from shared.errors import PoisonError
-from shared.messages import JobMessage, JobParams, parse_job
+from shared.messages import JobMessage, JobParams, parse_job, run_job_bodies
 
 
 def _body(security: str = "ABC", date: str = "2024-03-05", changes: dict[str, object] | None = None) -> bytes:
@@ -55,3 +55,30 @@ def test_runs_that_differ_in_a_shared_field_are_validated_apart() -> None:
         parse_job(orjson.dumps(data))
     data["params"]["size_buckets"] = [100, 1000]  # integers: validated (and made floats) afresh
     assert parse_job(orjson.dumps(data)).params.size_buckets == (100.0, 1000.0)
+
+
+def test_a_runs_bodies_are_those_that_building_each_job_gives() -> None:
+    params = JobParams(market_tz="America/New_York", size_buckets=(0.5, 100.0, 1e7), venues=("CP", "TM"),
+                       participants=("P 1",), session="10:00-16:00", min_size=5)
+    location = {"run_id": "r2", "input": "s3://in/x", "output": "/data/out", "processor": "extract",
+                "params": params}
+    keys = [("2024-03", "ABC", "2024-03-05"), ("2024-03", "BRK.B", "2024-03-06"), ("2024-04", "ABC", "2024-04-01")]
+    first = JobMessage.build(month="2024-03", security="ABC", date="2024-03-05", **location)  # type: ignore[arg-type]
+
+    bodies = list(run_job_bodies(first, keys))
+
+    for (month, security, date), (job_id, body) in zip(keys, bodies, strict=True):
+        built = JobMessage.build(month=month, security=security, date=date, **location)  # type: ignore[arg-type]
+        assert body == built.to_body() and job_id == built.job_id
+        assert JobMessage.model_validate_json(body) == built
+
+
+@pytest.mark.parametrize(("key", "message"), [(("2024-03", "../etc", "2024-03-05"), "not a valid security code"),
+                                              (("2024-03", "ABC", "2024-3-5"), "date must be YYYY-MM-DD"),
+                                              (("2024-13", "ABC", "2024-03-05"), "month must be YYYY-MM")])
+def test_a_runs_bodies_check_each_jobs_own_fields(key: tuple[str, str, str], message: str) -> None:
+    first = JobMessage.build(run_id="r1", month="2024-03", security="ABC", date="2024-03-05", input="/in",
+                             output="/out", processor="analytics", params=JobParams())
+
+    with pytest.raises(ValueError, match=message):
+        list(run_job_bodies(first, [("2024-03", "ABC", "2024-03-06"), key]))

@@ -156,10 +156,15 @@ class _ResultReader:
         """Each job's result, one by one."""
 
         def by_job(name: str, body: bytes) -> dict[tuple[str, str], StoredResult]:
+            if is_columnar(body):
+                raise ValueError(f"it holds columns, which processor {self._processor.name!r} does not read")
             header, jobs = batch_result_jobs(body)
             month = header["month"]
-            return {(e["security"], e["date"]): StoredResult(month, e["security"], e["date"], e["counts"], e["data"])
-                    for e in jobs}
+            try:
+                return {(e["security"], e["date"]): StoredResult(month, e["security"], e["date"], e["counts"],
+                                                                 e["data"]) for e in jobs}
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"its jobs are corrupt ({type(exc).__name__})") from None
 
         for key, batch in self._placed(by_job):
             result = batch[(key.security, key.date)]

@@ -61,9 +61,9 @@ def _columnar(header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
     return batch_result_table_body(header, pa.table({**keys, **counts, **{c: data[c] for c in data.column_names}}))
 
 
-def _run(root: Path, bodies: list[bytes]) -> LocalStorage:
+def _run(root: Path, bodies: list[bytes], processor: str = "analytics") -> LocalStorage:
     storage, layout = LocalStorage(root), RunLayout("r")
-    request = {"input": "/in", "output": str(root), "months": [MONTH], "processor": "analytics",
+    request = {"input": "/in", "output": str(root), "months": [MONTH], "processor": processor,
                "securities": None, "dates": None, "params": JobParams().as_json()}
     manifest = {"run_id": "r", "created_at": dt.datetime.now(dt.UTC).isoformat(), "request": request,
                 "jobs": len(KEYS)}
@@ -141,6 +141,15 @@ def test_the_copy_finished_last_counts(tmp_path: Path, first_format: Any, again_
 def test_a_bad_result_object_is_a_permanent_error_naming_it(tmp_path: Path, body: bytes, says: str) -> None:
     storage = _run(tmp_path, [body])
     with pytest.raises(PermanentError, match=rf"job results .*results/{MONTH}/AAA.*{says}"):
+        aggregate_run(storage, "r")
+
+
+def test_results_a_processor_does_not_read_are_a_permanent_error_naming_them(tmp_path: Path) -> None:
+    # `extract` keeps a JSON result per job: column objects in its run are not its own.
+    entries = [_entry(k, 1) for k in KEYS]
+    storage = _run(tmp_path, [_columnar(_header("2026-01-01T00:00:00+00:00"), entries)], processor="extract")
+    with pytest.raises(PermanentError, match=rf"job results .*results/{MONTH}/AAA.*holds columns, which processor "
+                                             r"'extract' does not read"):
         aggregate_run(storage, "r")
 
 

@@ -357,9 +357,7 @@ def _stored_run(out: Path, jobs: int) -> str:
     import datetime as dt
     import random
 
-    import pyarrow as pa
-
-    from shared.layout import COUNT_COLUMNS, JobKey, RunLayout, batch_result_table_body, job_keys_csv
+    from shared.layout import JobKey, RunLayout, batch_result_table_body, job_keys_csv
     from shared.messages import JobParams
     from shared.processors.analytics import results_table
     from shared.storage import LocalStorage
@@ -391,13 +389,9 @@ def _stored_run(out: Path, jobs: int) -> str:
         header = {"run_id": run_id, "month": MONTH, "processor": "analytics", "worker": "bench",
                   "finished_at": dt.datetime.now(dt.UTC).isoformat()}
         # As the worker stores them: one row per job, the partials as columns.
-        data = results_table([entry["data"] for entry in entries])
-        table = pa.table({**{name: [entry[name] for entry in entries] for name in ("job_id", "security", "date")},
-                          **{name: pa.array([entry["counts"][name] for entry in entries], pa.int64())
-                             for name in COUNT_COLUMNS},
-                          **{name: data.column(name) for name in data.column_names}})
-        storage.write_bytes(layout.batch_result(MONTH, first.security, first.date, columnar=True),
-                            batch_result_table_body(header, table))
+        body = batch_result_table_body(header, [(e["job_id"], e["security"], e["date"]) for e in entries],
+                                       [e["counts"] for e in entries], results_table([e["data"] for e in entries]))
+        storage.write_bytes(layout.batch_result(MONTH, first.security, first.date, columnar=True), body)
     for key in keys:
         storage.mark(layout.marker(key))
     storage.write_bytes(layout.job_keys, job_keys_csv(keys))

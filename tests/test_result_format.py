@@ -17,7 +17,6 @@ import pytest
 from aggregator.tables import aggregate_run
 from shared.errors import PermanentError
 from shared.layout import (
-    COUNT_COLUMNS,
     JobKey,
     RunLayout,
     batch_result_body,
@@ -55,10 +54,17 @@ def _columnar(header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
     """What a worker of this version stores for `entries`: their columns."""
     from shared.processors.analytics import results_table
 
-    data = results_table([entry["data"] for entry in entries])
-    keys = {name: pa.array([entry[name] for entry in entries]) for name in ("job_id", "security", "date")}
-    counts = {name: pa.array([entry["counts"][name] for entry in entries], pa.int64()) for name in COUNT_COLUMNS}
-    return batch_result_table_body(header, pa.table({**keys, **counts, **{c: data[c] for c in data.column_names}}))
+    return batch_result_table_body(header, [(e["job_id"], e["security"], e["date"]) for e in entries],
+                                   [e["counts"] for e in entries], results_table([e["data"] for e in entries]))
+
+
+def _stream(columns: dict[str, list[Any]], header: dict[str, Any]) -> bytes:
+    """An Arrow stream with a tickq header whatever its columns."""
+    table = pa.table(columns).replace_schema_metadata({b"tickq.result": orjson.dumps({"v": 4, **header})})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def _run(root: Path, bodies: list[bytes], processor: str = "analytics") -> LocalStorage:
@@ -135,8 +141,7 @@ def test_the_copy_finished_last_counts(tmp_path: Path, first_format: Any, again_
     (orjson.dumps({"v": 3, "month": MONTH, "finished_at": "x", "jobs": [[k.security, k.date] for k in KEYS]})
      + b"\n{", "jobs are corrupt"),
     (_columnar(_header("2026-01-01T00:00:00+00:00"), [_entry(k, 1) for k in KEYS])[:-200], "columns are corrupt"),
-    (batch_result_table_body(_header("x"), pa.table({"security": ["AAA"], "date": ["2024-03-04"]})),
-     "corrupt .no job_id, rows_accepted"),
+    (_stream({"security": ["AAA"], "date": ["2024-03-04"]}, _header("x")), "corrupt .no job_id, rows_accepted"),
 ])
 def test_a_bad_result_object_is_a_permanent_error_naming_it(tmp_path: Path, body: bytes, says: str) -> None:
     storage = _run(tmp_path, [body])

@@ -33,7 +33,6 @@ from shared.inputs import (
 )
 from shared.layout import (
     ARROW_STREAM_TYPE,
-    COUNT_COLUMNS,
     JobKey,
     RunLayout,
     batch_result_body,
@@ -393,20 +392,6 @@ def _job_counts(outcome: JobOutcome) -> dict[str, int]:
             "rows_rejected": outcome.rows_rejected, "rows_filtered": outcome.rows_filtered}
 
 
-def _with_keys_and_counts(data: pa.Table, jobs: list[JobMessage], outcomes: list[JobOutcome]) -> pa.Table:
-    """A columnar batch result's table: each job's id, key and row counts, then `data`'s columns."""
-    if data.num_rows != len(jobs):
-        raise ValueError(f"finish_batch gave {data.num_rows} rows for {len(jobs)} jobs")
-    counts = [_job_counts(outcome) for outcome in outcomes]
-    columns: dict[str, pa.Array] = {
-        "job_id": pa.array([job.job_id for job in jobs], pa.string()),
-        "security": pa.array([job.security for job in jobs], pa.string()),
-        "date": pa.array([job.date for job in jobs], pa.string()),
-        **{name: pa.array([c[name] for c in counts], pa.int64()) for name in COUNT_COLUMNS},
-    }
-    return pa.table({**columns, **{name: data.column(name) for name in data.column_names}})
-
-
 def _json_results(
     header: dict[str, Any],
     jobs: list[JobMessage],
@@ -455,7 +440,8 @@ def _store(
     if finish_batch is not None:
         start = time.perf_counter()
         try:
-            body = batch_result_table_body(header, _with_keys_and_counts(finish_batch(accumulators), jobs, outcomes))
+            body = batch_result_table_body(header, [(job.job_id, job.security, job.date) for job in jobs],
+                                           [_job_counts(outcome) for outcome in outcomes], finish_batch(accumulators))
         except Exception as exc:  # the batch's results cannot be taken: every job fails alike
             return [exc] * len(jobs)
         for outcome in outcomes:

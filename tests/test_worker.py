@@ -137,6 +137,9 @@ def test_sigterm_finishes_the_job_in_hand_and_loses_nothing(tickq: Tickq, s3_ser
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "3",
                              env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_LOG_LEVEL": "debug"})
         started = _wait_for_event(worker, "job.started")
+        # A job is logged as started when it reaches the batcher; one whose batch has not begun
+        # when SIGTERM comes is handed back, by design. Signal once its batch runs (the first).
+        _wait_for_event(worker, "batch.started")
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=120)
         assert worker.returncode == 0

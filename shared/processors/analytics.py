@@ -519,10 +519,10 @@ class _Days:
         """The summaries at `index`."""
         return _Days(*(getattr(self, f.name)[index] for f in fields(self)))
 
-    def extend(self, n: int) -> _Days:
-        """These summaries followed by `n` summaries of nothing."""
-        more = _Days.empty(n)
-        return _Days(*(np.concatenate((getattr(self, f.name), getattr(more, f.name))) for f in fields(self)))
+    @classmethod
+    def concat(cls, parts: list[_Days]) -> _Days:
+        """The summaries of `parts`, one after another."""
+        return cls(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(cls)))
 
     def summary(self, i: int) -> DaySummary:
         """Summary `i` as a `DaySummary`."""
@@ -627,7 +627,7 @@ class _RunFold:
         rows = np.fromiter((known.setdefault(d, len(known)) for d in day_date.to_pylist()), np.int64, len(day_date))
         grown = len(known) - len(self._securities_per_date)
         if grown:
-            self._by_date = self._by_date.extend(grown)
+            self._by_date = _Days.concat([self._by_date, _Days.empty(grown)])
             self._securities_per_date = np.concatenate((self._securities_per_date, np.zeros(grown, np.int64)))
         days.merge_into(self._by_date, rows)
         np.add.at(self._securities_per_date, rows, 1)
@@ -644,8 +644,7 @@ class _RunFold:
         if self._carried is not None:
             name, carried, count = self._carried
             if names[0] == name:  # the carried security goes on: its sums start from what it had
-                summaries = _Days(*(np.concatenate((getattr(carried, f.name), getattr(summaries, f.name)[1:]))
-                                    for f in fields(carried)))
+                summaries = _Days.concat([carried, summaries.take(slice(1, None))])
                 day_counts[0] = count
             else:
                 finished.append(self._carried)
@@ -676,8 +675,7 @@ class _RunFold:
 def _security_rows(finished: list[tuple[str, _Days, int]]) -> pa.Table:
     if not finished:
         return SCHEMAS["by_security"].empty_table()
-    merged = _Days(*(np.concatenate([getattr(days, f.name) for _, days, _ in finished])
-                     for f in fields(_Days)))
+    merged = _Days.concat([days for _, days, _ in finished])
     return pa.table({"security": pa.array([name for name, _, _ in finished], pa.string()), **merged.columns(),
                      "days": pa.array([count for _, _, count in finished], pa.int64())})
 

@@ -25,6 +25,7 @@ from shared.layout import (
     COUNT_COLUMNS,
     JobKey,
     RunLayout,
+    batch_result_columns,
     batch_result_header,
     batch_result_jobs,
     batch_result_table,
@@ -196,14 +197,14 @@ class _ResultReader:
             if as_columns is None:
                 raise ValueError(f"it holds JSON results, which processor {self._processor.name!r} does not read")
             try:
-                data = as_columns([job["data"] for job in jobs])
-                keys = {name: pa.array([job[name] for job in jobs], pa.string()) for name in ("security", "date")}
-                counts = {name: pa.array([int(job["counts"].get(name, 0)) for job in jobs], pa.int64())
-                          for name in COUNT_COLUMNS}
+                table = batch_result_columns(
+                    [(job.get("job_id", ""), job["security"], job["date"]) for job in jobs],
+                    [{name: int(job["counts"].get(name, 0)) for name in COUNT_COLUMNS} for job in jobs],
+                    as_columns([job["data"] for job in jobs]),
+                )
             except (KeyError, TypeError, ValueError, pa.ArrowException) as exc:
                 raise ValueError(f"its jobs are corrupt ({type(exc).__name__})") from None
-            table = pa.table({**keys, **counts, **{c: data.column(c) for c in data.column_names}})
-        table = table.drop_columns([c for c in ("job_id",) if c in table.column_names])
+        table = table.drop_columns(["job_id"])
         securities, dates = table.column("security").to_pylist(), table.column("date").to_pylist()
         return table, {job: row for row, job in enumerate(zip(securities, dates, strict=True))}
 

@@ -49,23 +49,27 @@ ARROW_STREAM_TYPE = "application/vnd.apache.arrow.stream"
 _IPC_START = b"\xff\xff\xff\xff"
 
 
-def batch_result_table_body(
-    header: dict[str, Any], jobs: list[tuple[str, str, str]], counts: list[dict[str, int]], data: pa.Table
-) -> bytes:
-    """A columnar batch result object: each job's (job_id, security, date), its row counts and
-    its row of `data` (the processor's columns), with `header` (run_id, month, processor,
-    worker, finished_at)."""
+def batch_result_columns(jobs: list[tuple[str, str, str]], counts: list[dict[str, int]], data: pa.Table) -> pa.Table:
+    """A columnar batch result's table: each job's (job_id, security, date), its row counts
+    (`COUNT_COLUMNS`) and its row of `data` (the processor's columns)."""
     if not len(jobs) == len(counts) == data.num_rows:
         raise ValueError(f"{data.num_rows} result rows and {len(counts)} counts for {len(jobs)} jobs")
     job_ids, securities, dates = (list(column) for column in zip(*jobs, strict=True)) if jobs else ([], [], [])
-    columns = {
+    return pa.table({
         "job_id": pa.array(job_ids, pa.string()),
         "security": pa.array(securities, pa.string()),
         "date": pa.array(dates, pa.string()),
         **{name: pa.array([c[name] for c in counts], pa.int64()) for name in COUNT_COLUMNS},
         **{name: data.column(name) for name in data.column_names},
-    }
-    table = pa.table(columns).replace_schema_metadata(
+    })
+
+
+def batch_result_table_body(
+    header: dict[str, Any], jobs: list[tuple[str, str, str]], counts: list[dict[str, int]], data: pa.Table
+) -> bytes:
+    """A columnar batch result object (`batch_result_columns`) with `header` (run_id, month,
+    processor, worker, finished_at)."""
+    table = batch_result_columns(jobs, counts, data).replace_schema_metadata(
         {HEADER_METADATA: orjson.dumps({"v": COLUMNAR_VERSION, **header})}
     )
     sink = pa.BufferOutputStream()

@@ -173,6 +173,13 @@ def _check_date(value: str) -> str:
     return value
 
 
+def _check_job_key(month: str, security: str, date: str) -> None:
+    """A job's own key fields, as the model's validators check them."""
+    _check_month(month)
+    _check_security(security)
+    _check_date(date)
+
+
 def _check_job_id(job_id: str, run_id: str, month: str, security: str, date: str) -> None:
     if job_id != job_id_for(run_id, month, security, date):
         raise ValueError("job_id does not match run_id, month, security and date")
@@ -293,9 +300,7 @@ def _job_of_known_run(template: JobMessage, data: dict[str, Any]) -> JobMessage 
         fields[name] = value
     job_id, month, security, date = fields.values()
     try:
-        _check_month(month)
-        _check_security(security)
-        _check_date(date)
+        _check_job_key(month, security, date)
         _check_job_id(job_id, template.run_id, month, security, date)
     except ValueError:
         return None
@@ -312,9 +317,7 @@ def run_job_bodies(first: JobMessage, keys: Iterable[tuple[str, str, str]]) -> I
     """
     run = first.model_dump(mode="json")
     for month, security, date in keys:
-        _check_month(month)
-        _check_security(security)
-        _check_date(date)
+        _check_job_key(month, security, date)
         job_id = job_id_for(first.run_id, month, security, date)
         yield job_id, orjson.dumps({**run, "job_id": job_id, "month": month, "security": security, "date": date})
 

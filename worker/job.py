@@ -33,6 +33,7 @@ from shared.inputs import (
 )
 from shared.layout import (
     ARROW_STREAM_TYPE,
+    COUNT_COLUMNS,
     JobKey,
     RunLayout,
     batch_result_body,
@@ -388,8 +389,7 @@ def execute_batch(
 
 
 def _job_counts(outcome: JobOutcome) -> dict[str, int]:
-    return {"rows_read": outcome.rows_read, "rows_accepted": outcome.rows_accepted,
-            "rows_rejected": outcome.rows_rejected, "rows_filtered": outcome.rows_filtered}
+    return {name: getattr(outcome, name) for name in COUNT_COLUMNS}
 
 
 def _json_results(

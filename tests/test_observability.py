@@ -212,3 +212,28 @@ def test_json_lines_start_without_loading_rich() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_line_is_stamped_in_utc_to_the_microsecond() -> None:
+    import datetime as dt
+    import io
+    import json
+
+    from shared.metrics import configure, get_logger
+
+    out = io.StringIO()
+    configure("worker", stream=out)
+    try:
+        before = dt.datetime.now(dt.UTC)
+        for i in range(3):
+            get_logger().info("job.finished", n=i)
+            time.sleep(0.6)  # the line's second changes between some of them
+        after = dt.datetime.now(dt.UTC)
+    finally:
+        configure("worker")
+    stamps = [json.loads(line)["ts"] for line in out.getvalue().splitlines()]
+    assert all(len(ts) == len("2026-11-24T14:45:32.123456Z") and ts.endswith("Z") for ts in stamps)
+    times = [dt.datetime.fromisoformat(ts) for ts in stamps]
+    slack = dt.timedelta(milliseconds=1)
+    assert before - slack <= times[0] < times[1] < times[2] <= after + slack
+    assert times[2] - times[0] >= dt.timedelta(seconds=1.1)

@@ -318,7 +318,6 @@ class Worker:
         except PoisonError as exc:
             await self._dead_letter(message, None, ErrorClass.POISON, exc, started)
             return True
-        log = self.log.bind(run_id=job.run_id, job_id=job.job_id)
         deliveries = _delivery_count(message)
         returns = _returns(message)
         crashes = _header_int(message, "x-tickq-crashes")
@@ -334,7 +333,8 @@ class Worker:
         # child process, so that if it kills again only it is blamed. (One death is most
         # often someone else's job: those run as usual, with their month's batch.)
         suspect = returns >= ISOLATE_AFTER_RETURNS or crashes > 0
-        log.debug("job.started", attempt=attempt, returns=returns, isolated=suspect)
+        self.log.debug("job.started", run_id=job.run_id, job_id=job.job_id, attempt=attempt, returns=returns,
+                       isolated=suspect)
         try:
             if suspect:
                 outcome = await self._execute_isolated(message.body)
@@ -369,7 +369,7 @@ class Worker:
         outcome.time("ack", time.perf_counter() - ack_start)
         if acked:
             self.stats.succeeded += 1
-        self._log_job(log, "succeeded", outcome, started, attempt)
+        self._log_job(job, "succeeded", outcome, started, attempt)
         return True
 
     async def _announce(self, jobs: list[tuple[JobMessage, JobOutcome]]) -> bool:
@@ -429,14 +429,16 @@ class Worker:
             duration_s=round(time.perf_counter() - started, 6),
         )
 
-    def _log_job(self, log: Any, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
+    def _log_job(self, job: JobMessage, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
         duration = time.perf_counter() - started
         self.metrics.job_finished(
             outcome_name, duration, outcome.stages, outcome.rows_read, outcome.rows_accepted, outcome.rows_rejected
         )
         rss_mb, cpu_percent = self._usage()
-        log.info(
+        self.log.info(
             "job.finished",
+            run_id=job.run_id,
+            job_id=job.job_id,
             outcome=outcome_name,
             attempt=attempt,
             duration_s=round(duration, 6),

@@ -220,7 +220,7 @@ class AggregatorService:
         """Read the run's state from storage; write its tables if every job is accounted for."""
         loop = asyncio.get_running_loop()
         storage = open_storage(run.output, self.settings.s3_endpoint_url)
-        state = await loop.run_in_executor(None, load_state, storage, RunLayout(run.run_id))
+        state = await loop.run_in_executor(None, load_state, storage, RunLayout(run.run_id), run.state.expected)
         run.state = state
         if state.accounted and run.written_signature != run.signature():
             result = await loop.run_in_executor(None, aggregate_run, storage, run.run_id, state)

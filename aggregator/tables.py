@@ -64,8 +64,10 @@ class AggregateResult:
 def wait_for_run(storage: Storage, layout: RunLayout, timeout_s: float | None, poll_s: float = 1.0) -> RunState:
     """Poll until every job is accounted for (or `timeout_s` passes); the last state seen."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    expected = None
     while True:
-        state = load_state(storage, layout)
+        state = load_state(storage, layout, expected)
+        expected = state.expected
         if state.accounted or (deadline is not None and time.monotonic() >= deadline):
             return state
         time.sleep(poll_s)

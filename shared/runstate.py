@@ -47,9 +47,13 @@ class RunState:
         return self.expected <= self.succeeded
 
 
-def load_state(storage: Storage, layout: RunLayout) -> RunState:
-    """The run's job states from its key file, success markers and dead records."""
-    expected = set(read_job_keys(storage, layout))
+def load_state(storage: Storage, layout: RunLayout, expected: set[JobKey] | None = None) -> RunState:
+    """The run's job states from its key file, success markers and dead records.
+
+    A caller that read the key file before may pass its `expected` keys: the producer writes
+    that file once, before the run's first job, and never changes it.
+    """
+    expected = set(read_job_keys(storage, layout)) if expected is None else expected
     succeeded = succeeded_keys(storage, layout) & expected
     dead = (dead_keys(storage, layout) & expected) - succeeded
     retrying = (retrying_keys(storage, layout) & expected) - succeeded - dead

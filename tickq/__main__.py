@@ -1,5 +1,5 @@
 import sys
 
-from tickq.cli import main
+from tickq.cli import run
 
-sys.exit(main())
+sys.exit(run())

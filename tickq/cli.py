@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from shared.errors import ConfigError, TickqError, one_line
-from shared.resources import keep_pandas_unloaded, use_returning_memory_pool
+from shared.resources import (
+    exempt_from_collection,
+    keep_pandas_unloaded,
+    one_command_process,
+    use_returning_memory_pool,
+)
 
 if TYPE_CHECKING:  # imported where used: `tickq healthcheck` must start fast
     from shared.messages import JobParams
@@ -214,6 +219,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         securities=_codes(args.securities, "--securities") if args.securities else None,
         dates=_date_list(args.dates) if args.dates else None,
     )
+    exempt_from_collection()  # start-up is done
     result = asyncio.run(produce(request, settings, dry_run=args.dry_run))
     if args.json:
         print(json.dumps({"run_id": result.run_id, "jobs": result.jobs, "published": result.published}))
@@ -266,6 +272,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_file=Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE)),
         health_port=args.health_port,
     )
+    exempt_from_collection()  # start-up is done: what is alive now lives as long as the worker
     stats = asyncio.run(run_worker(settings, options))
     if stats.abandoned:
         # Jobs past the shutdown timeout are back in the queue; their threads must not keep
@@ -282,6 +289,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logs(args, "aggregator")
     heartbeat = Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE))
+    exempt_from_collection()  # start-up is done: what is alive now lives as long as the service
     asyncio.run(run_aggregator(settings, args.idle_exit, heartbeat, args.health_port, args.resync_after))
     return EXIT_OK
 
@@ -296,6 +304,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     storage = open_storage(args.output, settings.s3_endpoint_url)
     layout = RunLayout(args.run)
     read_manifest(storage, layout)
+    exempt_from_collection()  # start-up is done
     state = None
     if args.wait is not None:
         state = wait_for_run(storage, layout, None if args.wait == 0 else args.wait)
@@ -514,5 +523,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def run() -> int:
+    """Entry point of the `tickq` console script and of ``python -m tickq``: `main` in a
+    process that ends with the command."""
+    one_command_process()
+    code = main()
+    # The process ends now: the interpreter's last collection need not walk what is left.
+    exempt_from_collection()
+    return code
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run())

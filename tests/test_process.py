@@ -18,15 +18,14 @@ MONTH = "2024-03"
 def test_a_command_called_in_process_leaves_the_callers_garbage_collector_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A command run as a process exempts its start-up objects from the collector (they live
-    # until it exits); called from a notebook or a test session, it must not do that to the
-    # caller's objects.
-    frozen = gc.get_freeze_count()
+    # A command run as a process freezes its start-up objects and collects young objects less
+    # often; called from a notebook or a test session, it must not do that to the caller's.
+    frozen, thresholds = gc.get_freeze_count(), gc.get_threshold()
     assert main(["gen", "--out", str(tmp_path / "raw"), "--months", MONTH, "--securities", "2",
                  "--rows", "2000"]) == 0
     assert main(["produce", "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "out"),
                  "--months", MONTH, "--dry-run", "--json"]) == 0
-    assert gc.get_freeze_count() == frozen
+    assert (gc.get_freeze_count(), gc.get_threshold()) == (frozen, thresholds)
 
 
 def test_a_command_run_as_a_process_answers_as_the_function_does(tmp_path: Path) -> None:

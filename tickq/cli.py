@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from shared.errors import ConfigError, TickqError, one_line
 from shared.resources import (
-    exempt_from_collection,
     keep_pandas_unloaded,
     one_command_process,
+    relieve_garbage_collector,
     use_returning_memory_pool,
 )
 
@@ -219,7 +219,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         securities=_codes(args.securities, "--securities") if args.securities else None,
         dates=_date_list(args.dates) if args.dates else None,
     )
-    exempt_from_collection()  # start-up is done
+    relieve_garbage_collector()  # start-up is done
     result = asyncio.run(produce(request, settings, dry_run=args.dry_run))
     if args.json:
         print(json.dumps({"run_id": result.run_id, "jobs": result.jobs, "published": result.published}))
@@ -272,7 +272,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         heartbeat_file=Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE)),
         health_port=args.health_port,
     )
-    exempt_from_collection()  # start-up is done: what is alive now lives as long as the worker
+    relieve_garbage_collector()  # start-up is done: what is alive now lives as long as the worker
     stats = asyncio.run(run_worker(settings, options))
     if stats.abandoned:
         # Jobs past the shutdown timeout are back in the queue; their threads must not keep
@@ -289,7 +289,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logs(args, "aggregator")
     heartbeat = Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE))
-    exempt_from_collection()  # start-up is done: what is alive now lives as long as the service
+    relieve_garbage_collector()  # start-up is done: what is alive now lives as long as the service
     asyncio.run(run_aggregator(settings, args.idle_exit, heartbeat, args.health_port, args.resync_after))
     return EXIT_OK
 
@@ -304,7 +304,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     storage = open_storage(args.output, settings.s3_endpoint_url)
     layout = RunLayout(args.run)
     read_manifest(storage, layout)
-    exempt_from_collection()  # start-up is done
+    relieve_garbage_collector()  # start-up is done
     state = None
     if args.wait is not None:
         state = wait_for_run(storage, layout, None if args.wait == 0 else args.wait)
@@ -527,9 +527,10 @@ def run() -> int:
     """Entry point of the `tickq` console script and of ``python -m tickq``: `main` in a
     process that ends with the command."""
     one_command_process()
+    relieve_garbage_collector()  # already for the imports, which allocate tens of thousands of objects
     code = main()
     # The process ends now: the interpreter's last collection need not walk what is left.
-    exempt_from_collection()
+    relieve_garbage_collector()
     return code
 
 

@@ -45,6 +45,10 @@ from shared.tables import TableSink
 READ_WINDOW = 16
 READ_AHEAD = 8
 READ_THREADS = 16
+# Batch objects the index pass read are kept for the results pass up to this many bytes in
+# all (analytics results take about 1 KB a job), so a run of up to about 15,000 jobs reads each
+# object once: an object store's GETs are its cost. Past it, the rest are read again.
+KEEP_BYTES = 16 << 20
 
 
 @dataclass
@@ -91,8 +95,9 @@ class _ResultReader:
     A job may be in several batch objects (it ran again after a crash, a lost marker or a
     replay); the copy finished last counts, so aggregating again gives identical tables. An
     index pass reads every batch object once to learn which one holds each job; the results
-    pass reads them again in the order they are first needed, a bounded window ahead, and
-    drops each once all of its jobs are out. Batches hold consecutive jobs of the queue, which
+    pass takes them in the order they are first needed, a bounded window ahead (reading again
+    only those the index pass could not keep within `KEEP_BYTES`), and drops each once all of
+    its jobs are out. Batches hold consecutive jobs of the queue, which
     the producer publishes in key order, so only a few are open at a time.
 
     Results come one by one (`results`) or, for processors that fold columns
@@ -106,10 +111,13 @@ class _ResultReader:
     def _corrupt(self, name: str, exc: ValueError) -> PermanentError:
         return PermanentError(f"job results {self._storage.describe(name)}: {exc}")
 
-    def _index(self, pool: ThreadPoolExecutor) -> dict[JobKey, str]:
-        """Which batch object holds the result that counts, for every wanted job (headers only)."""
+    def _index(self, pool: ThreadPoolExecutor) -> tuple[dict[JobKey, str], dict[str, bytes]]:
+        """Which batch object holds the result that counts, for every wanted job, and the
+        bodies of those objects kept for the results pass (up to `KEEP_BYTES`)."""
         wanted = set(self._keys)
         chosen: dict[JobKey, tuple[str, str]] = {}
+        kept: dict[str, bytes] = {}
+        kept_bytes = 0
         names = [o.key for o in self._storage.list(self._layout.results_prefix)]
         for start in range(0, len(names), READ_WINDOW):
             window = names[start : start + READ_WINDOW]
@@ -123,6 +131,9 @@ class _ResultReader:
                     key = JobKey(header["month"], security, date)
                     if key in wanted and copy > chosen.get(key, ("", "")):
                         chosen[key] = copy
+                if kept_bytes + len(body) <= KEEP_BYTES:
+                    kept[name] = body
+                    kept_bytes += len(body)
         missing = wanted - chosen.keys()
         if missing:
             first = min(missing, key=_aggregation_order)
@@ -130,12 +141,14 @@ class _ResultReader:
                 f"{len(missing)} succeeded job(s) have no stored result, e.g. {first.month} {first.security} "
                 f"{first.date}: the results under {self._storage.describe(self._layout.results_prefix)} were removed"
             )
-        return {key: name for key, (_, name) in chosen.items()}
+        holders = {key: name for key, (_, name) in chosen.items()}
+        needed = set(holders.values())
+        return holders, {name: body for name, body in kept.items() if name in needed}
 
     def _placed(self, open_batch: Callable[[str, bytes], _Opened]) -> Iterator[tuple[JobKey, _Opened]]:
         """Every key, in order, with the opened batch object holding its result."""
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tickq-read") as pool:
-            chosen = self._index(pool)
+            chosen, kept = self._index(pool)
             remaining = Counter(chosen[key] for key in self._keys)
             upcoming = iter(dict.fromkeys(chosen[key] for key in self._keys))  # in order of first need
             reading: deque[tuple[str, Future[bytes]]] = deque()
@@ -144,7 +157,7 @@ class _ResultReader:
                 name = chosen[key]
                 while name not in open_batches:
                     while len(reading) < READ_AHEAD and (next_name := next(upcoming, None)) is not None:
-                        reading.append((next_name, pool.submit(self._storage.read_bytes, next_name)))
+                        reading.append((next_name, self._body(pool, next_name, kept)))
                     read_name, future = reading.popleft()
                     try:
                         open_batches[read_name] = open_batch(read_name, future.result())
@@ -154,6 +167,15 @@ class _ResultReader:
                 remaining[name] -= 1
                 if not remaining[name]:
                     del open_batches[name]
+
+    def _body(self, pool: ThreadPoolExecutor, name: str, kept: dict[str, bytes]) -> Future[bytes]:
+        """Batch object `name`'s body: the one the index pass kept, else read now."""
+        body = kept.pop(name, None)
+        if body is None:
+            return pool.submit(self._storage.read_bytes, name)
+        ready: Future[bytes] = Future()
+        ready.set_result(body)
+        return ready
 
     def results(self) -> Iterator[StoredResult]:
         """Each job's result, one by one."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import aggregator.tables
 from aggregator.tables import aggregate_run
 from shared.errors import PermanentError
 from shared.layout import (
@@ -167,3 +169,31 @@ def test_job_keys_round_trip_and_a_foreign_file_is_a_clear_error(tmp_path: Path)
     storage.write_bytes(layout.job_keys, b"a,b,c\n1,2,3\n")
     with pytest.raises(PermanentError, match="is not a job key file"):
         read_job_keys(storage, layout)
+
+
+def test_each_result_object_is_read_once_and_the_tables_do_not_depend_on_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An object store charges (and waits) per GET: the index pass keeps the objects it read
+    # for the results pass, within a memory budget, rather than reading each one twice.
+    now = "2026-01-01T00:00:00+00:00"
+    entries = [_entry(k, 1 + i) for i, k in enumerate(KEYS)]
+    bodies = [_columnar(_header(now), entries[:2]), _columnar(_header(now), entries[2:4]),
+              batch_result_body(_header(now), entries[4:])]
+    reads: Counter[str] = Counter()
+    read_bytes = LocalStorage.read_bytes
+
+    def counting(self: LocalStorage, key: str) -> bytes:
+        reads[key] += 1
+        return read_bytes(self, key)
+
+    monkeypatch.setattr(LocalStorage, "read_bytes", counting)
+    aggregate_run(_run(tmp_path / "kept", bodies), "r")
+    results = {key: n for key, n in reads.items() if f"/results/{MONTH}/" in key}
+    assert len(results) == len(bodies) and set(results.values()) == {1}
+
+    reads.clear()
+    monkeypatch.setattr(aggregator.tables, "KEEP_BYTES", len(bodies[0]))  # room for the first only
+    aggregate_run(_run(tmp_path / "tight", bodies), "r")
+    assert sorted(n for key, n in reads.items() if f"/results/{MONTH}/" in key) == [1, 2, 2]
+    assert _tables(tmp_path / "tight") == _tables(tmp_path / "kept")

@@ -429,7 +429,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, help="serve /healthz and /metrics on this port")
     p.add_argument("--resync-after", type=_seconds, default=60.0,
                    help="read a run's state again from storage after this many seconds without an event "
-                        "while it is unaccounted (events dropped from the bounded queue) (default 60)")
+                        "while it is unaccounted (events dropped from the bounded queue) (default %(default)g)")
     _common(p)
     p.set_defaults(func=cmd_aggregator)
 

@@ -167,7 +167,9 @@ def test_sigterm_past_the_shutdown_timeout_requeues_the_job(
     try:
         worker = tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--shutdown-timeout", "0.5",
                              env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_LOG_LEVEL": "debug"})
-        _wait_for_event(worker, "job.started")
+        # Signal once the job runs (its batch started): a job still waiting for its batch is
+        # handed back at once, by design, with no timeout to pass.
+        _wait_for_event(worker, "batch.started")
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
         assert worker.returncode == 0

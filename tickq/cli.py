@@ -219,7 +219,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
         securities=_codes(args.securities, "--securities") if args.securities else None,
         dates=_date_list(args.dates) if args.dates else None,
     )
-    relieve_garbage_collector()  # start-up is done
     result = asyncio.run(produce(request, settings, dry_run=args.dry_run))
     if args.json:
         print(json.dumps({"run_id": result.run_id, "jobs": result.jobs, "published": result.published}))
@@ -304,7 +303,6 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     storage = open_storage(args.output, settings.s3_endpoint_url)
     layout = RunLayout(args.run)
     read_manifest(storage, layout)
-    relieve_garbage_collector()  # start-up is done
     state = None
     if args.wait is not None:
         state = wait_for_run(storage, layout, None if args.wait == 0 else args.wait)

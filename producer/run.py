@@ -98,6 +98,7 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
         month_keys = [JobKey(month, sec, day) for sec, day in sorted(found.rows)]
         keys.extend(month_keys)
         per_month[month] = {
+            "source": found.source,
             "files": found.files,
             "rows_scanned": found.rows_scanned,
             "rows_unassigned": found.rows_unassigned,
@@ -115,6 +116,19 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
             duration_s=round(time.perf_counter() - started, 3),
         )
     return keys, {"months": per_month, "months_without_input": without_input}
+
+
+def _write_month_keys(output: Storage, layout: RunLayout, keys: list[JobKey], discovery: dict[str, Any]) -> None:
+    """A key file per month that has no ingest index (its jobs were found by reading every
+    row): a worker serving one of its jobs reads the month whole, and computes the month's
+    other jobs in the same pass (see `worker.ahead`)."""
+    scanned = {month for month, found in discovery["months"].items() if found["source"] == "scan"}
+    by_month: dict[str, list[JobKey]] = {}
+    for key in keys:
+        if key.month in scanned:
+            by_month.setdefault(key.month, []).append(key)
+    for month, month_keys in by_month.items():
+        output.write_bytes(layout.month_job_keys(month), job_keys_csv(month_keys), "text/csv")
 
 
 def _messages(request: RunRequest, keys: list[JobKey], routing_key: str) -> Iterator[Outgoing]:
@@ -174,6 +188,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         return result
 
     if not resumed:
+        _write_month_keys(output, layout, keys, discovery)
         output.write_bytes(layout.job_keys, job_keys_csv(keys), "text/csv")
         manifest = {
             "run_id": request.run_id,

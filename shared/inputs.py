@@ -296,6 +296,53 @@ def read_batches(
         )
 
 
+def pass_share(
+    storage: Storage,
+    files: list[InputFile],
+    security: Collection[str],
+    window: DayWindow | None,
+    cache: ParquetCache | None = None,
+) -> float:
+    """The share of a month's bytes that `read_batches` reads for `security` within `window`:
+    for Parquet, the row groups its statistics cannot exclude; every other file whole.
+
+    Near 1 on a month not laid out by security (any subset of its jobs reads all of it), small
+    on an ingested one.
+    """
+    wanted = _wanted(security)
+    read = total = 0
+    for file in files:
+        if file.format != "parquet":
+            read, total = read + file.size, total + file.size
+            continue
+        meta = _footer(storage, file, cache)
+        schema = meta.schema.to_arrow_schema()
+        groups = set(_row_groups_to_read(meta, schema, wanted, window))
+        for index in range(meta.num_row_groups):
+            group = meta.row_group(index)
+            size = sum(group.column(j).total_compressed_size for j in range(group.num_columns))
+            total += size
+            read += size if index in groups else 0
+    return read / total if total else 0.0
+
+
+def _footer(storage: Storage, file: InputFile, cache: ParquetCache | None) -> pq.FileMetaData:
+    """`file`'s parsed footer, from `cache` when it holds it (and kept there)."""
+    file_id = (storage.uri, file.key, file.size)
+    footer = cache.footer(file_id) if cache is not None else None
+    if footer is None:
+        source = _CountingReader(storage.open_read(file.key))
+        try:
+            footer = pq.ParquetFile(source, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES).metadata
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(file, storage, exc) from None
+        finally:
+            source.close()
+        if cache is not None:
+            cache.keep_footer(file_id, footer)
+    return footer
+
+
 def _dbn_batches(
     storage: Storage,
     file: InputFile,
@@ -360,7 +407,7 @@ def _parquet_batches(
         if missing:
             raise _missing(file, storage, missing)
         present = [c for c in columns if c in names]
-        groups = _row_groups_to_read(parquet, wanted, window)
+        groups = _row_groups_to_read(parquet.metadata, parquet.schema_arrow, wanted, window)
         try:
             for batch in _row_group_batches(parquet, source, groups, present, batch_rows, file_id, cache):
                 batch = _filter_security(batch, wanted)
@@ -456,11 +503,10 @@ def _stat_range(stats: Any) -> tuple[Any, Any] | None:
 
 
 def _row_groups_to_read(
-    parquet: pq.ParquetFile, wanted: tuple[str, ...] | None, window: DayWindow | None
+    meta: pq.FileMetaData, schema: pa.Schema, wanted: tuple[str, ...] | None, window: DayWindow | None
 ) -> list[int]:
-    """Row groups whose statistics may hold rows of the `wanted` securities within `window`."""
-    meta = parquet.metadata
-    schema = parquet.schema_arrow
+    """Row groups whose statistics may hold rows of the `wanted` securities within `window`
+    (`schema`: the file's, as read, text columns possibly as dictionaries)."""
     sec_idx = schema.get_field_index("security") if wanted is not None else -1
     # A file that carries its own trade_date may assign rows to days their ts does not
     # suggest, so ts statistics can only prune when the date is derived from ts.

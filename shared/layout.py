@@ -4,6 +4,7 @@
 
     runs/<run>/manifest.json                      parameters, expected jobs, created_at, version
     runs/<run>/job_keys.csv                       month,security,date of every expected job
+    runs/<run>/job_keys/<month>.csv               the same, one month (months read row by row, not indexed)
     runs/<run>/results/<month>/<security>.<date>.<id>.arrows|.json  partial results of one batch of jobs
     runs/<run>/succeeded/<month>/<security>/<date>.json success marker (empty), written after the result
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
@@ -189,6 +190,11 @@ class RunLayout:
         """The CSV of every expected job key."""
         return f"{self.root}/job_keys.csv"
 
+    def month_job_keys(self, month: str) -> str:
+        """The CSV of one month's expected job keys (written for months without an index, whose
+        jobs a worker serves in one pass over the month)."""
+        return f"{self.root}/job_keys/{month}.csv"
+
     @property
     def results_prefix(self) -> str:
         """Prefix of the batch result objects."""
@@ -252,10 +258,22 @@ def job_keys_csv(keys: list[JobKey]) -> bytes:
 
 def read_job_keys(storage: Storage, layout: RunLayout) -> list[JobKey]:
     """The run's expected job keys, from its key file."""
-    rows = csv.reader(io.StringIO(storage.read_bytes(layout.job_keys).decode()))
+    return _parse_job_keys(storage, layout.job_keys)
+
+
+def read_month_job_keys(storage: Storage, layout: RunLayout, month: str) -> list[JobKey] | None:
+    """One month's expected job keys, or None when the run has no key file for it."""
+    key = layout.month_job_keys(month)
+    if not storage.exists(key):  # a month with an index, or a run of an earlier version
+        return None
+    return _parse_job_keys(storage, key)
+
+
+def _parse_job_keys(storage: Storage, key: str) -> list[JobKey]:
+    rows = csv.reader(io.StringIO(storage.read_bytes(key).decode()))
     header = next(rows, [])
     if not {"month", "security", "date"} <= set(header):
-        raise PermanentError(f"{storage.describe(layout.job_keys)} is not a job key file (its header is {header})")
+        raise PermanentError(f"{storage.describe(key)} is not a job key file (its header is {header})")
     month, security, date = (header.index(name) for name in ("month", "security", "date"))
     # Interned: a run's keys repeat a few months, dates and securities many times over.
     return [JobKey(sys.intern(r[month]), sys.intern(r[security]), sys.intern(r[date])) for r in rows]

@@ -328,3 +328,25 @@ def test_a_run_over_dbn_input_matches_the_same_orders_in_parquet(tickq: Tickq, t
     shared = ["security_daily", "by_security", "by_date", "by_hour", "by_size_bucket",
               "timeseries_hourly", "timeseries_daily"]
     assert_tables_equal({n: from_dbn[n] for n in shared}, {n: from_parquet[n] for n in shared})
+
+
+def test_a_raw_month_gets_a_key_file_for_its_workers_and_an_ingested_one_does_not(
+    tickq: Tickq, tmp_path: Path
+) -> None:
+    from shared.layout import RunLayout, read_job_keys, read_month_job_keys
+    from shared.storage import open_storage
+    from tickq.ingest import ingest
+
+    data = _gen(tickq, tmp_path / "data")
+    ingest(str(data), str(tmp_path / "laid"), [MONTH])
+    _run(tickq, str(data), str(tmp_path / "raw-out"), "--market-tz", "Australia/Sydney", run_id="raw")
+    _run(tickq, str(tmp_path / "laid"), str(tmp_path / "laid-out"), "--market-tz", "Australia/Sydney", run_id="laid")
+
+    raw_out, laid_out = open_storage(str(tmp_path / "raw-out")), open_storage(str(tmp_path / "laid-out"))
+    # Workers served the raw month's jobs from passes over the whole month (the key file says
+    # which jobs to compute ahead); the ingested month's batches read their own row groups.
+    assert read_month_job_keys(raw_out, RunLayout("raw"), MONTH) == read_job_keys(raw_out, RunLayout("raw"))
+    assert read_month_job_keys(laid_out, RunLayout("laid"), MONTH) is None
+    expected = reference_tables(str(data), [MONTH], market_tz="Australia/Sydney")
+    assert_tables_equal(read_tables(str(tmp_path / "raw-out"), "raw"), expected)
+    assert_tables_equal(read_tables(str(tmp_path / "laid-out"), "laid"), expected)

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shared.errors import PermanentError
 from shared.inputs import (
     ALL_COLUMNS,
     ByteCounter,
@@ -29,6 +30,7 @@ from shared.inputs import (
     label_codes,
     month_files,
     normalise,
+    pass_share,
     read_batches,
 )
 from shared.layout import (
@@ -38,10 +40,13 @@ from shared.layout import (
     RunLayout,
     batch_result_body,
     batch_result_table_body,
+    read_month_job_keys,
 )
-from shared.messages import JobMessage, JobParams
+from shared.messages import JobMessage, JobParams, job_id_for
+from shared.metrics import get_logger
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
+from worker.ahead import MAX_JOBS_AHEAD, ResultsAhead
 from worker.chaos import maybe_kill
 
 _T = TypeVar("_T")
@@ -49,6 +54,9 @@ _T = TypeVar("_T")
 MONTH_LISTING_TTL_S = 60.0
 EPOCH = dt.date(1970, 1, 1)
 NO_DAY = np.iinfo(np.int32).min
+# A batch whose pass reads (nearly) all of its month computes the month's other jobs
+# too (`worker.ahead`): on a month laid out by security a batch reads a few percent of it.
+AHEAD_FROM_SHARE = 0.9
 
 
 @dataclass
@@ -85,13 +93,18 @@ class _Timer:
 
 class MonthListings:
     """Caches month file listings, so many jobs of one month list its files once, and what
-    passes over those files can share (`ParquetCache`), forgotten whenever a listing is renewed."""
+    passes over those files can share: footers and row groups (`ParquetCache`, forgotten
+    whenever a listing is renewed) and results computed ahead (`ResultsAhead`, kept per
+    listing)."""
 
-    def __init__(self, ttl_s: float = MONTH_LISTING_TTL_S) -> None:
+    def __init__(self, ttl_s: float = MONTH_LISTING_TTL_S, ahead: ResultsAhead[JobOutcome] | None = None) -> None:
         self._ttl = ttl_s
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], tuple[float, list[InputFile]]] = {}
         self.parquet = ParquetCache()
+        # Results of jobs computed ahead of their messages; only worth it for a process that
+        # serves many batches (a worker), not for one job on its own.
+        self.ahead = ahead
 
     def files(self, storage: Storage, month: str) -> list[InputFile]:
         """The month's input files (from cache when fresh)."""
@@ -370,22 +383,120 @@ def execute_batch(
         for i in todo:
             outcomes[i].time("list", (time.perf_counter() - start) / len(todo))
         todo_jobs = [jobs[i] for i in todo]
-        contexts = [JobContext(job=job, output=output) for job in todo_jobs]
-        # Processors whose jobs of one batch share state (vectorised) say so with `start_batch`.
-        start_batch = getattr(processor, "start_batch", None)
-        accumulators = start_batch(contexts) if start_batch else [processor.start_job(c) for c in contexts]
-        _compute(processor, todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows,
-                 listings.parquet)
+        finished: pa.Table | None = None
+        if listings.ahead is not None and hasattr(processor, "finish_batch"):
+            order, finished = _columns_served_ahead(processor, todo_jobs, [outcomes[i] for i in todo], source, files,
+                                                    output, layout, listings, listings.ahead, batch_rows)
+            todo = [todo[i] for i in order]
+            todo_jobs = [jobs[i] for i in todo]
+            accumulators: list[JobAccumulator] = []
+        else:
+            accumulators = _start(processor, todo_jobs, output)
+            _compute(processor, todo_jobs, source, files, accumulators, [outcomes[i] for i in todo], batch_rows,
+                     listings.parquet)
         stale = _records_to_clear(output, layout, todo_jobs)
     except Exception as exc:  # the whole batch fails the same way
         return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]
 
     results: list[BatchResult] = list(outcomes)
     for i, failure in zip(todo, _store(processor, todo_jobs, accumulators, [outcomes[i] for i in todo], output, layout,
-                                       stale, worker_id, now), strict=True):
+                                       stale, worker_id, now, finished), strict=True):
         if failure is not None:
             results[i] = failure
     return results
+
+
+def _start(processor: Processor, jobs: list[JobMessage], output: Storage) -> list[JobAccumulator]:
+    """Accumulators for `jobs`, in order."""
+    contexts = [JobContext(job=job, output=output) for job in jobs]
+    # Processors whose jobs of one batch share state (vectorised) say so with `start_batch`.
+    start_batch = getattr(processor, "start_batch", None)
+    return start_batch(contexts) if start_batch else [processor.start_job(c) for c in contexts]
+
+
+def _columns_served_ahead(
+    processor: Processor,
+    jobs: list[JobMessage],
+    outcomes: list[JobOutcome],
+    source: Storage,
+    files: list[InputFile],
+    output: Storage,
+    layout: RunLayout,
+    listings: MonthListings,
+    ahead: ResultsAhead[JobOutcome],
+    batch_rows: int,
+) -> tuple[list[int], pa.Table]:
+    """The result columns of `jobs` (a columnar processor's), one row per job in the order of
+    the positions returned: first the jobs whose results an earlier pass computed ahead, then
+    those computed now. A pass that reads most of the month anyway computes the month's other
+    expected jobs too and keeps their results for their messages (`worker.ahead`)."""
+    month = (BatchKey.of(jobs[0]), tuple(files))
+    with ahead.pass_lock(month):
+        found, kept_columns, kept_outcomes = ahead.take(month, [(job.security, job.date) for job in jobs])
+        for i, kept in zip(found, kept_outcomes, strict=True):
+            _adopt(outcomes[i], kept)
+        taken = set(found)
+        missing = [i for i in range(len(jobs)) if i not in taken]
+        parts = [kept_columns] if kept_columns is not None else []
+        if missing:
+            wanted = [jobs[i] for i in missing]
+            with ahead.widening() as widened:
+                extra = (_jobs_ahead(wanted, source, files, output, layout, listings)
+                         if widened and not ahead.holds(month) else [])
+                pass_jobs = wanted + extra
+                pass_outcomes = [outcomes[i] for i in missing] + [JobOutcome() for _ in extra]
+                accumulators = _start(processor, pass_jobs, output)
+                _compute(processor, pass_jobs, source, files, accumulators, pass_outcomes, batch_rows,
+                         listings.parquet)
+                start = time.perf_counter()
+                columns = processor.finish_batch(accumulators)  # type: ignore[attr-defined]
+                for outcome in pass_outcomes:
+                    outcome.time("compute", (time.perf_counter() - start) / len(pass_outcomes))
+                del accumulators
+            if extra:
+                held = ahead.keep(month, [(job.security, job.date) for job in extra], columns.slice(len(missing)),
+                                  pass_outcomes[len(missing):])
+                get_logger().info("worker.computed_ahead", run_id=jobs[0].run_id, month=jobs[0].month,
+                                  batch=len(missing), ahead=len(extra), kept=held)
+            parts.append(columns.slice(0, len(missing)))
+    return found + missing, pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _jobs_ahead(
+    jobs: list[JobMessage], source: Storage, files: list[InputFile], output: Storage, layout: RunLayout,
+    listings: MonthListings,
+) -> list[JobMessage]:
+    """The month's other expected jobs, when a pass for `jobs` reads most of the month anyway
+    (up to `MAX_JOBS_AHEAD` in all); none otherwise."""
+    first = jobs[0]
+    share = pass_share(source, files, [job.security for job in jobs], _batch_window(jobs), listings.parquet)
+    if share < AHEAD_FROM_SHARE:
+        return []
+    try:
+        keys = read_month_job_keys(output, layout, first.month)
+    except PermanentError as exc:  # only the shortcut is lost: the batch's own jobs go on
+        get_logger().warning("worker.month_keys_unreadable", month=first.month, error=str(exc))
+        return []
+    if keys is None:  # a month the producer found indexed, or a run of an earlier version
+        return []
+    batch = {(job.security, job.date) for job in jobs}
+    # The jobs after the batch's first: the queue holds them in key order, so these come next.
+    # (A month of more jobs than one pass computes is served in several passes.)
+    following = next((i for i, key in enumerate(keys) if (key.security, key.date) in batch), 0)
+    in_order = keys[following:] + keys[:following]
+    others = [key for key in in_order if (key.security, key.date) not in batch][: MAX_JOBS_AHEAD - len(jobs)]
+    return [first.model_copy(update={"security": key.security, "date": key.date,
+                                     "job_id": job_id_for(first.run_id, first.month, key.security, key.date)})
+            for key in others]
+
+
+def _adopt(outcome: JobOutcome, kept: JobOutcome) -> None:
+    """`outcome` takes the counts, bytes and timings of its result computed ahead."""
+    outcome.rows_read, outcome.rows_accepted = kept.rows_read, kept.rows_accepted
+    outcome.rows_rejected, outcome.rows_filtered = kept.rows_rejected, kept.rows_filtered
+    outcome.bytes_in, outcome.files = kept.bytes_in, kept.files
+    for stage, seconds in kept.stages.items():
+        outcome.time(stage, seconds)
 
 
 def _job_counts(outcome: JobOutcome) -> dict[str, int]:
@@ -425,12 +536,14 @@ def _store(
     stale: set[str],
     worker_id: str,
     now: Callable[[], dt.datetime],
+    finished: pa.Table | None = None,
 ) -> list[Exception | None]:
     """Write the batch's results as one object, then each job's success marker.
 
     Returns, per job, what failed it (None for a stored job). One object per batch rather than
     per job: a stored object costs a request (S3) or an inode (a local disk), a marker only a
-    directory entry locally.
+    directory entry locally. A columnar processor's results are its `finish_batch` of the
+    accumulators, or `finished` when they were taken already.
     """
     failures: list[Exception | None] = [None] * len(jobs)
     header = {"run_id": jobs[0].run_id, "month": jobs[0].month, "processor": jobs[0].processor,
@@ -440,8 +553,9 @@ def _store(
     if finish_batch is not None:
         start = time.perf_counter()
         try:
+            columns = finished if finished is not None else finish_batch(accumulators)
             body = batch_result_table_body(header, [(job.job_id, job.security, job.date) for job in jobs],
-                                           [_job_counts(outcome) for outcome in outcomes], finish_batch(accumulators))
+                                           [_job_counts(outcome) for outcome in outcomes], columns)
         except Exception as exc:  # the batch's results cannot be taken: every job fails alike
             return [exc] * len(jobs)
         for outcome in outcomes:

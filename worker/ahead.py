@@ -56,6 +56,7 @@ class ResultsAhead(Generic[Outcome]):
         self._months: OrderedDict[Hashable, _Month[Outcome]] = OrderedDict()
         self._passes: dict[Hashable, threading.Lock] = {}
         self._widened = threading.Lock()
+        self._without_keys: set[Hashable] = set()  # months whose run has no key file for them
         self.served = 0  # jobs served from here
 
     def pass_lock(self, month: Hashable) -> threading.Lock:
@@ -73,6 +74,16 @@ class ResultsAhead(Generic[Outcome]):
         finally:
             if widened:
                 self._widened.release()
+
+    def lacks_keys(self, month: Hashable) -> bool:
+        """Whether `month` was found to have no key file (an ingested month: never widened)."""
+        with self._lock:
+            return month in self._without_keys
+
+    def note_lacks_keys(self, month: Hashable) -> None:
+        """`month` has no key file: later batches need not look for it."""
+        with self._lock:
+            self._without_keys.add(month)
 
     def holds(self, month: Hashable) -> bool:
         """Whether results of `month` are kept (a pass then computes only what it must)."""

@@ -441,7 +441,7 @@ def _columns_served_ahead(
         if missing:
             wanted = [jobs[i] for i in missing]
             with ahead.widening() as widened:
-                extra = (_jobs_ahead(wanted, source, files, output, layout, listings)
+                extra = (_jobs_ahead(wanted, source, files, output, layout, listings, ahead)
                          if widened and not ahead.holds(month) else [])
                 pass_jobs = wanted + extra
                 pass_outcomes = [outcomes[i] for i in missing] + [JobOutcome() for _ in extra]
@@ -464,11 +464,19 @@ def _columns_served_ahead(
 
 def _jobs_ahead(
     jobs: list[JobMessage], source: Storage, files: list[InputFile], output: Storage, layout: RunLayout,
-    listings: MonthListings,
+    listings: MonthListings, ahead: ResultsAhead[JobOutcome],
 ) -> list[JobMessage]:
     """The month's other expected jobs, when a pass for `jobs` reads most of the month anyway
     (up to `MAX_JOBS_AHEAD` in all); none otherwise."""
     first = jobs[0]
+    # A month the producer found indexed (or a run of an earlier version) has no key file:
+    # looked for once per worker, so that its batches skip the share below.
+    run_month = (output.uri, first.run_id, first.month)
+    if ahead.lacks_keys(run_month):
+        return []
+    if not output.exists(layout.month_job_keys(first.month)):
+        ahead.note_lacks_keys(run_month)
+        return []
     share = pass_share(source, files, [job.security for job in jobs], _batch_window(jobs), listings.parquet)
     if share < AHEAD_FROM_SHARE:
         return []
@@ -477,7 +485,7 @@ def _jobs_ahead(
     except PermanentError as exc:  # only the shortcut is lost: the batch's own jobs go on
         get_logger().warning("worker.month_keys_unreadable", month=first.month, error=str(exc))
         return []
-    if keys is None:  # a month the producer found indexed, or a run of an earlier version
+    if keys is None:  # removed since
         return []
     batch = {(job.security, job.date) for job in jobs}
     # The jobs after the batch's first: the queue holds them in key order, so these come next.

@@ -195,3 +195,15 @@ def test_an_unreadable_month_key_file_costs_only_the_shortcut(data: Path, tmp_pa
     assert len(outcomes) == len(keys) and ahead.served == 0
     _run(source, str(tmp_path / "ref"), keys, MonthListings())
     assert _stored(output).equals(_stored(str(tmp_path / "ref")))
+
+
+def test_one_pass_at_a_time_computes_ahead_and_ordinary_passes_never_take_the_turn() -> None:
+    ahead: ResultsAhead[JobOutcome] = ResultsAhead()
+    with ahead.widening(False) as ordinary:  # e.g. a batch of an ingested month, running
+        assert not ordinary
+        with ahead.widening() as first:
+            assert first  # a raw month's pass elsewhere may still widen
+            with ahead.widening() as second:
+                assert not second  # but only one at a time: memory holds one widened pass
+    with ahead.widening() as again:
+        assert again

@@ -66,9 +66,10 @@ class ResultsAhead(Generic[Outcome]):
             return self._passes.setdefault(month, threading.Lock())
 
     @contextlib.contextmanager
-    def widening(self) -> Iterator[bool]:
-        """Whether this pass may compute jobs ahead: True for one pass of the process at a time."""
-        widened = self._widened.acquire(blocking=False)
+    def widening(self, wanted: bool = True) -> Iterator[bool]:
+        """Whether a pass that `wanted` to compute jobs ahead may: True for one such pass of the
+        process at a time (ordinary passes never take the turn)."""
+        widened = wanted and self._widened.acquire(blocking=False)
         try:
             yield widened
         finally:
@@ -100,9 +101,9 @@ class ResultsAhead(Generic[Outcome]):
             found = [(i, row) for i, key in enumerate(keys) if (row := kept.rows.pop(key, None)) is not None]
             if not kept.rows:
                 del self._months[month]
+            self.served += len(found)
         if not found:
             return [], None, []
-        self.served += len(found)
         rows = pa.array([row for _, row in found], pa.int64())
         return [i for i, _ in found], kept.columns.take(rows), [kept.outcomes[row] for _, row in found]
 

@@ -440,9 +440,9 @@ def _columns_served_ahead(
         parts = [kept_columns] if kept_columns is not None else []
         if missing:
             wanted = [jobs[i] for i in missing]
-            with ahead.widening() as widened:
-                extra = (_jobs_ahead(wanted, source, files, output, layout, listings, ahead)
-                         if widened and not ahead.holds(month) else [])
+            extra = [] if ahead.holds(month) else _jobs_ahead(wanted, source, files, output, layout, listings, ahead)
+            with ahead.widening(bool(extra)) as widened:
+                extra = extra if widened else []
                 pass_jobs = wanted + extra
                 pass_outcomes = [outcomes[i] for i in missing] + [JobOutcome() for _ in extra]
                 accumulators = _start(processor, pass_jobs, output)

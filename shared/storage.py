@@ -142,10 +142,13 @@ class LocalStorage:
                 for entry in entries:
                     if entry.name.startswith(HIDDEN_PREFIX):
                         continue
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                        continue
                     key = entry.path[len(root):].replace(os.sep, "/")
+                    if entry.is_dir(follow_symlinks=False):
+                        # Only folders that can hold keys with the prefix, or lead to them.
+                        folder = key + "/"
+                        if folder.startswith(prefix) or prefix.startswith(folder):
+                            stack.append(entry.path)
+                        continue
                     if key.startswith(prefix):
                         found.append(ObjectInfo(key, entry.stat().st_size))
         yield from sorted(found, key=lambda o: o.key)

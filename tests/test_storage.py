@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from shared.storage import HIDDEN_PREFIX, LocalStorage
 
@@ -66,3 +69,25 @@ def test_writes_leave_no_temporary_files_behind(tmp_path: Path) -> None:
     storage.write_bytes("x/result.json", b'{"a": 2}')
     assert storage.read_bytes("x/result.json") == b'{"a": 2}'
     assert sorted(os.listdir(tmp_path / "x")) == ["result.json"]
+
+
+def test_a_listing_walks_only_the_folders_that_can_hold_the_prefix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path)
+    for key in ("2024-03/part-00000.parquet", "2024-03.csv", "2024-031/x.csv", "_days/2024-03/A/2024-03-04.parquet",
+                "runs/r/results/2024-03/A.json", "runs/s/results/2024-03/B.json"):
+        storage.write_bytes(key, b"x")
+    walked: list[str] = []
+    scandir = os.scandir
+
+    def counted(path: str) -> Any:
+        walked.append(os.path.relpath(path, tmp_path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    assert [o.key for o in storage.list("2024-03")] == ["2024-03.csv", "2024-03/part-00000.parquet", "2024-031/x.csv"]
+    assert "_days" not in walked and "runs" not in walked
+    walked.clear()
+    assert [o.key for o in storage.list("runs/r/res")] == ["runs/r/results/2024-03/A.json"]
+    assert not any(w.startswith("runs/s") for w in walked)

@@ -1035,6 +1035,16 @@ def _normalise_trade_date(values: pa.Array) -> pa.Array:
     return pa.nulls(len(values), pa.date32())
 
 
+def job_dates(ts: pa.Array, given: pa.Array | None, market_tz: str) -> pa.Array:
+    """Each row's trade date as a job sees it: the row's own `given` trade date where it has
+    one, else the market date of its UTC `ts` in `market_tz` (null: the row is of no day)."""
+    return _job_date(given, local_time(ts, market_tz).trade_date)
+
+
+def _job_date(given: pa.Array | None, derived: pa.Array) -> pa.Array:
+    return derived if given is None else pc.coalesce(_normalise_trade_date(given), derived)
+
+
 def _column(batch: pa.RecordBatch, name: str) -> pa.Array | None:
     index = batch.schema.get_field_index(name)
     return batch.column(index) if index >= 0 else None
@@ -1056,11 +1066,8 @@ def normalise(batch: pa.RecordBatch, market_tz: str) -> tuple[pa.Table, pa.Array
         for name, raw in (("side", _column(batch, "side")), ("participant", _column(batch, "participant")),
                           ("venue", _column(batch, "venue")))
     )
-    date_raw = _column(batch, "trade_date")
     local = local_time(ts, market_tz)
-    trade_date = local.trade_date
-    if date_raw is not None:
-        trade_date = pc.coalesce(_normalise_trade_date(date_raw), trade_date)
+    trade_date = _job_date(_column(batch, "trade_date"), local.trade_date)
     named = label_mask(security, lambda values: pc.greater(pc.utf8_length(values), 0))
     valid = pc.and_(
         pc.and_(pc.is_valid(ts), pa.array(named)),

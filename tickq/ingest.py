@@ -14,7 +14,10 @@ CSV, CSV.gz, DBN) is rewritten as Parquet under ``<output>/M/part-NNNNN.parquet`
 - a key sidecar ``<output>/M/_keys.parquet`` (`shared.monthkeys`): rows per (security, UTC
   quarter hour of ts[, trade_date]), null keys included, and the parts it describes, so that
   job discovery reads it instead of the key columns of every row. It is counted from the
-  sorted output as it is written, never from the whole month in memory.
+  sorted output as it is written, never from the whole month in memory;
+- with ``--day-files ZONE``, one small Parquet file per (security, trade date in ZONE) under
+  ``<output>/_days/M/`` (`shared.dayfiles`), cut from the sorted output as it is written, so
+  that a job read on its own reads about its own rows.
 
 Values. Ingest never drops a row and never changes what a run computes: every column goes
 through the same element-wise normalisation a worker applies (`shared.inputs`), and that
@@ -41,7 +44,7 @@ Memory stays bounded whatever the month's size (an external sort):
 
 The distinct securities of a month are held in memory (pass 1), and local temporary disk
 must hold the month's spill and one output file. Writing a month replaces the ingest output
-(``part-*.parquet``, ``_index.json``, ``_keys.parquet``) of an earlier ingest of that month;
+(``part-*.parquet``, ``_index.json``, ``_keys.parquet``, day files) of an earlier ingest of that month;
 do not run jobs on a month while it is being ingested.
 """
 
@@ -53,11 +56,13 @@ import json
 import os
 import re
 import resource
+import shutil
 import sys
 import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from shared.dayfiles import DayFiles, DayFilesWriter, day_file_key, manifest_key, month_prefix
 from shared.errors import ConfigError, PermanentError
 from shared.inputs import (
     ALL_COLUMNS,
@@ -81,6 +87,7 @@ from shared.inputs import (
     month_files,
     read_batches,
 )
+from shared.messages import JobParams
 from shared.monthkeys import KEYS_NAME, KeysWriter, part_record
 from shared.storage import Storage, open_storage
 
@@ -584,6 +591,29 @@ def read_index(storage: Storage, month: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------
 
 
+def _publish_day_files(target: Storage, month: str, directory: Path, names: list[str]) -> int:
+    """Store the day files written under `directory` (several requests in flight where the
+    store waits on the network), then delete the month's day files this ingest did not write;
+    their bytes."""
+    written = {day_file_key(month, *name.removesuffix(".parquet").split("/")) for name in names}
+
+    def store(name: str) -> int:
+        path = directory / name
+        size = path.stat().st_size
+        target.write_file(day_file_key(month, *name.removesuffix(".parquet").split("/")), path,
+                          content_type="application/vnd.apache.parquet")
+        path.unlink()
+        return size
+
+    with ThreadPoolExecutor(max_workers=max(1, target.parallel_requests)) as pool:
+        stored = sum(pool.map(store, names))
+    for obj in list(target.list(month_prefix(month))):
+        if obj.key not in written:
+            target.delete(obj.key)
+    shutil.rmtree(directory, ignore_errors=True)
+    return stored
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -596,6 +626,7 @@ def _ingest_month(
     row_group_rows: int,
     budget: int,
     max_file_rows: int,
+    day_files_tz: str | None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     files = month_files(source, month)
@@ -618,14 +649,19 @@ def _ingest_month(
     sort_rows = max(row_group_rows, int(budget / SORT_FACTOR / row_bytes))
     merged_buckets = 0
     keys = KeysWriter(work / KEYS_NAME, with_trade_date=has_date)
-    keys_s = 0.0
+    keys_s = days_s = 0.0
+    days = DayFilesWriter(work / "days", schema, day_files_tz) if day_files_tz else None
     pool = pa.default_memory_pool()
 
     def emit(table: pa.Table) -> None:
-        nonlocal keys_s
+        nonlocal keys_s, days_s
         counted_at = time.perf_counter()
         keys.add(table)
-        keys_s += time.perf_counter() - counted_at
+        cut_at = time.perf_counter()
+        keys_s += cut_at - counted_at
+        if days is not None:
+            days.add(table)
+            days_s += time.perf_counter() - cut_at
         out.append(table)
 
     for bucket in range(plan.buckets):
@@ -643,8 +679,11 @@ def _ingest_month(
     parts = out.close()
     entries = [_file_entry(part, month) for part in parts]
     keys.close(month, [part_record(p.key, p.path, e["rows"]) for p, e in zip(parts, entries, strict=True)])
+    day_names = days.close() if days is not None else []
     sorted_at = time.perf_counter()
 
+    # No day file may be read against parts it was not cut from: the manifest goes first.
+    target.delete(manifest_key(month))
     written = set()
     for part in parts:
         target.write_file(part.key, part.path, content_type="application/vnd.apache.parquet")
@@ -668,6 +707,10 @@ def _ingest_month(
     target.write_file(f"{month}/{KEYS_NAME}", keys.path, content_type="application/vnd.apache.parquet")
     keys_bytes = keys.path.stat().st_size
     keys.path.unlink()
+    day_bytes = _publish_day_files(target, month, work / "days", day_names)
+    if days is not None and days.abandoned is None:
+        day_files = DayFiles(month, days.market_tz, tuple((e["key"], e["bytes"]) for e in entries))
+        target.write_bytes(manifest_key(month), day_files.manifest(len(day_names)), "application/json")
     removed, foreign = [], []
     for obj in target.list(f"{month}/"):
         name = obj.key[len(month) + 1 :]
@@ -692,6 +735,9 @@ def _ingest_month(
         "merged_buckets": merged_buckets,
         "spill_bytes": spill.bytes,
         "keys_bytes": keys_bytes,
+        "day_files": len(day_names),
+        "day_files_bytes": day_bytes,
+        "day_files_skipped": days.abandoned if days is not None else None,
         "removed": removed,
         "other_files": foreign,
         "seconds": {
@@ -699,6 +745,7 @@ def _ingest_month(
             "spill": round(spilled - counted, 3),
             "sort_write": round(sorted_at - spilled, 3),
             "keys": round(keys_s, 3),
+            "day_files": round(days_s, 3),
             "upload": round(done - sorted_at, 3),
             "total": round(done - started, 3),
         },
@@ -714,16 +761,19 @@ def ingest(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     max_file_rows: int = DEFAULT_MAX_FILE_ROWS,
     tmp_dir: str | Path | None = None,
+    day_files_tz: str | None = None,
 ) -> dict[str, Any]:
     """Rewrite `months` of `input_uri` under `output_uri` (see the module doc); a summary.
 
     The summary has ``input``, ``output``, ``rows`` (total), ``seconds``, ``peak_rss_mb`` and
     ``months``: per month ``rows``, ``securities``, ``input_files``, ``input_bytes``, ``files``
     (URIs written), ``bytes``, ``row_groups``, ``buckets``, ``merged_buckets``,
-    ``spill_bytes``, ``keys_bytes`` (the key sidecar), ``removed`` (stale parts deleted),
+    ``spill_bytes``, ``keys_bytes`` (the key sidecar), ``day_files`` and ``day_files_bytes``
+    (with `day_files_tz`: the day files written, `shared.dayfiles`), ``day_files_skipped`` (why
+    a month got none although asked, else null), ``removed`` (stale parts deleted),
     ``other_files`` (files in the output month that are not ingest output: a run would read
     them too) and ``seconds`` per stage (``keys``, counting the key sidecar, is part of
-    ``sort_write``).
+    ``sort_write``, and so is ``day_files``, cutting the day files).
     Raises `PermanentError` for unreadable or missing input, `ValueError` for bad arguments.
     """
     if row_group_rows < 1:
@@ -733,6 +783,11 @@ def ingest(
     months = list(dict.fromkeys(months))
     if not months:
         raise ValueError("give at least one month")
+    if day_files_tz is not None:
+        try:
+            JobParams(market_tz=day_files_tz)
+        except ValueError:
+            raise ValueError(f"--day-files: unknown time zone {day_files_tz!r} (e.g. UTC, Australia/Sydney)") from None
     source = open_storage(input_uri, endpoint_url=endpoint_url)
     target = open_storage(output_uri, endpoint_url=endpoint_url)
     if source.describe() == target.describe():
@@ -743,7 +798,7 @@ def ingest(
         for month in months:
             per_month[month] = _ingest_month(
                 source, target, month, Path(tmp), row_group_rows, memory_budget_bytes,
-                max_file_rows,
+                max_file_rows, day_files_tz,
             )  # fmt: skip
     return {
         "input": source.describe(),
@@ -770,6 +825,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--memory-mb", type=positive_int, default=DEFAULT_MEMORY_BUDGET >> 20,
         help="memory for sorting, in MiB (default 256); the rest spills to local disk",
     )  # fmt: skip
+    parser.add_argument(
+        "--day-files", metavar="ZONE",
+        help="also write one small file per (security, trade date in ZONE, the runs' --market-tz), "
+        "so that jobs read on their own or in small batches read about their own rows",
+    )  # fmt: skip
     parser.add_argument("--tmp-dir", help="local directory for spill files (default: system temp)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -787,7 +847,7 @@ def main(args: argparse.Namespace) -> int:
         summary = ingest(
             args.input, args.output, months, endpoint_url=endpoint or None,
             row_group_rows=args.row_group_rows, memory_budget_bytes=args.memory_mb << 20,
-            tmp_dir=args.tmp_dir,
+            tmp_dir=args.tmp_dir, day_files_tz=args.day_files,
         )  # fmt: skip
     except ValueError as exc:
         if isinstance(exc, pa.ArrowException):
@@ -797,9 +857,11 @@ def main(args: argparse.Namespace) -> int:
     for month, info in summary["months"].items():
         log.info(
             "ingest.month", month=month, rows=info["rows"], files=len(info["files"]),
-            row_groups=info["row_groups"], bytes=info["bytes"], buckets=info["buckets"],
+            row_groups=info["row_groups"], bytes=info["bytes"], buckets=info["buckets"], day_files=info["day_files"],
             seconds=info["seconds"]["total"],
         )  # fmt: skip
+        if info["day_files_skipped"]:
+            log.warning("ingest.day_files_skipped", month=month, reason=info["day_files_skipped"])
         for uri in info["other_files"]:
             log.warning("ingest.other_file", month=month, uri=uri,
                         note="not ingest output: a run over the output reads it too")  # fmt: skip

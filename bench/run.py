@@ -74,17 +74,20 @@ def _drop_namespaces() -> None:
     asyncio.run(drop())
 
 
-def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True) -> tuple[Path, Path]:
-    """Generated raw data and (optionally) its ingested layout, reused across runs."""
+def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True,
+          day_files_tz: str | None = None) -> tuple[Path, Path]:
+    """Generated raw data and (optionally) its ingested layout, reused across runs; with
+    `day_files_tz`, the layout has day files in that zone too."""
     raw = work / f"raw-{fmt}-{rows}-{securities}"
     if not raw.exists():
         _tickq("gen", "--out", str(raw), "--months", MONTH, "--rows", str(rows), "--securities", str(securities),
                "--format", fmt)
-    laid = work / f"ingested-{fmt}-{rows}-{securities}"
+    days = () if day_files_tz is None else ("--day-files", day_files_tz)
+    laid = work / (f"ingested-{fmt}-{rows}-{securities}" + ("-days-" + day_files_tz.replace("/", "-") if days else ""))
     if ingest and not laid.exists():
         t0 = time.perf_counter()
-        _tickq("ingest", "--input", str(raw), "--output", str(laid), "--months", MONTH, "--quiet")
-        _row(target="ingest", rows=rows, seconds=round(time.perf_counter() - t0, 2))
+        _tickq("ingest", "--input", str(raw), "--output", str(laid), "--months", MONTH, "--quiet", *days)
+        _row(target="ingest", rows=rows, day_files=bool(days), seconds=round(time.perf_counter() - t0, 2))
     return raw, laid
 
 
@@ -215,37 +218,45 @@ def _e2e_deployed(args: argparse.Namespace, label: str, source: Path) -> float:
 
 
 def cmd_per_job(args: argparse.Namespace) -> None:
+    """Sampled jobs, each on its own (a fresh process cache), on the month's parts and on its
+    day files (`tickq ingest --day-files`), in turn; bytes read against the slice's share of
+    the month's bytes (its rows times the parts' bytes per row)."""
     from shared.messages import JobMessage, JobParams
     from worker.job import MonthListings, execute_batch
 
     for rows in (int(r) for r in args.rows.split(",")):
-        _, laid = _data(args.work, rows, args.securities)
-        out = args.work / f"perjob-{uuid.uuid4().hex[:8]}"
-        keys = [line.split(",") for line in _job_keys(laid, args)]
+        _, days = _data(args.work, rows, args.securities, day_files_tz=args.tz)
+        _, parts = _data(args.work, rows, args.securities)
+        keys = [line.split(",") for line in _job_keys(parts, args)]
         sample = keys[:: max(1, len(keys) // args.sample)][: args.sample]
-        times, bytes_in, slice_rows, cpu = [], [], [], []
+        file_bytes = sum(p.stat().st_size for p in (parts / MONTH).glob("*.parquet"))
+        figures: dict[str, dict[str, list[float]]] = {}
         process = psutil.Process()
         for month, security, date in sample:
-            listings = MonthListings()  # each job alone: nothing kept from the previous one
-            job = JobMessage.build(run_id="perjob", month=month, security=security, date=date, input=str(laid),
-                                   output=str(out), processor="analytics", params=JobParams(market_tz=args.tz))
-            c0, t0 = process.cpu_times(), time.perf_counter()
-            [outcome] = execute_batch([job], s3_endpoint_url=None, worker_id="bench", listings=listings)
-            t1, c1 = time.perf_counter(), process.cpu_times()
-            assert not isinstance(outcome, BaseException), outcome
-            times.append(t1 - t0)
-            cpu.append((c1.user + c1.system) - (c0.user + c0.system))
-            bytes_in.append(outcome.bytes_in)
-            slice_rows.append(outcome.rows_read)
-        file_bytes = sum(p.stat().st_size for p in (laid / MONTH).glob("*.parquet"))
-        bytes_per_row = file_bytes / rows
-        slice_bytes = statistics.median(slice_rows) * bytes_per_row
-        _row(target="per-job", rows=rows, jobs_sampled=len(sample), month_mb=round(file_bytes / 2**20, 1),
-             median_ms=round(statistics.median(times) * 1000, 2), median_cpu_ms=round(statistics.median(cpu) * 1000, 2),
-             median_bytes_read_kb=round(statistics.median(bytes_in) / 1024, 1),
-             median_slice_kb=round(slice_bytes / 1024, 1),
-             read_to_slice=round(statistics.median(bytes_in) / max(1.0, slice_bytes), 1))
-        shutil.rmtree(out, ignore_errors=True)
+            for layout, laid in (("parts", parts), ("day files", days)):
+                out = args.work / f"perjob-{uuid.uuid4().hex[:8]}"
+                listings = MonthListings()  # each job alone: nothing kept from the previous one
+                job = JobMessage.build(run_id="perjob", month=month, security=security, date=date, input=str(laid),
+                                       output=str(out), processor="analytics", params=JobParams(market_tz=args.tz))
+                c0, t0 = process.cpu_times(), time.perf_counter()
+                [outcome] = execute_batch([job], s3_endpoint_url=None, worker_id="bench", listings=listings)
+                t1, c1 = time.perf_counter(), process.cpu_times()
+                assert not isinstance(outcome, BaseException), outcome
+                seen = figures.setdefault(layout, {"ms": [], "cpu_ms": [], "bytes": [], "slice_rows": []})
+                seen["ms"].append((t1 - t0) * 1000)
+                seen["cpu_ms"].append(((c1.user + c1.system) - (c0.user + c0.system)) * 1000)
+                seen["bytes"].append(outcome.bytes_in)
+                seen["slice_rows"].append(outcome.rows_read)
+                shutil.rmtree(out, ignore_errors=True)
+        for layout, seen in figures.items():
+            slice_bytes = statistics.median(seen["slice_rows"]) * file_bytes / rows
+            _row(target="per-job", layout=layout, rows=rows, jobs_sampled=len(sample),
+                 month_mb=round(file_bytes / 2**20, 1), median_ms=round(statistics.median(seen["ms"]), 2),
+                 median_cpu_ms=round(statistics.median(seen["cpu_ms"]), 2),
+                 median_rows=statistics.median(seen["slice_rows"]),
+                 median_bytes_read_kb=round(statistics.median(seen["bytes"]) / 1024, 2),
+                 median_slice_kb=round(slice_bytes / 1024, 2),
+                 read_to_slice=round(statistics.median(seen["bytes"]) / max(1.0, slice_bytes), 1))
 
 
 def cmd_batch(args: argparse.Namespace) -> None:

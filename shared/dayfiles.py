@@ -140,7 +140,7 @@ class DayFilesWriter:
         self.directory = directory
         self.schema = schema
         self.market_tz = market_tz
-        self.written: list[str] = []  # paths relative to `directory`: <security>/<date>.parquet
+        self.written: list[tuple[str, str]] = []  # (security, YYYY-MM-DD) of each day file
         self.abandoned: str | None = None
         self._pending: list[pa.Table] = []
         self._pending_key: tuple[str, int] | None = None
@@ -175,8 +175,12 @@ class DayFilesWriter:
             held = pa.concat_tables(self._pending)
             self._pending = [held.take(pa.array(np.arange(held.num_rows)))]
 
-    def close(self) -> list[str]:
-        """The day files written (paths relative to `directory`); none when abandoned."""
+    def path(self, security: str, date: str) -> Path:
+        """Where the day file of (`security`, `date`) is written."""
+        return self.directory / security / f"{date}.parquet"
+
+    def close(self) -> list[tuple[str, str]]:
+        """(security, date) of each day file written (`path`); none when abandoned."""
         if self.abandoned is None:
             self._flush()
         return [] if self.abandoned is not None else self.written
@@ -208,12 +212,12 @@ class DayFilesWriter:
         if self._pending_key is None:
             return
         security, day = self._pending_key
-        name = f"{security}/{EPOCH + dt.timedelta(days=day)}.parquet"
-        path = self.directory / name
+        date = str(EPOCH + dt.timedelta(days=day))
+        path = self.path(security, date)
         path.parent.mkdir(parents=True, exist_ok=True)
         names = self.schema.names
         pq.write_table(pa.concat_tables(self._pending), str(path), compression=COMPRESSION, write_statistics=False,
                        column_encoding={c: "DELTA_BINARY_PACKED" for c in DELTA_ENCODED if c in names},
                        use_dictionary=[c for c in names if c not in DELTA_ENCODED], store_schema=False)
-        self.written.append(name)
+        self.written.append((security, date))
         self._pending, self._pending_key = [], None

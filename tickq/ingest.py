@@ -591,26 +591,28 @@ def read_index(storage: Storage, month: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _publish_day_files(target: Storage, month: str, directory: Path, names: list[str]) -> int:
-    """Store the day files written under `directory` (several requests in flight where the
-    store waits on the network), then delete the month's day files this ingest did not write;
-    their bytes."""
-    written = {day_file_key(month, *name.removesuffix(".parquet").split("/")) for name in names}
+def _publish_day_files(target: Storage, month: str, days: DayFilesWriter | None) -> int:
+    """Store the day files `days` wrote (several requests in flight where the store waits on the
+    network), then delete the month's day files this ingest did not write; their bytes."""
+    stored, keep = 0, set()
+    if days is not None:
+        written = days.close()
+        local_path = days.path
 
-    def store(name: str) -> int:
-        path = directory / name
-        size = path.stat().st_size
-        target.write_file(day_file_key(month, *name.removesuffix(".parquet").split("/")), path,
-                          content_type="application/vnd.apache.parquet")
-        path.unlink()
-        return size
+        def store(key: tuple[str, str]) -> int:
+            path = local_path(*key)
+            size = path.stat().st_size
+            target.write_file(day_file_key(month, *key), path, content_type="application/vnd.apache.parquet")
+            path.unlink()
+            return size
 
-    with ThreadPoolExecutor(max_workers=max(1, target.parallel_requests)) as pool:
-        stored = sum(pool.map(store, names))
+        with ThreadPoolExecutor(max_workers=max(1, target.parallel_requests)) as pool:
+            stored = sum(pool.map(store, written))
+        keep = {day_file_key(month, *key) for key in written}
+        shutil.rmtree(days.directory, ignore_errors=True)
     for obj in list(target.list(month_prefix(month))):
-        if obj.key not in written:
+        if obj.key not in keep:
             target.delete(obj.key)
-    shutil.rmtree(directory, ignore_errors=True)
     return stored
 
 
@@ -679,7 +681,6 @@ def _ingest_month(
     parts = out.close()
     entries = [_file_entry(part, month) for part in parts]
     keys.close(month, [part_record(p.key, p.path, e["rows"]) for p, e in zip(parts, entries, strict=True)])
-    day_names = days.close() if days is not None else []
     sorted_at = time.perf_counter()
 
     # No day file may be read against parts it was not cut from: the manifest goes first.
@@ -707,10 +708,10 @@ def _ingest_month(
     target.write_file(f"{month}/{KEYS_NAME}", keys.path, content_type="application/vnd.apache.parquet")
     keys_bytes = keys.path.stat().st_size
     keys.path.unlink()
-    day_bytes = _publish_day_files(target, month, work / "days", day_names)
+    day_bytes = _publish_day_files(target, month, days)
     if days is not None and days.abandoned is None:
         day_files = DayFiles(month, days.market_tz, tuple((e["key"], e["bytes"]) for e in entries))
-        target.write_bytes(manifest_key(month), day_files.manifest(len(day_names)), "application/json")
+        target.write_bytes(manifest_key(month), day_files.manifest(len(days.written)), "application/json")
     removed, foreign = [], []
     for obj in target.list(f"{month}/"):
         name = obj.key[len(month) + 1 :]
@@ -735,7 +736,7 @@ def _ingest_month(
         "merged_buckets": merged_buckets,
         "spill_bytes": spill.bytes,
         "keys_bytes": keys_bytes,
-        "day_files": len(day_names),
+        "day_files": len(days.written) if days is not None and days.abandoned is None else 0,
         "day_files_bytes": day_bytes,
         "day_files_skipped": days.abandoned if days is not None else None,
         "removed": removed,

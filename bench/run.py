@@ -144,7 +144,7 @@ def _duckdb_security_daily(raw: Path, tz: str) -> float:
 
 
 def cmd_e2e(args: argparse.Namespace) -> None:
-    raw, laid = _data(args.work, args.rows, args.securities)
+    raw, laid = _data(args.work, args.rows, args.securities, day_files_tz=args.tz if args.day_files else None)
     for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
         # This machine's speed drifts by tens of percent within minutes: DuckDB runs right
         # before and right after each tickq run, and each ratio uses the mean of the two. A
@@ -644,6 +644,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--raw-too", action="store_true",
                         help="e2e, memory: also run on the raw (not ingested) files")
+    parser.add_argument("--day-files", action="store_true",
+                        help="e2e: ingest with day files in --tz (`tickq ingest --day-files`)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

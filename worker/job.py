@@ -96,6 +96,9 @@ class _Timer:
         self._outcome.time(self._stage, time.perf_counter() - self._start)
 
 
+_Month = tuple[str, str]  # (store, month)
+
+
 class MonthListings:
     """Caches month file listings, so many jobs of one month list its files once, and what
     passes over those files can share: footers and row groups (`ParquetCache`, forgotten
@@ -105,8 +108,8 @@ class MonthListings:
     def __init__(self, ttl_s: float = MONTH_LISTING_TTL_S, ahead: ResultsAhead[JobOutcome] | None = None) -> None:
         self._ttl = ttl_s
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, str], tuple[float, list[InputFile]]] = {}
-        self._days: dict[tuple[str, str], tuple[float, DayFiles | None]] = {}
+        self._files: dict[_Month, tuple[float, list[InputFile]]] = {}
+        self._days: dict[_Month, tuple[float, DayFiles | None]] = {}
         self.parquet = ParquetCache()
         # Results of jobs computed ahead of their messages; only worth it for a process that
         # serves many batches (a worker), not for one job on its own.
@@ -114,30 +117,28 @@ class MonthListings:
 
     def files(self, storage: Storage, month: str) -> list[InputFile]:
         """The month's input files (from cache when fresh)."""
-        key = (storage.uri, month)
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit and now - hit[0] < self._ttl:
-                return hit[1]
-        files = month_files(storage, month)
-        self.parquet.clear()
-        with self._lock:
-            self._cache[key] = (now, files)
-        return files
+
+        def listed() -> list[InputFile]:
+            files = month_files(storage, month)
+            self.parquet.clear()
+            return files
+
+        return self._fresh(self._files, (storage.uri, month), listed)
 
     def day_files(self, storage: Storage, month: str) -> DayFiles | None:
         """The month's day files (`shared.dayfiles`), None when it has none; from cache when fresh."""
-        key = (storage.uri, month)
+        return self._fresh(self._days, (storage.uri, month), lambda: read_manifest(storage, month))
+
+    def _fresh(self, cache: dict[_Month, tuple[float, _T]], key: _Month, load: Callable[[], _T]) -> _T:
         now = time.monotonic()
         with self._lock:
-            hit = self._days.get(key)
+            hit = cache.get(key)
             if hit and now - hit[0] < self._ttl:
                 return hit[1]
-        found = read_manifest(storage, month)
+        value = load()
         with self._lock:
-            self._days[key] = (now, found)
-        return found
+            cache[key] = (now, value)
+        return value
 
 
 def run_filter_mask(rows: pa.Table, params: JobParams) -> pa.Array | None:

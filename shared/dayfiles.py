@@ -89,23 +89,26 @@ class DayFiles:
 def read_manifest(storage: Storage, month: str) -> DayFiles | None:
     """The month's day files; None when it has none or its manifest does not parse (the caller
     then reads the month's parts)."""
-    key = manifest_key(month)
+    raw = _read_if_present(storage, manifest_key(month))
+    if raw is None:
+        return None
     try:
-        body = json.loads(storage.read_bytes(key))
+        body = json.loads(raw)
         if body["v"] != MANIFEST_VERSION or body["month"] != month:
             return None
         parts = tuple((str(p["key"]), int(p["size"])) for p in body["parts"])
         return DayFiles(month, str(body["market_tz"]), parts)
-    except PermanentError:
-        if storage.exists(key):
-            raise
-        return None
     except (ValueError, KeyError, TypeError):
         return None
 
 
 def read_day_file(storage: Storage, key: str) -> bytes | None:
     """The body of the day file `key`; None when there is none (its job has no rows)."""
+    return _read_if_present(storage, key)
+
+
+def _read_if_present(storage: Storage, key: str) -> bytes | None:
+    # Only a missing object costs a second request: to tell it from one the store refused.
     try:
         return storage.read_bytes(key)
     except PermanentError:

@@ -591,9 +591,10 @@ def read_index(storage: Storage, month: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _publish_day_files(target: Storage, month: str, days: DayFilesWriter | None) -> int:
+def _publish_day_files(target: Storage, month: str, days: DayFilesWriter | None) -> tuple[int, int]:
     """Store the day files `days` wrote (several requests in flight where the store waits on the
-    network), then delete the month's day files this ingest did not write; their bytes."""
+    network), then delete the month's day files this ingest did not write; how many were
+    stored, and their bytes."""
     stored, keep = 0, set()
     if days is not None:
         written = days.close()
@@ -613,7 +614,7 @@ def _publish_day_files(target: Storage, month: str, days: DayFilesWriter | None)
     for obj in list(target.list(month_prefix(month))):
         if obj.key not in keep:
             target.delete(obj.key)
-    return stored
+    return len(keep), stored
 
 
 def _peak_rss_mb() -> float:
@@ -708,10 +709,10 @@ def _ingest_month(
     target.write_file(f"{month}/{KEYS_NAME}", keys.path, content_type="application/vnd.apache.parquet")
     keys_bytes = keys.path.stat().st_size
     keys.path.unlink()
-    day_bytes = _publish_day_files(target, month, days)
+    day_count, day_bytes = _publish_day_files(target, month, days)
     if days is not None and days.abandoned is None:
         day_files = DayFiles(month, days.market_tz, tuple((e["key"], e["bytes"]) for e in entries))
-        target.write_bytes(manifest_key(month), day_files.manifest(len(days.written)), "application/json")
+        target.write_bytes(manifest_key(month), day_files.manifest(day_count), "application/json")
     removed, foreign = [], []
     for obj in target.list(f"{month}/"):
         name = obj.key[len(month) + 1 :]
@@ -736,7 +737,7 @@ def _ingest_month(
         "merged_buckets": merged_buckets,
         "spill_bytes": spill.bytes,
         "keys_bytes": keys_bytes,
-        "day_files": len(days.written) if days is not None and days.abandoned is None else 0,
+        "day_files": day_count,
         "day_files_bytes": day_bytes,
         "day_files_skipped": days.abandoned if days is not None else None,
         "removed": removed,

@@ -1,5 +1,6 @@
-"""Test helpers: reading a run's tables and summary, moving files to S3, and an HTTP proxy
-that slows down or fails requests to the S3 server (for long jobs and outages)."""
+"""Test helpers: running jobs in batches and reading what they stored, reading a run's tables
+and summary, moving files to S3, and an HTTP proxy that slows down or fails requests to the S3
+server (for long jobs and outages)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from producer.discover import discover_month
+from shared.layout import JobKey, RunLayout, batch_result_table
+from shared.messages import JobMessage
 from shared.storage import open_storage
+from worker.job import JobOutcome, MonthListings, execute_batch
 
 TABLE_NAMES = (
     "security_daily",
@@ -36,6 +41,32 @@ def decoded(table: pa.Table) -> pa.Table:
     """`table` with its label (dictionary) columns as plain strings, to compare values."""
     fields = [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in table.schema]
     return table.cast(pa.schema(fields))
+
+
+def discovered_keys(source: str | Path, month: str, market_tz: str) -> list[JobKey]:
+    """The jobs the producer finds in `month` of `source`, in key order."""
+    found = discover_month(open_storage(str(source)), month, market_tz)
+    return [JobKey(month, security, day) for security, day in sorted(found.rows)]
+
+
+def run_in_batches(jobs: list[JobMessage], batch: int, listings: MonthListings) -> list[JobOutcome]:
+    """`jobs` through `execute_batch` in batches of `batch`, in order (as a worker's prefetch
+    holds them); their outcomes, in order. Every job must succeed."""
+    outcomes: list[JobOutcome] = []
+    for start in range(0, len(jobs), batch):
+        for result in execute_batch(jobs[start:start + batch], s3_endpoint_url=None, worker_id="test",
+                                    listings=listings):
+            assert isinstance(result, JobOutcome), result
+            outcomes.append(result)
+    return outcomes
+
+
+def stored_results(output: str | Path, run_id: str = "r1") -> pa.Table:
+    """Every job's stored row (columnar result and counts) of a run, sorted by job id."""
+    store = open_storage(str(output))
+    tables = [batch_result_table(store.read_bytes(o.key))[1].replace_schema_metadata(None)
+              for o in store.list(RunLayout(run_id).results_prefix)]
+    return pa.concat_tables(tables).sort_by("job_id")
 
 
 def read_tables(output: str, run_id: str, endpoint: str | None = None) -> dict[str, pd.DataFrame]:

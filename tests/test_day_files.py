@@ -14,14 +14,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from producer.discover import discover_month
 from shared.dayfiles import day_file_key, manifest_key, month_prefix
 from shared.errors import PermanentError
 from shared.inputs import job_dates
-from shared.layout import JobKey, RunLayout, batch_result_table
+from shared.layout import JobKey
 from shared.messages import JobMessage, JobParams
 from shared.storage import S3Storage, open_storage
 from tests.conftest import S3Server
+from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
 from worker.job import DAY_FILE_JOBS, JobOutcome, MonthListings, execute_batch
@@ -41,31 +41,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _keys(source: Path) -> list[JobKey]:
-    found = discover_month(open_storage(str(source)), MONTH, TZ)
-    return [JobKey(MONTH, security, day) for security, day in sorted(found.rows)]
+    return discovered_keys(source, MONTH, TZ)
 
 
 def _run(source: Path, output: Path, keys: list[JobKey], batch: int, market_tz: str = TZ) -> list[JobOutcome]:
-    """Every job of `keys` through `execute_batch` in batches of `batch`, in key order."""
+    """Every job of `keys` in batches of `batch`, in key order (one process cache for all)."""
     jobs = [JobMessage.build(run_id="r1", month=MONTH, security=k.security, date=k.date, input=str(source),
                              output=str(output), processor="analytics", params=JobParams(market_tz=market_tz))
             for k in keys]
-    listings = MonthListings()
-    outcomes: list[JobOutcome] = []
-    for start in range(0, len(jobs), batch):
-        for result in execute_batch(jobs[start:start + batch], s3_endpoint_url=None, worker_id="test",
-                                    listings=listings):
-            assert isinstance(result, JobOutcome), result
-            outcomes.append(result)
-    return outcomes
-
-
-def _stored(output: Path) -> pa.Table:
-    """Every job's stored row (result columns and counts), sorted by job id."""
-    store = open_storage(str(output))
-    tables = [batch_result_table(store.read_bytes(o.key))[1].replace_schema_metadata(None)
-              for o in store.list(RunLayout("r1").results_prefix)]
-    return pa.concat_tables(tables).sort_by("job_id")
+    return run_in_batches(jobs, batch, MonthListings())
 
 
 def assert_same_results(got: pa.Table, expected: pa.Table) -> None:
@@ -116,7 +100,7 @@ def test_small_batches_read_their_day_files_and_store_what_the_parts_give(
     from_days = _run(data / "days", tmp_path / "days", keys, batch)
     from_parts = _run(data / "parts", tmp_path / "parts", keys, batch)
 
-    assert_same_results(_stored(tmp_path / "days"), _stored(tmp_path / "parts"))
+    assert_same_results(stored_results(tmp_path / "days"), stored_results(tmp_path / "parts"))
     counts = ("rows_read", "rows_accepted", "rows_rejected", "rows_filtered")
     assert [[getattr(o, c) for c in counts] for o in from_days] == [[getattr(o, c) for c in counts] for o in from_parts]
     # A batch reads its jobs' day files and nothing else: each job its share of them.
@@ -137,7 +121,7 @@ def test_larger_batches_another_zone_or_other_parts_read_the_parts(data: Path, t
     utc = _run(data / "days", tmp_path / "utc", keys, 1, market_tz="UTC")
     assert [o.bytes_in for o in utc] == [o.bytes_in for o in _run(data / "parts", tmp_path / "p2", keys, 1,
                                                                   market_tz="UTC")]
-    assert _stored(tmp_path / "utc").equals(_stored(tmp_path / "p2"))
+    assert stored_results(tmp_path / "utc").equals(stored_results(tmp_path / "p2"))
 
 
 def test_day_files_of_other_parts_are_never_read(data: Path, tmp_path: Path) -> None:
@@ -245,4 +229,4 @@ def test_on_an_object_store_a_small_batch_gets_each_day_file_once_and_no_row_gro
     assert sorted(gets) == sorted([manifest_key(MONTH)] + [day_file_key(MONTH, k.security, k.date) for k in keys])
     assert ranged == []
     _run(data / "days", tmp_path / "local", keys, DAY_FILE_JOBS)
-    assert_same_results(_stored(tmp_path / "s3"), _stored(tmp_path / "local"))
+    assert_same_results(stored_results(tmp_path / "s3"), stored_results(tmp_path / "local"))

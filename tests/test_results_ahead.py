@@ -9,15 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from producer.discover import discover_month
 from shared.inputs import month_files, pass_share
-from shared.layout import JobKey, RunLayout, batch_result_table, job_keys_csv
+from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
 from shared.storage import LocalStorage, open_storage
+from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
 from worker.ahead import ResultsAhead
@@ -44,35 +43,19 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _keys(source: str) -> list[JobKey]:
-    found = discover_month(open_storage(source), MONTH, TZ)
-    return [JobKey(MONTH, security, day) for security, day in sorted(found.rows)]
+    return discovered_keys(source, MONTH, TZ)
 
 
 def _run(source: str, output: str, keys: list[JobKey], listings: MonthListings, with_key_file: bool = True,
          run_id: str = "r1", params: JobParams | None = None) -> list[JobOutcome]:
-    """Every job of `keys` through `execute_batch`, in batches of `BATCH` in key order (as a
-    worker's prefetch holds them); the outcomes, in key order."""
+    """Every job of `keys` in batches of `BATCH`, in key order; the outcomes, in key order."""
     layout = RunLayout(run_id)
     if with_key_file:
         open_storage(output).write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
     jobs = [JobMessage.build(run_id=run_id, month=MONTH, security=k.security, date=k.date, input=source,
                              output=output, processor="analytics", params=params or JobParams(market_tz=TZ))
             for k in keys]
-    outcomes: list[JobOutcome] = []
-    for start in range(0, len(jobs), BATCH):
-        for result in execute_batch(jobs[start:start + BATCH], s3_endpoint_url=None, worker_id="test",
-                                    listings=listings):
-            assert isinstance(result, JobOutcome), result
-            outcomes.append(result)
-    return outcomes
-
-
-def _stored(output: str, run_id: str = "r1") -> pa.Table:
-    """Every job's stored row (result columns and counts), sorted by job id."""
-    store = open_storage(output)
-    tables = [batch_result_table(store.read_bytes(o.key))[1].replace_schema_metadata(None)
-              for o in store.list(RunLayout(run_id).results_prefix)]
-    return pa.concat_tables(tables).sort_by("job_id")
+    return run_in_batches(jobs, BATCH, listings)
 
 
 def _month_bytes(source: Path) -> int:
@@ -90,7 +73,7 @@ def test_a_month_without_an_index_is_read_once_and_every_job_stores_what_a_pass_
     served = _run(source, str(tmp_path / "ahead"), keys, MonthListings(ahead=ahead))
     alone = _run(source, str(tmp_path / "alone"), keys, MonthListings())
 
-    assert _stored(str(tmp_path / "ahead")).equals(_stored(str(tmp_path / "alone")))
+    assert stored_results(str(tmp_path / "ahead")).equals(stored_results(str(tmp_path / "alone")))
     assert ahead.served == len(keys) - BATCH  # the first batch's pass computed everything else
     assert ahead.held_bytes() == 0  # each result is served once, then forgotten
     # The month was read once, and each job's bytes are its share of that read.
@@ -130,9 +113,9 @@ def test_without_the_month_key_file_or_past_the_budget_each_batch_makes_its_own_
     _run(source, str(tmp_path / "tiny"), keys, MonthListings(ahead=tiny))
 
     assert no_keys.served == 0 and tiny.served == 0
-    expected = _stored(str(tmp_path / "ref"))
-    assert _stored(str(tmp_path / "no-keys")).equals(expected)
-    assert _stored(str(tmp_path / "tiny")).equals(expected)
+    expected = stored_results(str(tmp_path / "ref"))
+    assert stored_results(str(tmp_path / "no-keys")).equals(expected)
+    assert stored_results(str(tmp_path / "tiny")).equals(expected)
     assert len(reference) == len(keys)
 
 
@@ -148,7 +131,7 @@ def test_results_are_kept_per_run_and_parameters(data: Path, tmp_path: Path) -> 
     _run(source, output, keys[BATCH:], listings, run_id="r2", params=other)
     _run(source, str(tmp_path / "ref"), keys[BATCH:], MonthListings(), run_id="r2", params=other)
 
-    assert _stored(output, "r2").equals(_stored(str(tmp_path / "ref"), "r2"))
+    assert stored_results(output, "r2").equals(stored_results(str(tmp_path / "ref"), "r2"))
     assert ahead.served == len(keys) - 2 * BATCH  # r2's own pass, not r1's results
 
 
@@ -194,7 +177,7 @@ def test_an_unreadable_month_key_file_costs_only_the_shortcut(data: Path, tmp_pa
 
     assert len(outcomes) == len(keys) and ahead.served == 0
     _run(source, str(tmp_path / "ref"), keys, MonthListings())
-    assert _stored(output).equals(_stored(str(tmp_path / "ref")))
+    assert stored_results(output).equals(stored_results(str(tmp_path / "ref")))
 
 
 def test_one_pass_at_a_time_computes_ahead_and_ordinary_passes_never_take_the_turn() -> None:

@@ -23,8 +23,9 @@ from shared.tables import TableSink
 
 GROUP_DIMENSIONS = ("participant", "venue", "hour", "size_bucket")
 HOURS = list(range(24))
-# Above this many (job, group) cells a dimension is grouped by sorting the cells present
-# instead of counting into a dense table (a participant column with very many distinct values).
+# Up to this many (job, group) cells a dimension sums rows straight into a table of every cell
+# (24 bytes each); above it, into the cells present, found by sorting (a participant column
+# with very many distinct values, or a pass computing thousands of jobs).
 DENSE_CELLS = 1 << 20
 # Cells a batch buffers per dimension before merging them into one cell per (job, value).
 COMPACT_CELLS = 1 << 18
@@ -161,6 +162,8 @@ class BatchPartials:
         self._values: dict[str, list[Any]] = {d: [] for d in GROUP_DIMENSIONS}
         self._codes: dict[str, dict[Any, int]] = {d: {} for d in GROUP_DIMENSIONS}
         self._cells: dict[str, list[tuple[np.ndarray, ...]]] = {d: [] for d in GROUP_DIMENSIONS}
+        # Each dimension sums into a table of every (value, job) cell while it is small enough.
+        self._tables: dict[str, _CellTable | None] = {d: _CellTable(count) for d in GROUP_DIMENSIONS}
         self._groups: dict[str, _SlotGroups] | None = None
 
     def add(self, rows: pa.Table, slots: np.ndarray) -> None:
@@ -212,27 +215,25 @@ class BatchPartials:
     def _add_groups(self, dim: str, slots: np.ndarray, codes: np.ndarray, values: list[Any], size: np.ndarray,
                     notional: np.ndarray) -> None:
         """Sums per (slot, group) cell of one dimension; `codes` index `values` (this batch's)."""
-        width = len(values)
-        cells = slots * width + codes
-        dense = self.count * width <= DENSE_CELLS
-        if dense:
-            index, length = cells, self.count * width
-        else:  # very many distinct values: number the cells present by sorting, not a dense table
-            present, index = np.unique(cells, return_inverse=True)
-            length = len(present)
-        records = np.bincount(index, minlength=length)
-        volume = np.zeros(length, dtype=np.int64)
-        np.add.at(volume, index, size)
-        amount = np.bincount(index, weights=notional, minlength=length)
-        if dense:
-            present = np.flatnonzero(records)
-            records, volume, amount = records[present], volume[present], amount[present]
         known = self._codes[dim]
         seen = self._values[dim]
+        width = len(values)
         to_code = np.fromiter((known.setdefault(v, len(known)) for v in values), dtype=np.int64, count=width)
         before = len(seen)
         seen.extend(values[i] for i in range(width) if to_code[i] >= before)
+        table = self._tables[dim]
+        if table is not None and self.count * len(seen) <= DENSE_CELLS:
+            table.add(to_code[codes], slots, size, notional, len(seen))
+            return
         parts = self._cells[dim]
+        if table is not None:  # too many cells for a table now: its sums become cells
+            parts.append(table.cells())
+            self._tables[dim] = None
+        present, index = np.unique(slots * width + codes, return_inverse=True)
+        records = np.bincount(index, minlength=len(present))
+        volume = np.zeros(len(present), dtype=np.int64)
+        np.add.at(volume, index, size)
+        amount = np.bincount(index, weights=notional, minlength=len(present))
         parts.append((present // width, to_code[present % width], records, volume, amount))
         if sum(len(part[0]) for part in parts) > COMPACT_CELLS:
             # Unsorted input spreads every job over every batch of rows: keep one cell per
@@ -241,6 +242,10 @@ class BatchPartials:
 
     def _slot_groups(self) -> dict[str, _SlotGroups]:
         if self._groups is None:
+            for dim, table in self._tables.items():
+                if table is not None:
+                    self._cells[dim].append(table.cells())
+            self._tables = {d: None for d in GROUP_DIMENSIONS}
             self._groups = {d: _SlotGroups.of(self._cells[d], self._values[d], self.count) for d in GROUP_DIMENSIONS}
             self._cells = {d: [] for d in GROUP_DIMENSIONS}
         return self._groups
@@ -267,6 +272,35 @@ class BatchPartials:
         for dim, groups in self._slot_groups().items():
             columns.update(groups.columns(dim))
         return pa.table(columns, schema=RESULT_SCHEMA)
+
+
+class _CellTable:
+    """One dimension's sums for every (group code, slot) cell, at code * count + slot: rows add
+    straight into it, one by one in input order, and it grows by whole codes as values appear."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.records = np.zeros(0, dtype=np.int64)
+        self.volume = np.zeros(0, dtype=np.int64)
+        self.notional = np.zeros(0, dtype=np.float64)
+
+    def add(self, codes: np.ndarray, slots: np.ndarray, size: np.ndarray, notional: np.ndarray, width: int) -> None:
+        """Add rows (their group `codes`, all below `width`, and job `slots`)."""
+        more = width * self.count - len(self.records)
+        if more > 0:
+            self.records = np.concatenate((self.records, np.zeros(more, dtype=np.int64)))
+            self.volume = np.concatenate((self.volume, np.zeros(more, dtype=np.int64)))
+            self.notional = np.concatenate((self.notional, np.zeros(more)))
+        index = codes * self.count + slots
+        np.add.at(self.records, index, 1)
+        np.add.at(self.volume, index, size)
+        np.add.at(self.notional, index, notional)
+
+    def cells(self) -> tuple[np.ndarray, ...]:
+        """The cells holding rows, as (slot, code, records, volume, notional)."""
+        present = np.flatnonzero(self.records)
+        return (present % self.count, present // self.count, self.records[present], self.volume[present],
+                self.notional[present])
 
 
 @dataclass

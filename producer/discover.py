@@ -13,10 +13,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.inputs import KEY_COLUMNS, InputFile, month_files, read_batches, trade_dates
+from shared.inputs import KEY_COLUMNS, InputFile, label_codes, month_files, read_batches, trade_dates
 from shared.markettime import local_time
 from shared.messages import is_valid_security
 from shared.monthkeys import quarters_share_dates, read_keys
@@ -107,15 +108,63 @@ def _counts_from_keys(storage: Storage, month: str, files: list[InputFile], mark
 
 
 def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) -> _Counted:
-    """Counts from the key columns of every row of the month, a batch at a time."""
+    """Counts from the key columns of every row of the month, a batch at a time.
+
+    Each batch is grouped on its security codes (as read, a dictionary) and day numbers, not on
+    text; the batches' counts are folded together as they come, and handed on once (a month
+    has hundreds of batches and each repeats most of the month's jobs)."""
+    folded = _FoldedCounts()
     for file in files:
         for batch in read_batches(storage, file, KEY_COLUMNS):
-            security = batch.column("security")
-            if pa.types.is_dictionary(security.type):
-                security = security.dictionary_decode()
-            security = security.cast(pa.string())
-            table = pa.table({"security": security, "trade_date": trade_dates(batch, market_tz)})
-            counts = table.group_by(["security", "trade_date"], use_threads=False).aggregate(
-                [([], "count_all")]
-            )
-            yield batch.num_rows, counts.select(["security", "trade_date", "count_all"])
+            folded.add(batch.num_rows, _batch_counts(batch, market_tz))
+    return [folded.result()]
+
+
+def _batch_counts(batch: pa.RecordBatch, market_tz: str) -> pa.Table:
+    """The batch's rows per (security, trade_date), as columns security, trade_date, count."""
+    security = batch.column("security")
+    if not pa.types.is_dictionary(security.type):
+        security = pc.dictionary_encode(security)
+    codes, values = label_codes(security)
+    keys = pa.table({"code": pa.array(codes.astype(np.int32, copy=False)),
+                     "trade_date": trade_dates(batch, market_tz)})
+    counts = keys.group_by(["code", "trade_date"], use_threads=False).aggregate([([], "count_all")])
+    # Code -1 (a null security) takes the extra null at the end of the values.
+    lookup = pa.concat_arrays([values.cast(pa.string()), pa.nulls(1, pa.string())])
+    code = pc.if_else(pc.less(counts.column("code"), 0), len(values), counts.column("code"))
+    return pa.table({"security": lookup.take(code), "trade_date": counts.column("trade_date"),
+                     "count": counts.column("count_all")})
+
+
+class _FoldedCounts:
+    """Per-batch counts summed into one table, folding whenever enough rows have gathered."""
+
+    FOLD_ROWS = 1 << 18
+
+    def __init__(self) -> None:
+        self.rows_seen = 0
+        self._tables: list[pa.Table] = []
+        self._gathered = 0
+
+    def add(self, rows_seen: int, counts: pa.Table) -> None:
+        """Add one batch's counts (columns security, trade_date, count)."""
+        self.rows_seen += rows_seen
+        self._tables.append(counts)
+        self._gathered += counts.num_rows
+        if self._gathered > self.FOLD_ROWS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if len(self._tables) > 1:
+            table = pa.concat_tables(self._tables)
+            summed = table.group_by(["security", "trade_date"], use_threads=False).aggregate([("count", "sum")])
+            self._tables = [summed.select(["security", "trade_date", "count_sum"]).rename_columns(
+                ["security", "trade_date", "count"])]
+        self._gathered = sum(t.num_rows for t in self._tables)
+
+    def result(self) -> tuple[int, pa.Table]:
+        """Rows seen, and the counts of all of them."""
+        self._fold()
+        empty = pa.table({"security": pa.array([], pa.string()), "trade_date": pa.array([], pa.date32()),
+                          "count": pa.array([], pa.int64())})
+        return self.rows_seen, self._tables[0] if self._tables else empty

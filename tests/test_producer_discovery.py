@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+import producer.discover as discover
 import shared.monthkeys as monthkeys
 from producer.discover import MonthDiscovery, discover_month
 from shared.inputs import month_files
@@ -153,6 +154,8 @@ def test_keys_give_exactly_the_scan(
     # Small flushes and buckets: equal keys land in several sidecar rows, which must add up.
     monkeypatch.setattr(monthkeys, "FLUSH_ROWS", 50)
     monkeypatch.setattr(monthkeys, "ADD_SLICE_ROWS", 1000)
+    # And the scan folds its batches' counts together many times over.
+    monkeypatch.setattr(discover._FoldedCounts, "FOLD_ROWS", 100)
     raw, out = tmp_path / "raw", tmp_path / "out"
     codes = dirty_month(raw, month, market_tz, with_date, extra=transitions)
     ingest(str(raw), str(out), [month], row_group_rows=2048, memory_budget_bytes=1 << 20)

@@ -69,6 +69,11 @@ class Storage(Protocol):
         """Make sure an empty object exists under `key` (a marker: only its presence counts)."""
         ...
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Store `data` under `key` only if nothing is there yet: True when this call created
+        it. Of writers racing for one key, exactly one wins."""
+        ...
+
     def open_read(self, key: str) -> IO[bytes]:
         """A seekable binary reader; on S3 every read is a ranged GET."""
         ...
@@ -175,6 +180,22 @@ class LocalStorage:
         except FileNotFoundError:  # the directory went away since it was made: make it again
             self._dirs.discard(target.parent)
             self._write_in(target, data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        target = self._path(key)
+        self._make_parent(target)
+        tmp = self._tmp_path(target.parent)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            # A link fails where the name exists: the object appears whole, and only once.
+            os.link(tmp, target)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _write_in(self, target: Path, data: bytes) -> None:
         self._make_parent(target)
@@ -374,6 +395,21 @@ class S3Storage:
         self._call(
             self.describe(key), self._client.put_object, Key=self._key(key), Body=data, ContentType=content_type
         )
+
+    def create(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            # 409: another conditional write of the key is in flight, and one of them will win.
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise _classify_boto_error(exc, self.describe(key)) from exc
+        except Exception as exc:
+            raise _classify_boto_error(exc, self.describe(key)) from exc
 
     def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         try:

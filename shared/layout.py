@@ -195,6 +195,15 @@ class RunLayout:
         jobs a worker serves in one pass over the month)."""
         return f"{self.root}/job_keys/{month}.csv"
 
+    def month_pass_claim(self, month: str, part: int) -> str:
+        """Created by the one worker that computes a part of a month's expected jobs in one
+        pass; the others wait for its results rather than read the month too."""
+        return f"{self.root}/month_passes/{month}/{part}.claim"
+
+    def month_pass_done(self, month: str, part: int) -> str:
+        """Written once the claimed pass over a part of a month has stored its results."""
+        return f"{self.root}/month_passes/{month}/{part}.done"
+
     @property
     def results_prefix(self) -> str:
         """Prefix of the batch result objects."""

@@ -85,10 +85,12 @@ def test_credentials_never_reach_logs_dead_letters_or_errors(
 
 
 def test_the_aggregator_survives_its_own_crash_and_writes_the_same_tables(tickq: Tickq, tmp_path: Path) -> None:
-    data, output = tmp_path / "data", tmp_path / "out"
+    data, laid, output = tmp_path / "data", tmp_path / "laid", tmp_path / "out"
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "20000", "--securities", "5")
+    # Ingested, so that jobs finish batch by batch (a raw month's first pass would store them all).
+    tickq.run("ingest", "--input", str(data), "--output", str(laid), "--months", MONTH)
     first = tickq.start("aggregator")
-    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "agg")
+    produced = tickq.produce("--input", str(laid), "--output", str(output), "--months", MONTH, "--run-id", "agg")
     half = produced["jobs"] // 2
     tickq.wait_all([tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--max-jobs", str(half))])
     time.sleep(1.0)

@@ -1,17 +1,24 @@
-"""A month without an index is read about once per worker, not once per batch: the first
-batch's pass computes the month's other expected jobs ahead, and their messages are served
-from those results, stored exactly as they would have been computed then."""
+"""A month without an index is read about once per run, not once per batch or worker: the
+first batch to claim the month computes and stores every expected job of it in its pass, the
+others wait for that pass and find their jobs stored, exactly as passes of their own would have
+stored them."""
 
 from __future__ import annotations
 
+import io
+import json
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import worker.job as job_module
 from shared.inputs import month_files, pass_share
 from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
@@ -19,7 +26,7 @@ from shared.storage import LocalStorage, open_storage
 from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
-from worker.ahead import ResultsAhead
+from worker.ahead import MonthPasses, claim_month, month_done, release_month, renewing_claim, wait_for_month
 from worker.job import AHEAD_FROM_SHARE, JobOutcome, MonthListings, execute_batch
 
 MONTH = "2024-03"
@@ -62,26 +69,78 @@ def _month_bytes(source: Path) -> int:
     return sum(f.size for f in month_files(open_storage(str(source)), MONTH))
 
 
+class _Counted(io.RawIOBase):
+    """A file whose reads add their bytes to `tally[key]`."""
+
+    def __init__(self, raw: Any, key: str, tally: dict[str, int], lock: threading.Lock) -> None:
+        self.raw, self.key, self.tally, self.lock = raw, key, tally, lock
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return int(self.raw.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self.raw.tell())
+
+    def readinto(self, buffer: Any) -> int:
+        n = int(self.raw.readinto(buffer))
+        with self.lock:
+            self.tally[self.key] = self.tally.get(self.key, 0) + n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Bytes read from each key through every later `LocalStorage.open_read` (from any thread)."""
+    tally: dict[str, int] = {}
+    lock = threading.Lock()
+    original = LocalStorage.open_read
+
+    def open_read(self: LocalStorage, key: str):  # type: ignore[no-untyped-def]
+        return _Counted(original(self, key), key, tally, lock)
+
+    monkeypatch.setattr(LocalStorage, "open_read", open_read)
+    return tally
+
+
+def _times_read(source: str, tally: dict[str, int]) -> float:
+    """How many times over the month's files were read, in bytes."""
+    return sum(tally.values()) / _month_bytes(Path(source))
+
+
+def _claims(output: Path, run_id: str = "r1") -> list[str]:
+    return sorted(o.key for o in open_storage(str(output)).list(f"runs/{run_id}/month_passes/"))
+
+
 @pytest.mark.parametrize("fmt", ["raw", "csv"])
 def test_a_month_without_an_index_is_read_once_and_every_job_stores_what_a_pass_of_its_own_gives(
-    data: Path, tmp_path: Path, fmt: str
+    data: Path, tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source = str(data / fmt)
     keys = _keys(source)
     assert len(keys) > 10 * BATCH
-    ahead: ResultsAhead[JobOutcome] = ResultsAhead()
-    served = _run(source, str(tmp_path / "ahead"), keys, MonthListings(ahead=ahead))
+    tally = _count_reads(monkeypatch)
+    served = _run(source, str(tmp_path / "ahead"), keys, MonthListings(passes=MonthPasses()))
+    served_reads = _times_read(source, tally)
+    tally.clear()
     alone = _run(source, str(tmp_path / "alone"), keys, MonthListings())
 
     assert stored_results(str(tmp_path / "ahead")).equals(stored_results(str(tmp_path / "alone")))
-    assert ahead.served == len(keys) - BATCH  # the first batch's pass computed everything else
-    assert ahead.held_bytes() == 0  # each result is served once, then forgotten
-    # The month was read once, and each job's bytes are its share of that read.
-    assert sum(o.bytes_in for o in served) <= _month_bytes(data / fmt) * 1.05
-    assert sum(o.bytes_in for o in alone) >= 10 * sum(o.bytes_in for o in served)  # once per batch
-    for ahead_outcome, own in zip(served, alone, strict=True):
-        counts = ("rows_read", "rows_accepted", "rows_rejected", "rows_filtered", "files")
-        assert [getattr(ahead_outcome, c) for c in counts] == [getattr(own, c) for c in counts]
+    # The first batch's pass read the month once and stored every job.
+    assert 1 <= served_reads <= 1.1
+    assert _times_read(source, tally) >= 10  # once per batch
+    assert [o.already_done for o in served] == [False] * BATCH + [True] * (len(keys) - BATCH)
+    assert not any(o.already_done for o in alone)
+    assert _claims(tmp_path / "ahead") == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
+    assert sum(o.bytes_in for o in alone) >= 10 * _month_bytes(data / fmt)
 
 
 def test_an_ingested_month_is_not_read_whole(data: Path, tmp_path: Path) -> None:
@@ -94,45 +153,53 @@ def test_an_ingested_month_is_not_read_whole(data: Path, tmp_path: Path) -> None
     assert pass_share(open_storage(str(data / "raw")), month_files(open_storage(str(data / "raw")), MONTH),
                       few, None) == 1.0
 
-    ahead: ResultsAhead[JobOutcome] = ResultsAhead()
-    outcomes = _run(str(source), str(tmp_path / "out"), keys, MonthListings(ahead=ahead))
-    assert ahead.served == 0  # each batch read its own row groups
+    outcomes = _run(str(source), str(tmp_path / "out"), keys, MonthListings(passes=MonthPasses()))
+    assert not any(o.already_done for o in outcomes) and not _claims(tmp_path / "out")  # each batch read its own
     assert sum(o.bytes_in for o in outcomes) < _month_bytes(source) * 2
 
 
-def test_without_the_month_key_file_or_past_the_budget_each_batch_makes_its_own_pass(
-    data: Path, tmp_path: Path
-) -> None:
+def test_without_the_month_key_file_each_batch_makes_its_own_pass(data: Path, tmp_path: Path) -> None:
     source = str(data / "raw")
     keys = _keys(source)[: 4 * BATCH]
-    reference = _run(source, str(tmp_path / "ref"), keys, MonthListings())
+    _run(source, str(tmp_path / "ref"), keys, MonthListings())
+    outcomes = _run(source, str(tmp_path / "no-keys"), keys, MonthListings(passes=MonthPasses()), with_key_file=False)
 
-    no_keys: ResultsAhead[JobOutcome] = ResultsAhead()
-    _run(source, str(tmp_path / "no-keys"), keys, MonthListings(ahead=no_keys), with_key_file=False)
-    tiny: ResultsAhead[JobOutcome] = ResultsAhead(budget_bytes=1024)
-    _run(source, str(tmp_path / "tiny"), keys, MonthListings(ahead=tiny))
-
-    assert no_keys.served == 0 and tiny.served == 0
-    expected = stored_results(str(tmp_path / "ref"))
-    assert stored_results(str(tmp_path / "no-keys")).equals(expected)
-    assert stored_results(str(tmp_path / "tiny")).equals(expected)
-    assert len(reference) == len(keys)
+    assert not any(o.already_done for o in outcomes) and not _claims(tmp_path / "no-keys")
+    assert stored_results(str(tmp_path / "no-keys")).equals(stored_results(str(tmp_path / "ref")))
 
 
-def test_results_are_kept_per_run_and_parameters(data: Path, tmp_path: Path) -> None:
+def test_a_month_of_more_jobs_than_one_pass_computes_is_claimed_in_parts(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = str(data / "raw")
+    keys = _keys(source)
+    monkeypatch.setattr(job_module, "MAX_JOBS_AHEAD", 3 * BATCH + 5)  # parts do not end with batches
+    outcomes = _run(source, str(tmp_path / "parts"), keys, MonthListings(passes=MonthPasses()))
+    _run(source, str(tmp_path / "ref"), keys, MonthListings())
+
+    assert stored_results(str(tmp_path / "parts")).equals(stored_results(str(tmp_path / "ref")))
+    parts = -(-len(keys) // (3 * BATCH + 5))
+    assert _claims(tmp_path / "parts") == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
+                                                 for p in range(parts) for kind in ("claim", "done"))
+    # A batch straddling two parts computes its jobs of the next part, which that part's pass
+    # then stores again (the same result): computed at most twice, never lost.
+    assert sum(not o.already_done for o in outcomes) <= parts * 2 * BATCH
+
+
+def test_passes_are_claimed_per_run_and_parameters(data: Path, tmp_path: Path) -> None:
     source = str(data / "raw")
     keys = _keys(source)[: 3 * BATCH]
-    ahead: ResultsAhead[JobOutcome] = ResultsAhead()
-    listings = MonthListings(ahead=ahead)
+    listings = MonthListings(passes=MonthPasses())
     output = str(tmp_path / "out")
-    _run(source, output, keys[:BATCH], listings, run_id="r1")  # computes the rest of r1 ahead
+    _run(source, output, keys[:BATCH], listings, run_id="r1")  # computes and stores the rest of r1
     # Another run with other parameters over the same month: nothing of r1 may serve it.
     other = JobParams(market_tz=TZ, min_size=500)
-    _run(source, output, keys[BATCH:], listings, run_id="r2", params=other)
+    outcomes = _run(source, output, keys[BATCH:], listings, run_id="r2", params=other)
     _run(source, str(tmp_path / "ref"), keys[BATCH:], MonthListings(), run_id="r2", params=other)
 
     assert stored_results(output, "r2").equals(stored_results(str(tmp_path / "ref"), "r2"))
-    assert ahead.served == len(keys) - 2 * BATCH  # r2's own pass, not r1's results
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * BATCH  # r2's own pass
+    assert len(_claims(tmp_path / "out", "r2")) == 2
 
 
 def test_two_slots_of_one_worker_read_a_month_once(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,52 +208,109 @@ def test_two_slots_of_one_worker_read_a_month_once(data: Path, tmp_path: Path, m
     output = str(tmp_path / "out")
     layout = RunLayout("r1")
     open_storage(output).write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
-    opened: list[str] = []
-    lock = threading.Lock()
-    original = LocalStorage.open_read
-
-    def open_read(self: LocalStorage, key: str):  # type: ignore[no-untyped-def]
-        with lock:
-            opened.append(key)
-        return original(self, key)
-
-    monkeypatch.setattr(LocalStorage, "open_read", open_read)
+    tally = _count_reads(monkeypatch)
     jobs = [JobMessage.build(run_id="r1", month=MONTH, security=k.security, date=k.date, input=source,
                              output=output, processor="analytics", params=JobParams(market_tz=TZ)) for k in keys]
-    listings = MonthListings(ahead=ResultsAhead())
+    listings = MonthListings(passes=MonthPasses())
     batches = [jobs[i:i + BATCH] for i in range(0, len(jobs), BATCH)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda batch: execute_batch(batch, s3_endpoint_url=None, worker_id="test",
                                                             listings=listings), batches))
 
     assert all(isinstance(r, JobOutcome) for batch in results for r in batch)
-    files = month_files(open_storage(source), MONTH)
-    reads_per_file = {f.key: sum(1 for k in opened if k == f.key) for f in files}
-    assert all(n <= 2 for n in reads_per_file.values()), reads_per_file  # the footer, then one pass
+    assert 1 <= _times_read(source, tally) <= 1.25  # one pass, and a footer for each slot (two passes: 2)
     marked = {o.key for o in open_storage(output).list(layout.succeeded_prefix)}
     assert marked == {layout.marker(k) for k in keys}
 
 
-def test_an_unreadable_month_key_file_costs_only_the_shortcut(data: Path, tmp_path: Path) -> None:
+def test_workers_that_find_the_month_claimed_wait_for_its_pass_and_compute_only_what_it_did_not_store(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = str(data / "raw")
-    keys = _keys(source)[: 2 * BATCH]
-    output = str(tmp_path / "out")
-    open_storage(output).write_bytes(RunLayout("r1").month_job_keys(MONTH), b"not,a,key,file\n")
-    ahead: ResultsAhead[JobOutcome] = ResultsAhead()
-    outcomes = _run(source, output, keys, MonthListings(ahead=ahead), with_key_file=False)
+    keys = _keys(source)[: 3 * BATCH]
+    output = tmp_path / "out"
+    store, layout = open_storage(str(output)), RunLayout("r1")
+    assert claim_month(store, layout, MONTH, 0, "elsewhere")  # another worker's pass, under way
+    waited: list[float] = []
 
-    assert len(outcomes) == len(keys) and ahead.served == 0
+    def finish_elsewhere(seconds: float) -> None:  # ...which ends while this one waits
+        waited.append(seconds)
+        if len(waited) == 3:
+            month_done(store, layout, MONTH, 0)
+
+    monkeypatch.setattr("worker.ahead._pause", finish_elsewhere)
+    outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
     _run(source, str(tmp_path / "ref"), keys, MonthListings())
-    assert stored_results(output).equals(stored_results(str(tmp_path / "ref")))
+
+    # The other pass stored nothing here, so each batch computed its own jobs after waiting.
+    assert len(waited) == 3 and not any(o.already_done for o in outcomes)
+    assert stored_results(str(output)).equals(stored_results(str(tmp_path / "ref")))
 
 
-def test_one_pass_at_a_time_computes_ahead_and_ordinary_passes_never_take_the_turn() -> None:
-    ahead: ResultsAhead[JobOutcome] = ResultsAhead()
-    with ahead.widening(False) as ordinary:  # e.g. a batch of an ingested month, running
-        assert not ordinary
-        with ahead.widening() as first:
-            assert first  # a raw month's pass elsewhere may still widen
-            with ahead.widening() as second:
-                assert not second  # but only one at a time: memory holds one widened pass
-    with ahead.widening() as again:
-        assert again
+def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = str(data / "raw")
+    keys = _keys(source)[: 3 * BATCH]
+    output = tmp_path / "out"
+
+    def store_fails(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(job_module, "_store_ahead", store_fails)
+    with pytest.raises(AssertionError, match="disk full"):
+        _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
+    assert not _claims(output)  # released: the batch failed, and its messages will come again
+    assert not list(open_storage(str(output)).list(RunLayout("r1").succeeded_prefix))
+    monkeypatch.undo()
+    outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
+    _run(source, str(tmp_path / "ref"), keys, MonthListings())
+    assert stored_results(str(output)).equals(stored_results(str(tmp_path / "ref")))
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
+
+
+def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_stale(tmp_path: Path) -> None:
+    store, layout = open_storage(str(tmp_path)), RunLayout("r1")
+    assert claim_month(store, layout, MONTH, 0, "a")
+    assert not claim_month(store, layout, MONTH, 0, "b")
+    assert claim_month(store, layout, MONTH, 1, "b")  # another part
+    assert json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["worker"] == "a"
+    claimed_at = json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"]
+
+    def wait(part: int, now: float, then: Callable[[], None] | None = None) -> int:
+        """How many times waiting on `part` sleeps, the clock at `now`, `then` happening on the second sleep."""
+        sleeps: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            if len(sleeps) == 2 and then is not None:
+                then()
+            assert len(sleeps) < 100, "still waiting"
+
+        wait_for_month(store, layout, MONTH, part, stale_s=60, clock=lambda: now, sleep=sleep)
+        return len(sleeps)
+
+    assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0)) == 2
+    assert wait(0, claimed_at + 1) == 0  # done: no wait at all
+    assert wait(1, claimed_at + 1, lambda: release_month(store, layout, MONTH, 1)) == 2
+    assert wait(2, claimed_at + 1) == 0  # never claimed
+    assert claim_month(store, layout, MONTH, 3, "c")
+    assert wait(3, claimed_at + 3600) == 0  # its worker died long ago
+
+
+def test_a_claimed_pass_renews_its_claim_while_it_runs(tmp_path: Path) -> None:
+    store, layout = open_storage(str(tmp_path)), RunLayout("r1")
+    assert claim_month(store, layout, MONTH, 0, "a")
+
+    def renewed_at() -> float:
+        return float(json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"])
+
+    first = renewed_at()
+    with renewing_claim(store, layout, MONTH, 0, "a", every_s=0.01):
+        deadline = time.monotonic() + 5
+        while renewed_at() == first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert renewed_at() > first
+    last = renewed_at()
+    time.sleep(0.05)
+    assert renewed_at() == last  # renewals end with the pass

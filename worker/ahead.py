@@ -1,83 +1,62 @@
-"""Results computed ahead: one pass over a month without an index serves all of its jobs.
+"""A month without an index is read about once per run, not once per batch or per worker.
 
 On a month laid out by `tickq ingest`, a batch of jobs reads only the row groups of its
 securities. On a month that is not (raw CSV, DBN, Parquet in any order), every batch reads
-the whole month, so a run of N batches read it N times. There, the pass a batch makes anyway
-computes every job of the month the run expects (the month's key file, written by the
-producer), the batch stores its own jobs' results, and the others' wait here until their
-messages come to this worker. A worker then reads such a month about once, whatever its
-number of jobs.
+the whole month, so a run of N batches would read it N times. There, the first batch whose
+pass reads the month whole claims the month for its run (an object created only where none
+exists: of racing workers exactly one wins), and its pass computes every job of the month the
+run expects (the month's key file, written by the producer; a month of more than
+`MAX_JOBS_AHEAD` jobs is claimed in parts of that many, in key order) and stores their results
+and markers as passes of their own would have. Batches of the month elsewhere wait for that pass
+to be done and then find their jobs stored: their messages are acked as already done.
 
-Each kept result is served once, to the message of its job, and stored exactly as a result
-computed then would be: a job's result depends only on its key, the run's parameters and the
-month's files, and all three are part of the key a result is kept under.
+Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
+that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not
+renewed for `CLAIM_STALE_S` (its worker died) is ignored: the waiting batches then compute
+their own jobs.
 
-Memory stays bounded. A widened pass holds the partial results of up to `MAX_JOBS_AHEAD` jobs
-(a few KB each while the pass runs, for analytics), and only one such pass runs in a
-process at a time; the others make ordinary passes. Kept results are bounded by
-`budget_bytes` (about 1 KB a job for analytics): the oldest month goes first, and a month that
-alone exceeds it is not kept.
+Memory stays bounded: a claimed pass holds the partial results of up to `MAX_JOBS_AHEAD` jobs
+(a few KB each while the pass runs, for analytics), and one such pass runs in a process at a
+time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
-from collections import OrderedDict
-from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+import time
+from collections.abc import Callable, Hashable, Iterator
 
-import pyarrow as pa
+from shared.layout import RunLayout
+from shared.storage import Storage
 
-Outcome = TypeVar("Outcome")
-DEFAULT_BUDGET_BYTES = 32 << 20
 # The most jobs one pass computes: a month of 500 securities has about 10,500.
 MAX_JOBS_AHEAD = 12_000
+# A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S is taken
+# to have died with its worker.
+CLAIM_RENEW_S = 10.0
+CLAIM_STALE_S = 60.0
+WAIT_POLL_S = 0.1
+_pause = time.sleep  # how a waiting batch sleeps (a test replaces it)
 
 
-@dataclass
-class _Month(Generic[Outcome]):
-    columns: pa.Table  # the processor's result columns, one row per job computed ahead
-    rows: dict[tuple[str, str], int]  # (security, date) → row of `columns`, until served
-    outcomes: list[Outcome]  # each row's counts and timings
-    nbytes: int = field(init=False)
+class MonthPasses:
+    """A worker's view of the month passes it makes or waits for."""
 
-    def __post_init__(self) -> None:
-        self.nbytes = self.columns.nbytes
-
-
-class ResultsAhead(Generic[Outcome]):
-    """Job results computed ahead of their messages, per (batch key, month's files)."""
-
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
-        self.budget_bytes = budget_bytes
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._months: OrderedDict[Hashable, _Month[Outcome]] = OrderedDict()
-        self._passes: dict[Hashable, threading.Lock] = {}
         self._widened = threading.Lock()
         self._without_keys: set[Hashable] = set()  # months whose run has no key file for them
-        self.served = 0  # jobs served from here
-
-    def pass_lock(self, month: Hashable) -> threading.Lock:
-        """Held while a batch of `month` looks here and, failing that, makes its pass: two
-        slots of one worker never read the same month whole at the same time."""
-        with self._lock:
-            return self._passes.setdefault(month, threading.Lock())
 
     @contextlib.contextmanager
-    def widening(self, wanted: bool = True) -> Iterator[bool]:
-        """Whether a pass that `wanted` to compute jobs ahead may: True for one such pass of the
-        process at a time (ordinary passes never take the turn)."""
-        widened = wanted and self._widened.acquire(blocking=False)
-        try:
-            yield widened
-        finally:
-            if widened:
-                self._widened.release()
+    def widening(self) -> Iterator[None]:
+        """Held while this process makes a pass computing a whole month (one at a time)."""
+        with self._widened:
+            yield
 
     def lacks_keys(self, month: Hashable) -> bool:
-        """Whether `month` was found to have no key file (an ingested month: never widened)."""
+        """Whether `month` was found to have no key file (an ingested month: never claimed)."""
         with self._lock:
             return month in self._without_keys
 
@@ -86,43 +65,69 @@ class ResultsAhead(Generic[Outcome]):
         with self._lock:
             self._without_keys.add(month)
 
-    def holds(self, month: Hashable) -> bool:
-        """Whether results of `month` are kept (a pass then computes only what it must)."""
-        with self._lock:
-            return month in self._months
 
-    def take(self, month: Hashable, keys: list[tuple[str, str]]) -> tuple[list[int], pa.Table | None, list[Outcome]]:
-        """The kept results of `keys` of `month`: their positions in `keys`, their columns and
-        outcomes (in that order). What is taken is no longer kept."""
-        with self._lock:
-            kept = self._months.get(month)
-            if kept is None:
-                return [], None, []
-            found = [(i, row) for i, key in enumerate(keys) if (row := kept.rows.pop(key, None)) is not None]
-            if not kept.rows:
-                del self._months[month]
-            self.served += len(found)
-        if not found:
-            return [], None, []
-        rows = pa.array([row for _, row in found], pa.int64())
-        return [i for i, _ in found], kept.columns.take(rows), [kept.outcomes[row] for _, row in found]
+def _claim_body(worker: str) -> bytes:
+    return json.dumps({"worker": worker, "claimed_at": time.time()}).encode()
 
-    def keep(self, month: Hashable, keys: list[tuple[str, str]], columns: pa.Table, outcomes: list[Outcome]) -> bool:
-        """Keep the results of `keys` (rows of `columns`, in order); False when they alone
-        exceed the budget and are not kept."""
-        if not keys:
-            return True
-        kept = _Month(columns, {key: row for row, key in enumerate(keys)}, outcomes)
-        if kept.nbytes > self.budget_bytes:
-            return False
-        with self._lock:
-            self._months.pop(month, None)
-            self._months[month] = kept
-            while sum(m.nbytes for m in self._months.values()) > self.budget_bytes:
-                self._months.popitem(last=False)
-        return True
 
-    def held_bytes(self) -> int:
-        """Bytes of the result columns kept."""
-        with self._lock:
-            return sum(m.nbytes for m in self._months.values())
+def claim_month(storage: Storage, layout: RunLayout, month: str, part: int, worker: str) -> bool:
+    """Claim the pass over `part` of `month`'s jobs for this worker: True when no one had."""
+    return storage.create(layout.month_pass_claim(month, part), _claim_body(worker))
+
+
+@contextlib.contextmanager
+def renewing_claim(storage: Storage, layout: RunLayout, month: str, part: int, worker: str,
+                   every_s: float = CLAIM_RENEW_S) -> Iterator[None]:
+    """Renew this worker's claim every `every_s` while the block runs (its pass is alive)."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(every_s):
+            # A renewal that fails only brings the claim nearer to looking stale.
+            with contextlib.suppress(Exception):
+                storage.write_bytes(layout.month_pass_claim(month, part), _claim_body(worker), "application/json")
+
+    renewer = threading.Thread(target=renew, name="tickq-claim-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+
+
+def month_done(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
+    """The claimed pass over `part` of `month` has stored its results."""
+    storage.write_bytes(layout.month_pass_done(month, part), b"{}", "application/json")
+
+
+def release_month(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
+    """The claimed pass failed: others may compute the part's jobs."""
+    storage.delete(layout.month_pass_claim(month, part))
+
+
+def wait_for_month(
+    storage: Storage,
+    layout: RunLayout,
+    month: str,
+    part: int,
+    stale_s: float = CLAIM_STALE_S,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> None:
+    """Return once the pass over `part` of `month` claimed by another worker is done,
+    released, or stale (not renewed for `stale_s`)."""
+    clock, sleep = clock or time.time, sleep or _pause
+    claim = layout.month_pass_claim(month, part)
+    renewed_at: float | None = None
+    while not storage.exists(layout.month_pass_done(month, part)):
+        if renewed_at is None or clock() - renewed_at > stale_s:  # read it (again) before giving up on it
+            try:
+                renewed_at = float(json.loads(storage.read_bytes(claim))["claimed_at"])
+            except Exception:  # released, or not a claim of ours: do not wait on it
+                return
+            if clock() - renewed_at > stale_s:
+                return
+        elif not storage.exists(claim):  # released: its pass failed
+            return
+        sleep(WAIT_POLL_S)

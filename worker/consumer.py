@@ -53,7 +53,7 @@ from shared.topology import (
     declare,
 )
 from worker.acks import AckCoalescer
-from worker.ahead import ResultsAhead
+from worker.ahead import MonthPasses
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
 from worker.delivery import Delivery, JobSubscription
 from worker.isolation import IsolationChildren
@@ -139,7 +139,7 @@ class Worker:
         self.identity = worker_identity()
         self.log = get_logger(worker=self.identity)
         self.stats = _Stats()
-        self._listings = MonthListings(ahead=ResultsAhead())
+        self._listings = MonthListings(passes=MonthPasses())
         self._acks = AckCoalescer()
         self._isolation = IsolationChildren(options.concurrency)
         self._batcher = JobBatcher(

@@ -8,7 +8,9 @@ object per batch, then each job's success marker, written last.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +49,15 @@ from shared.messages import JobMessage, JobParams, job_id_for
 from shared.metrics import get_logger
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.storage import Storage, open_storage
-from worker.ahead import MAX_JOBS_AHEAD, ResultsAhead
+from worker.ahead import (
+    MAX_JOBS_AHEAD,
+    MonthPasses,
+    claim_month,
+    month_done,
+    release_month,
+    renewing_claim,
+    wait_for_month,
+)
 from worker.chaos import maybe_kill
 
 _T = TypeVar("_T")
@@ -102,18 +112,17 @@ _Month = tuple[str, str]  # (store, month)
 class MonthListings:
     """Caches month file listings, so many jobs of one month list its files once, and what
     passes over those files can share: footers and row groups (`ParquetCache`, forgotten
-    whenever a listing is renewed) and results computed ahead (`ResultsAhead`, kept per
-    listing)."""
+    whenever a listing is renewed) and the passes that compute a whole month (`MonthPasses`)."""
 
-    def __init__(self, ttl_s: float = MONTH_LISTING_TTL_S, ahead: ResultsAhead[JobOutcome] | None = None) -> None:
+    def __init__(self, ttl_s: float = MONTH_LISTING_TTL_S, passes: MonthPasses | None = None) -> None:
         self._ttl = ttl_s
         self._lock = threading.Lock()
         self._files: dict[_Month, tuple[float, list[InputFile]]] = {}
         self._days: dict[_Month, tuple[float, DayFiles | None]] = {}
         self.parquet = ParquetCache()
-        # Results of jobs computed ahead of their messages; only worth it for a process that
-        # serves many batches (a worker), not for one job on its own.
-        self.ahead = ahead
+        # Whole-month passes that store jobs ahead of their messages; only worth it for a
+        # process that serves many batches (a worker), not for one job on its own.
+        self.passes = passes
 
     def files(self, storage: Storage, month: str) -> list[InputFile]:
         """The month's input files (from cache when fresh)."""
@@ -281,6 +290,47 @@ def _day_file_batches(source: Storage, jobs: list[JobMessage], batch_rows: int,
         yield from rows.to_batches(max_chunksize=batch_rows)
 
 
+def _read_ahead(batches: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+    """`batches`, produced on a thread of their own up to `depth` ahead of the consumer (the
+    reader's decoding releases the interpreter lock, so it runs beside the computing)."""
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def offer(item: tuple[str, Any]) -> bool:
+        while not stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                handoff.put(item, timeout=0.1)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not offer(("batch", batch)):
+                    return
+            offer(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            offer(("error", exc))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    reader = threading.Thread(target=produce, name="tickq-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, value = handoff.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stopped.set()
+        reader.join()
+
+
 def _compute(
     processor: Processor,
     jobs: list[JobMessage],
@@ -438,9 +488,9 @@ def execute_batch(
             outcomes[i].time("list", (time.perf_counter() - start) / len(todo))
         todo_jobs = [jobs[i] for i in todo]
         finished: pa.Table | None = None
-        if listings.ahead is not None and hasattr(processor, "finish_batch"):
-            order, finished = _columns_served_ahead(processor, todo_jobs, [outcomes[i] for i in todo], source, files,
-                                                    output, layout, listings, listings.ahead, batch_rows)
+        if listings.passes is not None and hasattr(processor, "finish_batch"):
+            order, finished = _month_pass_columns(processor, todo_jobs, [outcomes[i] for i in todo], source, files,
+                                                  output, layout, listings, listings.passes, batch_rows, worker_id, now)
             todo = [todo[i] for i in order]
             todo_jobs = [jobs[i] for i in todo]
             accumulators: list[JobAccumulator] = []
@@ -448,6 +498,8 @@ def execute_batch(
             accumulators = _start(processor, todo_jobs, output)
             _compute(processor, todo_jobs, _reads(todo_jobs, source, files, listings, batch_rows), accumulators,
                      [outcomes[i] for i in todo])
+        if not todo:
+            return list(outcomes)
         stale = _records_to_clear(output, layout, todo_jobs)
     except Exception as exc:  # the whole batch fails the same way
         return [exc if not outcomes[i].already_done else outcomes[i] for i in range(len(jobs))]
@@ -468,7 +520,7 @@ def _start(processor: Processor, jobs: list[JobMessage], output: Storage) -> lis
     return start_batch(contexts) if start_batch else [processor.start_job(c) for c in contexts]
 
 
-def _columns_served_ahead(
+def _month_pass_columns(
     processor: Processor,
     jobs: list[JobMessage],
     outcomes: list[JobOutcome],
@@ -477,88 +529,117 @@ def _columns_served_ahead(
     output: Storage,
     layout: RunLayout,
     listings: MonthListings,
-    ahead: ResultsAhead[JobOutcome],
+    passes: MonthPasses,
     batch_rows: int,
-) -> tuple[list[int], pa.Table]:
-    """The result columns of `jobs` (a columnar processor's), one row per job in the order of
-    the positions returned: first the jobs whose results an earlier pass computed ahead, then
-    those computed now. A pass that reads most of the month anyway computes the month's other
-    expected jobs too and keeps their results for their messages (`worker.ahead`)."""
-    month = (BatchKey.of(jobs[0]), tuple(files))
-    with ahead.pass_lock(month):
-        found, kept_columns, kept_outcomes = ahead.take(month, [(job.security, job.date) for job in jobs])
-        for i, kept in zip(found, kept_outcomes, strict=True):
-            _adopt(outcomes[i], kept)
-        taken = set(found)
-        missing = [i for i in range(len(jobs)) if i not in taken]
-        parts = [kept_columns] if kept_columns is not None else []
-        if missing:
-            wanted = [jobs[i] for i in missing]
-            extra = [] if ahead.holds(month) else _jobs_ahead(wanted, source, files, output, layout, listings, ahead)
-            with ahead.widening(bool(extra)) as widened:
-                extra = extra if widened else []
-                pass_jobs = wanted + extra
-                pass_outcomes = [outcomes[i] for i in missing] + [JobOutcome() for _ in extra]
-                accumulators = _start(processor, pass_jobs, output)
-                _compute(processor, pass_jobs, _reads(pass_jobs, source, files, listings, batch_rows), accumulators,
-                         pass_outcomes)
-                start = time.perf_counter()
-                columns = processor.finish_batch(accumulators)  # type: ignore[attr-defined]
-                for outcome in pass_outcomes:
-                    outcome.time("compute", (time.perf_counter() - start) / len(pass_outcomes))
-                del accumulators
-            if extra:
-                held = ahead.keep(month, [(job.security, job.date) for job in extra], columns.slice(len(missing)),
-                                  pass_outcomes[len(missing):])
-                get_logger().info("worker.computed_ahead", run_id=jobs[0].run_id, month=jobs[0].month,
-                                  batch=len(missing), ahead=len(extra), kept=held)
-            parts.append(columns.slice(0, len(missing)))
-    return found + missing, pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    worker_id: str,
+    now: Callable[[], dt.datetime],
+) -> tuple[list[int], pa.Table | None]:
+    """The result columns of `jobs` still to store (a columnar processor's), one row per job,
+    and their positions in `jobs`. A batch whose pass would read its month whole claims the
+    month and computes and stores all of its expected jobs in that pass, or, where another
+    worker has claimed it, waits for that pass and computes only the jobs it did not store
+    (`worker.ahead`); those it did are marked already done."""
+    everyone = list(range(len(jobs)))
+    part, extra = _jobs_ahead(jobs, source, files, output, layout, listings, passes)
+    first = jobs[0]
+    if extra and claim_month(output, layout, first.month, part, worker_id):
+        try:
+            extra_outcomes = [JobOutcome() for _ in extra]
+            with renewing_claim(output, layout, first.month, part, worker_id), passes.widening():
+                columns = _pass_columns(processor, jobs + extra, outcomes + extra_outcomes, source, files, output,
+                                        listings, batch_rows, read_ahead=True)
+                _store_ahead(processor, extra, extra_outcomes, columns.slice(len(jobs)), output, layout, worker_id,
+                             now)
+            month_done(output, layout, first.month, part)
+        except BaseException:
+            release_month(output, layout, first.month, part)
+            raise
+        # The jobs stored ahead report their rows here: their own messages find them done.
+        get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part, batch=len(jobs),
+                          ahead=len(extra), rows_in=sum(o.rows_read for o in extra_outcomes),
+                          rows_out=sum(o.rows_accepted for o in extra_outcomes))
+        return everyone, columns.slice(0, len(jobs))
+    if extra:  # claimed elsewhere: its pass stores these jobs too, most likely
+        wait_for_month(output, layout, first.month, part)
+        done = _already_done(output, layout, jobs)
+        for i, job in enumerate(jobs):
+            outcomes[i].already_done = job.job_id in done
+        everyone = [i for i, job in enumerate(jobs) if job.job_id not in done]
+        if not everyone:
+            return [], None
+    left = [jobs[i] for i in everyone]
+    return everyone, _pass_columns(processor, left, [outcomes[i] for i in everyone], source, files, output, listings,
+                                   batch_rows)
+
+
+def _pass_columns(processor: Processor, jobs: list[JobMessage], outcomes: list[JobOutcome], source: Storage,
+                  files: list[InputFile], output: Storage, listings: MonthListings, batch_rows: int,
+                  read_ahead: bool = False) -> pa.Table:
+    """One pass computing `jobs`; their result columns, in order."""
+    accumulators = _start(processor, jobs, output)
+    reads = _reads(jobs, source, files, listings, batch_rows)
+    if read_ahead:  # decoding the input overlaps computing it, on a core the pass would leave idle
+        reads = [(_read_ahead(batches), counter) for batches, counter in reads]
+    _compute(processor, jobs, reads, accumulators, outcomes)
+    start = time.perf_counter()
+    columns: pa.Table = processor.finish_batch(accumulators)  # type: ignore[attr-defined]
+    for outcome in outcomes:
+        outcome.time("compute", (time.perf_counter() - start) / len(outcomes))
+    return columns
+
+
+# Jobs per result object a whole-month pass stores for the jobs beyond its own batch.
+AHEAD_OBJECT_JOBS = 2048
+
+
+def _store_ahead(processor: Processor, jobs: list[JobMessage], outcomes: list[JobOutcome], columns: pa.Table,
+                 output: Storage, layout: RunLayout, worker_id: str, now: Callable[[], dt.datetime]) -> None:
+    """Store the results of jobs computed ahead of their messages, as their own batches
+    would have; raises what failed any of them."""
+    for start in range(0, len(jobs), AHEAD_OBJECT_JOBS):
+        chunk = jobs[start:start + AHEAD_OBJECT_JOBS]
+        stale = _records_to_clear(output, layout, chunk)
+        failures = _store(processor, chunk, [], outcomes[start:start + len(chunk)], output, layout, stale, worker_id,
+                          now, columns.slice(start, len(chunk)))
+        failure = next((f for f in failures if f is not None), None)
+        if failure is not None:
+            raise failure
 
 
 def _jobs_ahead(
     jobs: list[JobMessage], source: Storage, files: list[InputFile], output: Storage, layout: RunLayout,
-    listings: MonthListings, ahead: ResultsAhead[JobOutcome],
-) -> list[JobMessage]:
-    """The month's other expected jobs, when a pass for `jobs` reads most of the month anyway
-    (up to `MAX_JOBS_AHEAD` in all); none otherwise."""
+    listings: MonthListings, passes: MonthPasses,
+) -> tuple[int, list[JobMessage]]:
+    """When a pass for `jobs` reads most of the month anyway: the part of the month's expected
+    jobs that holds the batch's first (parts of `MAX_JOBS_AHEAD` jobs, in key order), and that
+    part's other jobs; else (0, [])."""
     first = jobs[0]
     # A month the producer found indexed (or a run of an earlier version) has no key file:
     # looked for once per worker, so that its batches skip the share below.
     run_month = (output.uri, first.run_id, first.month)
-    if ahead.lacks_keys(run_month):
-        return []
+    if passes.lacks_keys(run_month):
+        return 0, []
     if not output.exists(layout.month_job_keys(first.month)):
-        ahead.note_lacks_keys(run_month)
-        return []
+        passes.note_lacks_keys(run_month)
+        return 0, []
     share = pass_share(source, files, [job.security for job in jobs], _batch_window(jobs), listings.parquet)
     if share < AHEAD_FROM_SHARE:
-        return []
+        return 0, []
     try:
         keys = read_month_job_keys(output, layout, first.month)
     except PermanentError as exc:  # only the shortcut is lost: the batch's own jobs go on
         get_logger().warning("worker.month_keys_unreadable", month=first.month, error=str(exc))
-        return []
+        return 0, []
     if keys is None:  # removed since
-        return []
+        return 0, []
     batch = {(job.security, job.date) for job in jobs}
-    # The jobs after the batch's first: the queue holds them in key order, so these come next.
-    # (A month of more jobs than one pass computes is served in several passes.)
-    following = next((i for i, key in enumerate(keys) if (key.security, key.date) in batch), 0)
-    in_order = keys[following:] + keys[:following]
-    others = [key for key in in_order if (key.security, key.date) not in batch][: MAX_JOBS_AHEAD - len(jobs)]
-    return [first.model_copy(update={"security": key.security, "date": key.date,
-                                     "job_id": job_id_for(first.run_id, first.month, key.security, key.date)})
-            for key in others]
-
-
-def _adopt(outcome: JobOutcome, kept: JobOutcome) -> None:
-    """`outcome` takes the counts, bytes and timings of its result computed ahead."""
-    outcome.rows_read, outcome.rows_accepted = kept.rows_read, kept.rows_accepted
-    outcome.rows_rejected, outcome.rows_filtered = kept.rows_rejected, kept.rows_filtered
-    outcome.bytes_in, outcome.files = kept.bytes_in, kept.files
-    for stage, seconds in kept.stages.items():
-        outcome.time(stage, seconds)
+    # The queue holds a month's jobs in key order, so the jobs of the part come next.
+    part = next((i for i, key in enumerate(keys) if (key.security, key.date) in batch), 0) // MAX_JOBS_AHEAD
+    in_part = keys[part * MAX_JOBS_AHEAD:(part + 1) * MAX_JOBS_AHEAD]
+    others = [key for key in in_part if (key.security, key.date) not in batch]
+    return part, [first.model_copy(update={"security": key.security, "date": key.date,
+                                           "job_id": job_id_for(first.run_id, first.month, key.security, key.date)})
+                  for key in others]
 
 
 def _job_counts(outcome: JobOutcome) -> dict[str, int]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.storage import HIDDEN_PREFIX, LocalStorage
+from shared.storage import HIDDEN_PREFIX, LocalStorage, open_storage
 
 
 def test_a_marker_is_an_empty_object_listed_like_any_other(tmp_path: Path) -> None:
@@ -91,3 +92,17 @@ def test_a_listing_walks_only_the_folders_that_can_hold_the_prefix(
     walked.clear()
     assert [o.key for o in storage.list("runs/r/res")] == ["runs/r/results/2024-03/A.json"]
     assert not any(w.startswith("runs/s") for w in walked)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_writers_racing_to_create_one_key_exactly_one_wins(tmp_path: Path, where: str, request: Any) -> None:
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        store = open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
+    else:
+        store = open_storage(str(tmp_path))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        won = list(pool.map(lambda i: store.create("claims/a.claim", str(i).encode()), range(8)))
+    assert won.count(True) == 1
+    assert store.read_bytes("claims/a.claim") == str(won.index(True)).encode()  # the winner's, whole
+    assert [o.key for o in store.list("claims/")] == ["claims/a.claim"]  # nothing temporary left

@@ -232,8 +232,11 @@ def test_aggregator_service_writes_a_run_whose_later_events_it_never_got(
     # The event queue drops its oldest events when it is full. The service reads the state of
     # a run that stays unaccounted with no event for --resync-after seconds again from storage.
     data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    # Ingested, so that jobs finish batch by batch (a raw month's first pass would store them all).
+    laid = tmp_path / "laid"
+    tickq.run("ingest", "--input", str(data), "--output", str(laid), "--months", MONTH)
     output = str(tmp_path / "out")
-    args = ("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "lost")
+    args = ("--input", str(laid), "--output", output, "--months", MONTH, "--run-id", "lost")
     produced = tickq.produce(*args)
     tickq.wait_all([tickq.start("worker", "--concurrency", "1", "--prefetch", "1", "--max-jobs", "3")])
     service = tickq.start("aggregator", "--idle-exit", "120", "--resync-after", "1")

@@ -116,13 +116,17 @@ def test_jobs_whose_holders_died_more_than_the_crash_budget_run_isolated_and_suc
 
 
 def _slow_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, delay_s: float, run_id: str):  # type: ignore[no-untyped-def]
-    data = tmp_path / "data"
+    data, laid = tmp_path / "data", tmp_path / "laid"
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "3000", "--securities", "2",
               "--format", "csv")
+    # Ingested, so that every batch reads its own jobs' rows through the slow store (a raw
+    # month's first pass would compute all of its jobs at once).
+    tickq.run("ingest", "--input", str(data), "--output", str(laid), "--months", MONTH)
     bucket = s3_server.new_bucket()
     s3 = s3_server.client()
-    for path in data.rglob("*.csv"):
-        s3.upload_file(str(path), bucket, f"raw/{path.relative_to(data).as_posix()}")
+    for path in laid.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"raw/{path.relative_to(laid).as_posix()}")
     proxy = FaultyS3Proxy(s3_server.endpoint)
     proxy.delay_s = delay_s
     output = f"s3://{bucket}/out"

@@ -432,8 +432,10 @@ class Worker:
 
     def _log_job(self, job: JobMessage, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
         duration = time.perf_counter() - started
+        ahead_read, ahead_accepted, ahead_rejected = outcome.rows_ahead
         self.metrics.job_finished(
-            outcome_name, duration, outcome.stages, outcome.rows_read, outcome.rows_accepted, outcome.rows_rejected
+            outcome_name, duration, outcome.stages, outcome.rows_read + ahead_read,
+            outcome.rows_accepted + ahead_accepted, outcome.rows_rejected + ahead_rejected,
         )
         rss_mb, cpu_percent = self._usage()
         self.log.info(

@@ -86,6 +86,9 @@ class JobOutcome:
     bytes_out: int = 0
     files: int = 0
     already_done: bool = False
+    # Rows (read, accepted, rejected) of the jobs this job's pass stored ahead of their
+    # messages (`worker.ahead`): the worker counts them once, here, not when those come.
+    rows_ahead: tuple[int, int, int] = (0, 0, 0)
     # Set once the job's success event is confirmed (batches announce their jobs together).
     announced: bool = False
     stages: dict[str, float] = field(default_factory=dict)
@@ -555,6 +558,9 @@ def _month_pass_columns(
             release_month(output, layout, first.month, part)
             raise
         # The jobs stored ahead report their rows here: their own messages find them done.
+        outcomes[0].rows_ahead = (sum(o.rows_read for o in extra_outcomes),
+                                  sum(o.rows_accepted for o in extra_outcomes),
+                                  sum(o.rows_rejected for o in extra_outcomes))
         get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part, batch=len(jobs),
                           ahead=len(extra), rows_in=sum(o.rows_read for o in extra_outcomes),
                           rows_out=sum(o.rows_accepted for o in extra_outcomes))

@@ -184,11 +184,8 @@ class LocalStorage:
     def create(self, key: str, data: bytes) -> bool:
         target = self._path(key)
         self._make_parent(target)
-        tmp = self._tmp_path(target.parent)
+        tmp = self._staged(target.parent, data)
         try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
             # A link fails where the name exists: the object appears whole, and only once.
             os.link(tmp, target)
             return True
@@ -199,15 +196,24 @@ class LocalStorage:
 
     def _write_in(self, target: Path, data: bytes) -> None:
         self._make_parent(target)
-        tmp = self._tmp_path(target.parent)
+        tmp = self._staged(target.parent, data)
         try:
-            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def _staged(self, directory: Path, data: bytes) -> Path:
+        """A new temporary file in `directory` holding `data` (the caller moves or removes it)."""
+        tmp = self._tmp_path(directory)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
 
     def mark(self, key: str) -> None:
         """An empty object at `key`: a hard link to one shared empty file under the root.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -63,6 +64,13 @@ def _run(source: str, output: str, keys: list[JobKey], listings: MonthListings, 
                              output=output, processor="analytics", params=params or JobParams(market_tz=TZ))
             for k in keys]
     return run_in_batches(jobs, BATCH, listings)
+
+
+def _stored_alone(source: str, keys: list[JobKey], output: Path, run_id: str = "r1",
+                  params: JobParams | None = None) -> pa.Table:
+    """What `keys` store computed batch by batch, each batch reading for itself (no month pass)."""
+    _run(source, str(output), keys, MonthListings(), run_id=run_id, params=params)
+    return stored_results(str(output), run_id)
 
 
 def _month_bytes(source: Path) -> int:
@@ -161,11 +169,10 @@ def test_an_ingested_month_is_not_read_whole(data: Path, tmp_path: Path) -> None
 def test_without_the_month_key_file_each_batch_makes_its_own_pass(data: Path, tmp_path: Path) -> None:
     source = str(data / "raw")
     keys = _keys(source)[: 4 * BATCH]
-    _run(source, str(tmp_path / "ref"), keys, MonthListings())
     outcomes = _run(source, str(tmp_path / "no-keys"), keys, MonthListings(passes=MonthPasses()), with_key_file=False)
 
     assert not any(o.already_done for o in outcomes) and not _claims(tmp_path / "no-keys")
-    assert stored_results(str(tmp_path / "no-keys")).equals(stored_results(str(tmp_path / "ref")))
+    assert stored_results(str(tmp_path / "no-keys")).equals(_stored_alone(source, keys, tmp_path / "ref"))
 
 
 def test_a_month_of_more_jobs_than_one_pass_computes_is_claimed_in_parts(
@@ -175,9 +182,8 @@ def test_a_month_of_more_jobs_than_one_pass_computes_is_claimed_in_parts(
     keys = _keys(source)
     monkeypatch.setattr(job_module, "MAX_JOBS_AHEAD", 3 * BATCH + 5)  # parts do not end with batches
     outcomes = _run(source, str(tmp_path / "parts"), keys, MonthListings(passes=MonthPasses()))
-    _run(source, str(tmp_path / "ref"), keys, MonthListings())
 
-    assert stored_results(str(tmp_path / "parts")).equals(stored_results(str(tmp_path / "ref")))
+    assert stored_results(str(tmp_path / "parts")).equals(_stored_alone(source, keys, tmp_path / "ref"))
     parts = -(-len(keys) // (3 * BATCH + 5))
     assert _claims(tmp_path / "parts") == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
                                                  for p in range(parts) for kind in ("claim", "done"))
@@ -195,9 +201,8 @@ def test_passes_are_claimed_per_run_and_parameters(data: Path, tmp_path: Path) -
     # Another run with other parameters over the same month: nothing of r1 may serve it.
     other = JobParams(market_tz=TZ, min_size=500)
     outcomes = _run(source, output, keys[BATCH:], listings, run_id="r2", params=other)
-    _run(source, str(tmp_path / "ref"), keys[BATCH:], MonthListings(), run_id="r2", params=other)
 
-    assert stored_results(output, "r2").equals(stored_results(str(tmp_path / "ref"), "r2"))
+    assert stored_results(output, "r2").equals(_stored_alone(source, keys[BATCH:], tmp_path / "ref", "r2", other))
     assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * BATCH  # r2's own pass
     assert len(_claims(tmp_path / "out", "r2")) == 2
 
@@ -240,11 +245,10 @@ def test_workers_that_find_the_month_claimed_wait_for_its_pass_and_compute_only_
 
     monkeypatch.setattr("worker.ahead._pause", finish_elsewhere)
     outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
-    _run(source, str(tmp_path / "ref"), keys, MonthListings())
 
     # The other pass stored nothing here, so each batch computed its own jobs after waiting.
     assert len(waited) == 3 and not any(o.already_done for o in outcomes)
-    assert stored_results(str(output)).equals(stored_results(str(tmp_path / "ref")))
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
 
 
 def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
@@ -264,8 +268,7 @@ def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
     assert not list(open_storage(str(output)).list(RunLayout("r1").succeeded_prefix))
     monkeypatch.undo()
     outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
-    _run(source, str(tmp_path / "ref"), keys, MonthListings())
-    assert stored_results(str(output)).equals(stored_results(str(tmp_path / "ref")))
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
     assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
 
 

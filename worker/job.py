@@ -542,7 +542,7 @@ def _month_pass_columns(
     month and computes and stores all of its expected jobs in that pass, or, where another
     worker has claimed it, waits for that pass and computes only the jobs it did not store
     (`worker.ahead`); those it did are marked already done."""
-    everyone = list(range(len(jobs)))
+    to_store = list(range(len(jobs)))
     part, extra = _jobs_ahead(jobs, source, files, output, layout, listings, passes)
     first = jobs[0]
     if extra and claim_month(output, layout, first.month, part, worker_id):
@@ -564,17 +564,17 @@ def _month_pass_columns(
         get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part, batch=len(jobs),
                           ahead=len(extra), rows_in=sum(o.rows_read for o in extra_outcomes),
                           rows_out=sum(o.rows_accepted for o in extra_outcomes))
-        return everyone, columns.slice(0, len(jobs))
+        return to_store, columns.slice(0, len(jobs))
     if extra:  # claimed elsewhere: its pass stores these jobs too, most likely
         wait_for_month(output, layout, first.month, part)
         done = _already_done(output, layout, jobs)
         for i, job in enumerate(jobs):
             outcomes[i].already_done = job.job_id in done
-        everyone = [i for i, job in enumerate(jobs) if job.job_id not in done]
-        if not everyone:
+        to_store = [i for i, job in enumerate(jobs) if job.job_id not in done]
+        if not to_store:
             return [], None
-    left = [jobs[i] for i in everyone]
-    return everyone, _pass_columns(processor, left, [outcomes[i] for i in everyone], source, files, output, listings,
+    left = [jobs[i] for i in to_store]
+    return to_store, _pass_columns(processor, left, [outcomes[i] for i in to_store], source, files, output, listings,
                                    batch_rows)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,7 @@ from shared.inputs import KEY_COLUMNS, InputFile, label_codes, month_files, read
 from shared.markettime import local_time
 from shared.messages import is_valid_security
 from shared.monthkeys import quarters_share_dates, read_keys
+from shared.readahead import read_ahead
 from shared.storage import Storage
 
 
@@ -115,9 +116,18 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) 
     has hundreds of batches and each repeats most of the month's jobs)."""
     folded = _FoldedCounts()
     for file in files:
-        for batch in read_batches(storage, file, KEY_COLUMNS):
-            folded.add(batch.num_rows, _batch_counts(batch, market_tz))
+        # Decoding, counting and folding each take a thread: most of their work releases the
+        # interpreter lock, so a scan uses every core of a small machine.
+        batches = read_ahead(read_batches(storage, file, KEY_COLUMNS))
+        for rows_seen, counts in read_ahead(_each_counted(batches, market_tz)):
+            folded.add(rows_seen, counts)
     return [folded.result()]
+
+
+def _each_counted(batches: Iterator[pa.RecordBatch], market_tz: str) -> Iterator[tuple[int, pa.Table]]:
+    """Each batch's row count and `_batch_counts`."""
+    for batch in batches:
+        yield batch.num_rows, _batch_counts(batch, market_tz)
 
 
 def _batch_counts(batch: pa.RecordBatch, market_tz: str) -> pa.Table:

@@ -17,6 +17,7 @@ import pytest
 import producer.discover as discover
 import shared.monthkeys as monthkeys
 from producer.discover import MonthDiscovery, discover_month
+from shared.errors import PermanentError
 from shared.inputs import month_files
 from shared.monthkeys import KEYS_NAME, quarter_starts, quarters_share_dates, read_keys
 from shared.storage import open_storage
@@ -375,3 +376,22 @@ def test_sidecar_on_s3(tmp_path: Path, s3_server: S3Server) -> None:
     assert keys.source == "keys" and keys.files == 3
     storage.delete(f"{month}/{KEYS_NAME}")
     assert_same(keys, discover_month(storage, month, market_tz))
+
+
+def test_a_row_group_that_cannot_be_decoded_fails_the_scan_with_the_file_named(tmp_path: Path) -> None:
+    """Discovery decodes on a thread of its own: a file that breaks mid-scan still fails the
+    month permanently, naming the file, and no half-counted discovery comes back."""
+    root = tmp_path / "raw"
+    generate(str(root), ["2024-03"], securities=4, rows=40_000)
+    part = next((root / "2024-03").glob("*.parquet"))
+    table = pq.read_table(part)
+    pq.write_table(table, part, row_group_size=4_000)
+    meta = pq.ParquetFile(part).metadata
+    middle = meta.row_group(meta.num_row_groups // 2).column(1)  # a security chunk mid-file
+    body = bytearray(part.read_bytes())
+    start = middle.data_page_offset
+    body[start:start + middle.total_compressed_size] = b"\xff" * middle.total_compressed_size
+    part.write_bytes(bytes(body))
+
+    with pytest.raises(PermanentError, match=part.name):
+        discover_month(open_storage(str(root)), "2024-03", "Australia/Sydney")

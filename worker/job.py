@@ -8,9 +8,7 @@ object per batch, then each job's success marker, written last.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +46,7 @@ from shared.layout import (
 from shared.messages import JobMessage, JobParams, job_id_for
 from shared.metrics import get_logger
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
+from shared.readahead import read_ahead
 from shared.storage import Storage, open_storage
 from worker.ahead import (
     MAX_JOBS_AHEAD,
@@ -293,47 +292,6 @@ def _day_file_batches(source: Storage, jobs: list[JobMessage], batch_rows: int,
         yield from rows.to_batches(max_chunksize=batch_rows)
 
 
-def _read_ahead(batches: Iterator[_T], depth: int = 2) -> Iterator[_T]:
-    """`batches`, produced on a thread of their own up to `depth` ahead of the consumer (the
-    reader's decoding releases the interpreter lock, so it runs beside the computing)."""
-    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stopped = threading.Event()
-
-    def offer(item: tuple[str, Any]) -> bool:
-        while not stopped.is_set():
-            with contextlib.suppress(queue.Full):
-                handoff.put(item, timeout=0.1)
-                return True
-        return False
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                if not offer(("batch", batch)):
-                    return
-            offer(("end", None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            offer(("error", exc))
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-
-    reader = threading.Thread(target=produce, name="tickq-read-ahead", daemon=True)
-    reader.start()
-    try:
-        while True:
-            kind, value = handoff.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stopped.set()
-        reader.join()
-
-
 def _compute(
     processor: Processor,
     jobs: list[JobMessage],
@@ -550,7 +508,7 @@ def _month_pass_columns(
             extra_outcomes = [JobOutcome() for _ in extra]
             with renewing_claim(output, layout, first.month, part, worker_id), passes.widening():
                 columns = _pass_columns(processor, jobs + extra, outcomes + extra_outcomes, source, files, output,
-                                        listings, batch_rows, read_ahead=True)
+                                        listings, batch_rows, ahead=True)
                 _store_ahead(processor, extra, extra_outcomes, columns.slice(len(jobs)), output, layout, worker_id,
                              now)
             month_done(output, layout, first.month, part)
@@ -580,12 +538,12 @@ def _month_pass_columns(
 
 def _pass_columns(processor: Processor, jobs: list[JobMessage], outcomes: list[JobOutcome], source: Storage,
                   files: list[InputFile], output: Storage, listings: MonthListings, batch_rows: int,
-                  read_ahead: bool = False) -> pa.Table:
+                  ahead: bool = False) -> pa.Table:
     """One pass computing `jobs`; their result columns, in order."""
     accumulators = _start(processor, jobs, output)
     reads = _reads(jobs, source, files, listings, batch_rows)
-    if read_ahead:  # decoding the input overlaps computing it, on a core the pass would leave idle
-        reads = [(_read_ahead(batches), counter) for batches, counter in reads]
+    if ahead:  # decoding the input overlaps computing it, on a core the pass would leave idle
+        reads = [(read_ahead(batches), counter) for batches, counter in reads]
     _compute(processor, jobs, reads, accumulators, outcomes)
     start = time.perf_counter()
     columns: pa.Table = processor.finish_batch(accumulators)  # type: ignore[attr-defined]

@@ -54,16 +54,20 @@ def _keys(source: str) -> list[JobKey]:
     return discovered_keys(source, MONTH, TZ)
 
 
+def _jobs(source: str, output: str, keys: list[JobKey], run_id: str = "r1",
+          params: JobParams | None = None) -> list[JobMessage]:
+    return [JobMessage.build(run_id=run_id, month=MONTH, security=k.security, date=k.date, input=source,
+                             output=output, processor="analytics", params=params or JobParams(market_tz=TZ))
+            for k in keys]
+
+
 def _run(source: str, output: str, keys: list[JobKey], listings: MonthListings, with_key_file: bool = True,
          run_id: str = "r1", params: JobParams | None = None) -> list[JobOutcome]:
     """Every job of `keys` in batches of `BATCH`, in key order; the outcomes, in key order."""
     layout = RunLayout(run_id)
     if with_key_file:
         open_storage(output).write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
-    jobs = [JobMessage.build(run_id=run_id, month=MONTH, security=k.security, date=k.date, input=source,
-                             output=output, processor="analytics", params=params or JobParams(market_tz=TZ))
-            for k in keys]
-    return run_in_batches(jobs, BATCH, listings)
+    return run_in_batches(_jobs(source, output, keys, run_id, params), BATCH, listings)
 
 
 def _stored_alone(source: str, keys: list[JobKey], output: Path, run_id: str = "r1",
@@ -149,6 +153,31 @@ def test_a_month_without_an_index_is_read_once_and_every_job_stores_what_a_pass_
     assert not any(o.already_done for o in alone)
     assert _claims(tmp_path / "ahead") == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
     assert sum(o.bytes_in for o in alone) >= 10 * _month_bytes(data / fmt)
+
+
+def test_a_month_in_time_order_is_claimed_by_a_first_batch_of_a_few_dates(data: Path, tmp_path: Path) -> None:
+    """Raw input sorted by time: a batch of one date's jobs would read a slice of the month, but
+    the run's jobs read all of it, so the first batch's pass computes every job."""
+    source = tmp_path / "by-time"
+    for part in (data / "raw" / MONTH).glob("*.parquet"):
+        (source / MONTH).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(part).sort_by("ts"), source / MONTH / part.name, row_group_size=4_096)
+    keys = _keys(str(source))
+    day = keys[len(keys) // 2].date
+    first = [k for k in keys if k.date == day]
+    storage = open_storage(str(source))
+    window = job_module._batch_window(_jobs(str(source), str(tmp_path / "out"), first))
+    assert pass_share(storage, month_files(storage, MONTH), [k.security for k in first], window) < 0.2
+
+    output = tmp_path / "out"
+    open_storage(str(output)).write_bytes(RunLayout("r1").month_job_keys(MONTH), job_keys_csv(keys))
+    listings = MonthListings(passes=MonthPasses())
+    opening = run_in_batches(_jobs(str(source), str(output), first), BATCH, listings)
+    rest = run_in_batches(_jobs(str(source), str(output), [k for k in keys if k.date != day]), BATCH, listings)
+
+    assert not any(o.already_done for o in opening) and all(o.already_done for o in rest)
+    assert _claims(output) == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
+    assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
 
 
 def test_an_ingested_month_is_not_read_whole(data: Path, tmp_path: Path) -> None:

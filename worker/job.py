@@ -64,8 +64,9 @@ _T = TypeVar("_T")
 MONTH_LISTING_TTL_S = 60.0
 EPOCH = dt.date(1970, 1, 1)
 NO_DAY = np.iinfo(np.int32).min
-# A batch whose pass reads (nearly) all of its month computes the month's other jobs
-# too (`worker.ahead`): on a month laid out by security a batch reads a few percent of it.
+# A month where the rows of any one security lie in (nearly) all of its bytes is computed in one
+# pass for all of its jobs (`worker.ahead`); on a month laid out by security a batch reads a few
+# percent of it.
 AHEAD_FROM_SHARE = 0.9
 # Batches of up to this many jobs read the jobs' day files, where the month has them
 # (`shared.dayfiles`), rather than the row groups holding the jobs: a day file costs a request
@@ -574,7 +575,7 @@ def _jobs_ahead(
     jobs: list[JobMessage], source: Storage, files: list[InputFile], output: Storage, layout: RunLayout,
     listings: MonthListings, passes: MonthPasses,
 ) -> tuple[int, list[JobMessage]]:
-    """When a pass for `jobs` reads most of the month anyway: the part of the month's expected
+    """When the month is not laid out by security: the part of the month's expected
     jobs that holds the batch's first (parts of `MAX_JOBS_AHEAD` jobs, in key order), and that
     part's other jobs; else (0, [])."""
     first = jobs[0]
@@ -586,8 +587,10 @@ def _jobs_ahead(
     if not output.exists(layout.month_job_keys(first.month)):
         passes.note_lacks_keys(run_month)
         return 0, []
-    share = pass_share(source, files, [job.security for job in jobs], _batch_window(jobs), listings.parquet)
-    if share < AHEAD_FROM_SHARE:
+    # Whether the month is laid out by security, not what this batch's own pass would read:
+    # on a month in time order, a first batch of a few dates reads part of it, but the run's
+    # jobs read all of it, and one pass for them all is the least the run can read.
+    if pass_share(source, files, [first.security], None, listings.parquet) < AHEAD_FROM_SHARE:
         return 0, []
     try:
         keys = read_month_job_keys(output, layout, first.month)

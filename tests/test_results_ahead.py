@@ -301,6 +301,23 @@ def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
     assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
 
 
+def test_a_pass_over_a_resumed_run_computes_only_the_jobs_not_yet_done(data: Path, tmp_path: Path) -> None:
+    source = str(data / "raw")
+    keys = _keys(source)
+    output = tmp_path / "out"
+    done_before = 2 * BATCH
+    _run(source, str(output), keys[:done_before], MonthListings())  # an earlier worker's batches
+    open_storage(str(output)).write_bytes(RunLayout("r1").month_job_keys(MONTH), job_keys_csv(keys))
+    jobs = _jobs(source, str(output), keys[done_before:])
+    outcomes = run_in_batches(jobs, BATCH, MonthListings(passes=MonthPasses()))
+
+    # Every job stored once: the pass left the jobs done before alone.
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (len(jobs) - BATCH)
+    assert outcomes[0].rows_ahead[0] == sum(o.rows_read for o in _run(source, str(tmp_path / "rest"),
+                                                                         keys[done_before + BATCH:], MonthListings()))
+
+
 def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_stale(tmp_path: Path) -> None:
     store, layout = open_storage(str(tmp_path)), RunLayout("r1")
     assert claim_month(store, layout, MONTH, 0, "a")

@@ -406,6 +406,12 @@ def _already_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) ->
     return {job_id for job_id, key in keys.items() if key in listed}
 
 
+def _not_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> list[JobMessage]:
+    """`jobs` (of one month) without a success marker, from one listing of the month's markers."""
+    done = {o.key for o in output.list(f"{layout.succeeded_prefix}{jobs[0].month}/")}
+    return [j for j in jobs if layout.marker(JobKey(j.month, j.security, j.date)) not in done]
+
+
 def _records_to_clear(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
     """Dead and retry records of the batch's securities: a job that now succeeds clears its own."""
     return _listed(output, (layout.dead_prefix, layout.retrying_prefix), jobs)
@@ -506,6 +512,7 @@ def _month_pass_columns(
     first = jobs[0]
     if extra and claim_month(output, layout, first.month, part, worker_id):
         try:
+            extra = _not_done(output, layout, extra)  # a resumed or replayed run keeps what it stored
             extra_outcomes = [JobOutcome() for _ in extra]
             with renewing_claim(output, layout, first.month, part, worker_id), passes.widening():
                 columns = _pass_columns(processor, jobs + extra, outcomes + extra_outcomes, source, files, output,

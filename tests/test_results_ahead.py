@@ -27,7 +27,16 @@ from shared.storage import LocalStorage, open_storage
 from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
-from worker.ahead import MonthPasses, claim_month, month_done, release_month, renewing_claim, wait_for_month
+from worker.ahead import (
+    WAIT_POLL_MAX_S,
+    WAIT_POLL_S,
+    MonthPasses,
+    claim_month,
+    month_done,
+    release_month,
+    renewing_claim,
+    wait_for_month,
+)
 from worker.job import AHEAD_FROM_SHARE, JobOutcome, MonthListings, execute_batch
 
 MONTH = "2024-03"
@@ -326,19 +335,26 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
     assert json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["worker"] == "a"
     claimed_at = json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"]
 
-    def wait(part: int, now: float, then: Callable[[], None] | None = None) -> int:
-        """How many times waiting on `part` sleeps, the clock at `now`, `then` happening on the second sleep."""
-        sleeps: list[float] = []
+    sleeps: list[float] = []
+
+    def wait(part: int, now: float, then: Callable[[], None] | None = None, after: int = 2) -> int:
+        """How many times waiting on `part` sleeps, the clock at `now`, `then` happening on sleep `after`."""
+        sleeps.clear()
 
         def sleep(seconds: float) -> None:
             sleeps.append(seconds)
-            if len(sleeps) == 2 and then is not None:
+            if len(sleeps) == after and then is not None:
                 then()
             assert len(sleeps) < 100, "still waiting"
 
         wait_for_month(store, layout, MONTH, part, stale_s=60, clock=lambda: now, sleep=sleep)
         return len(sleeps)
 
+    assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0), after=12) == 12
+    # Looks come less and less often while the pass runs, but never less than every half second.
+    assert sleeps[0] == WAIT_POLL_S and sleeps == sorted(sleeps) and max(sleeps) == WAIT_POLL_MAX_S
+    assert wait(0, claimed_at + 1) == 0  # done: no wait at all
+    store.delete(layout.month_pass_done(MONTH, 0))
     assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0)) == 2
     assert wait(0, claimed_at + 1) == 0  # done: no wait at all
     assert wait(1, claimed_at + 1, lambda: release_month(store, layout, MONTH, 1)) == 2

@@ -37,7 +37,11 @@ MAX_JOBS_AHEAD = 12_000
 # to have died with its worker.
 CLAIM_RENEW_S = 10.0
 CLAIM_STALE_S = 60.0
+# A waiting batch looks for the pass's `.done` after WAIT_POLL_S, then less and less often, up
+# to every WAIT_POLL_MAX_S: two HEAD requests a look on S3, from every batch that waits, while
+# a pass over a large month runs for minutes.
 WAIT_POLL_S = 0.1
+WAIT_POLL_MAX_S = 0.5
 _pause = time.sleep  # how a waiting batch sleeps (a test replaces it)
 
 
@@ -120,6 +124,7 @@ def wait_for_month(
     clock, sleep = clock or time.time, sleep or _pause
     claim = layout.month_pass_claim(month, part)
     renewed_at: float | None = None
+    pause = WAIT_POLL_S
     while not storage.exists(layout.month_pass_done(month, part)):
         if renewed_at is None or clock() - renewed_at > stale_s:  # read it (again) before giving up on it
             try:
@@ -130,4 +135,5 @@ def wait_for_month(
                 return
         elif not storage.exists(claim):  # released: its pass failed
             return
-        sleep(WAIT_POLL_S)
+        sleep(pause)
+        pause = min(pause * 1.5, WAIT_POLL_MAX_S)

@@ -2,12 +2,12 @@
 
 On a month laid out by `tickq ingest`, a batch of jobs reads only the row groups of its
 securities. On a month that is not (raw CSV, DBN, Parquet in any order), every batch reads
-the whole month, so a run of N batches would read it N times. There, the first batch whose
-pass reads the month whole claims the month for its run (an object created only where none
-exists: of racing workers exactly one wins), and its pass computes every job of the month the
-run expects (the month's key file, written by the producer; a month of more than
-`MAX_JOBS_AHEAD` jobs is claimed in parts of that many, in key order) and stores their results
-and markers as passes of their own would have. Batches of the month elsewhere wait for that pass
+the whole month (or, in time order, the days of its jobs), so a run of N batches would read
+it N times. There, the first batch of the month claims it for its run (an object created only
+where none exists: of racing workers exactly one wins), and its pass computes every job of the
+month the run expects and has not done yet (the month's key file, written by the producer; a
+month of more than `MAX_JOBS_AHEAD` jobs is claimed in parts of that many, in key order) and
+stores their results and markers as passes of their own would have. Batches of the month elsewhere wait for that pass
 to be done and then find their jobs stored: their messages are acked as already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass

@@ -503,8 +503,8 @@ def _month_pass_columns(
     now: Callable[[], dt.datetime],
 ) -> tuple[list[int], pa.Table | None]:
     """The result columns of `jobs` still to store (a columnar processor's), one row per job,
-    and their positions in `jobs`. A batch whose pass would read its month whole claims the
-    month and computes and stores all of its expected jobs in that pass, or, where another
+    and their positions in `jobs`. A batch of a month not laid out by security claims the
+    month and computes and stores all of its expected jobs not yet done in that pass, or, where another
     worker has claimed it, waits for that pass and computes only the jobs it did not store
     (`worker.ahead`); those it did are marked already done."""
     to_store = list(range(len(jobs)))

@@ -126,6 +126,79 @@ def test_many_distinct_groups_are_accumulated_by_hashing_with_the_same_results(
     assert _close(dense, hashed)
 
 
+def test_a_jobs_partials_are_those_of_adding_its_rows_in_turn_whoever_shares_its_batches() -> None:
+    # A job is computed alone, in a batch of a few, or in a month pass of thousands, from rows
+    # sorted by job or interleaved: its partials, sums of floats included, must be to the bit
+    # those of adding its rows one at a time in input order, so a job run again gives the
+    # same result whichever way the worker served it.
+    from shared.inputs import normalise
+    from shared.messages import JobParams
+    from shared.processors.analytics import BatchPartials
+
+    rng = np.random.default_rng(23)
+    n, jobs = 30_000, 300
+    raw = pa.record_batch({
+        "ts": pa.array(1_709_251_200_000_000_000 + rng.integers(0, 86_400 * 10**9, n), pa.int64()),
+        "security": pa.array(["AAA"] * n),
+        "price": pa.array(rng.uniform(1, 100, n)),
+        "size": pa.array(rng.integers(1, 5_000, n)),
+        "side": pa.array([("B", "S", None)[i] for i in rng.integers(0, 3, n)]),
+        "participant": pa.array([None if i == 11 else f"P{i}" for i in rng.integers(0, 12, n)]),
+        "venue": pa.array([("CP", "TM")[i] for i in rng.integers(0, 2, n)]),
+    })
+    rows, _ = normalise(raw, "Australia/Sydney")
+    slots = rng.integers(0, jobs, n)
+    params = JobParams()
+
+    expected = [_added_in_turn(rows.filter(pa.array(slots == slot))) for slot in range(jobs)]
+
+    def served(order: np.ndarray, batch_rows: int) -> list[dict]:
+        partials = BatchPartials(params, jobs)
+        for start in range(0, n, batch_rows):
+            part = order[start:start + batch_rows]
+            partials.add(rows.take(pa.array(part)), slots[part])
+        return [partials.result(slot) for slot in range(jobs)]
+
+    every = np.arange(n)
+    by_job = np.argsort(slots, kind="stable")
+    for order, batch_rows in ((every, n), (every, 500), (by_job, 7_000), (by_job, 64)):
+        assert [result["day"] for result in served(order, batch_rows)] == [e["day"] for e in expected]
+        for result, wanted in zip(served(order, batch_rows), expected, strict=True):
+            assert result["groups"]["participant"] == wanted["participant"]
+    for slot in range(0, jobs, 37):  # alone, in batches of a few rows
+        alone = BatchPartials(params, 1)
+        own = rows.filter(pa.array(slots == slot))
+        for start in range(0, own.num_rows, 9):
+            part = own.slice(start, 9)
+            alone.add(part, np.zeros(part.num_rows, dtype=np.int64))
+        assert alone.result(0)["day"] == expected[slot]["day"]
+        assert alone.result(0)["groups"]["participant"] == expected[slot]["participant"]
+
+
+def _added_in_turn(rows: pa.Table) -> dict:
+    """A job's day summary and participant cells, adding its rows one at a time."""
+    day = {"records": 0, "volume": 0, "notional": 0.0, "low": math.inf, "high": -math.inf, "buy_volume": 0,
+           "sell_volume": 0, "first_ts": None, "last_ts": None}
+    cells: dict = {}
+    ts = rows.column("ts").cast(pa.int64()).to_pylist()
+    for i, (price, size, side, who) in enumerate(zip(*(rows.column(c).to_pylist() for c in (
+            "price", "size", "side", "participant")), strict=True)):
+        day["records"] += 1
+        day["volume"] += size
+        day["notional"] += price * size
+        day["low"], day["high"] = min(day["low"], price), max(day["high"], price)
+        day["buy_volume"] += size if side == "B" else 0
+        day["sell_volume"] += size if side == "S" else 0
+        day["first_ts"] = ts[i] if day["first_ts"] is None else min(day["first_ts"], ts[i])
+        day["last_ts"] = ts[i] if day["last_ts"] is None else max(day["last_ts"], ts[i])
+        cell = cells.setdefault(who, [0, 0, 0.0])
+        cell[0], cell[1], cell[2] = cell[0] + 1, cell[1] + size, cell[2] + price * size
+    keys = sorted(cells, key=lambda k: (k is None, k or ""))
+    return {"day": day, "participant": {"keys": keys, "records": [cells[k][0] for k in keys],
+                                        "volume": [cells[k][1] for k in keys],
+                                        "notional": [cells[k][2] for k in keys]}}
+
+
 def _close(left: object, right: object) -> bool:
     """Equal, floats to a relative 1e-12 (the two ways add in different orders)."""
     if isinstance(left, dict) and isinstance(right, dict):

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.inputs import label_codes, label_mask
+from shared.inputs import label_codes
 from shared.messages import JobParams
 from shared.processors.base import JobContext, StoredResult
 from shared.tables import TableSink
@@ -165,6 +165,7 @@ class BatchPartials:
         # Each dimension sums into a table of every (value, job) cell while it is small enough.
         self._tables: dict[str, _CellTable | None] = {d: _CellTable(count) for d in GROUP_DIMENSIONS}
         self._groups: dict[str, _SlotGroups] | None = None
+        self.accumulators: list[AnalyticsJob] = []  # the jobs' views, when made by `start_batch`
 
     def add(self, rows: pa.Table, slots: np.ndarray) -> None:
         """Take accepted rows; `slots[i]` is the slot of row i's job."""
@@ -172,47 +173,44 @@ class BatchPartials:
             return
         if self._groups is not None:
             raise RuntimeError("rows added after results were taken")
+        jobs = _RowJobs.of(slots, self.count)
         price = rows.column("price").to_numpy()
         size = rows.column("size").to_numpy()
         notional = price * size
-        self._add_day(rows, slots, price, size, notional)
-        self._add_groups("participant", slots, *_codes(rows.column("participant")), size, notional)
-        self._add_groups("venue", slots, *_codes(rows.column("venue")), size, notional)
-        self._add_groups("hour", slots, rows.column("hour").to_numpy(), HOURS, size, notional)
+        self._add_day(rows, jobs, price, size, notional)
+        self._add_groups("participant", jobs, *_codes(rows.column("participant")), size, notional)
+        self._add_groups("venue", jobs, *_codes(rows.column("venue")), size, notional)
+        self._add_groups("hour", jobs, rows.column("hour").to_numpy(), HOURS, size, notional)
         buckets = list(range(len(self._edges) + 1))
-        self._add_groups("size_bucket", slots, _bucket_of(notional, self._edges), buckets, size, notional)
+        self._add_groups("size_bucket", jobs, _bucket_of(notional, self._edges), buckets, size, notional)
 
-    def _add_day(self, rows: pa.Table, slots: np.ndarray, price: np.ndarray, size: np.ndarray,
+    def _add_day(self, rows: pa.Table, jobs: _RowJobs, price: np.ndarray, size: np.ndarray,
                  notional: np.ndarray) -> None:
-        ts = rows.column("ts").cast(pa.int64()).to_numpy()
-        side = rows.column("side")
-        buy = np.where(label_mask(side, lambda sides: pc.equal(sides, "B")), size, 0)
-        sell = np.where(label_mask(side, lambda sides: pc.equal(sides, "S")), size, 0)
-        # Rows of one job usually come in runs (input sorted by security and time): reduce
-        # each run first, then scatter the runs' partials to their slots. Unsorted rows are
-        # scattered one by one.
-        starts = np.flatnonzero(np.diff(slots)) + 1
-        in_runs = len(starts) < len(slots) // 4
-        if in_runs:
-            starts = np.concatenate(([0], starts))
-
-        def per_run(reduce: np.ufunc, values: np.ndarray) -> np.ndarray:
-            return reduce.reduceat(values, starts) if in_runs else values
-
-        owner = slots[starts] if in_runs else slots
-        np.add.at(self.records, owner, np.diff(np.append(starts, len(slots))) if in_runs else 1)
-        for target, values in ((self.volume, size), (self.buy_volume, buy), (self.sell_volume, sell)):
-            np.add.at(target, owner, per_run(np.add, values))
+        at, index, n = jobs.present, jobs.index, len(jobs.present)
+        self.records[at] += jobs.rows
+        # Volume by (job, side): buy, sell, and neither (another or no side).
+        sides = np.zeros(3 * n, dtype=np.int64)
+        np.add.at(sides, index * 3 + _side_codes(rows.column("side")), size)
+        by_side = sides.reshape(n, 3)
+        self.volume[at] += by_side.sum(axis=1)
+        self.buy_volume[at] += by_side[:, 0]
+        self.sell_volume[at] += by_side[:, 1]
         # Notional is added row by row, in input order: a floating-point sum that does not
-        # depend on which other jobs shared the batch (runs or not) or how the rows were split
-        # into batches, so a job run again gives the same result to the last bit.
-        np.add.at(self.notional, slots, notional)
-        np.minimum.at(self.low, owner, per_run(np.minimum, price))
-        np.maximum.at(self.high, owner, per_run(np.maximum, price))
-        np.minimum.at(self.first, owner, per_run(np.minimum, ts))
-        np.maximum.at(self.last, owner, per_run(np.maximum, ts))
+        # depend on which other jobs shared the batch or how the rows were split into
+        # batches, so a job run again gives the same result to the last bit.
+        _scatter(np.add, self.notional, _Cells(at, index), notional)
+        ts = rows.column("ts").cast(pa.int64()).to_numpy()
+        # Rows of one job usually come in runs (input sorted by security and time): the
+        # extremes of each run first, then of the runs per job.
+        runs = jobs.runs()
+        for ufunc, target, values in ((np.minimum, self.low, price), (np.maximum, self.high, price),
+                                      (np.minimum, self.first, ts), (np.maximum, self.last, ts)):
+            if runs is None:
+                _scatter(ufunc, target, _Cells(at, index), values)
+            else:
+                _scatter(ufunc, target, _Cells(at, index[runs]), ufunc.reduceat(values, runs))
 
-    def _add_groups(self, dim: str, slots: np.ndarray, codes: np.ndarray, values: list[Any], size: np.ndarray,
+    def _add_groups(self, dim: str, jobs: _RowJobs, codes: np.ndarray, values: list[Any], size: np.ndarray,
                     notional: np.ndarray) -> None:
         """Sums per (slot, group) cell of one dimension; `codes` index `values` (this batch's)."""
         known = self._codes[dim]
@@ -223,13 +221,13 @@ class BatchPartials:
         seen.extend(values[i] for i in range(width) if to_code[i] >= before)
         table = self._tables[dim]
         if table is not None and self.count * len(seen) <= DENSE_CELLS:
-            table.add(to_code[codes], slots, size, notional, len(seen))
+            table.add(to_code[codes], jobs, size, notional, len(seen))
             return
         parts = self._cells[dim]
         if table is not None:  # too many cells for a table now: its sums become cells
             parts.append(table.cells())
             self._tables[dim] = None
-        present, index = np.unique(slots * width + codes, return_inverse=True)
+        present, index = np.unique(jobs.slot * width + codes, return_inverse=True)
         records = np.bincount(index, minlength=len(present))
         volume = np.zeros(len(present), dtype=np.int64)
         np.add.at(volume, index, size)
@@ -274,9 +272,65 @@ class BatchPartials:
         return pa.table(columns, schema=RESULT_SCHEMA)
 
 
+@dataclass(frozen=True)
+class _RowJobs:
+    """The jobs of a batch of rows: each row's `slot`; the slots `present` (ascending), each
+    row's position among them (`index`) and each one's number of `rows`."""
+
+    slot: np.ndarray
+    present: np.ndarray
+    index: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, slot: np.ndarray, count: int) -> _RowJobs:
+        """The jobs of rows whose slots (all below `count`) are `slot`."""
+        per_slot = np.bincount(slot, minlength=count)
+        present = np.flatnonzero(per_slot)
+        position = np.zeros(count, dtype=np.int64)
+        position[present] = np.arange(len(present))
+        return cls(slot, present, position[slot], per_slot[present])
+
+    def runs(self) -> np.ndarray | None:
+        """Where each run of rows of one job starts, if rows come in long runs; else None."""
+        changes = np.count_nonzero(self.slot[1:] != self.slot[:-1])
+        if changes >= len(self.slot) // 4:
+            return None
+        return np.concatenate(([0], np.flatnonzero(np.diff(self.slot)) + 1))
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """Where row i adds: ``target[cells[index[i]]]``, or ``target[index[i]]`` without `cells`."""
+
+    cells: np.ndarray | None
+    index: np.ndarray
+
+
+def _scatter(ufunc: np.ufunc, target: np.ndarray, at: _Cells, values: np.ndarray | int) -> None:
+    """``ufunc.at`` of every row's value into its place in `target`, row by row in order (a
+    floating-point sum is the same whichever way the places are given)."""
+    if at.cells is None:
+        ufunc.at(target, at.index, values)
+        return
+    # Through a copy of the few places rows touch: random access to it stays in cache.
+    local = target[at.cells]
+    ufunc.at(local, at.index, values)
+    target[at.cells] = local
+
+
+def _side_codes(side: pa.ChunkedArray) -> np.ndarray:
+    """Each row's side as 0 (buy), 1 (sell) or 2 (another, or none)."""
+    codes, values = label_codes(side)
+    per_value = np.array([{"B": 0, "S": 1}.get(v, 2) for v in values.to_pylist()] + [2], dtype=np.int64)
+    side_code: np.ndarray = per_value[codes]
+    return side_code
+
+
 class _CellTable:
     """One dimension's sums for every (group code, slot) cell, at code * count + slot: rows add
-    straight into it, one by one in input order, and it grows by whole codes as values appear."""
+    into it one by one in input order (through a copy of a batch's cells when they are few), and
+    it grows by whole codes as values appear."""
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -284,17 +338,23 @@ class _CellTable:
         self.volume = np.zeros(0, dtype=np.int64)
         self.notional = np.zeros(0, dtype=np.float64)
 
-    def add(self, codes: np.ndarray, slots: np.ndarray, size: np.ndarray, notional: np.ndarray, width: int) -> None:
-        """Add rows (their group `codes`, all below `width`, and job `slots`)."""
+    def add(self, codes: np.ndarray, jobs: _RowJobs, size: np.ndarray, notional: np.ndarray, width: int) -> None:
+        """Add rows (their group `codes`, all below `width`, and jobs)."""
         more = width * self.count - len(self.records)
         if more > 0:
             self.records = np.concatenate((self.records, np.zeros(more, dtype=np.int64)))
             self.volume = np.concatenate((self.volume, np.zeros(more, dtype=np.int64)))
             self.notional = np.concatenate((self.notional, np.zeros(more)))
-        index = codes * self.count + slots
-        np.add.at(self.records, index, 1)
-        np.add.at(self.volume, index, size)
-        np.add.at(self.notional, index, notional)
+        n = len(jobs.present)
+        if width * n <= len(codes):
+            # The batch's (code, job) cells, code by code: rows add into these few, which
+            # stay in the processor's cache, and they into the table once.
+            cells = _Cells((np.arange(width)[:, None] * self.count + jobs.present).reshape(-1), codes * n + jobs.index)
+        else:
+            cells = _Cells(None, codes * self.count + jobs.slot)
+        _scatter(np.add, self.records, cells, 1)
+        _scatter(np.add, self.volume, cells, size)
+        _scatter(np.add, self.notional, cells, notional)
 
     def cells(self) -> tuple[np.ndarray, ...]:
         """The cells holding rows, as (slot, code, records, volume, notional)."""
@@ -770,7 +830,8 @@ class AnalyticsProcessor:
     def start_batch(self, contexts: list[JobContext]) -> list[AnalyticsJob]:
         """Accumulators for the jobs of one batch, sharing one set of arrays."""
         batch = BatchPartials(contexts[0].job.params, len(contexts))
-        return [AnalyticsJob(batch, slot) for slot in range(len(contexts))]
+        batch.accumulators = [AnalyticsJob(batch, slot) for slot in range(len(contexts))]
+        return batch.accumulators
 
     def add_many(self, accumulators: list[AnalyticsJob], rows: pa.Table, slots: np.ndarray) -> None:
         """Rows of many jobs at once; `accumulators` come from one `start_batch`, in its order."""
@@ -779,7 +840,11 @@ class AnalyticsProcessor:
     @staticmethod
     def _batch_of(accumulators: list[AnalyticsJob]) -> BatchPartials:
         batch = accumulators[0].batch
-        if batch.count != len(accumulators) or any(a.batch is not batch for a in accumulators):
+        # The list `start_batch` returned needs no check (a pass adds thousands of batches of
+        # rows to thousands of jobs); any other is checked job by job.
+        if accumulators is not batch.accumulators and (
+                batch.count != len(accumulators)
+                or any(a.batch is not batch or a.slot != slot for slot, a in enumerate(accumulators))):
             raise ValueError("expected the accumulators of one start_batch, in its order")
         return batch
 

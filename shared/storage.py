@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
@@ -72,6 +72,11 @@ class Storage(Protocol):
     def create(self, key: str, data: bytes) -> bool:
         """Store `data` under `key` only if nothing is there yet: True when this call created
         it. Of writers racing for one key, exactly one wins."""
+        ...
+
+    def prepare(self, keys: Iterable[str]) -> None:
+        """Get ready to store objects under `keys` soon (a hint: where keys need folders,
+        they are made now, so that storing later costs less)."""
         ...
 
     def open_read(self, key: str) -> IO[bytes]:
@@ -247,6 +252,12 @@ class LocalStorage:
         tmp = self._tmp_path(self.root)
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
         os.replace(tmp, source)
+
+    def prepare(self, keys: Iterable[str]) -> None:
+        # Making a folder can cost a millisecond of the kernel's time on a journalling file
+        # system, where linking a marker into it costs microseconds.
+        for parent in {self._path(key).parent for key in keys}:
+            self._make_parent(parent / MARKER_NAME)
 
     def _make_parent(self, target: Path) -> None:
         """Create `target`'s directory once; directories known to exist are not checked again."""
@@ -430,6 +441,9 @@ class S3Storage:
 
     def mark(self, key: str) -> None:
         self.write_bytes(key, b"", "application/octet-stream")
+
+    def prepare(self, keys: Iterable[str]) -> None:
+        pass  # an object store has no folders to make
 
     def open_read(self, key: str) -> IO[bytes]:
         return cast(IO[bytes], _S3RangeReader(self, key, self.size(key)))

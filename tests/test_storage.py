@@ -106,3 +106,25 @@ def test_of_writers_racing_to_create_one_key_exactly_one_wins(tmp_path: Path, wh
     assert won.count(True) == 1
     assert store.read_bytes("claims/a.claim") == str(won.index(True)).encode()  # the winner's, whole
     assert [o.key for o in store.list("claims/")] == ["claims/a.claim"]  # nothing temporary left
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_preparing_keys_stores_nothing_and_storing_them_then_works(tmp_path: Path, where: str,
+                                                                   request: Any) -> None:
+    # A marker must appear only once its job's result is stored: getting ready for it (the
+    # folders of a local disk, made while a month pass computes) must not store anything.
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        store = open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
+    else:
+        store = open_storage(str(tmp_path))
+    keys = [f"runs/r/succeeded/2024-03/S{i % 3}/2024-03-{i + 1:02d}.json" for i in range(6)]
+    store.prepare(keys)
+    store.prepare(keys)  # again is fine
+    assert list(store.list()) == []
+    assert not store.exists(keys[0])
+    if where == "local":
+        assert sorted(p.name for p in (tmp_path / "runs/r/succeeded/2024-03").iterdir()) == ["S0", "S1", "S2"]
+    for key in keys:
+        store.mark(key)
+    assert [o.key for o in store.list("runs/r/succeeded/")] == sorted(keys)

@@ -8,6 +8,7 @@ object per batch, then each job's success marker, written last.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import time
@@ -514,9 +515,11 @@ def _month_pass_columns(
         try:
             extra = _not_done(output, layout, extra)  # a resumed or replayed run keeps what it stored
             extra_outcomes = [JobOutcome() for _ in extra]
+            preparing = _prepare_markers(output, layout, extra)
             with renewing_claim(output, layout, first.month, part, worker_id), passes.widening():
                 columns = _pass_columns(processor, jobs + extra, outcomes + extra_outcomes, source, files, output,
                                         listings, batch_rows, ahead=True)
+                preparing.join()
                 _store_ahead(processor, extra, extra_outcomes, columns.slice(len(jobs)), output, layout, worker_id,
                              now)
             month_done(output, layout, first.month, part)
@@ -542,6 +545,20 @@ def _month_pass_columns(
     left = [jobs[i] for i in to_store]
     return to_store, _pass_columns(processor, left, [outcomes[i] for i in to_store], source, files, output, listings,
                                    batch_rows)
+
+
+def _prepare_markers(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> threading.Thread:
+    """Get the store ready for `jobs`' markers on a thread of its own (on a local disk, their
+    folders are made while the pass computes, on a core it leaves idle)."""
+    keys = [layout.marker(JobKey(job.month, job.security, job.date)) for job in jobs]
+
+    def prepare() -> None:
+        with contextlib.suppress(Exception):  # only a hint: storing the markers reports what fails
+            output.prepare(keys)
+
+    thread = threading.Thread(target=prepare, name="tickq-prepare-markers", daemon=True)
+    thread.start()
+    return thread
 
 
 def _pass_columns(processor: Processor, jobs: list[JobMessage], outcomes: list[JobOutcome], source: Storage,

@@ -204,33 +204,43 @@ class _Slots:
     """Maps rows to the jobs of a batch by (security, trade_date), vectorised."""
 
     def __init__(self, jobs: list[JobMessage]) -> None:
-        self.securities = sorted({j.security for j in jobs})
-        self.days = np.array(sorted({(j.trade_date - EPOCH).days for j in jobs}), dtype=np.int64)
-        sec_pos = {s: i for i, s in enumerate(self.securities)}
-        day_pos = {int(d): i for i, d in enumerate(self.days)}
-        # One extra row and column stay -1: rows of another security or day, or none.
-        self.table = np.full((len(sec_pos) + 1, len(day_pos) + 1), -1, dtype=np.int64)
+        self.securities = pa.array(sorted({j.security for j in jobs}), pa.string())
+        days = sorted({(j.trade_date - EPOCH).days for j in jobs})
+        self.first_day, self.span = days[0], days[-1] - days[0] + 1
+        # Each day of the jobs' span to its column of the table; a day of no job, inside the
+        # span or outside it (the extra last entry), to the table's extra last column.
+        self.day_column = np.full(self.span + 1, len(days), dtype=np.int64)
+        for column, day in enumerate(days):
+            self.day_column[day - self.first_day] = column
+        # (security, day) cells, row by row; the extra last row and column stay -1: rows of
+        # another security or day, or of none.
+        self.width = len(days) + 1
+        self.table = np.full((len(self.securities) + 1) * self.width, -1, dtype=np.int64)
+        row_of = {s: i for i, s in enumerate(self.securities.to_pylist())}
         for slot, job in enumerate(jobs):
-            self.table[sec_pos[job.security], day_pos[(job.trade_date - EPOCH).days]] = slot
+            column = self.day_column[(job.trade_date - EPOCH).days - self.first_day]
+            self.table[row_of[job.security] * self.width + column] = slot
         self.count = len(jobs)
 
     def of(self, rows: pa.Table) -> np.ndarray:
         """Each row's job slot, -1 for rows of no job in the batch."""
         codes, values = label_codes(rows.column("security"))
-        # Position of each distinct security among the batch's (the extra last one if absent).
-        found = pc.index_in(values, value_set=pa.array(self.securities, pa.string()))
-        sec_of_value = np.append(found.fill_null(-1).to_numpy(zero_copy_only=False), -1)
-        sec_i = sec_of_value[codes]
+        # Where each distinct security's row of the table starts (the extra last row if it
+        # is none of the batch's, as for a null one).
+        found = pc.index_in(values, value_set=self.securities).fill_null(len(self.securities))
+        row_start = np.append(found.to_numpy(zero_copy_only=False), len(self.securities)) * self.width
         days = rows.column("trade_date").combine_chunks()
         # A null date becomes a day no job can have (jobs' dates are years 1 to 9999).
         day = days.cast(pa.int32()).fill_null(NO_DAY).to_numpy(zero_copy_only=False).astype(np.int64)
-        nearest = np.minimum(np.searchsorted(self.days, day), len(self.days) - 1)
-        day_i = np.where(self.days[nearest] == day, nearest, -1)
-        return self.table[sec_i, day_i]
+        # Days before the span wrap to huge unsigned offsets: they and those after it take the
+        # extra last entry.
+        offset = np.minimum((day - self.first_day).view(np.uint64), self.span)
+        slots: np.ndarray = self.table[row_start[codes] + self.day_column[offset]]
+        return slots
 
     def counts(self, slots: np.ndarray) -> np.ndarray:
-        """Rows per slot."""
-        return np.bincount(slots[slots >= 0], minlength=self.count)
+        """Rows per slot (rows of slot -1 are no job's)."""
+        return np.bincount(slots + 1, minlength=self.count + 1)[1:]
 
 
 def _split_by_slot(rows: pa.Table, slots: np.ndarray) -> Iterator[tuple[int, pa.Table]]:
@@ -320,16 +330,21 @@ def _compute(
             start = time.perf_counter()
             rows, valid = normalise(batch, params.market_tz)
             slots = slots_of.of(rows)
+            read = accepted = slots_of.counts(slots)
+            keep = slots >= 0
             valid_np = valid.to_numpy(zero_copy_only=False)
-            keep = (slots >= 0) & valid_np
-            counts["read"] += slots_of.counts(slots)
-            counts["rejected"] += slots_of.counts(np.where(valid_np, -1, slots))
+            if not valid_np.all():
+                keep &= valid_np
+                accepted = slots_of.counts(np.where(keep, slots, -1))
+                counts["rejected"] += read - accepted
             mask = run_filter_mask(rows, params)
             if mask is not None:
-                passed = mask.to_numpy(zero_copy_only=False)
-                counts["filtered"] += slots_of.counts(np.where(keep & ~passed, slots, -1))
-                keep &= passed
-            counts["accepted"] += slots_of.counts(np.where(keep, slots, -1))
+                keep &= mask.to_numpy(zero_copy_only=False)
+                passed = slots_of.counts(np.where(keep, slots, -1))
+                counts["filtered"] += accepted - passed
+                accepted = passed
+            counts["read"] += read
+            counts["accepted"] += accepted
             stage["filter"] += time.perf_counter() - start
             if not keep.any():
                 continue

@@ -129,6 +129,10 @@ class _UtcTimestamp:
         return event
 
 
+def _drop_line(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    raise structlog.DropEvent
+
+
 def _serialise(obj: Any, **kwargs: Any) -> str:
     # orjson renders a job line about ten times faster than the standard library, which
     # matters at thousands of lines a second; what it refuses (integers beyond 64 bits)
@@ -156,13 +160,16 @@ def configure(
 ) -> None:
     """Route structlog to JSON lines for `component` (stdout unless `quiet`, plus the file).
 
-    Lines below `log_level()` cost nothing: the filtering logger turns them into no-ops.
+    Lines below `log_level()` cost nothing: the filtering logger turns them into no-ops, as it
+    does every line when `quiet` leaves them nowhere to go.
     """
     level = log_level()
     out: IO[str] = stream or (open("/dev/null", "w") if quiet else sys.stdout)  # noqa: SIM115
     sink = _JsonLinesSink(out, Path(metrics_file) if metrics_file else None)
+    nowhere = quiet and stream is None and metrics_file is None
     structlog.configure(
-        processors=[
+        # Where no line goes anywhere, none is built (a worker writes one or two per job).
+        processors=[_drop_line] if nowhere else [
             structlog.contextvars.merge_contextvars,
             _component_adder(component),
             structlog.processors.add_log_level,

@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -237,3 +238,33 @@ def test_every_line_is_stamped_in_utc_to_the_microsecond() -> None:
     slack = dt.timedelta(milliseconds=1)
     assert before - slack <= times[0] < times[1] < times[2] <= after + slack
     assert times[2] - times[0] >= dt.timedelta(seconds=1.1)
+
+
+def test_quiet_lines_with_nowhere_to_go_are_not_built(tmp_path: Path) -> None:
+    # `--quiet` without a metrics file writes no line: building one (a worker writes one or
+    # two per job) would be work for nothing. With a metrics file, quiet lines still go there.
+    import json
+
+    from shared.metrics import configure, get_logger
+
+    built: list[str] = []
+
+    class Rendered:
+        def __repr__(self) -> str:
+            built.append("line")
+            return "rendered"
+
+        __str__ = __repr__
+
+    try:
+        configure("worker", quiet=True)
+        get_logger().info("job.finished", value=Rendered())
+        get_logger().error("worker.failed", value=Rendered())
+        assert built == []
+        configure("worker", tmp_path / "metrics.jsonl", quiet=True)
+        get_logger().info("job.finished", value=Rendered())
+    finally:
+        configure("worker")
+    assert built == ["line"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["event"], line["value"]) for line in lines] == [("job.finished", "rendered")]

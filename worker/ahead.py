@@ -39,9 +39,10 @@ CLAIM_RENEW_S = 10.0
 CLAIM_STALE_S = 60.0
 # A waiting batch looks for the pass's `.done` after WAIT_POLL_S, then less and less often, up
 # to every WAIT_POLL_MAX_S: two HEAD requests a look on S3, from every batch that waits, while
-# a pass over a large month runs for minutes.
+# a pass over a large month runs for minutes; and the month's other jobs, all stored by then,
+# wait behind that batch for half a look on average after the pass ends.
 WAIT_POLL_S = 0.1
-WAIT_POLL_MAX_S = 0.5
+WAIT_POLL_MAX_S = 0.25
 _pause = time.sleep  # how a waiting batch sleeps (a test replaces it)
 
 

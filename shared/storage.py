@@ -256,15 +256,18 @@ class LocalStorage:
     def prepare(self, keys: Iterable[str]) -> None:
         # Making a folder can cost a millisecond of the kernel's time on a journalling file
         # system, where linking a marker into it costs microseconds.
-        for parent in {self._path(key).parent for key in keys}:
-            self._make_parent(parent / MARKER_NAME)
+        for folder in {self._path(key).parent for key in keys}:
+            self._make_dir(folder)
 
     def _make_parent(self, target: Path) -> None:
-        """Create `target`'s directory once; directories known to exist are not checked again."""
-        parent = target.parent
-        if parent not in self._dirs:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(parent)
+        """Create `target`'s directory once."""
+        self._make_dir(target.parent)
+
+    def _make_dir(self, folder: Path) -> None:
+        """Create `folder` once; folders known to exist are not checked again."""
+        if folder not in self._dirs:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(folder)
 
     def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         target = self._path(key)

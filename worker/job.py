@@ -207,8 +207,9 @@ class _Slots:
         self.securities = pa.array(sorted({j.security for j in jobs}), pa.string())
         days = sorted({(j.trade_date - EPOCH).days for j in jobs})
         self.first_day, self.span = days[0], days[-1] - days[0] + 1
-        # Each day of the jobs' span to its column of the table; a day of no job, inside the
-        # span or outside it (the extra last entry), to the table's extra last column.
+        # Each day of the jobs' span (a month's jobs span a few dozen days) to its column of the
+        # table; a day of no job, inside the span or outside it (the extra last entry), to the
+        # table's extra last column.
         self.day_column = np.full(self.span + 1, len(days), dtype=np.int64)
         for column, day in enumerate(days):
             self.day_column[day - self.first_day] = column

@@ -7,8 +7,9 @@ it N times. There, the first batch of the month claims it for its run (an object
 where none exists: of racing workers exactly one wins), and its pass computes every job of the
 month the run expects and has not done yet (the month's key file, written by the producer; a
 month of more than `MAX_JOBS_AHEAD` jobs is claimed in parts of that many, in key order) and
-stores their results and markers as passes of their own would have. Batches of the month elsewhere wait for that pass
-to be done and then find their jobs stored: their messages are acked as already done.
+stores their results and markers as passes of their own would have. Batches of the month
+elsewhere wait for that pass to be done and then find their jobs stored: their messages are
+acked as already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not

@@ -521,9 +521,9 @@ def _month_pass_columns(
 ) -> tuple[list[int], pa.Table | None]:
     """The result columns of `jobs` still to store (a columnar processor's), one row per job,
     and their positions in `jobs`. A batch of a month not laid out by security claims the
-    month and computes and stores all of its expected jobs not yet done in that pass, or, where another
-    worker has claimed it, waits for that pass and computes only the jobs it did not store
-    (`worker.ahead`); those it did are marked already done."""
+    month and computes and stores all of its expected jobs not yet done in that pass, or,
+    where another worker has claimed it, waits for that pass and computes only the jobs it did
+    not store (`worker.ahead`); those it did are marked already done."""
     to_store = list(range(len(jobs)))
     part, extra = _jobs_ahead(jobs, source, files, output, layout, listings, passes)
     first = jobs[0]
@@ -543,12 +543,12 @@ def _month_pass_columns(
             release_month(output, layout, first.month, part)
             raise
         # The jobs stored ahead report their rows here: their own messages find them done.
-        outcomes[0].rows_ahead = (sum(o.rows_read for o in extra_outcomes),
-                                  sum(o.rows_accepted for o in extra_outcomes),
-                                  sum(o.rows_rejected for o in extra_outcomes))
+        rows_in, rows_out, rejected = (sum(o.rows_read for o in extra_outcomes),
+                                       sum(o.rows_accepted for o in extra_outcomes),
+                                       sum(o.rows_rejected for o in extra_outcomes))
+        outcomes[0].rows_ahead = (rows_in, rows_out, rejected)
         get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part, batch=len(jobs),
-                          ahead=len(extra), rows_in=sum(o.rows_read for o in extra_outcomes),
-                          rows_out=sum(o.rows_accepted for o in extra_outcomes))
+                          ahead=len(extra), rows_in=rows_in, rows_out=rows_out)
         return to_store, columns.slice(0, len(jobs))
     if extra:  # claimed elsewhere: its pass stores these jobs too, most likely
         wait_for_month(output, layout, first.month, part)

@@ -37,10 +37,11 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INCOMPLETE = 3
 DEFAULT_HEARTBEAT_FILE = "/tmp/tickq/heartbeat"
-# Enough prefetched jobs for batches of ~128 jobs per execution slot, two batches deep: one
-# pass over a month serves that many jobs. (Keep prefetch x job time far below the broker's
-# consumer_timeout.)
-DEFAULT_PREFETCH_PER_SLOT = 256
+# Enough prefetched jobs for batches of ~512 jobs per execution slot, two batches deep: one
+# pass over a month serves that many jobs, and each batch's own costs (its edge row groups,
+# result object, event and ack) are shared by more of them. (Keep prefetch x job time far
+# below the broker's consumer_timeout.)
+DEFAULT_PREFETCH_PER_SLOT = 1024
 
 
 # ---------------------------------------------------------------------------------------

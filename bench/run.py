@@ -462,7 +462,8 @@ def cmd_scaling(args: argparse.Namespace) -> None:
         produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH,
                                      "--json", "--quiet", env=env).stdout)
         metrics = [out / f"worker-{i}.jsonl" for i in range(workers)]
-        work_s, _ = _run_workers(workers, env, ("--concurrency", "1"), metrics)
+        prefetch = ("--prefetch", str(args.prefetch)) if args.prefetch else ()
+        work_s, _ = _run_workers(workers, env, ("--concurrency", "1", *prefetch), metrics)
         consuming_s = _consuming_seconds(metrics)
         wall[workers].append(produced["jobs"] / work_s)
         consuming[workers].append(produced["jobs"] / consuming_s)
@@ -642,6 +643,8 @@ def main() -> None:
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
                         help="memory: csv measures a worker over a raw CSV month")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="scaling: each worker's --prefetch (default: the worker's own)")
     parser.add_argument("--raw-too", action="store_true",
                         help="e2e, memory: also run on the raw (not ingested) files")
     parser.add_argument("--day-files", action="store_true",

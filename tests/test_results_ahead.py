@@ -310,6 +310,55 @@ def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
     assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
 
 
+def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_next_batch(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = str(data / "raw")
+    keys = _keys(source)[: 3 * BATCH]
+    output = tmp_path / "out"
+    passes = MonthPasses()
+
+    def store_fails(*args: object) -> None:
+        raise OSError("connection reset")
+
+    def delete_fails(self: LocalStorage, key: str) -> None:
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(job_module, "_store_ahead", store_fails)
+    monkeypatch.setattr(LocalStorage, "delete", delete_fails)
+    with pytest.raises(AssertionError, match="connection reset"):  # the pass's failure, not the release's
+        _run(source, str(output), keys, MonthListings(passes=passes))
+    assert _claims(output)  # left behind
+    monkeypatch.undo()
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError("waited for a claim of its own")
+
+    monkeypatch.setattr("worker.ahead._pause", no_waiting)
+    outcomes = _run(source, str(output), keys, MonthListings(passes=passes))
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
+
+
+def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(tmp_path: Path) -> None:
+    store, layout = open_storage(str(tmp_path)), RunLayout("r1")
+    passes = MonthPasses()
+    assert claim_month(store, layout, MONTH, 0, "a", passes)
+    assert not claim_month(store, layout, MONTH, 0, "a", passes)  # a second slot of "a": its pass runs
+    assert not claim_month(store, layout, MONTH, 0, "b", MonthPasses())  # another worker's claim
+    release_month(store, layout, MONTH, 0, passes)
+    assert claim_month(store, layout, MONTH, 0, "a", passes)  # released: claimed afresh
+
+    left_behind = MonthPasses()  # "a" restarted (or its release failed): no pass of it holds the claim
+    assert claim_month(store, layout, MONTH, 0, "a", left_behind)
+    assert not claim_month(store, layout, MONTH, 0, "a", left_behind)
+    month_done(store, layout, MONTH, 0, left_behind)
+    assert not claim_month(store, layout, MONTH, 0, "a", MonthPasses())  # done: nothing to take back
+
+    store.write_bytes(layout.month_pass_claim(MONTH, 1), b"not json")
+    assert not claim_month(store, layout, MONTH, 1, "a", MonthPasses())
+
+
 def test_a_pass_over_a_resumed_run_computes_only_the_jobs_not_yet_done(data: Path, tmp_path: Path) -> None:
     source = str(data / "raw")
     keys = _keys(source)

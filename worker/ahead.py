@@ -14,7 +14,9 @@ acked as already done.
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not
 renewed for `CLAIM_STALE_S` (its worker died) is ignored: the waiting batches then compute
-their own jobs.
+their own jobs. A claim that its worker could not delete (the store failing too) is taken
+back by that worker's next batch of the month, which makes the pass again, rather than left
+for everyone, its worker included, to wait out.
 
 Memory stays bounded: a claimed pass holds the partial results of up to `MAX_JOBS_AHEAD` jobs
 (a few KB each while the pass runs, for analytics), and one such pass runs in a process at a
@@ -29,7 +31,9 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 
+from shared.errors import PermanentError
 from shared.layout import RunLayout
+from shared.metrics import get_logger
 from shared.storage import Storage
 
 # The most jobs one pass computes: a month of 500 securities has about 10,500.
@@ -54,6 +58,8 @@ class MonthPasses:
         self._lock = threading.Lock()
         self._widened = threading.Lock()
         self._without_keys: set[Hashable] = set()  # months whose run has no key file for them
+        self._claiming = threading.Lock()
+        self._held: set[Hashable] = set()  # claims a pass of this process holds
 
     @contextlib.contextmanager
     def widening(self) -> Iterator[None]:
@@ -71,14 +77,56 @@ class MonthPasses:
         with self._lock:
             self._without_keys.add(month)
 
+    @contextlib.contextmanager
+    def claims(self) -> Iterator[set[Hashable]]:
+        """The claims that passes of this process hold, to read or change while no other slot
+        of it does: a slot's claim is made (or given up) in the store and noted here at once."""
+        with self._claiming:
+            yield self._held
+
 
 def _claim_body(worker: str) -> bytes:
     return json.dumps({"worker": worker, "claimed_at": time.time()}).encode()
 
 
-def claim_month(storage: Storage, layout: RunLayout, month: str, part: int, worker: str) -> bool:
-    """Claim the pass over `part` of `month`'s jobs for this worker: True when no one had."""
-    return storage.create(layout.month_pass_claim(month, part), _claim_body(worker))
+def claim_month(storage: Storage, layout: RunLayout, month: str, part: int, worker: str,
+                passes: MonthPasses | None = None) -> bool:
+    """Claim the pass over `part` of `month`'s jobs for this worker: True when no one had.
+
+    With `passes` (this process's), also True when the claim is this worker's own and no pass
+    of this process holds it: an earlier pass failed and could not delete it. The pass then
+    holds the claim in `passes` until `month_done` or `release_month`, so that other slots
+    of this worker wait for it.
+    """
+    key = layout.month_pass_claim(month, part)
+    if passes is None:
+        return storage.create(key, _claim_body(worker))
+    with passes.claims() as held:
+        if (storage.uri, key) in held:  # another slot of this worker makes this pass
+            return False
+        won = storage.create(key, _claim_body(worker)) or _take_back(storage, layout, month, part, worker)
+        if won:
+            held.add((storage.uri, key))
+        return won
+
+
+def _take_back(storage: Storage, layout: RunLayout, month: str, part: int, worker: str) -> bool:
+    """Renew `worker`'s own claim on a pass not done (one whose release failed); False when
+    the claim is someone else's, or the pass is done."""
+    key = layout.month_pass_claim(month, part)
+    if storage.exists(layout.month_pass_done(month, part)):
+        return False
+    try:
+        holder = json.loads(storage.read_bytes(key))["worker"]
+    except PermanentError:  # deleted since (released): claim it afresh
+        return storage.create(key, _claim_body(worker))
+    except (ValueError, KeyError, TypeError):  # not a claim as this version writes them: not ours
+        return False
+    if holder != worker:
+        return False
+    storage.write_bytes(key, _claim_body(worker), "application/json")
+    get_logger().info("worker.month_claim_taken_back", run_id=layout.run_id, month=month, part=part)
+    return True
 
 
 @contextlib.contextmanager
@@ -102,14 +150,33 @@ def renewing_claim(storage: Storage, layout: RunLayout, month: str, part: int, w
         renewer.join()
 
 
-def month_done(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
+def month_done(storage: Storage, layout: RunLayout, month: str, part: int, passes: MonthPasses | None = None) -> None:
     """The claimed pass over `part` of `month` has stored its results."""
     storage.write_bytes(layout.month_pass_done(month, part), b"{}", "application/json")
+    if passes is not None:
+        with passes.claims() as held:
+            held.discard((storage.uri, layout.month_pass_claim(month, part)))
 
 
-def release_month(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
-    """The claimed pass failed: others may compute the part's jobs."""
-    storage.delete(layout.month_pass_claim(month, part))
+def release_month(storage: Storage, layout: RunLayout, month: str, part: int,
+                  passes: MonthPasses | None = None) -> None:
+    """The claimed pass failed: others may compute the part's jobs. Never raises: a claim
+    that cannot be deleted is taken back by this worker's next batch of the month, or turns
+    stale, and what failed the pass is what its batch reports."""
+    if passes is None:
+        _delete_claim(storage, layout, month, part)
+        return
+    with passes.claims() as held:
+        _delete_claim(storage, layout, month, part)
+        held.discard((storage.uri, layout.month_pass_claim(month, part)))
+
+
+def _delete_claim(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
+    try:
+        storage.delete(layout.month_pass_claim(month, part))
+    except Exception as exc:
+        get_logger().warning("worker.month_claim_not_released", run_id=layout.run_id, month=month, part=part,
+                             error=str(exc))
 
 
 def wait_for_month(

@@ -527,7 +527,7 @@ def _month_pass_columns(
     to_store = list(range(len(jobs)))
     part, extra = _jobs_ahead(jobs, source, files, output, layout, listings, passes)
     first = jobs[0]
-    if extra and claim_month(output, layout, first.month, part, worker_id):
+    if extra and claim_month(output, layout, first.month, part, worker_id, passes):
         try:
             extra = _not_done(output, layout, extra)  # a resumed or replayed run keeps what it stored
             extra_outcomes = [JobOutcome() for _ in extra]
@@ -538,9 +538,9 @@ def _month_pass_columns(
                 preparing.join()
                 _store_ahead(processor, extra, extra_outcomes, columns.slice(len(jobs)), output, layout, worker_id,
                              now)
-            month_done(output, layout, first.month, part)
+            month_done(output, layout, first.month, part, passes)
         except BaseException:
-            release_month(output, layout, first.month, part)
+            release_month(output, layout, first.month, part, passes)
             raise
         # The jobs stored ahead report their rows here: their own messages find them done.
         rows_in, rows_out, rejected = (sum(o.rows_read for o in extra_outcomes),

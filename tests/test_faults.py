@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,17 @@ def _s3_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, run_id: str, secu
     return data, output, produced
 
 
+def _what_went_wrong(summary: dict[str, Any], dead: list[Any], workers: list[subprocess.Popen[str]]) -> str:
+    """The run's counts, why each dead letter died and the workers' last warnings: what a
+    failing run needs to be understood."""
+    letters = [(m.headers or {}).get("x-tickq-error-class", "?") + ": " + str((m.headers or {}).get("x-tickq-error"))
+               for m in dead]
+    warnings = [f"{x.get('ts')} {x.get('event')} {x.get('error', '')}"[:240] for w in workers for x in log_lines(w)
+                if x.get("level") in ("warning", "error")]
+    counts = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
+    return f"summary {counts}\ndead letters {letters}\nworker warnings (last 20):\n" + "\n".join(warnings[-20:])
+
+
 def test_object_store_failing_and_refusing_completes_within_the_retry_budget(
     tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str, namespace: str,
     fault_report: list[dict[str, Any]],
@@ -143,7 +155,7 @@ def test_object_store_failing_and_refusing_completes_within_the_retry_budget(
     dead = drain_queue(amqp_url, Topology(namespace).dead)
     _figures(fault_report, "object store 503s and refusals", summary, produced["jobs"], proxy.failed, len(dead))
     assert proxy.failed > 0
-    assert summary["complete"] is True and dead == []
+    assert summary["complete"] is True and dead == [], _what_went_wrong(summary, dead, workers)
     expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-06")
     assert_tables_equal(read_tables(output, "flaky", s3_server.endpoint), expected)
 

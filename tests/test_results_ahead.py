@@ -28,6 +28,7 @@ from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
 from worker.ahead import (
+    RELEASE_PAUSE_S,
     WAIT_POLL_MAX_S,
     WAIT_POLL_S,
     MonthPasses,
@@ -322,13 +323,16 @@ def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_
         raise OSError("connection reset")
 
     def delete_fails(self: LocalStorage, key: str) -> None:
-        raise OSError("connection refused")
+        raise ConnectionRefusedError("connection refused")
 
+    pauses: list[float] = []
     monkeypatch.setattr(job_module, "_store_ahead", store_fails)
     monkeypatch.setattr(LocalStorage, "delete", delete_fails)
+    monkeypatch.setattr("worker.ahead._pause", pauses.append)
     with pytest.raises(AssertionError, match="connection reset"):  # the pass's failure, not the release's
         _run(source, str(output), keys, MonthListings(passes=passes))
-    assert _claims(output)  # left behind
+    assert _claims(output)  # left behind, after a try and two more
+    assert pauses == [RELEASE_PAUSE_S, 2 * RELEASE_PAUSE_S]
     monkeypatch.undo()
 
     def no_waiting(seconds: float) -> None:
@@ -410,6 +414,45 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
     assert wait(2, claimed_at + 1) == 0  # never claimed
     assert claim_month(store, layout, MONTH, 3, "c")
     assert wait(3, claimed_at + 3600) == 0  # its worker died long ago
+
+
+def test_waiting_for_a_pass_outlasts_looks_the_store_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, layout = open_storage(str(tmp_path)), RunLayout("r1")
+    assert claim_month(store, layout, MONTH, 0, "a")
+    now = float(json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"]) + 1
+    failing = {"looks": 5}
+    exists = LocalStorage.exists
+
+    def flaky_exists(self: LocalStorage, key: str) -> bool:
+        if failing["looks"]:
+            failing["looks"] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return exists(self, key)
+
+    monkeypatch.setattr(LocalStorage, "exists", flaky_exists)
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        nonlocal now
+        sleeps.append(seconds)
+        now += seconds
+        if len(sleeps) == 8:
+            month_done(store, layout, MONTH, 0)
+
+    wait_for_month(store, layout, MONTH, 0, stale_s=60, clock=lambda: now, sleep=sleep)
+    assert len(sleeps) == 8  # five failed looks, then looks until the pass was done
+
+    # Looks failing for longer than a claim may go unrenewed: the wait ends with their error.
+    store.delete(layout.month_pass_done(MONTH, 0))
+    failing["looks"] = 1_000
+
+    def slow_sleep(seconds: float) -> None:
+        nonlocal now
+        now += 5
+
+    with pytest.raises(ConnectionResetError):
+        wait_for_month(store, layout, MONTH, 0, stale_s=60, clock=lambda: now, sleep=slow_sleep)
+    assert failing["looks"] == 1_000 - 14  # a look every 5 s, until one fails more than 60 s after the first
 
 
 def test_a_claimed_pass_renews_its_claim_while_it_runs(tmp_path: Path) -> None:

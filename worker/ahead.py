@@ -16,7 +16,8 @@ that fails deletes its claim; a claimed pass renews its claim as it goes, and a 
 renewed for `CLAIM_STALE_S` (its worker died) is ignored: the waiting batches then compute
 their own jobs. A claim that its worker could not delete (the store failing too) is taken
 back by that worker's next batch of the month, which makes the pass again, rather than left
-for everyone, its worker included, to wait out.
+for everyone, its worker included, to wait out; and a waiting batch takes a look the store
+fails as no news, not as its own failure.
 
 Memory stays bounded: a claimed pass holds the partial results of up to `MAX_JOBS_AHEAD` jobs
 (a few KB each while the pass runs, for analytics), and one such pass runs in a process at a
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 
-from shared.errors import PermanentError
+from shared.errors import PermanentError, is_transient
 from shared.layout import RunLayout
 from shared.metrics import get_logger
 from shared.storage import Storage
@@ -48,7 +49,11 @@ CLAIM_STALE_S = 60.0
 # wait behind that batch for half a look on average after the pass ends.
 WAIT_POLL_S = 0.1
 WAIT_POLL_MAX_S = 0.25
-_pause = time.sleep  # how a waiting batch sleeps (a test replaces it)
+# A failed pass deletes its claim in up to RELEASE_TRIES tries, RELEASE_PAUSE_S, then twice
+# that, apart (a store failing the pass may be failing briefly).
+RELEASE_TRIES = 3
+RELEASE_PAUSE_S = 0.5
+_pause = time.sleep  # how waiting and releasing sleep (a test replaces it)
 
 
 class MonthPasses:
@@ -172,11 +177,16 @@ def release_month(storage: Storage, layout: RunLayout, month: str, part: int,
 
 
 def _delete_claim(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
-    try:
-        storage.delete(layout.month_pass_claim(month, part))
-    except Exception as exc:
-        get_logger().warning("worker.month_claim_not_released", run_id=layout.run_id, month=month, part=part,
-                             error=str(exc))
+    for attempt in range(1, RELEASE_TRIES + 1):
+        try:
+            storage.delete(layout.month_pass_claim(month, part))
+            return
+        except Exception as exc:
+            if attempt == RELEASE_TRIES or not is_transient(exc):
+                get_logger().warning("worker.month_claim_not_released", run_id=layout.run_id, month=month,
+                                     part=part, error=str(exc))
+                return
+        _pause(RELEASE_PAUSE_S * attempt)
 
 
 def wait_for_month(
@@ -189,20 +199,40 @@ def wait_for_month(
     sleep: Callable[[float], None] | None = None,
 ) -> None:
     """Return once the pass over `part` of `month` claimed by another worker is done,
-    released, or stale (not renewed for `stale_s`)."""
+    released, or stale (not renewed for `stale_s`).
+
+    A look the store fails (transiently) says nothing of the pass: waiting goes on, and raises
+    only when looks have failed for `stale_s` in a row.
+    """
     clock, sleep = clock or time.time, sleep or _pause
     claim = layout.month_pass_claim(month, part)
     renewed_at: float | None = None
+    failing_since: float | None = None
     pause = WAIT_POLL_S
-    while not storage.exists(layout.month_pass_done(month, part)):
-        if renewed_at is None or clock() - renewed_at > stale_s:  # read it (again) before giving up on it
-            try:
-                renewed_at = float(json.loads(storage.read_bytes(claim))["claimed_at"])
-            except Exception:  # released, or not a claim of ours: do not wait on it
+    while True:
+        try:
+            if storage.exists(layout.month_pass_done(month, part)):
                 return
-            if clock() - renewed_at > stale_s:
+            if renewed_at is None or clock() - renewed_at > stale_s:  # read it (again) before giving up on it
+                renewed_at = _claimed_at(storage, claim)
+                if renewed_at is None or clock() - renewed_at > stale_s:
+                    return
+            elif not storage.exists(claim):  # released: its pass failed
                 return
-        elif not storage.exists(claim):  # released: its pass failed
-            return
+            failing_since = None
+        except Exception as exc:
+            failing_since = clock() if failing_since is None else failing_since
+            if not is_transient(exc) or clock() - failing_since > stale_s:
+                raise
         sleep(pause)
         pause = min(pause * 1.5, WAIT_POLL_MAX_S)
+
+
+def _claimed_at(storage: Storage, claim: str) -> float | None:
+    """When `claim` was made or last renewed; None when it is gone or not a claim."""
+    try:
+        return float(json.loads(storage.read_bytes(claim))["claimed_at"])
+    except PermanentError:  # deleted: released
+        return None
+    except (ValueError, KeyError, TypeError):  # not a claim as this version writes them
+        return None

@@ -344,8 +344,16 @@ def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_
     assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
 
 
-def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(tmp_path: Path) -> None:
-    store, layout = open_storage(str(tmp_path)), RunLayout("r1")
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        store = open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
+    else:
+        store = open_storage(str(tmp_path))
+    layout = RunLayout("r1")
     passes = MonthPasses()
     assert claim_month(store, layout, MONTH, 0, "a", passes)
     assert not claim_month(store, layout, MONTH, 0, "a", passes)  # a second slot of "a": its pass runs

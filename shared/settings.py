@@ -11,6 +11,10 @@ from shared.topology import DEFAULT_RETRY_DELAYS_S
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_NAMESPACE = "tickq"
+# Object-store requests one process keeps in flight: a batch of 512 jobs writes 512 markers,
+# and at 20-100 ms a request, 16 at a time made S3 runs latency-bound (bench/RESULTS.md).
+DEFAULT_S3_REQUESTS = 64
+MAX_S3_REQUESTS = 1024
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,7 @@ class Settings:
     namespace: str = DEFAULT_NAMESPACE
     s3_endpoint_url: str | None = None
     retry_delays_s: tuple[int, ...] = DEFAULT_RETRY_DELAYS_S
+    s3_requests: int = DEFAULT_S3_REQUESTS
 
     @classmethod
     def load(
@@ -38,6 +43,7 @@ class Settings:
             retry_delays_s=parse_retry_delays(
                 retry_delays or os.environ.get("TICKQ_RETRY_DELAYS") or ",".join(map(str, DEFAULT_RETRY_DELAYS_S))
             ),
+            s3_requests=s3_requests(),
         )
         settings.validate()
         return settings
@@ -72,3 +78,14 @@ def parse_retry_delays(text: str) -> tuple[int, ...]:
     if not delays or any(d < 1 or d > 86_400 for d in delays) or list(delays) != sorted(set(delays)):
         raise ConfigError("retry delays must be growing whole seconds between 1 and 86400 (TICKQ_RETRY_DELAYS)")
     return delays
+
+
+def s3_requests() -> int:
+    """``TICKQ_S3_REQUESTS``: the object-store requests one process keeps in flight at most."""
+    text = os.environ.get("TICKQ_S3_REQUESTS", "").strip()
+    if not text:
+        return DEFAULT_S3_REQUESTS
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= MAX_S3_REQUESTS:
+        raise ConfigError(f"TICKQ_S3_REQUESTS must be a whole number from 1 to {MAX_S3_REQUESTS} (got {text!r})")
+    return value

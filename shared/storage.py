@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol, cast
 from urllib.parse import urlparse
 
 from shared.errors import PermanentError, TransientError
+from shared.settings import s3_requests
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,9 @@ def s3_client(endpoint_url: str | None) -> Any:
                 retries={"mode": "standard", "max_attempts": 4},
                 connect_timeout=5,
                 read_timeout=60,
-                max_pool_connections=32,
+                # Room for the requests a process keeps in flight (`_each`) and for the reads
+                # and claim renewals beside them.
+                max_pool_connections=s3_requests() + 16,
                 # Newer botocore adds CRC checksums to every PUT; S3-compatible stores
                 # (and older MinIO) do not all accept them.
                 request_checksum_calculation="when_required",
@@ -349,11 +352,10 @@ def _classify_boto_error(exc: Exception, what: str) -> Exception:
 class S3Storage:
     """Storage rooted at ``s3://bucket/prefix``."""
 
-    parallel_requests = 16  # within the shared client's pool of 32 connections
-
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None) -> None:
         self.bucket = bucket
         self.prefix = _normalise_key(prefix)
+        self.parallel_requests = s3_requests()  # within the shared client's connection pool
         self.endpoint_url = endpoint_url
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._client = s3_client(endpoint_url)

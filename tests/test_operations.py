@@ -35,6 +35,14 @@ def test_no_broker_is_one_clear_line_naming_the_setting(tickq: Tickq, tmp_path: 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_a_bad_object_store_request_limit_is_one_clear_line(tickq: Tickq) -> None:
+    tickq.env["TICKQ_S3_REQUESTS"] = "lots"
+    result = tickq.run("worker", "--idle-exit", "1", check=False)
+    assert result.returncode == 2
+    assert "TICKQ_S3_REQUESTS" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_status_agrees_with_markers_and_dead_letters(
     tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str
 ) -> None:

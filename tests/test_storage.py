@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from shared.errors import ConfigError
+from shared.settings import DEFAULT_S3_REQUESTS, s3_requests
 from shared.storage import HIDDEN_PREFIX, LocalStorage, open_storage
 
 
@@ -128,3 +130,14 @@ def test_preparing_keys_stores_nothing_and_storing_them_then_works(tmp_path: Pat
     for key in keys:
         store.mark(key)
     assert [o.key for o in store.list("runs/r/succeeded/")] == sorted(keys)
+
+
+def test_requests_in_flight_to_the_object_store_follow_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert open_storage("s3://bucket/out", "http://127.0.0.1:9").parallel_requests == DEFAULT_S3_REQUESTS
+    monkeypatch.setenv("TICKQ_S3_REQUESTS", "8")
+    assert open_storage("s3://bucket/out", "http://127.0.0.1:9").parallel_requests == 8
+    assert open_storage("/tmp/anywhere").parallel_requests == 1  # a local disk: one at a time
+    for bad in ("0", "-3", "many", "1025"):
+        monkeypatch.setenv("TICKQ_S3_REQUESTS", bad)
+        with pytest.raises(ConfigError, match="TICKQ_S3_REQUESTS must be a whole number from 1 to 1024"):
+            s3_requests()

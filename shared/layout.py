@@ -18,6 +18,8 @@ import csv
 import io
 import secrets
 import sys
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -288,16 +290,32 @@ def _parse_job_keys(storage: Storage, key: str) -> list[JobKey]:
     return [JobKey(sys.intern(r[month]), sys.intern(r[security]), sys.intern(r[date])) for r in rows]
 
 
-def succeeded_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
-    """Jobs with a success marker (one listing, no object reads)."""
-    return {layout.key_of(o.key, layout.succeeded_prefix) for o in storage.list(layout.succeeded_prefix)}
+def succeeded_keys(storage: Storage, layout: RunLayout, months: Collection[str] | None = None) -> set[JobKey]:
+    """Jobs with a success marker (listings, no object reads); see `_keys_under` for `months`."""
+    return _keys_under(storage, layout, layout.succeeded_prefix, months)
 
 
-def dead_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
+def dead_keys(storage: Storage, layout: RunLayout, months: Collection[str] | None = None) -> set[JobKey]:
     """Jobs with a dead record."""
-    return {layout.key_of(o.key, layout.dead_prefix) for o in storage.list(layout.dead_prefix)}
+    return _keys_under(storage, layout, layout.dead_prefix, months)
 
 
-def retrying_keys(storage: Storage, layout: RunLayout) -> set[JobKey]:
+def retrying_keys(storage: Storage, layout: RunLayout, months: Collection[str] | None = None) -> set[JobKey]:
     """Jobs with a retry record."""
-    return {layout.key_of(o.key, layout.retrying_prefix) for o in storage.list(layout.retrying_prefix)}
+    return _keys_under(storage, layout, layout.retrying_prefix, months)
+
+
+def _keys_under(storage: Storage, layout: RunLayout, prefix: str, months: Collection[str] | None) -> set[JobKey]:
+    """The job keys of the records under `prefix`: in one listing, or, given the run's `months`
+    on a store that takes requests in parallel, in one listing per month, all in flight
+    together. An S3 listing pages 1,000 keys a round trip, so one listing of a run of a
+    million jobs makes a thousand round trips end to end; by month, a run of years makes one
+    per 1,000 jobs of its largest month. Records of other months are not looked for."""
+    if months is None or len(months) <= 1 or storage.parallel_requests <= 1:
+        return {layout.key_of(o.key, prefix) for o in storage.list(prefix)}
+
+    def listed(month: str) -> list[str]:
+        return [o.key for o in storage.list(f"{prefix}{month}/")]
+
+    with ThreadPoolExecutor(max_workers=min(storage.parallel_requests, len(months))) as pool:
+        return {layout.key_of(key, prefix) for keys in pool.map(listed, sorted(months)) for key in keys}

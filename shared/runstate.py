@@ -54,9 +54,10 @@ def load_state(storage: Storage, layout: RunLayout, expected: set[JobKey] | None
     that file once, before the run's first job, and never changes it.
     """
     expected = set(read_job_keys(storage, layout)) if expected is None else expected
-    succeeded = succeeded_keys(storage, layout) & expected
-    dead = (dead_keys(storage, layout) & expected) - succeeded
-    retrying = (retrying_keys(storage, layout) & expected) - succeeded - dead
+    months = {key.month for key in expected}
+    succeeded = succeeded_keys(storage, layout, months) & expected
+    dead = (dead_keys(storage, layout, months) & expected) - succeeded
+    retrying = (retrying_keys(storage, layout, months) & expected) - succeeded - dead
     return RunState(expected, succeeded, dead, retrying)
 
 

@@ -1,9 +1,18 @@
-"""A run's state: which jobs are missing, and when the run is accounted for."""
+"""A run's state: which jobs are missing, and when the run is accounted for; read from its key
+file and records the same on a local disk and on S3, listed in one go or month by month."""
 
 from __future__ import annotations
 
-from shared.layout import JobKey
-from shared.runstate import RunState
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.layout import JobKey, RunLayout, job_keys_csv
+from shared.runstate import RunState, load_state
+from shared.storage import Storage, open_storage
+
+MONTHS = ("2024-01", "2024-02", "2024-03")
 
 
 def _keys(*securities: str) -> set[JobKey]:
@@ -27,3 +36,55 @@ def test_keys_outside_the_run_or_counted_twice_do_not_account_for_a_missing_job(
     for state in (stray, twice):
         assert not state.accounted
         assert state.missing == _keys("B")
+
+
+def _a_run(store: Storage, layout: RunLayout) -> tuple[set[JobKey], set[JobKey], set[JobKey], set[JobKey]]:
+    """Three months of expected jobs with markers, dead and retry records; what each state holds."""
+    expected = [JobKey(month, security, f"{month}-{day:02d}") for month in MONTHS for security in ("BHP", "CBA")
+                for day in (4, 5, 6)]
+    store.write_bytes(layout.job_keys, job_keys_csv(expected))
+    succeeded = set(expected[::2])
+    dead = {expected[1], expected[9]}
+    retrying = {expected[3], expected[15]}
+    for key in succeeded:
+        store.mark(layout.marker(key))
+    for key in dead:
+        store.write_bytes(layout.dead(key), b"{}")
+    for key in retrying | {expected[0]}:  # a retry record left beside a success: the success counts
+        store.write_bytes(layout.retrying(key), b"{}")
+    # Records of no expected job, in an expected month and in another one: not the run's.
+    store.mark(layout.marker(JobKey("2024-02", "XYZ", "2024-02-05")))
+    store.mark(layout.marker(JobKey("2023-12", "BHP", "2023-12-04")))
+    return set(expected), succeeded, dead, retrying
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_runs_state_is_read_whole_whether_its_records_are_listed_at_once_or_by_month(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        uri, endpoint = f"s3://{server.new_bucket()}/out", server.endpoint
+    else:
+        uri, endpoint = str(tmp_path), None
+    store, layout = open_storage(uri, endpoint), RunLayout("r1")
+    states = _a_run(store, layout)
+    listed: list[str] = []
+    listing = store.list
+
+    def recording(prefix: str = "") -> Any:
+        listed.append(prefix)
+        return listing(prefix)
+
+    monkeypatch.setattr(store, "list", recording)
+    state = load_state(store, layout)
+    assert (state.expected, state.succeeded, state.dead, state.retrying) == states
+    markers = sorted(p for p in listed if p.startswith(layout.succeeded_prefix))
+    if where == "s3":  # requests in parallel: one listing per month of the run, all in flight together
+        assert markers == [f"{layout.succeeded_prefix}{month}/" for month in MONTHS]
+    else:  # a local disk, one request at a time: one walk of the prefix
+        assert markers == [layout.succeeded_prefix]
+
+    monkeypatch.setenv("TICKQ_S3_REQUESTS", "1")  # one at a time on S3 too: one listing of each prefix
+    again = load_state(open_storage(uri, endpoint), layout)
+    assert (again.expected, again.succeeded, again.dead, again.retrying) == states

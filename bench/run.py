@@ -12,6 +12,7 @@
     python bench/run.py aggregator --jobs 1000,100000
     python bench/run.py encodings --rows 20000000 --securities 500
     python bench/run.py s3        --rows 2000000 --securities 100 --jobs 128 --sample 4 --latency-ms 20
+    python bench/run.py s3-state  --jobs 60000 --sample 12 --latency-ms 50
 
 Needs a broker at TICKQ_AMQP_URL (default localhost) and the test extras (duckdb, pandas).
 Data goes under --work (default /tmp/tickq-bench); every figure is printed as a table row.
@@ -475,21 +476,11 @@ def cmd_scaling(args: argparse.Namespace) -> None:
          speedup_2_vs_1_with_startup=round(statistics.mean(wall[2]) / statistics.mean(wall[1]), 2))
 
 
-def cmd_s3(args: argparse.Namespace) -> None:
-    """Batches of jobs against S3 with a round-trip delay: a moto server behind a proxy that
-    waits --latency-ms before each request, as a distant object store would. What a batch
-    costs in wall time when every request is a round trip; figures per batch of --jobs."""
+@contextlib.contextmanager
+def _moto_server() -> Any:
+    """A moto S3 server on 127.0.0.1 for the length of the block: its endpoint URL."""
     import socket
 
-    import boto3
-
-    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.helpers; PYTHONPATH first
-    from shared.messages import JobMessage, JobParams
-    from tests.helpers import FaultyS3Proxy, upload_dir
-    from worker.job import MonthListings, execute_batch
-
-    _, laid = _data(args.work, int(args.rows), args.securities)
-    keys = [line.split(",") for line in _job_keys(laid, args)][: args.sample * args.jobs]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -500,11 +491,30 @@ def cmd_s3(args: argparse.Namespace) -> None:
                        ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ.setdefault(key, value)
     try:
-        endpoint = f"http://127.0.0.1:{port}"
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def cmd_s3(args: argparse.Namespace) -> None:
+    """Batches of jobs against S3 with a round-trip delay: a moto server behind a proxy that
+    waits --latency-ms before each request, as a distant object store would. What a batch
+    costs in wall time when every request is a round trip; figures per batch of --jobs."""
+    import boto3
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.helpers; PYTHONPATH first
+    from shared.messages import JobMessage, JobParams
+    from tests.helpers import FaultyS3Proxy, upload_dir
+    from worker.job import MonthListings, execute_batch
+
+    _, laid = _data(args.work, int(args.rows), args.securities)
+    keys = [line.split(",") for line in _job_keys(laid, args)][: args.sample * args.jobs]
+    with _moto_server() as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket="bench")
         upload_dir(laid, client, "bench", "laid")
@@ -527,9 +537,47 @@ def cmd_s3(args: argparse.Namespace) -> None:
              median_batch_s=round(statistics.median(times), 3), jobs_per_s=round(len(jobs) / sum(times), 1),
              requests_per_batch=round(proxy.requests / len(times), 1))
         proxy.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+
+
+def cmd_s3_state(args: argparse.Namespace) -> None:
+    """Reading a run's state (what `tickq status` and the aggregator do) from S3 with a
+    round-trip delay: --jobs success markers over --sample months, listed in one go (one
+    request at a time, `TICKQ_S3_REQUESTS=1`) and month by month in parallel (the default)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    from shared.layout import JobKey, RunLayout, job_keys_csv
+    from shared.runstate import load_state
+    from shared.storage import open_storage
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests.helpers; PYTHONPATH first
+    from tests.helpers import FaultyS3Proxy
+
+    months = [f"{2010 + i // 12}-{i % 12 + 1:02d}" for i in range(args.sample)]
+    per_month = args.jobs // len(months)
+    keys = [JobKey(month, f"S{i // 21:04d}", f"{month}-{i % 21 + 1:02d}") for month in months
+            for i in range(per_month)]
+    with _moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        store, layout = open_storage("s3://bench/out", endpoint), RunLayout("state")
+        store.write_bytes(layout.job_keys, job_keys_csv(keys))
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(lambda key: store.mark(layout.marker(key)), keys))
+        proxy = FaultyS3Proxy(endpoint)
+        proxy.delay_s = args.latency_ms / 1000
+        for requests in ("1", "64", "1", "64"):  # alternated
+            os.environ["TICKQ_S3_REQUESTS"] = requests
+            through = open_storage("s3://bench/out", proxy.endpoint)
+            proxy.requests = 0
+            t0 = time.perf_counter()
+            state = load_state(through, layout)
+            seconds = time.perf_counter() - t0
+            assert len(state.succeeded) == len(keys)
+            _row(target="s3-state", latency_ms=args.latency_ms, jobs=len(keys), months=len(months),
+                 requests_in_flight=int(requests), seconds=round(seconds, 3), requests=proxy.requests)
+        os.environ.pop("TICKQ_S3_REQUESTS")
+        proxy.close()
 
 
 def cmd_encodings(args: argparse.Namespace) -> None:
@@ -632,13 +680,15 @@ def _compile_project() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
-                                           "naive", "aggregator", "s3", "encodings"])
+                                           "naive", "aggregator", "s3", "s3-state", "encodings"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", default="10500",
-                        help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list")
-    parser.add_argument("--sample", type=int, default=50)
+                        help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list; "
+                             "s3-state: the run's jobs")
+    parser.add_argument("--sample", type=int, default=50,
+                        help="jobs (per-job, naive) or batches (s3) to time; s3-state: the run's months")
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
                         help="memory: csv measures a worker over a raw CSV month")
@@ -660,7 +710,7 @@ def main() -> None:
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
          "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,
-         "s3": cmd_s3, "encodings": cmd_encodings}[args.target](args)
+         "s3": cmd_s3, "s3-state": cmd_s3_state, "encodings": cmd_encodings}[args.target](args)
     finally:
         _drop_namespaces()
 

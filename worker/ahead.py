@@ -49,6 +49,7 @@ CLAIM_STALE_S = 60.0
 # wait behind that batch for half a look on average after the pass ends.
 WAIT_POLL_S = 0.1
 WAIT_POLL_MAX_S = 0.25
+WAIT_FAILING_MAX_S = 4.0  # between looks while the store fails them
 # A failed pass deletes its claim in up to RELEASE_TRIES tries, RELEASE_PAUSE_S, then twice
 # that, apart (a store failing the pass may be failing briefly).
 RELEASE_TRIES = 3
@@ -220,12 +221,17 @@ def wait_for_month(
             elif not storage.exists(claim):  # released: its pass failed
                 return
             failing_since = None
+            pause = min(pause, WAIT_POLL_MAX_S)
         except Exception as exc:
             failing_since = clock() if failing_since is None else failing_since
             if not is_transient(exc) or clock() - failing_since > stale_s:
                 raise
+            # A failing store is looked at less and less often: its client's retries draw on
+            # one budget for the whole process, which looks from every waiting batch would spend.
+            pause = min(pause * 2, WAIT_FAILING_MAX_S)
         sleep(pause)
-        pause = min(pause * 1.5, WAIT_POLL_MAX_S)
+        if failing_since is None:
+            pause = min(pause * 1.5, WAIT_POLL_MAX_S)
 
 
 def _claimed_at(storage: Storage, claim: str) -> float | None:

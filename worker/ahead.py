@@ -31,6 +31,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
 from shared.errors import PermanentError, is_transient
 from shared.layout import RunLayout
@@ -122,13 +123,10 @@ def _take_back(storage: Storage, layout: RunLayout, month: str, part: int, worke
     key = layout.month_pass_claim(month, part)
     if storage.exists(layout.month_pass_done(month, part)):
         return False
-    try:
-        holder = json.loads(storage.read_bytes(key))["worker"]
-    except PermanentError:  # deleted since (released): claim it afresh
+    claim = _read_claim(storage, key)
+    if claim is None:  # deleted since (released), or not a claim: claim it afresh if it is gone
         return storage.create(key, _claim_body(worker))
-    except (ValueError, KeyError, TypeError):  # not a claim as this version writes them: not ours
-        return False
-    if holder != worker:
+    if claim["worker"] != worker:
         return False
     storage.write_bytes(key, _claim_body(worker), "application/json")
     get_logger().info("worker.month_claim_taken_back", run_id=layout.run_id, month=month, part=part)
@@ -234,11 +232,19 @@ def wait_for_month(
             pause = min(pause * 1.5, WAIT_POLL_MAX_S)
 
 
-def _claimed_at(storage: Storage, claim: str) -> float | None:
-    """When `claim` was made or last renewed; None when it is gone or not a claim."""
+def _claimed_at(storage: Storage, key: str) -> float | None:
+    """When the claim at `key` was made or last renewed; None when it is gone or not a claim."""
+    claim = _read_claim(storage, key)
+    return None if claim is None else claim["claimed_at"]
+
+
+def _read_claim(storage: Storage, key: str) -> dict[str, Any] | None:
+    """The claim at `key` (its worker and when it was made or renewed); None when it is gone
+    (released) or not a claim as this version writes them."""
     try:
-        return float(json.loads(storage.read_bytes(claim))["claimed_at"])
-    except PermanentError:  # deleted: released
+        claim = json.loads(storage.read_bytes(key))
+    except (PermanentError, ValueError):
         return None
-    except (ValueError, KeyError, TypeError):  # not a claim as this version writes them
-        return None
+    is_claim = (isinstance(claim, dict) and isinstance(claim.get("worker"), str)
+                and isinstance(claim.get("claimed_at"), int | float))
+    return claim if is_claim else None

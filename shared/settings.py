@@ -25,7 +25,6 @@ class Settings:
     namespace: str = DEFAULT_NAMESPACE
     s3_endpoint_url: str | None = None
     retry_delays_s: tuple[int, ...] = DEFAULT_RETRY_DELAYS_S
-    s3_requests: int = DEFAULT_S3_REQUESTS
 
     @classmethod
     def load(
@@ -43,9 +42,9 @@ class Settings:
             retry_delays_s=parse_retry_delays(
                 retry_delays or os.environ.get("TICKQ_RETRY_DELAYS") or ",".join(map(str, DEFAULT_RETRY_DELAYS_S))
             ),
-            s3_requests=s3_requests(),
         )
         settings.validate()
+        s3_requests()  # read where each S3 client is made; checked here so a bad value stops start-up
         return settings
 
     def validate(self) -> None:

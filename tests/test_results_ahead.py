@@ -274,13 +274,14 @@ def test_workers_that_find_the_month_claimed_wait_for_its_pass_and_compute_only_
     keys = _keys(source)[: 3 * BATCH]
     output = tmp_path / "out"
     store, layout = open_storage(str(output)), RunLayout("r1")
-    assert claim_month(store, layout, MONTH, 0, "elsewhere")  # another worker's pass, under way
+    elsewhere = MonthPasses()  # another worker's
+    assert claim_month(store, layout, MONTH, 0, "elsewhere", elsewhere)  # its pass, under way
     waited: list[float] = []
 
     def finish_elsewhere(seconds: float) -> None:  # ...which ends while this one waits
         waited.append(seconds)
         if len(waited) == 3:
-            month_done(store, layout, MONTH, 0)
+            month_done(store, layout, MONTH, 0, elsewhere)
 
     monkeypatch.setattr("worker.ahead._pause", finish_elsewhere)
     outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
@@ -390,9 +391,10 @@ def test_a_pass_over_a_resumed_run_computes_only_the_jobs_not_yet_done(data: Pat
 
 def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_stale(tmp_path: Path) -> None:
     store, layout = open_storage(str(tmp_path)), RunLayout("r1")
-    assert claim_month(store, layout, MONTH, 0, "a")
-    assert not claim_month(store, layout, MONTH, 0, "b")
-    assert claim_month(store, layout, MONTH, 1, "b")  # another part
+    a, b, c = MonthPasses(), MonthPasses(), MonthPasses()  # three workers
+    assert claim_month(store, layout, MONTH, 0, "a", a)
+    assert not claim_month(store, layout, MONTH, 0, "b", b)
+    assert claim_month(store, layout, MONTH, 1, "b", b)  # another part
     assert json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["worker"] == "a"
     claimed_at = json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"]
 
@@ -411,22 +413,22 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
         wait_for_month(store, layout, MONTH, part, stale_s=60, clock=lambda: now, sleep=sleep)
         return len(sleeps)
 
-    assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0), after=12) == 12
+    assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0, a), after=12) == 12
     # Looks come less and less often while the pass runs, but never less than every half second.
     assert sleeps[0] == WAIT_POLL_S and sleeps == sorted(sleeps) and max(sleeps) == WAIT_POLL_MAX_S
     assert wait(0, claimed_at + 1) == 0  # done: no wait at all
     store.delete(layout.month_pass_done(MONTH, 0))
-    assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0)) == 2
+    assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0, a)) == 2
     assert wait(0, claimed_at + 1) == 0  # done: no wait at all
-    assert wait(1, claimed_at + 1, lambda: release_month(store, layout, MONTH, 1)) == 2
+    assert wait(1, claimed_at + 1, lambda: release_month(store, layout, MONTH, 1, b)) == 2
     assert wait(2, claimed_at + 1) == 0  # never claimed
-    assert claim_month(store, layout, MONTH, 3, "c")
+    assert claim_month(store, layout, MONTH, 3, "c", c)
     assert wait(3, claimed_at + 3600) == 0  # its worker died long ago
 
 
 def test_waiting_for_a_pass_outlasts_looks_the_store_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store, layout = open_storage(str(tmp_path)), RunLayout("r1")
-    assert claim_month(store, layout, MONTH, 0, "a")
+    store, layout, elsewhere = open_storage(str(tmp_path)), RunLayout("r1"), MonthPasses()
+    assert claim_month(store, layout, MONTH, 0, "a", elsewhere)
     now = float(json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"]) + 1
     failing = {"looks": 5}
     exists = LocalStorage.exists
@@ -445,7 +447,7 @@ def test_waiting_for_a_pass_outlasts_looks_the_store_fails(tmp_path: Path, monke
         sleeps.append(seconds)
         now += seconds
         if len(sleeps) == 8:
-            month_done(store, layout, MONTH, 0)
+            month_done(store, layout, MONTH, 0, elsewhere)
 
     wait_for_month(store, layout, MONTH, 0, stale_s=60, clock=lambda: now, sleep=sleep)
     # Five failed looks, each pause twice the last, then looks at the usual pace until the pass was done.
@@ -466,7 +468,7 @@ def test_waiting_for_a_pass_outlasts_looks_the_store_fails(tmp_path: Path, monke
 
 def test_a_claimed_pass_renews_its_claim_while_it_runs(tmp_path: Path) -> None:
     store, layout = open_storage(str(tmp_path)), RunLayout("r1")
-    assert claim_month(store, layout, MONTH, 0, "a")
+    assert claim_month(store, layout, MONTH, 0, "a", MonthPasses())
 
     def renewed_at() -> float:
         return float(json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 0)))["claimed_at"])

@@ -97,17 +97,14 @@ def _claim_body(worker: str) -> bytes:
 
 
 def claim_month(storage: Storage, layout: RunLayout, month: str, part: int, worker: str,
-                passes: MonthPasses | None = None) -> bool:
-    """Claim the pass over `part` of `month`'s jobs for this worker: True when no one had.
-
-    With `passes` (this process's), also True when the claim is this worker's own and no pass
-    of this process holds it: an earlier pass failed and could not delete it. The pass then
-    holds the claim in `passes` until `month_done` or `release_month`, so that other slots
-    of this worker wait for it.
+                passes: MonthPasses) -> bool:
+    """Claim the pass over `part` of `month`'s jobs for this worker (`passes`: this process's):
+    True when no one had, or when the claim is this worker's own and no pass of this process
+    holds it (an earlier pass failed and could not delete it). The pass then holds the claim in
+    `passes` until `month_done` or `release_month`, so that other slots of this worker wait
+    for it.
     """
     key = layout.month_pass_claim(month, part)
-    if passes is None:
-        return storage.create(key, _claim_body(worker))
     with passes.claims() as held:
         if (storage.uri, key) in held:  # another slot of this worker makes this pass
             return False
@@ -154,38 +151,30 @@ def renewing_claim(storage: Storage, layout: RunLayout, month: str, part: int, w
         renewer.join()
 
 
-def month_done(storage: Storage, layout: RunLayout, month: str, part: int, passes: MonthPasses | None = None) -> None:
+def month_done(storage: Storage, layout: RunLayout, month: str, part: int, passes: MonthPasses) -> None:
     """The claimed pass over `part` of `month` has stored its results."""
     storage.write_bytes(layout.month_pass_done(month, part), b"{}", "application/json")
-    if passes is not None:
-        with passes.claims() as held:
-            held.discard((storage.uri, layout.month_pass_claim(month, part)))
-
-
-def release_month(storage: Storage, layout: RunLayout, month: str, part: int,
-                  passes: MonthPasses | None = None) -> None:
-    """The claimed pass failed: others may compute the part's jobs. Never raises: a claim
-    that cannot be deleted is taken back by this worker's next batch of the month, or turns
-    stale, and what failed the pass is what its batch reports."""
-    if passes is None:
-        _delete_claim(storage, layout, month, part)
-        return
     with passes.claims() as held:
-        _delete_claim(storage, layout, month, part)
         held.discard((storage.uri, layout.month_pass_claim(month, part)))
 
 
-def _delete_claim(storage: Storage, layout: RunLayout, month: str, part: int) -> None:
-    for attempt in range(1, RELEASE_TRIES + 1):
-        try:
-            storage.delete(layout.month_pass_claim(month, part))
-            return
-        except Exception as exc:
-            if attempt == RELEASE_TRIES or not is_transient(exc):
-                get_logger().warning("worker.month_claim_not_released", run_id=layout.run_id, month=month,
-                                     part=part, error=str(exc))
-                return
-        _pause(RELEASE_PAUSE_S * attempt)
+def release_month(storage: Storage, layout: RunLayout, month: str, part: int, passes: MonthPasses) -> None:
+    """The claimed pass failed: others may compute the part's jobs. Never raises: a claim
+    that cannot be deleted is taken back by this worker's next batch of the month, or turns
+    stale, and what failed the pass is what its batch reports."""
+    key = layout.month_pass_claim(month, part)
+    with passes.claims() as held:
+        for attempt in range(1, RELEASE_TRIES + 1):
+            try:
+                storage.delete(key)
+                break
+            except Exception as exc:
+                if attempt == RELEASE_TRIES or not is_transient(exc):
+                    get_logger().warning("worker.month_claim_not_released", run_id=layout.run_id, month=month,
+                                         part=part, error=str(exc))
+                    break
+            _pause(RELEASE_PAUSE_S * attempt)
+        held.discard((storage.uri, key))
 
 
 def wait_for_month(

@@ -17,7 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.inputs import KEY_COLUMNS, InputFile, label_codes, month_files, read_batches, trade_dates
+from shared.inputs import (
+    KEY_COLUMNS,
+    InputFile,
+    label_codes,
+    month_files,
+    read_batches,
+    shared_trade_date,
+    trade_dates,
+)
 from shared.markettime import local_time
 from shared.messages import is_valid_security
 from shared.monthkeys import quarters_share_dates, read_keys
@@ -112,13 +120,15 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) 
     """Counts from the key columns of every row of the month, a batch at a time.
 
     Each batch is grouped on its security codes (as read, a dictionary) and day numbers, not on
-    text; the batches' counts are folded together as they come, and handed on once (a month
+    text, or only on its codes when all its rows have one trade date (a month in time order);
+    the batches' counts are folded together as they come, and handed on once (a month
     has hundreds of batches and each repeats most of the month's jobs)."""
     folded = _FoldedCounts()
     for file in files:
-        # Decoding, counting and folding each take a thread: most of their work releases the
-        # interpreter lock, so a scan uses every core of a small machine.
-        batches = read_ahead(read_batches(storage, file, KEY_COLUMNS))
+        # Decoding (its columns side by side), counting and folding each take a thread: most
+        # of their work releases the interpreter lock, so a scan uses every core of a small
+        # machine, while the workers still wait for their first jobs.
+        batches = read_ahead(read_batches(storage, file, KEY_COLUMNS, threads=True))
         for rows_seen, counts in read_ahead(_each_counted(batches, market_tz)):
             folded.add(rows_seen, counts)
     return [folded.result()]
@@ -136,6 +146,9 @@ def _batch_counts(batch: pa.RecordBatch, market_tz: str) -> pa.Table:
     if not pa.types.is_dictionary(security.type):
         security = pc.dictionary_encode(security)
     codes, values = label_codes(security)
+    day = shared_trade_date(batch, market_tz)
+    if day is not None:
+        return _one_day_counts(codes, values, day)
     keys = pa.table({"code": pa.array(codes.astype(np.int32, copy=False)),
                      "trade_date": trade_dates(batch, market_tz)})
     counts = keys.group_by(["code", "trade_date"], use_threads=False).aggregate([([], "count_all")])
@@ -144,6 +157,17 @@ def _batch_counts(batch: pa.RecordBatch, market_tz: str) -> pa.Table:
     code = pc.if_else(pc.less(counts.column("code"), 0), len(values), counts.column("code"))
     return pa.table({"security": lookup.take(code), "trade_date": counts.column("trade_date"),
                      "count": counts.column("count_all")})
+
+
+def _one_day_counts(codes: np.ndarray, values: pa.Array, day: int) -> pa.Table:
+    """`_batch_counts` of rows all of trade date `day` (days since 1970-01-01): counts per code."""
+    # Position 0 counts the rows of no security (code -1), position i + 1 those of values[i].
+    per_code = np.bincount(codes + 1, minlength=len(values) + 1)
+    seen = np.flatnonzero(per_code)
+    lookup = pa.concat_arrays([pa.nulls(1, pa.string()), values.cast(pa.string())])
+    return pa.table({"security": lookup.take(pa.array(seen)),
+                     "trade_date": pa.array(np.full(len(seen), day, dtype=np.int32), pa.date32()),
+                     "count": pa.array(per_code[seen], pa.int64())})
 
 
 class _FoldedCounts:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from shared.dbn import DBN_COLUMNS, DbnError, dbn_batches
 from shared.errors import PermanentError
-from shared.markettime import local_time
+from shared.markettime import local_time, shared_day
 from shared.storage import Storage
 
 REQUIRED_COLUMNS = ("ts", "security", "price", "size")
@@ -273,6 +273,7 @@ def read_batches(
     batch_rows: int = DEFAULT_BATCH_ROWS,
     counter: ByteCounter | None = None,
     cache: ParquetCache | None = None,
+    threads: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of `file` holding the wanted `columns` that exist in it.
 
@@ -280,11 +281,12 @@ def read_batches(
     Parquet row groups whose statistics exclude them, or exclude `window`, are skipped
     without being read. Required columns that the file lacks raise `PermanentError`;
     unreadable files raise it too. A `cache` serves Parquet footers and row groups that
-    an earlier call already read.
+    an earlier call already read. With `threads`, a Parquet file's columns are decoded side by
+    side on Arrow's pool of threads (for a caller with cores to spare).
     """
     wanted = _wanted(security)
     if file.format == "parquet":
-        yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache)
+        yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache, threads)
     elif file.format in ("csv", "csv.gz"):
         yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter)
     elif file.format in ("dbn", "dbn.zst"):
@@ -370,6 +372,13 @@ def _wanted(security: str | Collection[str] | None) -> tuple[str, ...] | None:
     return (security,) if isinstance(security, str) else tuple(sorted(set(security)))
 
 
+@functools.lru_cache(maxsize=4)
+def _value_set(wanted: tuple[str, ...]) -> pa.Array:
+    """`wanted` as an array, made once per read (a few hundred strings take most of a
+    millisecond, once per batch otherwise)."""
+    return pa.array(wanted, pa.string())
+
+
 def _filter_security(batch: pa.RecordBatch, wanted: tuple[str, ...] | None) -> pa.RecordBatch:
     if wanted is None or batch.num_rows == 0:
         return batch
@@ -377,9 +386,13 @@ def _filter_security(batch: pa.RecordBatch, wanted: tuple[str, ...] | None) -> p
 
     def wanted_ones(values: pa.Array) -> pa.Array:
         text = values if pa.types.is_string(values.type) else values.cast(pa.string())
-        return pc.equal(text, wanted[0]) if len(wanted) == 1 else pc.is_in(text, value_set=pa.array(wanted))
+        return pc.equal(text, wanted[0]) if len(wanted) == 1 else pc.is_in(text, value_set=_value_set(wanted))
 
     if pa.types.is_dictionary(column.type):
+        if column.null_count == 0 and pc.all(wanted_ones(column.dictionary)).as_py():
+            # Every value is wanted (a pass over a whole month in time order): no row to drop,
+            # and no per-row mask to build.
+            return batch
         match = label_mask(column, wanted_ones)
     else:
         match = pc.fill_null(wanted_ones(column), False).to_numpy(zero_copy_only=False)
@@ -395,6 +408,7 @@ def _parquet_batches(
     batch_rows: int,
     counter: ByteCounter | None,
     cache: ParquetCache | None,
+    threads: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     source = _CountingReader(storage.open_read(file.key))
     file_id = (storage.uri, file.key, file.size)
@@ -409,7 +423,8 @@ def _parquet_batches(
         present = [c for c in columns if c in names]
         groups = _row_groups_to_read(parquet.metadata, parquet.schema_arrow, wanted, window)
         try:
-            for batch in _row_group_batches(parquet, source, groups, present, batch_rows, file_id, cache):
+            for batch in _row_group_batches(parquet, source, groups, present, batch_rows, file_id, cache,
+                                            threads):
                 batch = _filter_security(batch, wanted)
                 if batch.num_rows:
                     yield batch
@@ -445,6 +460,7 @@ def _row_group_batches(
     batch_rows: int,
     file_id: _FileId,
     cache: ParquetCache | None,
+    threads: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of the given row groups, in order.
 
@@ -456,24 +472,27 @@ def _row_group_batches(
     if not groups:
         return
     if cache is None:
-        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False)
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns,
+                                        use_threads=threads)
         return
     meta = parquet.metadata
     for position, index in enumerate(groups):
         small = meta.row_group(index).num_rows <= cache.max_group_rows
         if small and position in (0, len(groups) - 1):
-            read = functools.partial(_read_row_group, parquet, source, index, columns)
+            read = functools.partial(_read_row_group, parquet, source, index, columns, threads)
             yield from cache.row_group(file_id, index, tuple(columns), read).to_batches(max_chunksize=batch_rows)
             continue
         if small:
             source.prefetch(*_column_chunks_span(meta, index, columns))
-        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns, use_threads=False)
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[index], columns=columns,
+                                        use_threads=threads)
 
 
-def _read_row_group(parquet: pq.ParquetFile, source: _CountingReader, index: int, columns: list[str]) -> pa.Table:
+def _read_row_group(parquet: pq.ParquetFile, source: _CountingReader, index: int, columns: list[str],
+                    threads: bool) -> pa.Table:
     """Row group `index` whole, its column chunks fetched in one request."""
     source.prefetch(*_column_chunks_span(parquet.metadata, index, columns))
-    return parquet.read_row_group(index, columns=columns, use_threads=False)
+    return parquet.read_row_group(index, columns=columns, use_threads=threads)
 
 
 def _column_chunks_span(meta: pq.FileMetaData, index: int, columns: list[str]) -> tuple[int, int]:
@@ -1124,6 +1143,21 @@ def label_mask(column: pa.Array | pa.ChunkedArray, predicate: Callable[[pa.Array
     per_value = pc.fill_null(predicate(values), False).to_numpy(zero_copy_only=False)
     mask: np.ndarray = np.append(per_value, False)[codes]
     return mask
+
+
+def shared_trade_date(batch: pa.RecordBatch, market_tz: str) -> int | None:
+    """The trade date (days since 1970-01-01) of every row of `batch`, when they all have the
+    same one from their ts (no ``trade_date`` column, no null ts); else None.
+
+    A month in time order has one date per batch, nearly always: this costs a min and a max
+    where `trade_dates` converts every row.
+    """
+    if batch.num_rows == 0 or _column(batch, "trade_date") is not None:
+        return None
+    ts = _normalise_ts(batch.column("ts"))
+    if ts.null_count:
+        return None
+    return shared_day(ts.cast(pa.int64()).to_numpy(), market_tz)
 
 
 def trade_dates(batch: pa.RecordBatch, market_tz: str) -> pa.Array:

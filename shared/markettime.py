@@ -68,6 +68,17 @@ def utc_offsets_ns(instants: np.ndarray, market_tz: str, valid: np.ndarray | Non
     return offsets[begin:end][np.clip(index, 0, None)]
 
 
+def shared_day(instants: np.ndarray, market_tz: str) -> int | None:
+    """The local day (days since 1970-01-01) on which all of `instants` (UTC ns, at least one)
+    fall in `market_tz`, or None when they span more than one day or an offset change."""
+    first, last = int(instants.min()), int(instants.max())
+    offset = utc_offsets_ns(np.array([first, last], dtype=np.int64), market_tz)
+    if not isinstance(offset, int):
+        return None
+    day = (first + offset) // DAY_NS
+    return day if (last + offset) // DAY_NS == day else None
+
+
 def _utc_year(instant_ns: int) -> int:
     year = int(np.datetime64(instant_ns, "ns").astype("datetime64[Y]").astype(np.int64)) + 1970
     return min(max(year, FIRST_YEAR), LAST_YEAR)

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from shared.markettime import local_time
+from shared.markettime import local_time, shared_day
 
 TS = pa.timestamp("ns", tz="UTC")
 ZONES = ["Australia/Sydney", "America/New_York", "Europe/London", "Asia/Kathmandu", "Australia/Lord_Howe",
@@ -59,3 +59,19 @@ def test_empty_and_all_null_batches() -> None:
     assert len(local_time(pa.array([], TS), "Australia/Sydney").trade_date) == 0
     got = local_time(pa.array([None, None], TS), "Australia/Sydney")
     assert got.trade_date.null_count == 2 and got.hour.null_count == 2
+
+
+def test_shared_day_only_for_one_local_day_of_one_offset() -> None:
+    def day_of(*texts: str, zone: str = "Australia/Sydney") -> str | None:
+        instants = np.array(texts, dtype="datetime64[ns]").astype(np.int64)
+        day = shared_day(instants, zone)
+        return None if day is None else str(np.datetime64(day, "D"))
+
+    # Sydney is UTC+11 in March: its 2024-03-05 runs from 13:00 UTC on the 4th.
+    assert day_of("2024-03-04T13:00:00", "2024-03-05T12:59:59") == "2024-03-05"
+    assert day_of("2024-03-04T12:59:59", "2024-03-04T13:00:00") is None
+    assert day_of("2024-03-04T13:00:00", "2024-03-04T13:00:00", "2024-03-04T12:00:00") is None
+    # Both instants fall on 2024-04-07 in Sydney, but daylight saving ends between them.
+    assert day_of("2024-04-06T15:59:59", "2024-04-06T16:00:00") is None
+    assert day_of("2024-04-06T16:00:00", "2024-04-07T13:59:59") == "2024-04-07"
+    assert day_of("2024-03-04T23:59:59", "2024-03-04T00:00:00", zone="UTC") == "2024-03-04"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import producer.discover as discover
 import shared.monthkeys as monthkeys
 from producer.discover import MonthDiscovery, discover_month
 from shared.errors import PermanentError
-from shared.inputs import month_files
+from shared.inputs import month_files, shared_trade_date
 from shared.monthkeys import KEYS_NAME, quarter_starts, quarters_share_dates, read_keys
 from shared.storage import open_storage
 from tests.conftest import S3Server
@@ -395,3 +396,33 @@ def test_a_row_group_that_cannot_be_decoded_fails_the_scan_with_the_file_named(t
 
     with pytest.raises(PermanentError, match=part.name):
         discover_month(open_storage(str(root)), "2024-03", "Australia/Sydney")
+
+
+def test_batches_of_one_trade_date_count_as_any_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A month in time order is counted per batch by security alone (its rows share one trade
+    date): the same jobs, counts and unassigned rows as grouping every row by date."""
+    month, market_tz = "2024-04", "Australia/Sydney"
+    raw = tmp_path / "raw"
+    dirty_month(raw, month, market_tz, with_date=False, extra=("2024-04-06T16:00:00",))
+    path = raw / month / "part-0000.parquet"
+    table = pq.read_table(path)
+    # In time order, null ts last: all but a few batches of 100 rows hold one trade date.
+    pq.write_table(table.sort_by([("ts", "ascending")]), path)
+    monkeypatch.setattr(discover, "read_batches", functools.partial(discover.read_batches, batch_rows=100))
+    one_day = []
+
+    def spied(batch: pa.RecordBatch, zone: str) -> int | None:
+        one_day.append(shared_trade_date(batch, zone))
+        return one_day[-1]
+
+    monkeypatch.setattr(discover, "shared_trade_date", spied)
+    storage = open_storage(str(raw))
+    by_security = discover_month(storage, month, market_tz)
+    days = [d for d in one_day if d is not None]
+    assert len(days) > len(one_day) / 2 and None in one_day and len(set(days)) > 15
+
+    monkeypatch.setattr(discover, "shared_trade_date", lambda batch, zone: None)
+    by_row = discover_month(storage, month, market_tz)
+    assert by_security == by_row
+    assert by_security.rows_unassigned > 0 and INVALID[0] in by_security.invalid_securities
+    assert sum(by_security.rows.values()) + by_security.rows_unassigned == by_security.rows_scanned

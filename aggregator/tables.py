@@ -17,6 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -233,16 +234,25 @@ class _ResultReader:
         return table, {job: row for row, job in enumerate(zip(securities, dates, strict=True))}
 
     def _chunk(self, placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:
-        """The rows of `placed` jobs, in order, taken from their tables a run at a time."""
+        """The rows of `placed` jobs, in order: each table's rows taken at once (a slice where
+        they are consecutive, the usual case), then put in the jobs' order where they were not
+        (jobs of one security stored by passes over different dates interleave their tables)."""
+        groups: dict[int, tuple[pa.Table, list[int], list[int]]] = {}
+        for position, (_, table, row) in enumerate(placed):
+            _, rows, positions = groups.setdefault(id(table), (table, [], []))
+            rows.append(row)
+            positions.append(position)
         parts = []
-        start = 0
-        for end in range(1, len(placed) + 1):
-            if end == len(placed) or placed[end][1] is not placed[start][1]:
-                table, rows = placed[start][1], [row for _, _, row in placed[start:end]]
-                consecutive = rows == list(range(rows[0], rows[0] + len(rows)))  # the usual case
-                parts.append(table.slice(rows[0], len(rows)) if consecutive else table.take(pa.array(rows)))
-                start = end
+        where = np.empty(len(placed), dtype=np.int64)
+        taken = 0
+        for table, rows, positions in groups.values():
+            consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+            parts.append(table.slice(rows[0], len(rows)) if consecutive else table.take(pa.array(rows)))
+            where[positions] = np.arange(taken, taken + len(rows))
+            taken += len(rows)
         chunk = pa.concat_tables(parts).combine_chunks()
+        if not np.array_equal(where, np.arange(len(placed))):
+            chunk = chunk.take(pa.array(where))
         for column in self.counts:
             self.counts[column] += int(pc.sum(chunk.column(column)).as_py() or 0)
         return chunk.add_column(0, "month", pa.array([key.month for key, _, _ in placed], pa.string()))

@@ -197,3 +197,18 @@ def test_each_result_object_is_read_once_and_the_tables_do_not_depend_on_the_bud
     aggregate_run(_run(tmp_path / "tight", bodies), "r")
     assert sorted(n for key, n in reads.items() if f"/results/{MONTH}/" in key) == [1, 2, 2]
     assert _tables(tmp_path / "tight") == _tables(tmp_path / "kept")
+
+
+def test_results_stored_by_date_aggregate_like_results_stored_by_security(tmp_path: Path) -> None:
+    """Passes over parts of a month store objects of a few dates each: the aggregator, walking
+    jobs security by security, takes its rows from several objects at once, out of their order."""
+    entries = [_entry(k, 1 + i) for i, k in enumerate(KEYS)]
+    now = "2026-01-01T00:00:00+00:00"
+    by_security = [_columnar(_header(now), entries[:3]), _columnar(_header(now), entries[3:])]
+    by_date = [_columnar(_header(now), [e for e in reversed(entries) if e["date"] == day])
+               for day in ("2024-03-06", "2024-03-04", "2024-03-05")]
+    aggregate_run(_run(tmp_path / "security", by_security), "r")
+    aggregate_run(_run(tmp_path / "date", by_date), "r")
+    expected = _tables(tmp_path / "security")
+    assert _tables(tmp_path / "date") == expected
+    assert [row["records"] for row in expected["security_daily"]] == [2 * (1 + i) for i in range(len(KEYS))]

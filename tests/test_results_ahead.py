@@ -28,12 +28,14 @@ from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
 from worker.ahead import (
+    MAX_JOBS_AHEAD,
     RELEASE_PAUSE_S,
     WAIT_POLL_MAX_S,
     WAIT_POLL_S,
     MonthPasses,
     claim_month,
     month_done,
+    month_parts,
     release_month,
     renewing_claim,
     wait_for_month,
@@ -168,10 +170,7 @@ def test_a_month_without_an_index_is_read_once_and_every_job_stores_what_a_pass_
 def test_a_month_in_time_order_is_claimed_by_a_first_batch_of_a_few_dates(data: Path, tmp_path: Path) -> None:
     """Raw input sorted by time: a batch of one date's jobs would read a slice of the month, but
     the run's jobs read all of it, so the first batch's pass computes every job."""
-    source = tmp_path / "by-time"
-    for part in (data / "raw" / MONTH).glob("*.parquet"):
-        (source / MONTH).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(part).sort_by("ts"), source / MONTH / part.name, row_group_size=4_096)
+    source = _in_time_order(data, tmp_path / "by-time")
     keys = _keys(str(source))
     day = keys[len(keys) // 2].date
     first = [k for k in keys if k.date == day]
@@ -188,6 +187,107 @@ def test_a_month_in_time_order_is_claimed_by_a_first_batch_of_a_few_dates(data: 
     assert not any(o.already_done for o in opening) and all(o.already_done for o in rest)
     assert _claims(output) == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
     assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
+
+
+def _in_time_order(data: Path, target: Path) -> Path:
+    """The raw month sorted by time, in row groups of 4,096 rows."""
+    for part in (data / "raw" / MONTH).glob("*.parquet"):
+        (target / MONTH).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(part).sort_by("ts"), target / MONTH / part.name, row_group_size=4_096)
+    return target
+
+
+def test_a_month_is_split_by_date_in_time_order_and_by_key_order_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", 2_000)
+    keys = [JobKey(MONTH, f"S{s:03d}", f"{MONTH}-{d:02d}") for s in range(300) for d in (1, 4, 5, 6, 7, 8, 11, 12)]
+    by_date = month_parts(keys, by_date=True)
+    assert [len(part) for part in by_date] == [1200, 1200]  # 2,400 jobs: parts of about 2,000 at most
+    assert [sorted({k.date for k in part}) for part in by_date] == [
+        [f"{MONTH}-{d:02d}" for d in (1, 4, 5, 6)], [f"{MONTH}-{d:02d}" for d in (7, 8, 11, 12)]]
+    assert [k for part in by_date for k in part] == sorted(keys, key=lambda k: k.date > f"{MONTH}-06")
+    assert month_parts(keys, by_date=False) == [keys]  # up to MAX_JOBS_AHEAD in key order
+    one_big_date = [JobKey(MONTH, f"S{s:05d}", f"{MONTH}-01") for s in range(MAX_JOBS_AHEAD + 1)]
+    assert [len(part) for part in month_parts(one_big_date, by_date=True)] == [MAX_JOBS_AHEAD, 1]
+    assert month_parts([], by_date=True) == month_parts([], by_date=False) == []
+
+
+def test_a_month_in_time_order_is_read_once_in_parts_of_whole_dates(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first batch holding jobs of every date claims every part in turn, and each part's pass
+    reads only the row groups of its dates."""
+    source = _in_time_order(data, tmp_path / "by-time")
+    keys = _keys(str(source))
+    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // 4)
+    parts = month_parts(keys, by_date=True)
+    assert len(parts) >= 4
+    output = tmp_path / "out"
+    open_storage(str(output)).write_bytes(RunLayout("r1").month_job_keys(MONTH), job_keys_csv(keys))
+    tally = _count_reads(monkeypatch)
+    batch = 2 * BATCH  # the first batch holds jobs of every date
+    assert {k.date for k in keys[:batch]} == {k.date for k in keys}
+    outcomes = run_in_batches(_jobs(str(source), str(output), keys), batch, MonthListings(passes=MonthPasses()))
+
+    assert 1 <= _times_read(str(source), tally) <= 1.3  # each part's dates, and the row groups between two parts
+    assert [o.already_done for o in outcomes] == [False] * batch + [True] * (len(keys) - batch)
+    assert _claims(tmp_path / "out") == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
+                                               for p in range(len(parts)) for kind in ("claim", "done"))
+    assert stored_results(str(tmp_path / "out")).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
+
+
+def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _in_time_order(data, tmp_path / "by-time")
+    keys = _keys(str(source))
+    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // 4)
+    busy = month_parts(keys, by_date=True)[1]
+    output = tmp_path / "out"
+    store, layout = open_storage(str(output)), RunLayout("r1")
+    elsewhere = MonthPasses()  # another worker's, its pass over part 1 under way
+    assert claim_month(store, layout, MONTH, 1, "elsewhere", elsewhere)
+    waited: list[float] = []
+
+    def finish_elsewhere(seconds: float) -> None:  # ...which ends, having stored nothing here
+        waited.append(seconds)
+        month_done(store, layout, MONTH, 1, elsewhere)
+
+    monkeypatch.setattr("worker.ahead._pause", finish_elsewhere)
+    store.write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
+    batch = 2 * BATCH  # the first batch holds jobs of every date
+    outcomes = run_in_batches(_jobs(str(source), str(output), keys), batch, MonthListings(passes=MonthPasses()))
+
+    # The first batch made the passes over every other part, then waited for part 1 once; the
+    # jobs of part 1 were computed by their own batches.
+    assert len(waited) == 1
+    in_busy = {(k.security, k.date) for k in busy}
+    assert [o.already_done for o in outcomes[batch:]] == [(k.security, k.date) not in in_busy for k in keys[batch:]]
+    assert not any(o.already_done for o in outcomes[:batch])
+    assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
+
+
+def test_a_batch_whose_parts_are_all_claimed_makes_the_pass_over_a_part_no_one_has(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _in_time_order(data, tmp_path / "by-time")
+    keys = _keys(str(source))
+    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // 2)
+    first, second = month_parts(keys, by_date=True)
+    output = tmp_path / "out"
+    store, layout = open_storage(str(output)), RunLayout("r1")
+    store.write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
+    elsewhere = MonthPasses()
+    assert claim_month(store, layout, MONTH, 0, "elsewhere", elsewhere)
+    monkeypatch.setattr("worker.ahead._pause", lambda seconds: month_done(store, layout, MONTH, 0, elsewhere))
+    # A small batch of the first part's dates: rather than wait idle, it makes the second part's pass.
+    outcomes = run_in_batches(_jobs(str(source), str(output), first[:3]), BATCH, MonthListings(passes=MonthPasses()))
+
+    assert not any(o.already_done for o in outcomes)
+    assert json.loads(store.read_bytes(layout.month_pass_claim(MONTH, 1)))["worker"] == "test"
+    assert store.exists(layout.month_pass_done(MONTH, 1))
+    marked = {o.key for o in store.list(layout.succeeded_prefix)}
+    assert marked == {layout.marker(k) for k in [*first[:3], *second]}
+    assert outcomes[0].rows_ahead[0] > 0
 
 
 def test_an_ingested_month_is_not_read_whole(data: Path, tmp_path: Path) -> None:
@@ -219,7 +319,7 @@ def test_a_month_of_more_jobs_than_one_pass_computes_is_claimed_in_parts(
 ) -> None:
     source = str(data / "raw")
     keys = _keys(source)
-    monkeypatch.setattr(job_module, "MAX_JOBS_AHEAD", 3 * BATCH + 5)  # parts do not end with batches
+    monkeypatch.setattr("worker.ahead.MAX_JOBS_AHEAD", 3 * BATCH + 5)  # parts do not end with batches
     outcomes = _run(source, str(tmp_path / "parts"), keys, MonthListings(passes=MonthPasses()))
 
     assert stored_results(str(tmp_path / "parts")).equals(_stored_alone(source, keys, tmp_path / "ref"))

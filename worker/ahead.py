@@ -30,16 +30,22 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 from shared.errors import PermanentError, is_transient
-from shared.layout import RunLayout
+from shared.layout import JobKey, RunLayout
 from shared.metrics import get_logger
 from shared.storage import Storage
 
 # The most jobs one pass computes: a month of 500 securities has about 10,500.
 MAX_JOBS_AHEAD = 12_000
+# A month in time order is split into parts of whole dates, of about this many jobs each: a
+# pass over a few dates reads only their row groups, so the parts' passes can run on several
+# workers at once and the month is still read about once. Each part costs a pass its set-up and
+# the row groups it shares with the next; a month of 500 securities makes two parts.
+DATE_PART_JOBS = 5_500
 # A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S is taken
 # to have died with its worker.
 CLAIM_RENEW_S = 10.0
@@ -56,6 +62,25 @@ WAIT_FAILING_MAX_S = 4.0  # between looks while the store fails them
 RELEASE_TRIES = 3
 RELEASE_PAUSE_S = 0.5
 _pause = time.sleep  # how waiting and releasing sleep (a test replaces it)
+
+
+def month_parts(keys: Sequence[JobKey], by_date: bool) -> list[list[JobKey]]:
+    """A month's expected jobs (`keys`, in key order) in the parts that passes claim, each in
+    key order: with `by_date`, whole dates of about `DATE_PART_JOBS` jobs together, in date
+    order; else, and within a date of more than `MAX_JOBS_AHEAD` jobs, up to that many jobs."""
+    if not by_date:
+        return [list(keys[i:i + MAX_JOBS_AHEAD]) for i in range(0, len(keys), MAX_JOBS_AHEAD)]
+    per_day = Counter(key.date for key in keys)
+    count = min(len(per_day), -(-len(keys) // DATE_PART_JOBS))
+    part_of: dict[str, int] = {}
+    placed = 0
+    for day in sorted(per_day):  # each date joins the part its first job falls in, by count
+        part_of[day] = placed * count // len(keys)
+        placed += per_day[day]
+    parts: list[list[JobKey]] = [[] for _ in range(count)]
+    for key in keys:
+        parts[part_of[key.date]].append(key)
+    return [part[i:i + MAX_JOBS_AHEAD] for part in parts for i in range(0, len(part), MAX_JOBS_AHEAD)]
 
 
 class MonthPasses:

@@ -50,10 +50,10 @@ from shared.processors import JobAccumulator, JobContext, Processor, get_process
 from shared.readahead import read_ahead
 from shared.storage import Storage, open_storage
 from worker.ahead import (
-    MAX_JOBS_AHEAD,
     MonthPasses,
     claim_month,
     month_done,
+    month_parts,
     release_month,
     renewing_claim,
     wait_for_month,
@@ -69,6 +69,9 @@ NO_DAY = np.iinfo(np.int32).min
 # pass for all of its jobs (`worker.ahead`); on a month laid out by security a batch reads a few
 # percent of it.
 AHEAD_FROM_SHARE = 0.9
+# Such a month is split by date (`worker.ahead.month_parts`) when a pass over its first date
+# reads at most this share of it: it is in time order.
+BY_DATE_SHARE = 0.5
 # Batches of up to this many jobs read the jobs' day files, where the month has them
 # (`shared.dayfiles`), rather than the row groups holding the jobs: a day file costs a request
 # and about 0.15 ms to decode, a 128 k-row group is shared by dozens of jobs.
@@ -520,47 +523,82 @@ def _month_pass_columns(
     now: Callable[[], dt.datetime],
 ) -> tuple[list[int], pa.Table | None]:
     """The result columns of `jobs` still to store (a columnar processor's), one row per job,
-    and their positions in `jobs`. A batch of a month not laid out by security claims the
-    month and computes and stores all of its expected jobs not yet done in that pass, or,
-    where another worker has claimed it, waits for that pass and computes only the jobs it did
-    not store (`worker.ahead`); those it did are marked already done."""
-    to_store = list(range(len(jobs)))
-    part, extra = _jobs_ahead(jobs, source, files, output, layout, listings, passes)
+    and their positions in `jobs`. On a month not laid out by security, the batch claims each
+    part of the month holding its jobs that no one has, and computes and stores all of that
+    part's expected jobs not yet done in one pass; for the parts other workers claimed, it waits
+    for their passes and then computes only its jobs they did not store (`worker.ahead`); those
+    they did are marked already done."""
     first = jobs[0]
-    if extra and claim_month(output, layout, first.month, part, worker_id, passes):
-        try:
-            extra = _not_done(output, layout, extra)  # a resumed or replayed run keeps what it stored
-            extra_outcomes = [JobOutcome() for _ in extra]
-            preparing = _prepare_markers(output, layout, extra)
-            with renewing_claim(output, layout, first.month, part, worker_id), passes.widening():
-                columns = _pass_columns(processor, jobs + extra, outcomes + extra_outcomes, source, files, output,
-                                        listings, batch_rows, ahead=True)
-                preparing.join()
-                _store_ahead(processor, extra, extra_outcomes, columns.slice(len(jobs)), output, layout, worker_id,
-                             now)
-            month_done(output, layout, first.month, part, passes)
-        except BaseException:
-            release_month(output, layout, first.month, part, passes)
-            raise
-        # The jobs stored ahead report their rows here: their own messages find them done.
-        rows_in, rows_out, rejected = (sum(o.rows_read for o in extra_outcomes),
-                                       sum(o.rows_accepted for o in extra_outcomes),
-                                       sum(o.rows_rejected for o in extra_outcomes))
-        outcomes[0].rows_ahead = (rows_in, rows_out, rejected)
-        get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part, batch=len(jobs),
-                          ahead=len(extra), rows_in=rows_in, rows_out=rows_out)
-        return to_store, columns.slice(0, len(jobs))
-    if extra:  # claimed elsewhere: its pass stores these jobs too, most likely
-        wait_for_month(output, layout, first.month, part)
-        done = _already_done(output, layout, jobs)
-        for i, job in enumerate(jobs):
-            outcomes[i].already_done = job.job_id in done
-        to_store = [i for i, job in enumerate(jobs) if job.job_id not in done]
-        if not to_store:
-            return [], None
-    left = [jobs[i] for i in to_store]
-    return to_store, _pass_columns(processor, left, [outcomes[i] for i in to_store], source, files, output, listings,
-                                   batch_rows)
+    positions: list[int] = []
+    tables: list[pa.Table] = []
+    waiting: list[int] = []
+    for part in _month_parts(jobs, source, files, output, layout, listings, passes):
+        with passes.widening():  # one claimed pass at a time in a process, claimed when it can start
+            claimed = claim_month(output, layout, first.month, part.index, worker_id, passes)
+            if claimed:
+                tables.append(_claimed_pass(processor, jobs, outcomes, part, source, files, output, layout, listings,
+                                            passes, batch_rows, worker_id, now))
+                positions += part.own
+        if not claimed and part.own:
+            waiting.append(part.index)
+    covered = set(positions)
+    left = [i for i in range(len(jobs)) if i not in covered]
+    if waiting and left:  # claimed elsewhere: their passes store these jobs too, most likely
+        for index in waiting:
+            wait_for_month(output, layout, first.month, index)
+        done = _already_done(output, layout, [jobs[i] for i in left])
+        for i in left:
+            outcomes[i].already_done = jobs[i].job_id in done
+        left = [i for i in left if jobs[i].job_id not in done]
+    if left:
+        tables.append(_pass_columns(processor, [jobs[i] for i in left], [outcomes[i] for i in left], source, files,
+                                    output, listings, batch_rows))
+        positions += left
+    return positions, pa.concat_tables(tables) if tables else None
+
+
+def _claimed_pass(
+    processor: Processor,
+    jobs: list[JobMessage],
+    outcomes: list[JobOutcome],
+    part: _Part,
+    source: Storage,
+    files: list[InputFile],
+    output: Storage,
+    layout: RunLayout,
+    listings: MonthListings,
+    passes: MonthPasses,
+    batch_rows: int,
+    worker_id: str,
+    now: Callable[[], dt.datetime],
+) -> pa.Table:
+    """The pass over a part of the month this batch claimed: it stores the results of the
+    part's other jobs not done yet, marks the part done and returns the columns of the batch's
+    own jobs in the part; a pass that fails releases its claim."""
+    first = jobs[0]
+    own, own_outcomes = [jobs[i] for i in part.own], [outcomes[i] for i in part.own]
+    try:
+        extra = _not_done(output, layout, _messages(first, part.others))  # a resumed run keeps what it stored
+        extra_outcomes = [JobOutcome() for _ in extra]
+        preparing = _prepare_markers(output, layout, extra)
+        with renewing_claim(output, layout, first.month, part.index, worker_id):
+            columns = _pass_columns(processor, own + extra, own_outcomes + extra_outcomes, source, files, output,
+                                    listings, batch_rows, ahead=True)
+            preparing.join()
+            _store_ahead(processor, extra, extra_outcomes, columns.slice(len(own)), output, layout, worker_id, now)
+        month_done(output, layout, first.month, part.index, passes)
+    except BaseException:
+        release_month(output, layout, first.month, part.index, passes)
+        raise
+    # The jobs stored ahead report their rows here: their own messages find them done.
+    rows_in, rows_out, rejected = (sum(o.rows_read for o in extra_outcomes),
+                                   sum(o.rows_accepted for o in extra_outcomes),
+                                   sum(o.rows_rejected for o in extra_outcomes))
+    before = outcomes[0].rows_ahead
+    outcomes[0].rows_ahead = (before[0] + rows_in, before[1] + rows_out, before[2] + rejected)
+    get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part.index, batch=len(own),
+                      ahead=len(extra), rows_in=rows_in, rows_out=rows_out)
+    return columns.slice(0, len(own))
 
 
 def _prepare_markers(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> threading.Thread:
@@ -593,8 +631,10 @@ def _pass_columns(processor: Processor, jobs: list[JobMessage], outcomes: list[J
     return columns
 
 
-# Jobs per result object a whole-month pass stores for the jobs beyond its own batch.
-AHEAD_OBJECT_JOBS = 2048
+# Jobs per result object a pass over a month, or a part of one, stores for the jobs beyond its
+# own batch (in key order). The aggregator walks a run's jobs security by security and keeps the
+# objects that hold the next ones open: one per part of each month, so they are kept small.
+AHEAD_OBJECT_JOBS = 512
 
 
 def _store_ahead(processor: Processor, jobs: list[JobMessage], outcomes: list[JobOutcome], columns: pa.Table,
@@ -611,42 +651,65 @@ def _store_ahead(processor: Processor, jobs: list[JobMessage], outcomes: list[Jo
             raise failure
 
 
-def _jobs_ahead(
+@dataclass(frozen=True)
+class _Part:
+    """A part of the month's expected jobs that holds some of a batch's: its number among the
+    month's parts, the positions in the batch of the batch's jobs in it, and its other jobs."""
+
+    index: int
+    own: list[int]
+    others: list[JobKey]
+
+
+def _month_parts(
     jobs: list[JobMessage], source: Storage, files: list[InputFile], output: Storage, layout: RunLayout,
     listings: MonthListings, passes: MonthPasses,
-) -> tuple[int, list[JobMessage]]:
-    """When the month is not laid out by security: the part of the month's expected
-    jobs that holds the batch's first (parts of `MAX_JOBS_AHEAD` jobs, in key order), and that
-    part's other jobs; else (0, [])."""
+) -> list[_Part]:
+    """When the month is not laid out by security: the parts of the month's expected jobs
+    (`worker.ahead.month_parts`) that hold jobs besides the batch's, those holding some of the
+    batch's first; else none."""
     first = jobs[0]
     # A month the producer found indexed (or a run of an earlier version) has no key file:
     # looked for once per worker, so that its batches skip the share below.
     run_month = (output.uri, first.run_id, first.month)
     if passes.lacks_keys(run_month):
-        return 0, []
+        return []
     if not output.exists(layout.month_job_keys(first.month)):
         passes.note_lacks_keys(run_month)
-        return 0, []
+        return []
     # Whether the month is laid out by security, not what this batch's own pass would read:
     # on a month in time order, a first batch of a few dates reads part of it, but the run's
-    # jobs read all of it, and one pass for them all is the least the run can read.
+    # jobs read all of it, and passes for them all are the least the run can read.
     if pass_share(source, files, [first.security], None, listings.parquet) < AHEAD_FROM_SHARE:
-        return 0, []
+        return []
     try:
         keys = read_month_job_keys(output, layout, first.month)
     except PermanentError as exc:  # only the shortcut is lost: the batch's own jobs go on
         get_logger().warning("worker.month_keys_unreadable", month=first.month, error=str(exc))
-        return 0, []
-    if keys is None:  # removed since
-        return 0, []
-    batch = {(job.security, job.date) for job in jobs}
-    # The queue holds a month's jobs in key order, so the jobs of the part come next.
-    part = next((i for i, key in enumerate(keys) if (key.security, key.date) in batch), 0) // MAX_JOBS_AHEAD
-    in_part = keys[part * MAX_JOBS_AHEAD:(part + 1) * MAX_JOBS_AHEAD]
-    others = [key for key in in_part if (key.security, key.date) not in batch]
-    return part, [first.model_copy(update={"security": key.security, "date": key.date,
-                                           "job_id": job_id_for(first.run_id, first.month, key.security, key.date)})
-                  for key in others]
+        return []
+    if not keys:  # removed since, or none
+        return []
+    by_date = pass_share(source, files, [first.security], DayWindow.of(dt.date.fromisoformat(min(k.date for k in keys)),
+                         first.params.market_tz), listings.parquet) <= BY_DATE_SHARE
+    positions: dict[tuple[str, str], list[int]] = {}
+    for i, job in enumerate(jobs):  # a job delivered twice is in the batch twice
+        positions.setdefault((job.security, job.date), []).append(i)
+    parts = []
+    for index, keys_of_part in enumerate(month_parts(keys, by_date)):
+        own = [i for k in keys_of_part for i in positions.get((k.security, k.date), ())]
+        others = [k for k in keys_of_part if (k.security, k.date) not in positions]
+        if others:
+            parts.append(_Part(index, own, others))
+    # The parts holding the batch's jobs first; then the others, which the batch claims where no
+    # one has, rather than wait idle for the passes over its own (a small batch of a few dates).
+    return sorted(parts, key=lambda part: not part.own)
+
+
+def _messages(first: JobMessage, keys: list[JobKey]) -> list[JobMessage]:
+    """The messages of the jobs of `keys`, in `first`'s run, month and parameters."""
+    return [first.model_copy(update={"security": key.security, "date": key.date,
+                                     "job_id": job_id_for(first.run_id, first.month, key.security, key.date)})
+            for key in keys]
 
 
 def _job_counts(outcome: JobOutcome) -> dict[str, int]:

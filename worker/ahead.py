@@ -5,11 +5,14 @@ securities. On a month that is not (raw CSV, DBN, Parquet in any order), every b
 the whole month (or, in time order, the days of its jobs), so a run of N batches would read
 it N times. There, the first batch of the month claims it for its run (an object created only
 where none exists: of racing workers exactly one wins), and its pass computes every job of the
-month the run expects and has not done yet (the month's key file, written by the producer; a
-month of more than `MAX_JOBS_AHEAD` jobs is claimed in parts of that many, in key order) and
-stores their results and markers as passes of their own would have. Batches of the month
-elsewhere wait for that pass to be done and then find their jobs stored: their messages are
-acked as already done.
+month the run expects and has not done yet (the month's key file, written by the producer) and
+stores their results and markers as passes of their own would have. A month is claimed in
+parts (`month_parts`): in time order, parts of whole dates of about `DATE_PART_JOBS` jobs,
+whose passes read only their dates' row groups, so that several workers compute one month side
+by side; otherwise parts of up to `MAX_JOBS_AHEAD` jobs in key order. A batch claims each part
+no one has, those holding its own jobs first; batches whose parts are all claimed elsewhere
+wait for those passes to be done and then find their jobs stored: their messages are acked as
+already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not

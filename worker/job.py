@@ -477,8 +477,9 @@ def execute_batch(
         todo_jobs = [jobs[i] for i in todo]
         finished: pa.Table | None = None
         if listings.passes is not None and hasattr(processor, "finish_batch"):
-            order, finished = _month_pass_columns(processor, todo_jobs, [outcomes[i] for i in todo], source, files,
-                                                  output, layout, listings, listings.passes, batch_rows, worker_id, now)
+            month = _MonthPass(processor, source, files, output, layout, listings, listings.passes, batch_rows,
+                               worker_id, now)
+            order, finished = _month_pass_columns(month, todo_jobs, [outcomes[i] for i in todo])
             todo = [todo[i] for i in order]
             todo_jobs = [jobs[i] for i in todo]
             accumulators: list[JobAccumulator] = []
@@ -508,19 +509,24 @@ def _start(processor: Processor, jobs: list[JobMessage], output: Storage) -> lis
     return start_batch(contexts) if start_batch else [processor.start_job(c) for c in contexts]
 
 
+@dataclass(frozen=True)
+class _MonthPass:
+    """What a batch's passes over a month not laid out by security work with."""
+
+    processor: Processor
+    source: Storage
+    files: list[InputFile]
+    output: Storage
+    layout: RunLayout
+    listings: MonthListings
+    passes: MonthPasses
+    batch_rows: int
+    worker_id: str
+    now: Callable[[], dt.datetime]
+
+
 def _month_pass_columns(
-    processor: Processor,
-    jobs: list[JobMessage],
-    outcomes: list[JobOutcome],
-    source: Storage,
-    files: list[InputFile],
-    output: Storage,
-    layout: RunLayout,
-    listings: MonthListings,
-    passes: MonthPasses,
-    batch_rows: int,
-    worker_id: str,
-    now: Callable[[], dt.datetime],
+    month: _MonthPass, jobs: list[JobMessage], outcomes: list[JobOutcome]
 ) -> tuple[list[int], pa.Table | None]:
     """The result columns of `jobs` still to store (a columnar processor's), one row per job,
     and their positions in `jobs`. On a month not laid out by security, the batch claims each
@@ -528,16 +534,15 @@ def _month_pass_columns(
     part's expected jobs not yet done in one pass; for the parts other workers claimed, it waits
     for their passes and then computes only its jobs they did not store (`worker.ahead`); those
     they did are marked already done."""
-    first = jobs[0]
+    first, output, layout = jobs[0], month.output, month.layout
     positions: list[int] = []
     tables: list[pa.Table] = []
     waiting: list[int] = []
-    for part in _month_parts(jobs, source, files, output, layout, listings, passes):
-        with passes.widening():  # one claimed pass at a time in a process, claimed when it can start
-            claimed = claim_month(output, layout, first.month, part.index, worker_id, passes)
+    for part in _month_parts(jobs, month.source, month.files, output, layout, month.listings, month.passes):
+        with month.passes.widening():  # one claimed pass at a time in a process, claimed when it can start
+            claimed = claim_month(output, layout, first.month, part.index, month.worker_id, month.passes)
             if claimed:
-                tables.append(_claimed_pass(processor, jobs, outcomes, part, source, files, output, layout, listings,
-                                            passes, batch_rows, worker_id, now))
+                tables.append(_claimed_pass(month, jobs, outcomes, part))
                 positions += part.own
         if not claimed and part.own:
             waiting.append(part.index)
@@ -551,44 +556,31 @@ def _month_pass_columns(
             outcomes[i].already_done = jobs[i].job_id in done
         left = [i for i in left if jobs[i].job_id not in done]
     if left:
-        tables.append(_pass_columns(processor, [jobs[i] for i in left], [outcomes[i] for i in left], source, files,
-                                    output, listings, batch_rows))
+        tables.append(_pass_columns(month.processor, [jobs[i] for i in left], [outcomes[i] for i in left],
+                                    month.source, month.files, output, month.listings, month.batch_rows))
         positions += left
     return positions, pa.concat_tables(tables) if tables else None
 
 
-def _claimed_pass(
-    processor: Processor,
-    jobs: list[JobMessage],
-    outcomes: list[JobOutcome],
-    part: _Part,
-    source: Storage,
-    files: list[InputFile],
-    output: Storage,
-    layout: RunLayout,
-    listings: MonthListings,
-    passes: MonthPasses,
-    batch_rows: int,
-    worker_id: str,
-    now: Callable[[], dt.datetime],
-) -> pa.Table:
+def _claimed_pass(month: _MonthPass, jobs: list[JobMessage], outcomes: list[JobOutcome], part: _Part) -> pa.Table:
     """The pass over a part of the month this batch claimed: it stores the results of the
     part's other jobs not done yet, marks the part done and returns the columns of the batch's
     own jobs in the part; a pass that fails releases its claim."""
-    first = jobs[0]
+    first, output, layout = jobs[0], month.output, month.layout
     own, own_outcomes = [jobs[i] for i in part.own], [outcomes[i] for i in part.own]
     try:
         extra = _not_done(output, layout, _messages(first, part.others))  # a resumed run keeps what it stored
         extra_outcomes = [JobOutcome() for _ in extra]
         preparing = _prepare_markers(output, layout, extra)
-        with renewing_claim(output, layout, first.month, part.index, worker_id):
-            columns = _pass_columns(processor, own + extra, own_outcomes + extra_outcomes, source, files, output,
-                                    listings, batch_rows, ahead=True)
+        with renewing_claim(output, layout, first.month, part.index, month.worker_id):
+            columns = _pass_columns(month.processor, own + extra, own_outcomes + extra_outcomes, month.source,
+                                    month.files, output, month.listings, month.batch_rows, ahead=True)
             preparing.join()
-            _store_ahead(processor, extra, extra_outcomes, columns.slice(len(own)), output, layout, worker_id, now)
-        month_done(output, layout, first.month, part.index, passes)
+            _store_ahead(month.processor, extra, extra_outcomes, columns.slice(len(own)), output, layout,
+                         month.worker_id, month.now)
+        month_done(output, layout, first.month, part.index, month.passes)
     except BaseException:
-        release_month(output, layout, first.month, part.index, passes)
+        release_month(output, layout, first.month, part.index, month.passes)
         raise
     # The jobs stored ahead report their rows here: their own messages find them done.
     rows_in, rows_out, rejected = (sum(o.rows_read for o in extra_outcomes),

@@ -197,6 +197,16 @@ def _in_time_order(data: Path, target: Path) -> Path:
     return target
 
 
+def _in_date_parts(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int
+) -> tuple[Path, list[JobKey]]:
+    """The month in time order and its keys, split into about `parts` parts of whole dates."""
+    source = _in_time_order(data, tmp_path / "by-time")
+    keys = _keys(str(source))
+    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // parts)
+    return source, keys
+
+
 def test_a_month_is_split_by_date_in_time_order_and_by_key_order_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", 2_000)
     keys = [JobKey(MONTH, f"S{s:03d}", f"{MONTH}-{d:02d}") for s in range(300) for d in (1, 4, 5, 6, 7, 8, 11, 12)]
@@ -216,9 +226,7 @@ def test_a_month_in_time_order_is_read_once_in_parts_of_whole_dates(
 ) -> None:
     """A first batch holding jobs of every date claims every part in turn, and each part's pass
     reads only the row groups of its dates."""
-    source = _in_time_order(data, tmp_path / "by-time")
-    keys = _keys(str(source))
-    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // 4)
+    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 4)
     parts = month_parts(keys, by_date=True)
     assert len(parts) >= 4
     output = tmp_path / "out"
@@ -238,9 +246,7 @@ def test_a_month_in_time_order_is_read_once_in_parts_of_whole_dates(
 def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = _in_time_order(data, tmp_path / "by-time")
-    keys = _keys(str(source))
-    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // 4)
+    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 4)
     busy = month_parts(keys, by_date=True)[1]
     output = tmp_path / "out"
     store, layout = open_storage(str(output)), RunLayout("r1")
@@ -269,9 +275,7 @@ def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(
 def test_a_batch_whose_parts_are_all_claimed_makes_the_pass_over_a_part_no_one_has(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = _in_time_order(data, tmp_path / "by-time")
-    keys = _keys(str(source))
-    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // 2)
+    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 2)
     first, second = month_parts(keys, by_date=True)
     output = tmp_path / "out"
     store, layout = open_storage(str(output)), RunLayout("r1")
@@ -288,6 +292,24 @@ def test_a_batch_whose_parts_are_all_claimed_makes_the_pass_over_a_part_no_one_h
     marked = {o.key for o in store.list(layout.succeeded_prefix)}
     assert marked == {layout.marker(k) for k in [*first[:3], *second]}
     assert outcomes[0].rows_ahead[0] > 0
+
+
+def test_a_free_part_whose_jobs_are_all_done_is_marked_done_without_a_pass(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second part's jobs were stored by batches of their own (its pass failed and was
+    released, say): a batch of the first part claims the second too and finds nothing to compute."""
+    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 2)
+    first, second = month_parts(keys, by_date=True)
+    output = tmp_path / "out"
+    run_in_batches(_jobs(str(source), str(output), second), BATCH, MonthListings())
+    store, layout = open_storage(str(output)), RunLayout("r1")
+    store.write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
+    outcomes = run_in_batches(_jobs(str(source), str(output), first[:3]), BATCH, MonthListings(passes=MonthPasses()))
+
+    assert not any(o.already_done for o in outcomes)
+    assert store.exists(layout.month_pass_done(MONTH, 0)) and store.exists(layout.month_pass_done(MONTH, 1))
+    assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
 
 
 def test_an_ingested_month_is_not_read_whole(data: Path, tmp_path: Path) -> None:

@@ -541,8 +541,9 @@ def _month_pass_columns(
     for part in _month_parts(jobs, month.source, month.files, output, layout, month.listings, month.passes):
         with month.passes.widening():  # one claimed pass at a time in a process, claimed when it can start
             claimed = claim_month(output, layout, first.month, part.index, month.worker_id, month.passes)
-            if claimed:
-                tables.append(_claimed_pass(month, jobs, outcomes, part))
+            columns = _claimed_pass(month, jobs, outcomes, part) if claimed else None
+            if columns is not None:
+                tables.append(columns)
                 positions += part.own
         if not claimed and part.own:
             waiting.append(part.index)
@@ -562,14 +563,19 @@ def _month_pass_columns(
     return positions, pa.concat_tables(tables) if tables else None
 
 
-def _claimed_pass(month: _MonthPass, jobs: list[JobMessage], outcomes: list[JobOutcome], part: _Part) -> pa.Table:
+def _claimed_pass(month: _MonthPass, jobs: list[JobMessage], outcomes: list[JobOutcome],
+                  part: _Part) -> pa.Table | None:
     """The pass over a part of the month this batch claimed: it stores the results of the
     part's other jobs not done yet, marks the part done and returns the columns of the batch's
-    own jobs in the part; a pass that fails releases its claim."""
+    own jobs in the part (None: the part had nothing left to compute); a pass that fails
+    releases its claim."""
     first, output, layout = jobs[0], month.output, month.layout
     own, own_outcomes = [jobs[i] for i in part.own], [outcomes[i] for i in part.own]
     try:
         extra = _not_done(output, layout, _messages(first, part.others))  # a resumed run keeps what it stored
+        if not own and not extra:  # a part claimed only to help, all of it stored since
+            month_done(output, layout, first.month, part.index, month.passes)
+            return None
         extra_outcomes = [JobOutcome() for _ in extra]
         preparing = _prepare_markers(output, layout, extra)
         with renewing_claim(output, layout, first.month, part.index, month.worker_id):

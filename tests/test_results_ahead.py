@@ -511,6 +511,27 @@ def test_a_pass_over_a_resumed_run_computes_only_the_jobs_not_yet_done(data: Pat
                                                                          keys[done_before + BATCH:], MonthListings()))
 
 
+@pytest.mark.parametrize("fmt", ["laid", "raw"])
+def test_a_job_a_batch_holds_twice_is_computed_and_stored_once(data: Path, tmp_path: Path, fmt: str) -> None:
+    # A resumed `produce` can publish a job again while its first message is still queued, and
+    # one prefetch can hand both copies to one batch.
+    source = str(data / fmt)
+    keys = _keys(source)[:BATCH]
+    output = tmp_path / "out"
+    open_storage(str(output)).write_bytes(RunLayout("r1").month_job_keys(MONTH), job_keys_csv(keys))
+    jobs = _jobs(source, str(output), keys)
+    results = execute_batch([*jobs[:6], jobs[3], *jobs[6:]], s3_endpoint_url=None, worker_id="test",
+                            listings=MonthListings(passes=MonthPasses()))
+
+    assert all(isinstance(r, JobOutcome) for r in results), results
+    first, again = results[3], results[6]
+    assert isinstance(first, JobOutcome) and isinstance(again, JobOutcome)
+    assert not first.already_done and first.rows_read > 0
+    # The second copy finds the job done, as it would in a later batch: its rows count once.
+    assert again.already_done and (again.rows_read, again.rows_ahead) == (0, (0, 0, 0))
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
+
+
 def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_stale(tmp_path: Path) -> None:
     store, layout = open_storage(str(tmp_path)), RunLayout("r1")
     a, b, c = MonthPasses(), MonthPasses(), MonthPasses()  # three workers

@@ -452,8 +452,29 @@ def execute_batch(
     """Compute jobs of one `BatchKey` in one pass; store their results, then each marker.
 
     Returns, per job, its outcome or the exception that failed it. Idempotent: a job whose
-    success marker already exists is not computed again. Never acks anything itself.
+    success marker already exists is not computed again, and a job the batch holds twice (a
+    message published again while the first copy was still queued) is computed once: its
+    later copies find it done, as they would in a later batch. Never acks anything itself.
     """
+    distinct = list({job.job_id: job for job in jobs}.values())
+    results = _execute_distinct(distinct, s3_endpoint_url, worker_id, listings, batch_rows, now)
+    if len(distinct) == len(jobs):
+        return results
+    by_id = {job.job_id: result for job, result in zip(distinct, results, strict=True)}
+    served: set[str] = set()
+    repeated: list[BatchResult] = []
+    for job in jobs:
+        result = by_id[job.job_id]
+        if job.job_id in served and isinstance(result, JobOutcome):
+            result = JobOutcome(already_done=True)
+        served.add(job.job_id)
+        repeated.append(result)
+    return repeated
+
+
+def _execute_distinct(jobs: list[JobMessage], s3_endpoint_url: str | None, worker_id: str, listings: MonthListings,
+                      batch_rows: int, now: Callable[[], dt.datetime]) -> list[BatchResult]:
+    """`execute_batch` of jobs that are all different."""
     first = jobs[0]
     layout = RunLayout(first.run_id)
     outcomes = [JobOutcome() for _ in jobs]

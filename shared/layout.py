@@ -21,7 +21,7 @@ import sys
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -158,9 +158,9 @@ def _versioned(line: bytes) -> dict[str, Any]:
     return header
 
 
-@dataclass(frozen=True, slots=True)
-class JobKey:
-    """The key of one job."""
+class JobKey(NamedTuple):
+    """The key of one job. A tuple: sets and dicts of a run's keys (a million for a large run)
+    hash and compare them in C."""
 
     month: str
     security: str

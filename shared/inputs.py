@@ -164,6 +164,19 @@ class ParquetCache:
         self._capacity = {"footers": footers, "row_groups": row_groups}
         self.hits = 0  # row groups served without reading them
 
+    @property
+    def keeps_row_groups(self) -> bool:
+        """Whether this cache keeps any decoded row group."""
+        return self._capacity["row_groups"] > 0
+
+    def sharing_footers(self) -> ParquetCache:
+        """A cache that shares this one's footers but keeps no row group, for a pass over a
+        whole month or a part of one: no later batch reads its first and last row groups again,
+        which would otherwise stay decoded (about 20 MB of a worker's peak)."""
+        view = ParquetCache(footers=self._capacity["footers"], row_groups=0, max_group_rows=self.max_group_rows)
+        view._lock, view._footers = self._lock, self._footers
+        return view
+
     def footer(self, file: _FileId) -> pq.FileMetaData | None:
         """The parsed footer of `file`, if kept."""
         with self._lock:
@@ -478,7 +491,7 @@ def _row_group_batches(
     meta = parquet.metadata
     for position, index in enumerate(groups):
         small = meta.row_group(index).num_rows <= cache.max_group_rows
-        if small and position in (0, len(groups) - 1):
+        if small and cache.keeps_row_groups and position in (0, len(groups) - 1):
             read = functools.partial(_read_row_group, parquet, source, index, columns, threads)
             yield from cache.row_group(file_id, index, tuple(columns), read).to_batches(max_chunksize=batch_rows)
             continue

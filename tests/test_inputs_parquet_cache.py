@@ -104,3 +104,19 @@ def test_a_row_group_is_split_into_the_same_batches_kept_or_streamed(tmp_path: P
         return [b.num_rows for b in batches if b.column("security")[0].as_py() == "B"]
 
     assert b_batches(["A", "B", "C", "D"]) == b_batches(["B"]) == [32, 32, 32, 4]
+
+
+def test_a_view_sharing_footers_keeps_no_row_group(tmp_path: Path) -> None:
+    # A worker's pass over a part of a month reads through such a view: no later batch reads
+    # that pass's edge row groups again, which would otherwise stay decoded.
+    storage, file = _month(tmp_path, ["A", "B", "C", "D"], group_rows=100)
+    cache = ParquetCache()
+    view = cache.sharing_footers()
+    whole, _ = _read(storage, file, ["A", "B", "C", "D"], view)
+    _, last = _read(storage, file, ["D"], view)
+    _, first = _read(storage, file, ["A"], cache)
+    _, footer_and_first = _read(storage, file, ["A"], ParquetCache())
+
+    assert whole.num_rows == 400
+    assert last > 0 and view.hits == cache.hits == 0  # the edges were not kept
+    assert 0 < first < footer_and_first  # the footer the view read is the cache's

@@ -270,10 +270,11 @@ _Reads = list[tuple[Iterator[pa.RecordBatch], ByteCounter]]
 
 
 def _reads(jobs: list[JobMessage], source: Storage, files: list[InputFile], listings: MonthListings,
-           batch_rows: int) -> _Reads:
+           batch_rows: int, whole_part: bool = False) -> _Reads:
     """What a pass for `jobs` reads, one (batches, bytes counter) per object read: the jobs'
     day files for a small batch of a month that has them, else the month's files (only the row
-    groups that may hold the jobs' rows)."""
+    groups that may hold the jobs' rows). A pass over a `whole_part` of a month keeps none of
+    the row groups it decodes for the next batch."""
     first = jobs[0]
     if len(jobs) <= DAY_FILE_JOBS:
         days = listings.day_files(source, first.month)
@@ -282,10 +283,11 @@ def _reads(jobs: list[JobMessage], source: Storage, files: list[InputFile], list
             return [(_day_file_batches(source, jobs, batch_rows, counter), counter)]
     reads: _Reads = []
     window = _batch_window(jobs)
+    cache = listings.parquet.sharing_footers() if whole_part else listings.parquet
     for file in files:
         counter = ByteCounter()
         reads.append((read_batches(source, file, ALL_COLUMNS, security=[j.security for j in jobs], window=window,
-                                   batch_rows=batch_rows, counter=counter, cache=listings.parquet), counter))
+                                   batch_rows=batch_rows, counter=counter, cache=cache), counter))
     return reads
 
 
@@ -601,7 +603,7 @@ def _claimed_pass(month: _MonthPass, jobs: list[JobMessage], outcomes: list[JobO
         preparing = _prepare_markers(output, layout, extra)
         with renewing_claim(output, layout, first.month, part.index, month.worker_id):
             columns = _pass_columns(month.processor, own + extra, own_outcomes + extra_outcomes, month.source,
-                                    month.files, output, month.listings, month.batch_rows, ahead=True)
+                                    month.files, output, month.listings, month.batch_rows, whole_part=True)
             preparing.join()
             _store_ahead(month.processor, extra, extra_outcomes, columns.slice(len(own)), output, layout,
                          month.worker_id, month.now)
@@ -636,11 +638,12 @@ def _prepare_markers(output: Storage, layout: RunLayout, jobs: list[JobMessage])
 
 def _pass_columns(processor: Processor, jobs: list[JobMessage], outcomes: list[JobOutcome], source: Storage,
                   files: list[InputFile], output: Storage, listings: MonthListings, batch_rows: int,
-                  ahead: bool = False) -> pa.Table:
-    """One pass computing `jobs`; their result columns, in order."""
+                  whole_part: bool = False) -> pa.Table:
+    """One pass computing `jobs`; their result columns, in order. A pass over a `whole_part`
+    of a month decodes its input on a thread of its own, on a core it would leave idle."""
     accumulators = _start(processor, jobs, output)
-    reads = _reads(jobs, source, files, listings, batch_rows)
-    if ahead:  # decoding the input overlaps computing it, on a core the pass would leave idle
+    reads = _reads(jobs, source, files, listings, batch_rows, whole_part)
+    if whole_part:
         reads = [(read_ahead(batches), counter) for batches, counter in reads]
     _compute(processor, jobs, reads, accumulators, outcomes)
     start = time.perf_counter()

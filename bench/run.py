@@ -5,6 +5,7 @@
     python bench/run.py batch     --rows 20000000 --securities 500 --jobs 128
     python bench/run.py memory    --rows 1000000,20000000
     python bench/run.py memory    --rows 2000000 --securities 100 --format csv
+    python bench/run.py memory    --rows 1000000,100000000 --raw-too --all-jobs
     python bench/run.py producer  --jobs 10500
     python bench/run.py scaling   --rows 4000000 --securities 200
     python bench/run.py csv       --rows 2000000
@@ -310,7 +311,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
             _worker_peak(args, "raw csv", rows, raw, ())
             continue
         raw, laid = _data(args.work, rows, args.securities)
-        securities = ("--securities", ",".join(_top_securities(laid, 20)))
+        # The 20 largest securities' jobs, or with --all-jobs every job of the month (on a raw
+        # month: the passes over its parts, each holding thousands of jobs' partial results).
+        securities = () if args.all_jobs else ("--securities", ",".join(_top_securities(laid, 20)))
         for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
             _worker_peak(args, label, rows, source, securities)
 
@@ -697,6 +700,8 @@ def main() -> None:
                         help="scaling: each worker's --prefetch (default: the worker's own)")
     parser.add_argument("--raw-too", action="store_true",
                         help="e2e, memory: also run on the raw (not ingested) files")
+    parser.add_argument("--all-jobs", action="store_true",
+                        help="memory: every job of the month, not the 20 largest securities' jobs")
     parser.add_argument("--day-files", action="store_true",
                         help="e2e: ingest with day files in --tz (`tickq ingest --day-files`)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))

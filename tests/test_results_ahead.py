@@ -28,6 +28,7 @@ from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
 from worker.ahead import (
+    CLAIM_STALE_S,
     MAX_JOBS_AHEAD,
     RELEASE_PAUSE_S,
     WAIT_POLL_MAX_S,
@@ -467,6 +468,28 @@ def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_
     assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
 
 
+def test_a_claim_whose_worker_died_is_taken_over_and_its_pass_made_once(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = str(data / "raw")
+    keys = _keys(source)[: 3 * BATCH]
+    output = tmp_path / "out"
+    # A worker that died mid-pass: its claim was last renewed longer ago than CLAIM_STALE_S.
+    died = {"worker": "gone", "claimed_at": time.time() - CLAIM_STALE_S - 1}
+    open_storage(str(output)).write_bytes(RunLayout("r1").month_pass_claim(MONTH, 0), json.dumps(died).encode())
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError("waited for a dead worker's claim")
+
+    monkeypatch.setattr("worker.ahead._pause", no_waiting)
+    outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
+
+    # The first batch made the dead worker's pass: every later job was stored by it.
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
+    assert _claims(output) == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(
     tmp_path: Path, where: str, request: pytest.FixtureRequest
@@ -492,6 +515,11 @@ def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(
 
     store.write_bytes(layout.month_pass_claim(MONTH, 1), b"not json")
     assert not claim_month(store, layout, MONTH, 1, "a", MonthPasses())
+
+    stale = {"worker": "b", "claimed_at": time.time() - CLAIM_STALE_S - 1}
+    store.write_bytes(layout.month_pass_claim(MONTH, 2), json.dumps(stale).encode())
+    assert claim_month(store, layout, MONTH, 2, "a", MonthPasses())  # "b" died: "a" takes its claim over
+    assert not claim_month(store, layout, MONTH, 2, "b", MonthPasses())  # now "a"'s live claim
 
 
 def test_a_pass_over_a_resumed_run_computes_only_the_jobs_not_yet_done(data: Path, tmp_path: Path) -> None:

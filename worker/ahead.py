@@ -16,8 +16,9 @@ already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not
-renewed for `CLAIM_STALE_S` (its worker died) is ignored: the waiting batches then compute
-their own jobs. A claim that its worker could not delete (the store failing too) is taken
+renewed for `CLAIM_STALE_S` (its worker died) is no longer waited for: the batches waiting on
+it compute their own jobs, and the next batch to claim the part takes the claim over and makes
+the pass again. A claim that its worker could not delete (the store failing too) is taken
 back by that worker's next batch of the month, which makes the pass again, rather than left
 for everyone, its worker included, to wait out; and a waiting batch takes a look the store
 fails as no news, not as its own failure.
@@ -127,10 +128,10 @@ def _claim_body(worker: str) -> bytes:
 def claim_month(storage: Storage, layout: RunLayout, month: str, part: int, worker: str,
                 passes: MonthPasses) -> bool:
     """Claim the pass over `part` of `month`'s jobs for this worker (`passes`: this process's):
-    True when no one had, or when the claim is this worker's own and no pass of this process
-    holds it (an earlier pass failed and could not delete it). The pass then holds the claim in
-    `passes` until `month_done` or `release_month`, so that other slots of this worker wait
-    for it.
+    True when no one had; when the claim is this worker's own and no pass of this process holds
+    it (an earlier pass failed and could not delete it); or when it is stale (its worker died).
+    The pass then holds the claim in `passes` until `month_done` or `release_month`, so that
+    other slots of this worker wait for it.
     """
     key = layout.month_pass_claim(month, part)
     with passes.claims() as held:
@@ -143,18 +144,25 @@ def claim_month(storage: Storage, layout: RunLayout, month: str, part: int, work
 
 
 def _take_back(storage: Storage, layout: RunLayout, month: str, part: int, worker: str) -> bool:
-    """Renew `worker`'s own claim on a pass not done (one whose release failed); False when
-    the claim is someone else's, or the pass is done."""
+    """Make the claim on a pass not done `worker`'s: its own (a pass whose release failed), or
+    one not renewed for `CLAIM_STALE_S` (its worker died, most likely mid-pass). Otherwise the
+    part's every later batch would read the part for its own jobs alone. False when the claim
+    is another worker's live one, or the pass is done.
+
+    Two workers that find the same claim stale may both take it and both make the pass: the
+    work is done twice, never counted twice (a job's later result replaces the earlier)."""
     key = layout.month_pass_claim(month, part)
     if storage.exists(layout.month_pass_done(month, part)):
         return False
     claim = _read_claim(storage, key)
     if claim is None:  # deleted since (released), or not a claim: claim it afresh if it is gone
         return storage.create(key, _claim_body(worker))
-    if claim["worker"] != worker:
+    own = claim["worker"] == worker
+    if not own and time.time() - claim["claimed_at"] <= CLAIM_STALE_S:
         return False
     storage.write_bytes(key, _claim_body(worker), "application/json")
-    get_logger().info("worker.month_claim_taken_back", run_id=layout.run_id, month=month, part=part)
+    get_logger().info("worker.month_claim_taken_back" if own else "worker.month_claim_taken_over",
+                      run_id=layout.run_id, month=month, part=part, claimed_by=claim["worker"])
     return True
 
 

@@ -83,6 +83,12 @@ def _run(source: str, output: str, keys: list[JobKey], listings: MonthListings, 
     return run_in_batches(_jobs(source, output, keys, run_id, params), BATCH, listings)
 
 
+def _three_batches(data: Path) -> tuple[str, list[JobKey]]:
+    """The raw month and its first three batches' jobs."""
+    source = str(data / "raw")
+    return source, _keys(source)[: 3 * BATCH]
+
+
 def _stored_alone(source: str, keys: list[JobKey], output: Path, run_id: str = "r1",
                   params: JobParams | None = None) -> pa.Table:
     """What `keys` store computed batch by batch, each batch reading for itself (no month pass)."""
@@ -355,8 +361,7 @@ def test_a_month_of_more_jobs_than_one_pass_computes_is_claimed_in_parts(
 
 
 def test_passes_are_claimed_per_run_and_parameters(data: Path, tmp_path: Path) -> None:
-    source = str(data / "raw")
-    keys = _keys(source)[: 3 * BATCH]
+    source, keys = _three_batches(data)
     listings = MonthListings(passes=MonthPasses())
     output = str(tmp_path / "out")
     _run(source, output, keys[:BATCH], listings, run_id="r1")  # computes and stores the rest of r1
@@ -393,8 +398,7 @@ def test_two_slots_of_one_worker_read_a_month_once(data: Path, tmp_path: Path, m
 def test_workers_that_find_the_month_claimed_wait_for_its_pass_and_compute_only_what_it_did_not_store(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = str(data / "raw")
-    keys = _keys(source)[: 3 * BATCH]
+    source, keys = _three_batches(data)
     output = tmp_path / "out"
     store, layout = open_storage(str(output)), RunLayout("r1")
     elsewhere = MonthPasses()  # another worker's
@@ -417,8 +421,7 @@ def test_workers_that_find_the_month_claimed_wait_for_its_pass_and_compute_only_
 def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = str(data / "raw")
-    keys = _keys(source)[: 3 * BATCH]
+    source, keys = _three_batches(data)
     output = tmp_path / "out"
 
     def store_fails(*args: object) -> None:
@@ -438,8 +441,7 @@ def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
 def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_next_batch(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = str(data / "raw")
-    keys = _keys(source)[: 3 * BATCH]
+    source, keys = _three_batches(data)
     output = tmp_path / "out"
     passes = MonthPasses()
 
@@ -471,8 +473,7 @@ def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_
 def test_a_claim_whose_worker_died_is_taken_over_and_its_pass_made_once(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = str(data / "raw")
-    keys = _keys(source)[: 3 * BATCH]
+    source, keys = _three_batches(data)
     output = tmp_path / "out"
     # A worker that died mid-pass: its claim was last renewed longer ago than CLAIM_STALE_S.
     died = {"worker": "gone", "claimed_at": time.time() - CLAIM_STALE_S - 1}

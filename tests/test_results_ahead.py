@@ -491,6 +491,26 @@ def test_a_claim_whose_worker_died_is_taken_over_and_its_pass_made_once(
     assert _claims(output) == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
 
 
+def test_a_batch_waiting_on_a_claim_whose_worker_dies_makes_the_pass_itself(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, keys = _three_batches(data)
+    output = tmp_path / "out"
+    # Another worker's claim, renewed a moment ago; that worker dies and never renews it.
+    alive_until = time.time() + 1.0
+    claim = {"worker": "dies", "claimed_at": alive_until - CLAIM_STALE_S}
+    open_storage(str(output)).write_bytes(RunLayout("r1").month_pass_claim(MONTH, 0), json.dumps(claim).encode())
+    monkeypatch.setattr("worker.ahead._pause", lambda seconds: time.sleep(0.05))
+    outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
+
+    # The first batch waited until the claim went stale, then made the pass over the whole part
+    # (rather than its own jobs alone, leaving the part to the next batch).
+    assert time.time() > alive_until
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (2 * BATCH)
+    assert stored_results(str(output)).equals(_stored_alone(source, keys, tmp_path / "ref"))
+    assert _claims(output) == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(
     tmp_path: Path, where: str, request: pytest.FixtureRequest

@@ -16,9 +16,9 @@ already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not
-renewed for `CLAIM_STALE_S` (its worker died) is no longer waited for: the batches waiting on
-it compute their own jobs, and the next batch to claim the part takes the claim over and makes
-the pass again. A claim that its worker could not delete (the store failing too) is taken
+renewed for `CLAIM_STALE_S` (its worker died) is no longer waited for: a batch waiting on it,
+or the next to claim the part, takes the claim over and makes the pass again (as a waiting
+batch does when a failed pass released its claim). A claim that its worker could not delete (the store failing too) is taken
 back by that worker's next batch of the month, which makes the pass again, rather than left
 for everyone, its worker included, to wait out; and a waiting batch takes a look the store
 fails as no news, not as its own failure.

@@ -553,28 +553,34 @@ def _month_pass_columns(
 ) -> tuple[list[int], pa.Table | None]:
     """The result columns of `jobs` still to store (a columnar processor's), one row per job,
     and their positions in `jobs`. On a month not laid out by security, the batch claims each
-    part of the month holding its jobs that no one has, and computes and stores all of that
-    part's expected jobs not yet done in one pass; for the parts other workers claimed, it waits
-    for their passes and then computes only its jobs they did not store (`worker.ahead`); those
-    they did are marked already done."""
+    part of the month that no one has, and computes and stores all of that part's expected jobs
+    not yet done in one pass; for the parts other workers claimed, it waits for their passes and
+    then computes only its jobs they did not store (`worker.ahead`); those they did are marked
+    already done. A part whose claim went stale while the batch waited (its worker died) or
+    was released (its pass failed) is claimed by the batch, which makes the pass again."""
     first, output, layout = jobs[0], month.output, month.layout
     positions: list[int] = []
     tables: list[pa.Table] = []
-    waiting: list[int] = []
-    for part in _month_parts(jobs, month.source, month.files, output, layout, month.listings, month.passes):
+
+    def pass_if_claimed(part: _Part) -> bool:
         with month.passes.widening():  # one claimed pass at a time in a process, claimed when it can start
             claimed = claim_month(output, layout, first.month, part.index, month.worker_id, month.passes)
             columns = _claimed_pass(month, jobs, outcomes, part) if claimed else None
             if columns is not None:
                 tables.append(columns)
-                positions += part.own
-        if not claimed and part.own:
-            waiting.append(part.index)
+                positions.extend(part.own)
+        return claimed
+
+    waiting: list[_Part] = []
+    for part in _month_parts(jobs, month.source, month.files, output, layout, month.listings, month.passes):
+        if not pass_if_claimed(part) and part.own:
+            waiting.append(part)
+    for part in waiting:  # claimed elsewhere: their passes store these jobs too, most likely
+        wait_for_month(output, layout, first.month, part.index)
+        pass_if_claimed(part)  # only where the claim is gone or stale, not done
     covered = set(positions)
     left = [i for i in range(len(jobs)) if i not in covered]
-    if waiting and left:  # claimed elsewhere: their passes store these jobs too, most likely
-        for index in waiting:
-            wait_for_month(output, layout, first.month, index)
+    if waiting and left:
         done = _already_done(output, layout, [jobs[i] for i in left])
         for i in left:
             outcomes[i].already_done = jobs[i].job_id in done

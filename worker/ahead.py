@@ -50,10 +50,10 @@ MAX_JOBS_AHEAD = 12_000
 # workers at once and the month is still read about once. Each part costs a pass its set-up and
 # the row groups it shares with the next; a month of 500 securities makes two parts.
 DATE_PART_JOBS = 5_500
-# A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S is taken
-# to have died with its worker.
-CLAIM_RENEW_S = 10.0
-CLAIM_STALE_S = 60.0
+# A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S (six
+# renewals missed) is taken to have died with its worker, and its part's pass is made again.
+CLAIM_RENEW_S = 5.0
+CLAIM_STALE_S = 30.0
 # A waiting batch looks for the pass's `.done` after WAIT_POLL_S, then less and less often, up
 # to every WAIT_POLL_MAX_S: two HEAD requests a look on S3, from every batch that waits, while
 # a pass over a large month runs for minutes; and the month's other jobs, all stored by then,

@@ -18,10 +18,10 @@ Nothing is lost: a message is acked only once its job's result and marker are st
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not
 renewed for `CLAIM_STALE_S` (its worker died) is no longer waited for: a batch waiting on it,
 or the next to claim the part, takes the claim over and makes the pass again (as a waiting
-batch does when a failed pass released its claim). A claim that its worker could not delete (the store failing too) is taken
-back by that worker's next batch of the month, which makes the pass again, rather than left
-for everyone, its worker included, to wait out; and a waiting batch takes a look the store
-fails as no news, not as its own failure.
+batch does when a failed pass released its claim). A claim that its worker could not delete
+(the store failing too) is taken back by that worker's next batch of the month, which makes
+the pass again, rather than left for everyone, its worker included, to wait out; and a
+waiting batch takes a look the store fails as no news, not as its own failure.
 
 Memory stays bounded: a claimed pass holds the partial results of up to `MAX_JOBS_AHEAD` jobs
 (a few KB each while the pass runs, for analytics), and one such pass runs in a process at a

@@ -719,13 +719,11 @@ def _month_parts(
         return []
     by_date = pass_share(source, files, [first.security], DayWindow.of(dt.date.fromisoformat(min(k.date for k in keys)),
                          first.params.market_tz), listings.parquet) <= BY_DATE_SHARE
-    positions: dict[tuple[str, str], list[int]] = {}
-    for i, job in enumerate(jobs):  # a job delivered twice is in the batch twice
-        positions.setdefault((job.security, job.date), []).append(i)
+    position = {(job.security, job.date): i for i, job in enumerate(jobs)}  # distinct (`execute_batch`)
     parts = []
     for index, keys_of_part in enumerate(month_parts(keys, by_date)):
-        own = [i for k in keys_of_part for i in positions.get((k.security, k.date), ())]
-        others = [k for k in keys_of_part if (k.security, k.date) not in positions]
+        own = [position[k.security, k.date] for k in keys_of_part if (k.security, k.date) in position]
+        others = [k for k in keys_of_part if (k.security, k.date) not in position]
         if others:
             parts.append(_Part(index, own, others))
     # The parts holding the batch's jobs first; then the others, which the batch claims where no

@@ -402,11 +402,12 @@ def _filter_security(batch: pa.RecordBatch, wanted: tuple[str, ...] | None) -> p
         return pc.equal(text, wanted[0]) if len(wanted) == 1 else pc.is_in(text, value_set=_value_set(wanted))
 
     if pa.types.is_dictionary(column.type):
-        if column.null_count == 0 and pc.all(wanted_ones(column.dictionary)).as_py():
+        per_value = wanted_ones(column.dictionary)
+        if column.null_count == 0 and pc.all(per_value).as_py():
             # Every value is wanted (a pass over a whole month in time order): no row to drop,
             # and no per-row mask to build.
             return batch
-        match = label_mask(column, wanted_ones)
+        match = label_mask(column, lambda _dictionary: per_value)
     else:
         match = pc.fill_null(wanted_ones(column), False).to_numpy(zero_copy_only=False)
     return batch if match.all() else batch.filter(pa.array(match))

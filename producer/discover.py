@@ -9,8 +9,11 @@ zone keeps every quarter hour of the month on one date; otherwise it scans the k
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared.inputs import (
-    KEY_COLUMNS,
     InputFile,
+    KeyBatch,
+    key_streams,
     label_codes,
     month_files,
-    read_batches,
     shared_trade_date,
     trade_dates,
 )
@@ -30,7 +33,11 @@ from shared.markettime import local_time
 from shared.messages import is_valid_security
 from shared.monthkeys import quarters_share_dates, read_keys
 from shared.readahead import read_ahead
+from shared.resources import available
 from shared.storage import Storage
+
+# Streams a file's key columns are read in at most, side by side: one per core.
+MAX_SCAN_STREAMS = 4
 
 
 @dataclass
@@ -117,36 +124,44 @@ def _counts_from_keys(storage: Storage, month: str, files: list[InputFile], mark
 
 
 def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) -> _Counted:
-    """Counts from the key columns of every row of the month, a batch at a time.
+    """Counts from the key columns of every row of the month.
 
-    Each batch is grouped on its security codes (as read, a dictionary) and day numbers, not on
-    text, or only on its codes when all its rows have one trade date (a month in time order);
-    the batches' counts are folded together as they come, and handed on once (a month
-    has hundreds of batches and each repeats most of the month's jobs)."""
+    Each file is read as several streams side by side (`key_streams`), one per core this
+    process may use: decoding releases the interpreter lock, so a scan uses every core of a
+    small machine while the workers still wait for their first jobs. Each stream's batches
+    are grouped on their security codes (as read, a dictionary) and day numbers, not on text,
+    or only on their codes when all their rows have one trade date; its counts are folded
+    together as they come, and the streams' counts once more at the end (a month has hundreds
+    of batches, and each repeats most of the month's jobs)."""
+    ways = min(MAX_SCAN_STREAMS, max(1, math.ceil(available().cpus)))
     folded = _FoldedCounts()
     for file in files:
-        # Decoding (its columns side by side), counting and folding each take a thread: most
-        # of their work releases the interpreter lock, so a scan uses every core of a small
-        # machine, while the workers still wait for their first jobs.
-        batches = read_ahead(read_batches(storage, file, KEY_COLUMNS, threads=True))
-        for rows_seen, counts in read_ahead(_each_counted(batches, market_tz)):
-            folded.add(rows_seen, counts)
+        streams = key_streams(storage, file, market_tz, ways)
+        if len(streams) == 1:
+            # Not Parquet (or one core): its decoding still overlaps the counting.
+            streams = [read_ahead(streams[0])]
+        with ThreadPoolExecutor(len(streams), thread_name_prefix="tickq-scan") as pool:
+            for rows_seen, counts in pool.map(functools.partial(_stream_counts, market_tz=market_tz), streams):
+                folded.add(rows_seen, counts)
     return [folded.result()]
 
 
-def _each_counted(batches: Iterator[pa.RecordBatch], market_tz: str) -> Iterator[tuple[int, pa.Table]]:
-    """Each batch's row count and `_batch_counts`."""
-    for batch in batches:
-        yield batch.num_rows, _batch_counts(batch, market_tz)
+def _stream_counts(stream: Iterator[KeyBatch], market_tz: str) -> tuple[int, pa.Table]:
+    """Rows seen in one key stream and their counts."""
+    folded = _FoldedCounts()
+    for key in stream:
+        folded.add(key.batch.num_rows, _batch_counts(key, market_tz))
+    return folded.result()
 
 
-def _batch_counts(batch: pa.RecordBatch, market_tz: str) -> pa.Table:
+def _batch_counts(key: KeyBatch, market_tz: str) -> pa.Table:
     """The batch's rows per (security, trade_date), as columns security, trade_date, count."""
+    batch = key.batch
     security = batch.column("security")
     if not pa.types.is_dictionary(security.type):
         security = pc.dictionary_encode(security)
     codes, values = label_codes(security)
-    day = shared_trade_date(batch, market_tz)
+    day = key.day if key.day is not None else shared_trade_date(batch, market_tz)
     if day is not None:
         return _one_day_counts(codes, values, day)
     keys = pa.table({"code": pa.array(codes.astype(np.int32, copy=False)),

@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import functools
 import io
+import itertools
 import threading
 import zlib
 from collections import OrderedDict
@@ -341,6 +342,87 @@ def pass_share(
     return read / total if total else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class KeyBatch:
+    """Rows' key columns, read to discover a month's jobs.
+
+    `day` is the trade date (days since 1970-01-01) all the rows share when the file's
+    statistics tell it; their ts is then not read, and `batch` holds only the security.
+    """
+
+    batch: pa.RecordBatch
+    day: int | None
+
+
+def key_streams(storage: Storage, file: InputFile, market_tz: str, ways: int) -> list[Iterator[KeyBatch]]:
+    """`file`'s key columns as up to `ways` streams over disjoint parts of it (of Parquet, runs
+    of row groups of about equal rows), each to be read on a thread of its own.
+
+    A Parquet row group whose ts statistics put all its rows on one trade date (a month in
+    time order, nearly every group) is read without its ts: decoding the securities alone
+    takes about half the time. Errors are raised as `read_batches` raises them.
+    """
+    if file.format != "parquet":
+        return [(KeyBatch(batch, None) for batch in read_batches(storage, file, KEY_COLUMNS))]
+    footer = _footer(storage, file, None)
+    days = _row_group_days(footer, market_tz)
+    return [_key_batches(storage, file, footer, part, days) for part in _split_row_groups(footer, ways)]
+
+
+def _row_group_days(meta: pq.FileMetaData, market_tz: str) -> list[int | None]:
+    """Each row group's one trade date by its ts statistics (None: not known without reading
+    its rows: a file with its own trade_date column, a null ts, a group over two dates)."""
+    schema = meta.schema.to_arrow_schema()
+    if "trade_date" in schema.names or "ts" not in schema.names:
+        return [None] * meta.num_row_groups
+    ts_idx = schema.get_field_index("ts")
+    scale = _ts_scale(schema.field(ts_idx).type)
+    days: list[int | None] = []
+    for index in range(meta.num_row_groups):
+        stats = meta.row_group(index).column(ts_idx).statistics
+        bounds = _ts_bounds_ns(stats, scale)
+        known = bounds is not None and stats.has_null_count and stats.null_count == 0
+        days.append(shared_day(np.array(bounds, dtype=np.int64), market_tz) if known else None)
+    return days
+
+
+def _split_row_groups(meta: pq.FileMetaData, ways: int) -> list[list[int]]:
+    """The file's row groups in up to `ways` consecutive runs of about equal rows."""
+    total = meta.num_rows
+    parts: list[list[int]] = [[] for _ in range(max(1, ways))]
+    seen = 0
+    for index in range(meta.num_row_groups):
+        # The part where this group's first row falls, so each part holds about total / ways.
+        parts[min(len(parts) - 1, seen * len(parts) // total) if total else 0].append(index)
+        seen += meta.row_group(index).num_rows
+    return [part for part in parts if part] or [[]]
+
+
+def _key_batches(
+    storage: Storage, file: InputFile, footer: pq.FileMetaData, groups: list[int], days: list[int | None]
+) -> Iterator[KeyBatch]:
+    """Key batches of the given row groups, those of a known day without their ts."""
+    source = _CountingReader(storage.open_read(file.key))
+    try:
+        parquet = _open_parquet(storage, file, source, KEY_COLUMNS, footer)
+        names = parquet.schema_arrow.names
+        missing = [c for c in ("ts", "security") if c not in names]
+        if missing:
+            raise _missing(file, storage, missing)
+        present = [c for c in KEY_COLUMNS if c in names]
+        try:
+            # Consecutive groups of one known day (or of none) are read together.
+            for day, run in itertools.groupby(groups, key=days.__getitem__):
+                columns = ["security"] if day is not None else present
+                for batch in parquet.iter_batches(batch_size=DEFAULT_BATCH_ROWS, row_groups=list(run),
+                                                  columns=columns, use_threads=False):
+                    yield KeyBatch(batch, day)
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(file, storage, exc) from None
+    finally:
+        source.close()
+
+
 def _footer(storage: Storage, file: InputFile, cache: ParquetCache | None) -> pq.FileMetaData:
     """`file`'s parsed footer, from `cache` when it holds it (and kept there)."""
     file_id = (storage.uri, file.key, file.size)
@@ -545,10 +627,7 @@ def _row_groups_to_read(
     # suggest, so ts statistics can only prune when the date is derived from ts.
     derives_date = "trade_date" not in schema.names
     ts_idx = schema.get_field_index("ts") if window is not None and derives_date else -1
-    ts_type = schema.field(ts_idx).type if ts_idx >= 0 else None
-    ts_scale = 0
-    if ts_type is not None and pa.types.is_timestamp(ts_type):
-        ts_scale = {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[ts_type.unit]
+    ts_scale = _ts_scale(schema.field(ts_idx).type) if ts_idx >= 0 else 0
     keep: list[int] = []
     for i in range(meta.num_row_groups):
         group = meta.row_group(i)
@@ -561,13 +640,26 @@ def _row_groups_to_read(
                 if wanted is not None and (first == len(wanted) or wanted[first] > high):
                     continue
         if ts_scale and window is not None:
-            stats = group.column(ts_idx).statistics
-            if stats is not None and stats.has_min_max and stats.physical_type == "INT64":
-                low_ns, high_ns = stats.min_raw * ts_scale, stats.max_raw * ts_scale
-                if high_ns < window.start_ns or low_ns >= window.end_ns:
-                    continue
+            bounds = _ts_bounds_ns(group.column(ts_idx).statistics, ts_scale)
+            if bounds is not None and (bounds[1] < window.start_ns or bounds[0] >= window.end_ns):
+                continue
         keep.append(i)
     return keep
+
+
+def _ts_scale(kind: pa.DataType) -> int:
+    """Nanoseconds per unit of a timestamp type's stored values; 0 for any other type."""
+    if not pa.types.is_timestamp(kind):
+        return 0
+    return {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[kind.unit]
+
+
+def _ts_bounds_ns(stats: Any, scale: int) -> tuple[int, int] | None:
+    """The [min, max] instant (UTC ns) of a ts column chunk by its statistics, when they hold
+    it (`scale`: `_ts_scale` of the column's type)."""
+    if not scale or stats is None or not stats.has_min_max or stats.physical_type != "INT64":
+        return None
+    return stats.min_raw * scale, stats.max_raw * scale
 
 
 def _open_stream(storage: Storage, file: InputFile) -> IO[bytes]:

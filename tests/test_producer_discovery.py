@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import producer.discover as discover
+import shared.inputs as inputs
 import shared.monthkeys as monthkeys
 from producer.discover import MonthDiscovery, discover_month
 from shared.errors import PermanentError
-from shared.inputs import month_files, shared_trade_date
+from shared.inputs import KeyBatch, key_streams, month_files, shared_trade_date
 from shared.monthkeys import KEYS_NAME, quarter_starts, quarters_share_dates, read_keys
 from shared.storage import open_storage
 from tests.conftest import S3Server
@@ -398,31 +398,61 @@ def test_a_row_group_that_cannot_be_decoded_fails_the_scan_with_the_file_named(t
         discover_month(open_storage(str(root)), "2024-03", "Australia/Sydney")
 
 
-def test_batches_of_one_trade_date_count_as_any_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A month in time order is counted per batch by security alone (its rows share one trade
-    date): the same jobs, counts and unassigned rows as grouping every row by date."""
+def test_rows_of_one_trade_date_count_as_any_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A month in time order is counted by security alone wherever its rows share one trade
+    date: a row group whose ts statistics say so is read without its ts, a batch whose ts
+    say so is not grouped by date. The same jobs, counts and unassigned rows as grouping
+    every row by its date."""
     month, market_tz = "2024-04", "Australia/Sydney"
     raw = tmp_path / "raw"
     dirty_month(raw, month, market_tz, with_date=False, extra=("2024-04-06T16:00:00",))
     path = raw / month / "part-0000.parquet"
     table = pq.read_table(path)
-    # In time order, null ts last: all but a few batches of 100 rows hold one trade date.
-    pq.write_table(table.sort_by([("ts", "ascending")]), path)
-    monkeypatch.setattr(discover, "read_batches", functools.partial(discover.read_batches, batch_rows=100))
-    one_day = []
+    # In time order, null ts last: most row groups of 200 rows hold one trade date, and
+    # most batches of 40 rows of the others.
+    pq.write_table(table.sort_by([("ts", "ascending")]), path, row_group_size=200)
+    monkeypatch.setattr(inputs, "DEFAULT_BATCH_ROWS", 40)
+    seen: list[tuple[int | None, bool, int | None]] = []
+    count = discover._batch_counts
 
-    def spied(batch: pa.RecordBatch, zone: str) -> int | None:
-        one_day.append(shared_trade_date(batch, zone))
-        return one_day[-1]
+    def spied(key: KeyBatch, zone: str) -> pa.Table:
+        by_ts = shared_trade_date(key.batch, zone) if key.day is None else None
+        seen.append((key.day, "ts" in key.batch.schema.names, by_ts))
+        return count(key, zone)
 
-    monkeypatch.setattr(discover, "shared_trade_date", spied)
+    monkeypatch.setattr(discover, "_batch_counts", spied)
     storage = open_storage(str(raw))
     by_security = discover_month(storage, month, market_tz)
-    days = [d for d in one_day if d is not None]
-    assert len(days) > len(one_day) / 2 and None in one_day and len(set(days)) > 15
+    by_stats = [day for day, has_ts, _ in seen if day is not None and not has_ts]
+    by_ts = [day for day, has_ts, day_of_ts in seen if day is None and has_ts and day_of_ts is not None]
+    by_row = [day for day, _, day_of_ts in seen if day is None and day_of_ts is None]
+    assert len(by_stats) > len(seen) / 2 and len(set(by_stats)) > 15
+    assert by_ts and by_row and all(has_ts for day, has_ts, _ in seen if day is None)
 
+    monkeypatch.setattr(inputs, "_row_group_days", lambda meta, zone: [None] * meta.num_row_groups)
     monkeypatch.setattr(discover, "shared_trade_date", lambda batch, zone: None)
-    by_row = discover_month(storage, month, market_tz)
-    assert by_security == by_row
+    grouped = discover_month(storage, month, market_tz)
+    assert by_security == grouped
     assert by_security.rows_unassigned > 0 and INVALID[0] in by_security.invalid_securities
     assert sum(by_security.rows.values()) + by_security.rows_unassigned == by_security.rows_scanned
+
+
+@pytest.mark.parametrize("ways", [1, 2, 3, 5, 40])
+def test_a_file_read_as_several_streams_yields_each_row_once(tmp_path: Path, ways: int) -> None:
+    """Discovery reads a Parquet file as one stream per core, over runs of its row groups:
+    together they hold every row of the file once, whatever the number of streams."""
+    raw = tmp_path / "raw"
+    generate(str(raw), ["2024-03"], securities=7, rows=9_000)
+    path = raw / "2024-03" / "part-0000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table, path, row_group_size=700)
+    storage = open_storage(str(raw))
+    (file,) = month_files(storage, "2024-03")
+
+    streams = key_streams(storage, file, "Australia/Sydney", ways)
+    assert len(streams) == min(ways, pq.ParquetFile(path).metadata.num_row_groups)
+    securities = [key.batch.column("security").cast(pa.string()) for stream in streams for key in stream]
+    read = pa.chunked_array(securities).value_counts().to_pylist()
+    expected = table.column("security").value_counts().to_pylist()
+    key = lambda item: item["values"]  # noqa: E731
+    assert sorted(read, key=key) == sorted(expected, key=key)

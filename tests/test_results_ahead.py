@@ -266,6 +266,14 @@ def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(
         month_done(store, layout, MONTH, 1, elsewhere)
 
     monkeypatch.setattr("worker.ahead._pause", finish_elsewhere)
+    tried: list[int] = []  # the parts claims were tried for
+    claim = claim_month
+
+    def spied(*args: Any) -> bool:
+        tried.append(args[3])
+        return claim(*args)
+
+    monkeypatch.setattr("worker.job.claim_month", spied)
     store.write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
     batch = 2 * BATCH  # the first batch holds jobs of every date
     outcomes = run_in_batches(_jobs(str(source), str(output), keys), batch, MonthListings(passes=MonthPasses()))
@@ -274,6 +282,10 @@ def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(
     # jobs of part 1 were computed by their own batches.
     assert len(waited) == 1
     in_busy = {(k.security, k.date) for k in busy}
+    # Part 1 was tried by the first batch before it waited (not again once its pass was done),
+    # and by each later batch holding its jobs.
+    later = [keys[i:i + batch] for i in range(batch, len(keys), batch)]
+    assert tried.count(1) == 1 + sum(any((k.security, k.date) in in_busy for k in chunk) for chunk in later)
     assert [o.already_done for o in outcomes[batch:]] == [(k.security, k.date) not in in_busy for k in keys[batch:]]
     assert not any(o.already_done for o in outcomes[:batch])
     assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
@@ -592,6 +604,8 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
 
     sleeps: list[float] = []
 
+    ended: list[bool] = []  # each wait's answer: done (True), or free to claim
+
     def wait(part: int, now: float, then: Callable[[], None] | None = None, after: int = 2) -> int:
         """How many times waiting on `part` sleeps, the clock at `now`, `then` happening on sleep `after`."""
         sleeps.clear()
@@ -602,7 +616,7 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
                 then()
             assert len(sleeps) < 100, "still waiting"
 
-        wait_for_month(store, layout, MONTH, part, stale_s=60, clock=lambda: now, sleep=sleep)
+        ended.append(wait_for_month(store, layout, MONTH, part, stale_s=60, clock=lambda: now, sleep=sleep))
         return len(sleeps)
 
     assert wait(0, claimed_at + 1, lambda: month_done(store, layout, MONTH, 0, a), after=12) == 12
@@ -616,6 +630,8 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
     assert wait(2, claimed_at + 1) == 0  # never claimed
     assert claim_month(store, layout, MONTH, 3, "c", c)
     assert wait(3, claimed_at + 3600) == 0  # its worker died long ago
+    # Done, done, done, done, then released, never claimed and stale: only the last three are free.
+    assert ended == [True] * 4 + [False] * 3
 
 
 def test_waiting_for_a_pass_outlasts_looks_the_store_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

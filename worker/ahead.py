@@ -221,9 +221,9 @@ def wait_for_month(
     stale_s: float = CLAIM_STALE_S,
     clock: Callable[[], float] | None = None,
     sleep: Callable[[float], None] | None = None,
-) -> None:
-    """Return once the pass over `part` of `month` claimed by another worker is done,
-    released, or stale (not renewed for `stale_s`).
+) -> bool:
+    """Return once the pass over `part` of `month` claimed by another worker is done (True),
+    or released or stale (not renewed for `stale_s`): False, the part is free to claim.
 
     A look the store fails (transiently) says nothing of the pass: waiting goes on, and raises
     only when looks have failed for `stale_s` in a row.
@@ -236,13 +236,13 @@ def wait_for_month(
     while True:
         try:
             if storage.exists(layout.month_pass_done(month, part)):
-                return
+                return True
             if renewed_at is None or clock() - renewed_at > stale_s:  # read it (again) before giving up on it
                 renewed_at = _claimed_at(storage, claim)
                 if renewed_at is None or clock() - renewed_at > stale_s:
-                    return
+                    return False
             elif not storage.exists(claim):  # released: its pass failed
-                return
+                return False
             failing_since = None
             pause = min(pause, WAIT_POLL_MAX_S)
         except Exception as exc:

@@ -576,8 +576,8 @@ def _month_pass_columns(
         if not pass_if_claimed(part) and part.own:
             waiting.append(part)
     for part in waiting:  # claimed elsewhere: their passes store these jobs too, most likely
-        wait_for_month(output, layout, first.month, part.index)
-        pass_if_claimed(part)  # only where the claim is gone or stale, not done
+        if not wait_for_month(output, layout, first.month, part.index):
+            pass_if_claimed(part)  # the claim is gone or stale: its pass was not made
     covered = set(positions)
     left = [i for i in range(len(jobs)) if i not in covered]
     if waiting and left:

@@ -49,6 +49,7 @@ FORMAT_BY_SUFFIX = (
 )
 
 TS_UTC = pa.timestamp("ns", tz="UTC")
+_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1  # the instants a ts holds
 DEFAULT_BATCH_ROWS = 65_536
 # Small read buffer for streamed Parquet: bounded memory whatever the row-group size.
 PARQUET_BUFFER_BYTES = 1 << 20
@@ -381,7 +382,10 @@ def _row_group_days(meta: pq.FileMetaData, market_tz: str) -> list[int | None]:
     for index in range(meta.num_row_groups):
         stats = meta.row_group(index).column(ts_idx).statistics
         bounds = _ts_bounds_ns(stats, scale)
-        known = bounds is not None and stats.has_null_count and stats.null_count == 0
+        # Instants beyond nanoseconds' range (years 1677-2262) are left to the rows' reading,
+        # which reports them.
+        known = (bounds is not None and stats.has_null_count and stats.null_count == 0
+                 and bounds[0] >= _NS_MIN and bounds[1] <= _NS_MAX)
         days.append(shared_day(np.array(bounds, dtype=np.int64), market_tz) if known else None)
     return days
 
@@ -1060,7 +1064,12 @@ def _normalise_ts(values: pa.Array) -> pa.Array:
     kind = values.type
     if pa.types.is_timestamp(kind):
         # Naive timestamps are UTC by contract; aware ones are stored as UTC instants.
-        return pc.cast(values, pa.timestamp("ns", tz=kind.tz or "UTC")).cast(TS_UTC)
+        try:
+            return pc.cast(values, pa.timestamp("ns", tz=kind.tz or "UTC")).cast(TS_UTC)
+        except pa.ArrowInvalid:
+            raise PermanentError(
+                f"column ts has instants outside the years 1677-2262 (type {kind}), which tickq cannot represent"
+            ) from None
     if pa.types.is_integer(kind):
         return pc.cast(values, pa.int64()).view(TS_UTC)
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):

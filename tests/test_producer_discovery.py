@@ -19,7 +19,15 @@ import shared.inputs as inputs
 import shared.monthkeys as monthkeys
 from producer.discover import MonthDiscovery, discover_month
 from shared.errors import PermanentError
-from shared.inputs import KeyBatch, key_streams, month_files, shared_trade_date
+from shared.inputs import (
+    ALL_COLUMNS,
+    KeyBatch,
+    key_streams,
+    month_files,
+    normalise,
+    read_batches,
+    shared_trade_date,
+)
 from shared.monthkeys import KEYS_NAME, quarter_starts, quarters_share_dates, read_keys
 from shared.storage import open_storage
 from tests.conftest import S3Server
@@ -363,6 +371,24 @@ def test_timestamps_at_the_ends_of_the_range_are_scanned(tmp_path: Path) -> None
     for market_tz in ("UTC", "Australia/Sydney"):
         found = discover_month(open_storage(str(out)), "2024-03", market_tz)
         assert found.source == "scan" and found.rows_scanned == 3
+
+
+def test_instants_past_what_nanoseconds_hold_fail_the_month_in_one_line(tmp_path: Path) -> None:
+    """A ts stored in seconds or milliseconds can hold instants past 2262, which no nanosecond
+    timestamp holds: the scan, and a job normalising the rows, fail the month permanently,
+    saying so (before, with Arrow's or NumPy's own error)."""
+    raw = tmp_path / "raw"
+    (raw / "2024-03").mkdir(parents=True)
+    far = [10**10, 10**10 + 60]  # seconds: the year 2286
+    pq.write_table(pa.table({"ts": pa.array(far, pa.timestamp("s", tz="UTC")), "security": ["A", "B"],
+                             "price": [1.0, 2.0], "size": [1, 2]}), raw / "2024-03" / "a.parquet")
+    storage = open_storage(str(raw))
+    with pytest.raises(PermanentError, match="ts has instants outside the years 1677-2262"):
+        discover_month(storage, "2024-03", "UTC")
+    (file,) = month_files(storage, "2024-03")
+    batch = next(read_batches(storage, file, ALL_COLUMNS))
+    with pytest.raises(PermanentError, match="ts has instants outside the years 1677-2262"):
+        normalise(batch, "UTC")
 
 
 def test_sidecar_on_s3(tmp_path: Path, s3_server: S3Server) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shared.errors import PermanentError
 from shared.inputs import (
     InputFile,
     KeyBatch,
@@ -140,17 +141,22 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) 
         if len(streams) == 1:
             # Not Parquet (or one core): its decoding still overlaps the counting.
             streams = [read_ahead(streams[0])]
+        count = functools.partial(_stream_counts, market_tz=market_tz, where=storage.describe(file.key))
         with ThreadPoolExecutor(len(streams), thread_name_prefix="tickq-scan") as pool:
-            for rows_seen, counts in pool.map(functools.partial(_stream_counts, market_tz=market_tz), streams):
+            for rows_seen, counts in pool.map(count, streams):
                 folded.add(rows_seen, counts)
     return [folded.result()]
 
 
-def _stream_counts(stream: Iterator[KeyBatch], market_tz: str) -> tuple[int, pa.Table]:
-    """Rows seen in one key stream and their counts."""
+def _stream_counts(stream: Iterator[KeyBatch], market_tz: str, where: str) -> tuple[int, pa.Table]:
+    """Rows seen in one key stream (of the file `where` names) and their counts."""
     folded = _FoldedCounts()
     for key in stream:
-        folded.add(key.batch.num_rows, _batch_counts(key, market_tz))
+        try:
+            counts = _batch_counts(key, market_tz)
+        except PermanentError as exc:  # rows the file holds but tickq cannot take: say which file
+            raise PermanentError(f"{where}: {exc}") from None
+        folded.add(key.batch.num_rows, counts)
     return folded.result()
 
 

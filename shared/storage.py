@@ -16,8 +16,10 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
 from urllib.parse import urlparse
@@ -52,6 +54,11 @@ class Storage(Protocol):
 
     def size(self, key: str) -> int:
         """The object's size in bytes; `PermanentError` when it does not exist."""
+        ...
+
+    def age(self, key: str) -> float | None:
+        """Seconds since the object was last written, by the store's own clock (so that
+        writers and readers on hosts whose clocks differ agree); None when it does not exist."""
         ...
 
     def read_bytes(self, key: str) -> bytes:
@@ -172,6 +179,12 @@ class LocalStorage:
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise PermanentError(f"{self.describe(key)} does not exist") from None
+
+    def age(self, key: str) -> float | None:
+        try:
+            return max(0.0, time.time() - self._path(key).stat().st_mtime)
+        except FileNotFoundError:
+            return None
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -405,6 +418,19 @@ class S3Storage:
     def size(self, key: str) -> int:
         head = self._call(self.describe(key), self._client.head_object, Key=self._key(key))
         return int(head["ContentLength"])
+
+    def age(self, key: str) -> float | None:
+        try:
+            head = self._call(self.describe(key), self._client.head_object, Key=self._key(key))
+        except PermanentError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise
+        # The response's Date and the object's Last-Modified both come from the store's clock
+        # (to the second); a store that sends no Date is compared with this host's clock.
+        sent = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(sent).timestamp() if sent else time.time()
+        return max(0.0, now - head["LastModified"].timestamp())
 
     def read_bytes(self, key: str) -> bytes:
         obj = self._call(self.describe(key), self._client.get_object, Key=self._key(key))

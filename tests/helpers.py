@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from producer.discover import discover_month
 from shared.layout import JobKey, RunLayout, batch_result_table
 from shared.messages import JobMessage
-from shared.storage import open_storage
+from shared.storage import Storage, open_storage
 from worker.job import JobOutcome, MonthListings, execute_batch
 
 TABLE_NAMES = (
@@ -41,6 +41,15 @@ def decoded(table: pa.Table) -> pa.Table:
     """`table` with its label (dictionary) columns as plain strings, to compare values."""
     fields = [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in table.schema]
     return table.cast(pa.schema(fields))
+
+
+def store_at(where: str, tmp_path: Path, request: Any) -> Storage:
+    """A fresh store for a test parametrised over `where`: "local" (under `tmp_path`) or "s3"
+    (a new bucket of the session's S3 server, through pytest's `request`)."""
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        return open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
+    return open_storage(str(tmp_path))
 
 
 def discovered_keys(source: str | Path, month: str, market_tz: str) -> list[JobKey]:

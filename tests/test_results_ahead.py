@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from shared.inputs import month_files, pass_share
 from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
 from shared.storage import LocalStorage, open_storage
-from tests.helpers import discovered_keys, run_in_batches, stored_results
+from tests.helpers import discovered_keys, run_in_batches, store_at, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
 from worker.ahead import (
@@ -149,6 +150,13 @@ def _times_read(source: str, tally: dict[str, int]) -> float:
 
 def _claims(output: Path, run_id: str = "r1") -> list[str]:
     return sorted(o.key for o in open_storage(str(output)).list(f"runs/{run_id}/month_passes/"))
+
+
+def _written(root: Path, key: str, claim: dict[str, Any], at: float) -> None:
+    """`claim` stored at `key` under the local store `root`, as last written at `at` (the
+    store's clock: the file's modification time), whatever time the claim itself says."""
+    open_storage(str(root)).write_bytes(key, json.dumps(claim).encode())
+    os.utime(root / key, (at, at))
 
 
 @pytest.mark.parametrize("fmt", ["raw", "csv"])
@@ -488,8 +496,8 @@ def test_a_claim_whose_worker_died_is_taken_over_and_its_pass_made_once(
     source, keys = _three_batches(data)
     output = tmp_path / "out"
     # A worker that died mid-pass: its claim was last renewed longer ago than CLAIM_STALE_S.
-    died = {"worker": "gone", "claimed_at": time.time() - CLAIM_STALE_S - 1}
-    open_storage(str(output)).write_bytes(RunLayout("r1").month_pass_claim(MONTH, 0), json.dumps(died).encode())
+    died = time.time() - CLAIM_STALE_S - 1
+    _written(output, RunLayout("r1").month_pass_claim(MONTH, 0), {"worker": "gone", "claimed_at": died}, died)
 
     def no_waiting(seconds: float) -> None:
         raise AssertionError("waited for a dead worker's claim")
@@ -510,8 +518,8 @@ def test_a_batch_waiting_on_a_claim_whose_worker_dies_makes_the_pass_itself(
     output = tmp_path / "out"
     # Another worker's claim, renewed a moment ago; that worker dies and never renews it.
     alive_until = time.time() + 1.0
-    claim = {"worker": "dies", "claimed_at": alive_until - CLAIM_STALE_S}
-    open_storage(str(output)).write_bytes(RunLayout("r1").month_pass_claim(MONTH, 0), json.dumps(claim).encode())
+    renewed = alive_until - CLAIM_STALE_S
+    _written(output, RunLayout("r1").month_pass_claim(MONTH, 0), {"worker": "dies", "claimed_at": renewed}, renewed)
     monkeypatch.setattr("worker.ahead._pause", lambda seconds: time.sleep(0.05))
     outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
 
@@ -525,13 +533,9 @@ def test_a_batch_waiting_on_a_claim_whose_worker_dies_makes_the_pass_itself(
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(
-    tmp_path: Path, where: str, request: pytest.FixtureRequest
+    tmp_path: Path, where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if where == "s3":
-        server = request.getfixturevalue("s3_server")
-        store = open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
-    else:
-        store = open_storage(str(tmp_path))
+    store = store_at(where, tmp_path, request)
     layout = RunLayout("r1")
     passes = MonthPasses()
     assert claim_month(store, layout, MONTH, 0, "a", passes)
@@ -549,8 +553,10 @@ def test_a_worker_takes_back_only_its_own_claim_on_a_pass_no_slot_of_it_makes(
     store.write_bytes(layout.month_pass_claim(MONTH, 1), b"not json")
     assert not claim_month(store, layout, MONTH, 1, "a", MonthPasses())
 
-    stale = {"worker": "b", "claimed_at": time.time() - CLAIM_STALE_S - 1}
-    store.write_bytes(layout.month_pass_claim(MONTH, 2), json.dumps(stale).encode())
+    died = {"worker": "b", "claimed_at": time.time()}  # "b"'s claim, never renewed
+    store.write_bytes(layout.month_pass_claim(MONTH, 2), json.dumps(died).encode())
+    monkeypatch.setattr("worker.ahead.CLAIM_STALE_S", 1.0)  # S3 says when an object was written to the second
+    time.sleep(2.1)
     assert claim_month(store, layout, MONTH, 2, "a", MonthPasses())  # "b" died: "a" takes its claim over
     assert not claim_month(store, layout, MONTH, 2, "b", MonthPasses())  # now "a"'s live claim
 
@@ -629,9 +635,44 @@ def test_a_claim_is_won_once_and_waiting_ends_when_its_pass_is_done_released_or_
     assert wait(1, claimed_at + 1, lambda: release_month(store, layout, MONTH, 1, b)) == 2
     assert wait(2, claimed_at + 1) == 0  # never claimed
     assert claim_month(store, layout, MONTH, 3, "c", c)
-    assert wait(3, claimed_at + 3600) == 0  # its worker died long ago
+    long_ago = time.time() - 3600
+    os.utime(tmp_path / layout.month_pass_claim(MONTH, 3), (long_ago, long_ago))
+    assert wait(3, claimed_at + 1) == 0  # its worker died long ago
     # Done, done, done, done, then released, never claimed and stale: only the last three are free.
     assert ended == [True] * 4 + [False] * 3
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_claim_is_stale_by_the_stores_clock_not_by_the_time_its_worker_wrote_in_it(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers' clocks differ. A claim renewed just now by a worker whose clock runs an hour
+    behind is live; one left by a dead worker whose clock ran an hour ahead goes stale all the
+    same: how long ago a claim was written is the store's to say."""
+    store = store_at(where, tmp_path, request)
+    layout, elsewhere = RunLayout("r1"), MonthPasses()
+    behind = {"worker": "b", "claimed_at": time.time() - 3600}
+    store.write_bytes(layout.month_pass_claim(MONTH, 0), json.dumps(behind).encode())
+    assert not claim_month(store, layout, MONTH, 0, "a", MonthPasses())
+    looks: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the live claim's pass ends on the third look
+        looks.append(seconds)
+        if len(looks) == 3:
+            month_done(store, layout, MONTH, 0, elsewhere)
+
+    assert wait_for_month(store, layout, MONTH, 0, sleep=sleep) and len(looks) == 3
+
+    ahead = {"worker": "c", "claimed_at": time.time() + 3600}
+    store.write_bytes(layout.month_pass_claim(MONTH, 1), json.dumps(ahead).encode())
+    monkeypatch.setattr("worker.ahead.CLAIM_STALE_S", 1.0)  # S3 says when an object was written to the second
+    time.sleep(2.1)
+
+    def no_waiting(seconds: float) -> None:
+        raise AssertionError("waited for a dead worker's claim")
+
+    assert not wait_for_month(store, layout, MONTH, 1, stale_s=1.0, sleep=no_waiting)
+    assert claim_month(store, layout, MONTH, 1, "a", MonthPasses())
 
 
 def test_waiting_for_a_pass_outlasts_looks_the_store_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

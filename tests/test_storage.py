@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from shared.errors import ConfigError
 from shared.settings import DEFAULT_S3_REQUESTS, s3_requests
 from shared.storage import HIDDEN_PREFIX, LocalStorage, open_storage
+from tests.helpers import store_at
 
 
 def test_a_marker_is_an_empty_object_listed_like_any_other(tmp_path: Path) -> None:
@@ -98,11 +100,7 @@ def test_a_listing_walks_only_the_folders_that_can_hold_the_prefix(
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_writers_racing_to_create_one_key_exactly_one_wins(tmp_path: Path, where: str, request: Any) -> None:
-    if where == "s3":
-        server = request.getfixturevalue("s3_server")
-        store = open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
-    else:
-        store = open_storage(str(tmp_path))
+    store = store_at(where, tmp_path, request)
     with ThreadPoolExecutor(max_workers=8) as pool:
         won = list(pool.map(lambda i: store.create("claims/a.claim", str(i).encode()), range(8)))
     assert won.count(True) == 1
@@ -111,15 +109,31 @@ def test_of_writers_racing_to_create_one_key_exactly_one_wins(tmp_path: Path, wh
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_objects_age_counts_from_its_last_write_by_the_stores_clock(tmp_path: Path, where: str,
+                                                                      request: Any) -> None:
+    # Month-pass claims go stale by their age: it must restart with every write, and come from
+    # the store (S3's Date and Last-Modified, to the second), not from the writer's clock.
+    store = store_at(where, tmp_path, request)
+    assert store.age("claims/a.claim") is None
+    store.write_bytes("claims/a.claim", b"{}")
+    first = store.age("claims/a.claim")
+    assert first is not None and 0 <= first < 2
+    time.sleep(2.1)
+    aged = store.age("claims/a.claim")
+    assert aged is not None and 2 <= aged < 4
+    store.write_bytes("claims/a.claim", b"{}")  # renewed
+    renewed = store.age("claims/a.claim")
+    assert renewed is not None and renewed < 2
+    store.delete("claims/a.claim")
+    assert store.age("claims/a.claim") is None
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_preparing_keys_stores_nothing_and_storing_them_then_works(tmp_path: Path, where: str,
                                                                    request: Any) -> None:
     # A marker must appear only once its job's result is stored: getting ready for it (the
     # folders of a local disk, made while a month pass computes) must not store anything.
-    if where == "s3":
-        server = request.getfixturevalue("s3_server")
-        store = open_storage(f"s3://{server.new_bucket()}/out", server.endpoint)
-    else:
-        store = open_storage(str(tmp_path))
+    store = store_at(where, tmp_path, request)
     keys = [f"runs/r/succeeded/2024-03/S{i % 3}/2024-03-{i + 1:02d}.json" for i in range(6)]
     store.prepare(keys)
     store.prepare(keys)  # again is fine

@@ -16,7 +16,8 @@ already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not
-renewed for `CLAIM_STALE_S` (its worker died) is no longer waited for: a batch waiting on it,
+renewed for `CLAIM_STALE_S` by the store's own clock (its worker died; the workers' clocks
+need not agree) is no longer waited for: a batch waiting on it,
 or the next to claim the part, takes the claim over and makes the pass again (as a waiting
 batch does when a failed pass released its claim). A claim that its worker could not delete
 (the store failing too) is taken back by that worker's next batch of the month, which makes
@@ -158,7 +159,7 @@ def _take_back(storage: Storage, layout: RunLayout, month: str, part: int, worke
     if claim is None:  # deleted since (released), or not a claim: claim it afresh if it is gone
         return storage.create(key, _claim_body(worker))
     own = claim["worker"] == worker
-    if not own and time.time() - claim["claimed_at"] <= CLAIM_STALE_S:
+    if not own and not _unrenewed(storage, key, CLAIM_STALE_S):
         return False
     storage.write_bytes(key, _claim_body(worker), "application/json")
     get_logger().info("worker.month_claim_taken_back" if own else "worker.month_claim_taken_over",
@@ -228,20 +229,15 @@ def wait_for_month(
     A look the store fails (transiently) says nothing of the pass: waiting goes on, and raises
     only when looks have failed for `stale_s` in a row.
     """
-    clock, sleep = clock or time.time, sleep or _pause
+    clock, sleep = clock or time.monotonic, sleep or _pause
     claim = layout.month_pass_claim(month, part)
-    renewed_at: float | None = None
     failing_since: float | None = None
     pause = WAIT_POLL_S
     while True:
         try:
             if storage.exists(layout.month_pass_done(month, part)):
                 return True
-            if renewed_at is None or clock() - renewed_at > stale_s:  # read it (again) before giving up on it
-                renewed_at = _claimed_at(storage, claim)
-                if renewed_at is None or clock() - renewed_at > stale_s:
-                    return False
-            elif not storage.exists(claim):  # released: its pass failed
+            if _unrenewed(storage, claim, stale_s):  # released (its pass failed), or its worker died
                 return False
             failing_since = None
             pause = min(pause, WAIT_POLL_MAX_S)
@@ -257,10 +253,12 @@ def wait_for_month(
             pause = min(pause * 1.5, WAIT_POLL_MAX_S)
 
 
-def _claimed_at(storage: Storage, key: str) -> float | None:
-    """When the claim at `key` was made or last renewed; None when it is gone or not a claim."""
-    claim = _read_claim(storage, key)
-    return None if claim is None else claim["claimed_at"]
+def _unrenewed(storage: Storage, key: str, stale_s: float) -> bool:
+    """Whether the claim at `key` is gone, or was last written (made or renewed) more than
+    `stale_s` ago. Its age comes from the store, not from the time the claim says, so that a
+    worker whose clock runs behind or ahead neither loses its live claim nor keeps a dead one."""
+    age = storage.age(key)
+    return age is None or age > stale_s
 
 
 def _read_claim(storage: Storage, key: str) -> dict[str, Any] | None:

@@ -115,7 +115,9 @@ class _ResultReader:
     def _index(self, pool: ThreadPoolExecutor) -> tuple[dict[JobKey, str], dict[str, bytes]]:
         """Which batch object holds the result that counts, for every wanted job, and the
         bodies of those objects kept for the results pass (up to `KEEP_BYTES`)."""
-        wanted = set(self._keys)
+        # Each wanted key maps to itself: the index holds these objects, not the new ones each
+        # batch object's entries make (about a third of its memory for a large run).
+        wanted = {key: key for key in self._keys}
         chosen: dict[JobKey, tuple[str, str]] = {}
         kept: dict[str, bytes] = {}
         kept_bytes = 0
@@ -127,15 +129,15 @@ class _ResultReader:
                     header, keys = batch_result_header(body)
                 except ValueError as exc:
                     raise self._corrupt(name, exc) from None
-                copy = (str(header["finished_at"]), name)
+                copy, month = (str(header["finished_at"]), name), header["month"]
                 for security, date in keys:
-                    key = JobKey(header["month"], security, date)
-                    if key in wanted and copy > chosen.get(key, ("", "")):
+                    key = wanted.get(JobKey(month, security, date))
+                    if key is not None and copy > chosen.get(key, ("", "")):
                         chosen[key] = copy
                 if kept_bytes + len(body) <= KEEP_BYTES:
                     kept[name] = body
                     kept_bytes += len(body)
-        missing = wanted - chosen.keys()
+        missing = wanted.keys() - chosen.keys()
         if missing:
             first = min(missing, key=_aggregation_order)
             raise PermanentError(

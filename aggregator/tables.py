@@ -121,7 +121,7 @@ class _ResultReader:
         chosen: dict[JobKey, tuple[str, str]] = {}
         kept: dict[str, bytes] = {}
         kept_bytes = 0
-        names = [o.key for o in self._storage.list(self._layout.results_prefix)]
+        names = list(self._storage.keys(self._layout.results_prefix))
         for start in range(0, len(names), READ_WINDOW):
             window = names[start : start + READ_WINDOW]
             for name, body in zip(window, pool.map(self._storage.read_bytes, window), strict=True):

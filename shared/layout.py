@@ -312,10 +312,10 @@ def _keys_under(storage: Storage, layout: RunLayout, prefix: str, months: Collec
     million jobs makes a thousand round trips end to end; by month, a run of years makes one
     per 1,000 jobs of its largest month. Records of other months are not looked for."""
     if months is None or len(months) <= 1 or storage.parallel_requests <= 1:
-        return {layout.key_of(o.key, prefix) for o in storage.list(prefix)}
+        return {layout.key_of(key, prefix) for key in storage.keys(prefix)}
 
     def listed(month: str) -> list[str]:
-        return [o.key for o in storage.list(f"{prefix}{month}/")]
+        return list(storage.keys(f"{prefix}{month}/"))
 
     with ThreadPoolExecutor(max_workers=min(storage.parallel_requests, len(months))) as pool:
         return {layout.key_of(key, prefix) for keys in pool.map(listed, sorted(months)) for key in keys}

@@ -17,7 +17,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -26,6 +26,9 @@ from urllib.parse import urlparse
 
 from shared.errors import PermanentError, TransientError
 from shared.settings import s3_requests
+
+# A local object as a listing finds it: its key, and what tells its size when asked.
+_File = tuple[str, os.DirEntry[str] | Path]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class Storage(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Every object whose key starts with `prefix`, in key order."""
+        ...
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """The keys `list` gives, without their sizes (on a local disk a size costs a ``stat``
+        per object: a run's markers are listed for their names alone)."""
         ...
 
     def exists(self, key: str) -> bool:
@@ -142,6 +150,15 @@ class LocalStorage:
         return str(self._path(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key, file in self._files(prefix):
+            yield ObjectInfo(key, file.stat().st_size)
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        for key, _ in self._files(prefix):
+            yield key
+
+    def _files(self, prefix: str) -> Sequence[_File]:
+        """(key, file) of every object whose key starts with `prefix`, in key order."""
         prefix = prefix.lstrip("/")
         # Walk only the directory the prefix names (or the one holding its last segment).
         base_key = prefix if prefix.endswith("/") or "/" not in prefix else prefix.rsplit("/", 1)[0] + "/"
@@ -150,10 +167,10 @@ class LocalStorage:
         base = self._path(base_key)
         if not base.is_dir():
             if base.is_file() and base_key.rstrip("/").startswith(prefix):
-                yield ObjectInfo(base_key.rstrip("/"), base.stat().st_size)
-            return
+                return [(base_key.rstrip("/"), base)]
+            return []
         root = str(self.root) + os.sep
-        found: list[ObjectInfo] = []
+        found: list[_File] = []
         stack = [str(base)]
         while stack:
             with os.scandir(stack.pop()) as entries:
@@ -168,8 +185,9 @@ class LocalStorage:
                             stack.append(entry.path)
                         continue
                     if key.startswith(prefix):
-                        found.append(ObjectInfo(key, entry.stat().st_size))
-        yield from sorted(found, key=lambda o: o.key)
+                        found.append((key, entry))
+        found.sort(key=lambda item: item[0])
+        return found
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -405,6 +423,11 @@ class S3Storage:
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]
+
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        # A listing page carries the sizes at no extra cost.
+        for info in self.list(prefix):
+            yield info.key
 
     def exists(self, key: str) -> bool:
         try:

@@ -70,13 +70,13 @@ def test_a_runs_state_is_read_whole_whether_its_records_are_listed_at_once_or_by
     store, layout = open_storage(uri, endpoint), RunLayout("r1")
     states = _a_run(store, layout)
     listed: list[str] = []
-    listing = store.list
+    listing = store.keys
 
     def recording(prefix: str = "") -> Any:
         listed.append(prefix)
         return listing(prefix)
 
-    monkeypatch.setattr(store, "list", recording)
+    monkeypatch.setattr(store, "keys", recording)
     state = load_state(store, layout)
     assert (state.expected, state.succeeded, state.dead, state.retrying) == states
     markers = sorted(p for p in listed if p.startswith(layout.succeeded_prefix))

@@ -99,6 +99,25 @@ def test_a_listing_walks_only_the_folders_that_can_hold_the_prefix(
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
+def test_keys_are_the_listings_keys_without_their_sizes(tmp_path: Path, where: str, request: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Markers are listed for their names alone: `keys` must give exactly what `list` gives.
+    store = store_at(where, tmp_path, request)
+    for key in ("2024-03/part-00000.parquet", "2024-03.csv", "2024-031/x.csv", "runs/r/results/2024-03/A.json",
+                "runs/r/succeeded/2024-03/B/2024-03-05.json", "runs/r/succeeded/2024-03/A/2024-03-04.json"):
+        store.write_bytes(key, b"x")
+    store.mark("runs/r/succeeded/2024-03/A/2024-03-01.json")
+    for prefix in ("", "2024-03", "2024-03/", "runs/r/succeeded/", "runs/r/succeeded/2024-03/A/", "runs/r/res",
+                   "2024-03.csv", "nothing/"):
+        assert list(store.keys(prefix)) == [o.key for o in store.list(prefix)], prefix
+    if where == "local":  # a local listing of keys reads the folders, not each file's size
+        monkeypatch.setattr(os.DirEntry, "stat", None, raising=False)
+        assert list(store.keys("runs/r/succeeded/")) == ["runs/r/succeeded/2024-03/A/2024-03-01.json",
+                                                          "runs/r/succeeded/2024-03/A/2024-03-04.json",
+                                                          "runs/r/succeeded/2024-03/B/2024-03-05.json"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_writers_racing_to_create_one_key_exactly_one_wins(tmp_path: Path, where: str, request: Any) -> None:
     store = store_at(where, tmp_path, request)
     with ThreadPoolExecutor(max_workers=8) as pool:

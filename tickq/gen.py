@@ -409,7 +409,7 @@ def _remove_stale(storage: Storage, month: str, written: set[str]) -> list[str]:
     removed: list[str] = []
     candidates = [f"{month}.{ext}" for ext in FORMATS]
     candidates += [
-        o.key for o in storage.list(f"{month}/") if _OWN_PART_RE.match(o.key.rsplit("/", 1)[-1])
+        key for key in storage.keys(f"{month}/") if _OWN_PART_RE.match(key.rsplit("/", 1)[-1])
     ]
     for key in candidates:
         if key not in written and storage.exists(key):

@@ -407,7 +407,7 @@ def _listed(output: Storage, prefixes: tuple[str, ...], jobs: list[JobMessage]) 
     lock = threading.Lock()
 
     def list_prefix(prefix: str) -> None:
-        keys = {o.key for o in output.list(prefix)}
+        keys = set(output.keys(prefix))
         with lock:
             found.update(keys)
 
@@ -430,7 +430,7 @@ def _already_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) ->
 
 def _not_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> list[JobMessage]:
     """`jobs` (of one month) without a success marker, from one listing of the month's markers."""
-    done = {o.key for o in output.list(f"{layout.succeeded_prefix}{jobs[0].month}/")}
+    done = set(output.keys(f"{layout.succeeded_prefix}{jobs[0].month}/"))
     return [j for j in jobs if layout.marker(JobKey(j.month, j.security, j.date)) not in done]
 
 

@@ -17,7 +17,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -26,9 +26,6 @@ from urllib.parse import urlparse
 
 from shared.errors import PermanentError, TransientError
 from shared.settings import s3_requests
-
-# A local object as a listing finds it: its key, and what tells its size when asked.
-_File = tuple[str, os.DirEntry[str] | Path]
 
 
 @dataclass(frozen=True)
@@ -150,14 +147,18 @@ class LocalStorage:
         return str(self._path(key))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        for key, file in self._files(prefix):
-            yield ObjectInfo(key, file.stat().st_size)
+        # Taken whole before the first is given: a caller may delete what it is given (and so
+        # the folders that held it) as it goes.
+        found = [ObjectInfo(key, entry.stat().st_size) for key, entry in self._walk(prefix)]
+        yield from found
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        for key, _ in self._files(prefix):
+        # Given folder by folder as the walk goes: a listing of a run's markers holds one
+        # folder's entries at a time, not a million keys.
+        for key, _ in self._walk(prefix):
             yield key
 
-    def _files(self, prefix: str) -> Sequence[_File]:
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.DirEntry[str] | Path]]:
         """(key, file) of every object whose key starts with `prefix`, in key order."""
         prefix = prefix.lstrip("/")
         # Walk only the directory the prefix names (or the one holding its last segment).
@@ -165,29 +166,26 @@ class LocalStorage:
         if not prefix.endswith("/") and "/" not in prefix:
             base_key = ""
         base = self._path(base_key)
-        if not base.is_dir():
-            if base.is_file() and base_key.rstrip("/").startswith(prefix):
-                return [(base_key.rstrip("/"), base)]
-            return []
-        root = str(self.root) + os.sep
-        found: list[_File] = []
-        stack = [str(base)]
-        while stack:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    if entry.name.startswith(HIDDEN_PREFIX):
-                        continue
-                    key = entry.path[len(root):].replace(os.sep, "/")
-                    if entry.is_dir(follow_symlinks=False):
-                        # Only folders that can hold keys with the prefix, or lead to them.
-                        folder = key + "/"
-                        if folder.startswith(prefix) or prefix.startswith(folder):
-                            stack.append(entry.path)
-                        continue
-                    if key.startswith(prefix):
-                        found.append((key, entry))
-        found.sort(key=lambda item: item[0])
-        return found
+        if base.is_dir():
+            yield from self._walk_folder(str(base), len(str(self.root)) + len(os.sep), prefix)
+        elif base.is_file() and base_key.rstrip("/").startswith(prefix):
+            yield base_key.rstrip("/"), base
+
+    def _walk_folder(self, folder: str, root_length: int,
+                     prefix: str) -> Iterator[tuple[str, os.DirEntry[str] | Path]]:
+        with os.scandir(folder) as scan:
+            entries = [entry for entry in scan if not entry.name.startswith(HIDDEN_PREFIX)]
+        # In key order: a folder's keys follow its name and a "/".
+        entries.sort(key=lambda entry: entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name)
+        for entry in entries:
+            key = entry.path[root_length:].replace(os.sep, "/")
+            if entry.is_dir(follow_symlinks=False):
+                # Only folders that can hold keys with the prefix, or lead to them.
+                folder_key = key + "/"
+                if folder_key.startswith(prefix) or prefix.startswith(folder_key):
+                    yield from self._walk_folder(entry.path, root_length, prefix)
+            elif key.startswith(prefix):
+                yield key, entry
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

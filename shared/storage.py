@@ -173,8 +173,11 @@ class LocalStorage:
 
     def _walk_folder(self, folder: str, root_length: int,
                      prefix: str) -> Iterator[tuple[str, os.DirEntry[str] | Path]]:
-        with os.scandir(folder) as scan:
-            entries = [entry for entry in scan if not entry.name.startswith(HIDDEN_PREFIX)]
+        try:
+            with os.scandir(folder) as scan:
+                entries = [entry for entry in scan if not entry.name.startswith(HIDDEN_PREFIX)]
+        except FileNotFoundError:  # removed since its parent was read: it holds nothing now
+            return
         # In key order: a folder's keys follow its name and a "/".
         entries.sort(key=lambda entry: entry.name + "/" if entry.is_dir(follow_symlinks=False) else entry.name)
         for entry in entries:

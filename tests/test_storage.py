@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,6 +116,11 @@ def test_keys_are_the_listings_keys_without_their_sizes(tmp_path: Path, where: s
         assert list(store.keys("runs/r/succeeded/")) == ["runs/r/succeeded/2024-03/A/2024-03-01.json",
                                                           "runs/r/succeeded/2024-03/A/2024-03-04.json",
                                                           "runs/r/succeeded/2024-03/B/2024-03-05.json"]
+        # A folder removed while the listing walks (another worker cleared its last record) holds nothing.
+        walking = store.keys("runs/r/succeeded/")
+        assert next(walking) == "runs/r/succeeded/2024-03/A/2024-03-01.json"
+        shutil.rmtree(tmp_path / "runs/r/succeeded/2024-03/B")
+        assert list(walking) == ["runs/r/succeeded/2024-03/A/2024-03-04.json"]
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

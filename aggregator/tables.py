@@ -116,7 +116,7 @@ class _ResultReader:
         """Which batch object holds the result that counts, for every wanted job, and the
         bodies of those objects kept for the results pass (up to `KEEP_BYTES`)."""
         # Each wanted key maps to itself: the index holds these objects, not the new ones each
-        # batch object's entries make (about a third of its memory for a large run).
+        # batch object's entries make (most of what the index took per job).
         wanted = {key: key for key in self._keys}
         chosen: dict[JobKey, tuple[str, str]] = {}
         kept: dict[str, bytes] = {}

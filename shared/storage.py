@@ -130,7 +130,8 @@ class LocalStorage:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
-        self._dirs: set[Path] = set()
+        self._dirs: set[str] = set()  # folders made or found
+        self._marker_source = os.path.join(self.uri, MARKER_NAME)
         # Temporary names: unique per instance and write, without drawing a random name each time
         # (the token keeps a restarted process with the same pid clear of its leftovers).
         self._tmp_prefix = f"{HIDDEN_PREFIX}tmp-{os.getpid()}-{secrets.token_hex(4)}-"
@@ -216,7 +217,7 @@ class LocalStorage:
         try:
             self._write_in(target, data)
         except FileNotFoundError:  # the directory went away since it was made: make it again
-            self._dirs.discard(target.parent)
+            self._dirs.discard(str(target.parent))
             self._write_in(target, data)
 
     def create(self, key: str, data: bytes) -> bool:
@@ -258,25 +259,27 @@ class LocalStorage:
 
         Markers are many (one per job) and only their presence counts. What makes a file
         costly on a local disk is allocating its inode; a link is only a directory entry.
-        Where links are not supported the marker is an empty file of its own.
+        Where links are not supported the marker is an empty file of its own. Paths are plain
+        strings here: building them with pathlib cost more than the link itself.
         """
-        target = self._path(key)
-        source = self.root / MARKER_NAME
+        target = os.path.join(self.uri, _normalise_key(key))
+        folder = os.path.dirname(target)
+        source = self._marker_source
         for _ in range(3):
             try:
-                self._make_parent(target)
+                self._make_dir(folder)
                 os.link(source, target)
                 return
             except FileExistsError:
                 return  # marked before
             except FileNotFoundError:  # the shared file (first marker here) or the directory is gone
-                if not source.exists():
-                    self._renew_marker(source)
-                self._dirs.discard(target.parent)
+                if not os.path.exists(source):
+                    self._renew_marker(Path(source))
+                self._dirs.discard(folder)
             except OSError as exc:
                 if exc.errno != errno.EMLINK:
                     break  # no hard links on this file system
-                self._renew_marker(source)  # the shared file has all the links it may have
+                self._renew_marker(Path(source))  # the shared file has all the links it may have
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY, FILE_MODE))
 
     def _renew_marker(self, source: Path) -> None:
@@ -296,11 +299,12 @@ class LocalStorage:
         """Create `target`'s directory once."""
         self._make_dir(target.parent)
 
-    def _make_dir(self, folder: Path) -> None:
+    def _make_dir(self, folder: str | Path) -> None:
         """Create `folder` once; folders known to exist are not checked again."""
-        if folder not in self._dirs:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(folder)
+        name = os.fspath(folder)
+        if name not in self._dirs:
+            os.makedirs(name, exist_ok=True)
+            self._dirs.add(name)
 
     def write_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         target = self._path(key)

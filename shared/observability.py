@@ -310,12 +310,12 @@ def _histogram_samples(series: _Series, bounds: tuple[float, ...]) -> tuple[list
 class WorkerMetrics:
     """The worker's Prometheus metrics, in a registry of their own.
 
-    Feed it from the same places that log ``job.finished``: `job_finished` once per job and
-    `in_flight` whenever the number of jobs in hand changes. The resident memory gauge is
-    read with psutil at scrape time.
+    Feed it from the same places that log ``job.finished``: `job_finished` once per job. The
+    jobs in hand are counted by `in_flight` and resident memory by psutil, both read at scrape
+    time (a gauge set on every delivery and settlement cost more than the scrapes that read it).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, in_flight: Callable[[], int] = lambda: 0) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self._figures = _JobFigures()
@@ -323,6 +323,7 @@ class WorkerMetrics:
         self.jobs_in_flight = Gauge(
             "tickq_jobs_in_flight", "Jobs this worker holds right now.", registry=r
         )
+        self.jobs_in_flight.set_function(in_flight)
         self.retries = Counter(
             "tickq_retries_total", "Jobs sent to a retry delay queue.", registry=r
         )
@@ -354,10 +355,6 @@ class WorkerMetrics:
             self.retries.inc()
         elif outcome == "dead_lettered":
             self.dead_letters.labels(error_class=error_class or "unknown").inc()
-
-    def in_flight(self, n: int) -> None:
-        """Set the number of jobs this worker holds."""
-        self.jobs_in_flight.set(n)
 
 
 class AggregatorMetrics:

@@ -43,8 +43,14 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def worker_metrics() -> WorkerMetrics:
-    metrics = WorkerMetrics()
+def in_hand() -> list[int]:
+    """The jobs a worker holds, as its metrics read them at scrape time."""
+    return [2]
+
+
+@pytest.fixture
+def worker_metrics(in_hand: list[int]) -> WorkerMetrics:
+    metrics = WorkerMetrics(in_flight=lambda: in_hand[0])
     stages = {
         "check": 0.01,
         "read": 0.2,
@@ -60,7 +66,6 @@ def worker_metrics() -> WorkerMetrics:
     metrics.job_finished("retry_scheduled", 0.4)
     metrics.job_finished("dead_lettered", 0.3, error_class="permanent")
     metrics.job_finished("dead_lettered", 0.001, error_class="poison")
-    metrics.in_flight(2)
     return metrics
 
 
@@ -103,11 +108,11 @@ def test_metrics_endpoint_counts_jobs(server: tuple[HealthServer, int, list[bool
 
 
 def test_metrics_move_between_scrapes(
-    server: tuple[HealthServer, int, list[bool]], worker_metrics: WorkerMetrics
+    server: tuple[HealthServer, int, list[bool]], worker_metrics: WorkerMetrics, in_hand: list[int]
 ) -> None:
     _, port, _ = server
     worker_metrics.job_finished("succeeded", 1.0, {"upload": 0.7}, rows_read=10, rows_accepted=10)
-    worker_metrics.in_flight(0)
+    in_hand[0] = 0
     s = _scrape(port)
     assert _value(s, "tickq_jobs_total", outcome="succeeded") == 4
     assert _value(s, "tickq_job_stage_seconds_count", stage="upload") == 4

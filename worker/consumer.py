@@ -155,7 +155,7 @@ class Worker:
         self._usage_at = 0.0
         self._usage_cache = (0.0, 0.0)
         self._drained = False
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(in_flight=lambda: self.stats.in_flight)
         self._liveness = LivenessProbe(max_age_s=6 * HEARTBEAT_INTERVAL_S)
         self._health: HealthServer | None = None
         self._channel: Any = None
@@ -281,12 +281,10 @@ class Worker:
             await self._hand_back(message)
             return
         self.stats.in_flight += 1
-        self.metrics.in_flight(self.stats.in_flight)
         try:
             handled = await self._handle(message)
         finally:
             self.stats.in_flight -= 1
-            self.metrics.in_flight(self.stats.in_flight)
             self.stats.last_activity = time.monotonic()
         if not handled:
             return

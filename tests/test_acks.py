@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import pytest
+
 from worker.acks import AckCoalescer
 from worker.delivery import Delivery
 
@@ -68,3 +70,39 @@ def test_a_multiple_ack_spans_a_nacked_delivery_only_after_its_nack_went_out() -
         return channel.frames
 
     assert asyncio.run(scenario()) == [("ack", 1, False), ("nack", 2, False), ("ack", 3, False)]
+
+
+def test_a_batch_of_finished_deliveries_is_acked_with_one_frame_and_one_wait() -> None:
+    async def scenario() -> tuple[bool, list[tuple[str, int, bool]]]:
+        channel, acks = RecordingChannel(), AckCoalescer(flush_after_s=0.001, hold_s=10)
+        d = _deliveries(channel, 3, acks)
+        return await acks.ack_all(d), channel.frames
+
+    assert asyncio.run(scenario()) == (True, [("ack", 3, True)])
+
+
+def test_a_batch_split_by_an_unfinished_delivery_is_done_only_once_all_its_acks_went_out() -> None:
+    async def scenario() -> tuple[bool, list[tuple[str, int, bool]]]:
+        channel, acks = RecordingChannel(), AckCoalescer(flush_after_s=0.001, hold_s=0.05)
+        d = _deliveries(channel, 4, acks)
+        batch = asyncio.ensure_future(acks.ack_all([d[0], d[2]]))  # 2 is still running
+        await asyncio.sleep(0.01)
+        assert channel.frames == [("ack", 1, False)]
+        assert not batch.done()  # 3 waits behind 2
+        return await asyncio.wait_for(batch, timeout=2), channel.frames
+
+    assert asyncio.run(scenario()) == (True, [("ack", 1, False), ("ack", 3, False)])
+
+
+def test_a_batch_whose_ack_cannot_be_sent_learns_why() -> None:
+    @dataclass
+    class ClosedChannel(RecordingChannel):
+        async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+            raise ConnectionError("channel closed")
+
+    async def scenario() -> None:
+        channel, acks = ClosedChannel(), AckCoalescer(flush_after_s=0.001, hold_s=10)
+        await acks.ack_all(_deliveries(channel, 2, acks))
+
+    with pytest.raises(ConnectionError, match="channel closed"):
+        asyncio.run(scenario())

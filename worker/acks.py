@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from worker.delivery import Delivery
@@ -25,13 +26,34 @@ FLUSH_AFTER_S = 0.002
 HOLD_S = 0.2
 
 
+class _Waiter:
+    """The caller of `AckCoalescer.ack_all`: done once every one of its acks was sent, or
+    failed with the first error sending one of them."""
+
+    __slots__ = ("future", "remaining")
+
+    def __init__(self, count: int) -> None:
+        self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.remaining = count
+
+    def sent(self, error: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+            return
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.future.set_result(True)
+
+
 class _ChannelAcks:
     """Deliveries of one channel (delivery tags are per channel), in arrival order."""
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.outstanding: dict[int, None] = {}  # delivery tags; insertion order = tag order
-        self.ready: dict[int, tuple[float, asyncio.Future[bool]]] = {}
+        self.ready: dict[int, tuple[float, _Waiter]] = {}
 
 
 class AckCoalescer:
@@ -63,22 +85,36 @@ class AckCoalescer:
         if message.delivery_tag is not None:
             acks = self._acks_of(message)
             acks.outstanding.pop(message.delivery_tag, None)
-            acks.ready.pop(message.delivery_tag, None)
+            waiting = acks.ready.pop(message.delivery_tag, None)
+            if waiting is not None:  # asked to be acked, then nacked: its caller learns it was not
+                waiting[1].sent(RuntimeError(f"delivery {message.delivery_tag} was settled otherwise"))
             if acks.ready:  # deliveries held behind this one may go now
                 self._schedule(self._flush_after_s)
 
     async def ack(self, message: Delivery) -> bool:
         """Ack `message` soon, with others where possible; True once the ack frame was sent."""
-        tag = message.delivery_tag
-        acks = self._acks_of(message)
-        if tag is None or tag not in acks.outstanding:  # not registered: ack it on its own
-            await message.ack()
-            self.frames += 1
+        return await self.ack_all((message,))
+
+    async def ack_all(self, messages: Sequence[Delivery]) -> bool:
+        """Ack every one of `messages` soon, with others where possible; True once every ack
+        frame was sent (one wait for all of them: the jobs of a batch are acked together)."""
+        registered: list[tuple[_ChannelAcks, int]] = []
+        for message in messages:
+            tag = message.delivery_tag
+            acks = self._acks_of(message)
+            if tag is None or tag not in acks.outstanding:  # not registered: ack it on its own
+                await message.ack()
+                self.frames += 1
+            else:
+                registered.append((acks, tag))
+        if not registered:
             return True
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        acks.ready[tag] = (time.monotonic(), future)
+        waiter = _Waiter(len(registered))
+        now = time.monotonic()
+        for acks, tag in registered:
+            acks.ready[tag] = (now, waiter)
         self._schedule(self._flush_after_s)
-        return await future
+        return await waiter.future
 
     def _schedule(self, delay: float) -> None:
         """Flush in `delay` seconds, or sooner if a flush is due sooner already."""
@@ -112,7 +148,7 @@ class AckCoalescer:
                     del self._channels[key]
                 continue
             # The longest run of ready deliveries at the front: one frame acks them all.
-            run: list[tuple[int, asyncio.Future[bool]]] = []
+            run: list[tuple[int, _Waiter]] = []
             for tag in acks.outstanding:
                 if tag not in acks.ready:
                     break
@@ -128,21 +164,15 @@ class AckCoalescer:
                 if stale is None:
                     break
                 acks.outstanding.pop(stale, None)
-                _, future = acks.ready.pop(stale)
-                await self._send(acks, stale, [(stale, future)], multiple=False)
+                _, waiter = acks.ready.pop(stale)
+                await self._send(acks, stale, [(stale, waiter)], multiple=False)
 
-    async def _send(
-        self, acks: _ChannelAcks, tag: int, covered: list[tuple[int, asyncio.Future[bool]]], multiple: bool
-    ) -> None:
+    async def _send(self, acks: _ChannelAcks, tag: int, covered: list[tuple[int, _Waiter]], multiple: bool) -> None:
         error: BaseException | None = None
         try:
             await acks.channel.basic_ack(delivery_tag=tag, multiple=multiple)
             self.frames += 1
         except Exception as exc:  # a closed channel: the broker redelivers these anyway
             error = exc
-        for _, future in covered:
-            if not future.done():
-                if error is None:
-                    future.set_result(True)
-                else:
-                    future.set_exception(error)
+        for _, waiter in covered:
+            waiter.sent(error)

@@ -1,12 +1,14 @@
 """Serving several jobs of one month in one pass over its input, and announcing them together.
 
 Each job keeps its own message, ack and outcome; what is shared is the work. Jobs handed to
-`JobBatcher.run_job` wait a moment in a queue per `BatchKey` (same run, input, month and
+`JobBatcher.submit` wait a moment in a queue per `BatchKey` (same run, input, month and
 parameters); whenever an execution slot is free, the largest waiting batch (up to
-`max_batch` jobs) runs on a worker thread, and each job's caller gets its own outcome or
-exception back. The batch's successes are announced to the aggregator in one confirmed event
-before any of their callers acks. A transient failure of some jobs retries just those,
-in-process, with short jittered pauses, before the caller moves them to the retry queues.
+`max_batch` jobs) runs on a worker thread. The batch's successes are announced to the
+aggregator in one confirmed event; then the whole batch goes to the caller's settler at once,
+each job's ticket with its own outcome or exception, so that the jobs of a batch are settled
+together (one coroutine per batch, not one waiting per job). A transient failure of some jobs
+retries just those, in-process, with short jittered pauses, before the settler moves them to
+the retry queues.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
 
 from shared.errors import is_transient
 from shared.messages import JobMessage
@@ -38,18 +41,25 @@ class NotAnnounced(Exception):
 Executor = Callable[[list[JobMessage]], list[BatchResult]]
 # Publishes one confirmed success event for jobs of a batch; False when not confirmed.
 Announcer = Callable[[list[tuple[JobMessage, JobOutcome]]], Awaitable[bool]]
+# What the caller hands in with each job, and gets back with its outcome.
+Ticket = TypeVar("Ticket")
+# Settles the jobs of a batch: each ticket with its announced outcome, or the exception that
+# failed it (`NotAnnounced`, `HandedBack` or the job's own). Must not raise.
+Settler = Callable[[list[tuple[Ticket, BatchResult]]], Coroutine[Any, Any, None]]
 
 
-class JobBatcher:
+class JobBatcher(Generic[Ticket]):
     """Groups jobs by `BatchKey` and runs batches on `concurrency` threads."""
 
-    def __init__(self, execute: Executor, announce: Announcer, concurrency: int, max_batch: int) -> None:
+    def __init__(self, execute: Executor, announce: Announcer, settle: Settler[Ticket], concurrency: int,
+                 max_batch: int) -> None:
         self._execute = execute
         self._announce = announce
+        self._settle = settle
         self._max_batch = max(1, max_batch)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tickq-job")
         self._slots = asyncio.Semaphore(concurrency)
-        self._waiting: dict[BatchKey, list[tuple[JobMessage, asyncio.Future[JobOutcome], float]]] = {}
+        self._waiting: dict[BatchKey, list[tuple[JobMessage, Ticket, float]]] = {}
         self._wake = asyncio.Event()
         self._stopped = False
         self._dispatcher: asyncio.Task[None] | None = None
@@ -60,25 +70,35 @@ class JobBatcher:
         """Start dispatching batches."""
         self._dispatcher = asyncio.create_task(self._dispatch())
 
-    async def run_job(self, job: JobMessage) -> JobOutcome:
-        """The job's outcome once its batch ran; raises what failed it, or `HandedBack`."""
+    def submit(self, job: JobMessage, ticket: Ticket) -> None:
+        """Queue `job` for a batch; its `ticket` reaches the settler with its outcome.
+
+        Raises `HandedBack` once the batcher is stopped: the job was never started.
+        """
         if self._stopped:
             raise HandedBack()
-        future: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(BatchKey.of(job), []).append((job, future, time.monotonic()))
+        self._waiting.setdefault(BatchKey.of(job), []).append((job, ticket, time.monotonic()))
         self._wake.set()
-        return await future
 
     def stop(self) -> None:
-        """Start no more batches; jobs still waiting are handed back."""
+        """Start no more batches; jobs still waiting are settled as handed back."""
         self._stopped = True
-        for waiting in self._waiting.values():
-            for _, future, _ in waiting:
-                if not future.done():
-                    future.set_exception(HandedBack())
+        waiting: list[tuple[Ticket, BatchResult]] = [
+            (ticket, HandedBack()) for entries in self._waiting.values() for _, ticket, _ in entries
+        ]
         self._waiting.clear()
+        if waiting:
+            self._track(asyncio.create_task(self._settle(waiting)))
         if self._dispatcher is not None:
             self._dispatcher.cancel()
+
+    def in_progress(self) -> set[asyncio.Task[None]]:
+        """Batches still running or being settled: a draining worker waits for them."""
+        return {task for task in self._running if not task.done()}
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     def shutdown(self) -> None:
         """Release the threads (jobs still running finish in the background)."""
@@ -103,11 +123,10 @@ class JobBatcher:
                 else:
                     del self._waiting[key]
                 self._log.debug("batch.started", jobs=len(batch), waiting=sum(map(len, self._waiting.values())))
-                task = asyncio.create_task(self._run_batch(batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._track(asyncio.create_task(self._run_batch(batch)))
 
-    async def _run_batch(self, batch: list[tuple[JobMessage, asyncio.Future[JobOutcome], float]]) -> None:
+    async def _run_batch(self, batch: list[tuple[JobMessage, Ticket, float]]) -> None:
+        settled: list[tuple[Ticket, BatchResult]] = []
         try:
             jobs = [job for job, _, _ in batch]
             started = time.monotonic()
@@ -116,26 +135,25 @@ class JobBatcher:
             announced_at = time.monotonic()
             announced = bool(succeeded) and await self._announce(succeeded)
             publish_s = (time.monotonic() - announced_at) / max(1, len(succeeded))
-            for (_, future, queued_at), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
+            for (_, ticket, queued_at), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
-                    future.set_exception(result)
+                    settled.append((ticket, result))
                 elif not announced:
-                    future.set_exception(NotAnnounced())
+                    settled.append((ticket, NotAnnounced()))
                 else:
                     result.time("wait", started - queued_at)  # queued behind other batches
                     result.time("publish", publish_s)
                     result.announced = True
-                    future.set_result(result)
+                    settled.append((ticket, result))
         except BaseException as exc:  # the executor itself failed: every job learns why
-            for _, future, _ in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+            failure = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+            settled = [(ticket, failure) for _, ticket, _ in batch]
             if not isinstance(exc, Exception):
+                await self._settle(settled)
                 raise
         finally:
             self._slots.release()
+        await self._settle(settled)
 
     def _with_retries(self, jobs: list[JobMessage]) -> list[BatchResult]:
         """Runs on a worker thread: jobs that fail transiently are tried again, a few times."""

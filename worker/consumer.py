@@ -6,7 +6,8 @@ job runs); jobs execute on a thread pool. For each delivery:
 1. parse and validate the message; a poison message is dead-lettered at once;
 2. a job whose holders died twice runs in an isolation child; one that killed its child
    `crash budget` times is dead-lettered as ``crash-loop``;
-3. execute the job on a worker thread (result, then success marker);
+3. execute the job on a worker thread (result, then success marker), with the other jobs of
+   its month in hand (`worker.batcher`); the jobs of a batch are settled together;
 4. success: publish ``job.succeeded`` and wait for the broker's confirm, then ack (acks of
    jobs that finish together go out as one ``multiple`` ack: `worker.acks`);
    transient failure: publish the job to a delay queue (confirmed), then ack, or dead-letter
@@ -85,6 +86,16 @@ class WorkerOptions:
     health_port: int | None = None
 
 
+@dataclass(slots=True)
+class _InHand:
+    """A job handed to the batcher: what settling it takes once its batch ran."""
+
+    message: Delivery
+    job: JobMessage
+    started: float
+    attempt: int
+
+
 @dataclass
 class _Stats:
     done: int = 0
@@ -142,9 +153,10 @@ class Worker:
         self._listings = MonthListings(passes=MonthPasses())
         self._acks = AckCoalescer()
         self._isolation = IsolationChildren(options.concurrency)
-        self._batcher = JobBatcher(
+        self._batcher: JobBatcher[_InHand] = JobBatcher(
             self._execute_batch,
             self._announce,
+            self._settle_batch,
             options.concurrency,
             max(1, options.prefetch // (2 * options.concurrency)),
         )
@@ -224,14 +236,20 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let the jobs in hand finish, up to the shutdown timeout."""
-        pending = {t for t in self._handlers if not t.done()}
-        if not pending:
-            return
-        _, still = await asyncio.wait(pending, timeout=self.options.shutdown_timeout_s)
-        if still:
-            # Closing the connection hands their messages back to the broker for redelivery.
-            self.stats.abandoned = len(still)
-            self.log.warning("worker.shutdown_timeout", jobs_requeued=len(still))
+        deadline = time.monotonic() + self.options.shutdown_timeout_s
+        # Deliveries that arrive while the consumer is being cancelled get handlers of their
+        # own (they are handed back): wait again until nothing is left.
+        while pending := self._in_progress():
+            _, still = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            if still and time.monotonic() >= deadline:
+                # Closing the connection hands their messages back to the broker for redelivery.
+                self.stats.abandoned = max(len(still), self.stats.in_flight)
+                self.log.warning("worker.shutdown_timeout", jobs_requeued=self.stats.abandoned)
+                return
+
+    def _in_progress(self) -> set[asyncio.Task[Any]]:
+        """Deliveries being handled and batches being run or settled."""
+        return {t for t in self._handlers if not t.done()} | self._batcher.in_progress()
 
     async def _housekeeping(self) -> None:
         """Heartbeat file and line, idle exit; beats on while jobs in hand drain."""
@@ -253,7 +271,7 @@ class Worker:
             await asyncio.sleep(pause)
 
     def _waiting(self) -> bool:
-        return any(not t.done() for t in self._handlers)
+        return bool(self._in_progress())
 
     def _beat(self) -> None:
         self._liveness.beat()
@@ -283,10 +301,17 @@ class Worker:
         self.stats.in_flight += 1
         try:
             handled = await self._handle(message)
-        finally:
-            self.stats.in_flight -= 1
-            self.stats.last_activity = time.monotonic()
-        if not handled:
+        except BaseException:
+            self._finished(False)
+            raise
+        if handled is not None:  # None: in a batch, which finishes it (`_settle_batch`)
+            self._finished(handled)
+
+    def _finished(self, counted: bool) -> None:
+        """A delivery in hand is settled; `counted` unless it was handed back unstarted."""
+        self.stats.in_flight -= 1
+        self.stats.last_activity = time.monotonic()
+        if not counted:
             return
         self.stats.done += 1
         if self.options.max_jobs is not None and self.stats.done >= self.options.max_jobs:
@@ -309,8 +334,9 @@ class Worker:
         else:
             await self._settle(self._requeue(message), "requeue after failed hand-back")
 
-    async def _handle(self, message: Delivery) -> bool:
-        """Settle one delivery; False when it was handed back unstarted."""
+    async def _handle(self, message: Delivery) -> bool | None:
+        """Settle one delivery; False when it was handed back unstarted, None when it went to
+        a batch (settled with the batch, in `_settle_batch`)."""
         started = time.perf_counter()
         try:
             job = parse_job(message.body)
@@ -334,41 +360,76 @@ class Worker:
         suspect = returns >= ISOLATE_AFTER_RETURNS or crashes > 0
         self.log.debug("job.started", run_id=job.run_id, job_id=job.job_id, attempt=attempt, returns=returns,
                        isolated=suspect)
+        hand = _InHand(message, job, started, attempt)
+        if not suspect:
+            try:
+                self._batcher.submit(job, hand)
+            except HandedBack:
+                await self._hand_back(message)
+                return False
+            return None
         try:
-            if suspect:
-                outcome = await self._execute_isolated(message.body)
-            else:
-                outcome = await self._batcher.run_job(job)
-        except HandedBack:
-            await self._hand_back(message)
-            return False
-        except NotAnnounced:
-            await self._settle(self._requeue(message), "requeue after failed event publish")
-            return True
+            outcome = await self._execute_isolated(message.body)
         except BrokenProcessPool:
             await self._requeue_after_crash(message, job, crashes + 1, started)
             return True
-        except Exception as exc:  # classified below; nothing escapes the handler
-            if is_transient(exc):
-                if attempt >= self.options.max_attempts:
-                    await self._dead_letter(message, job, ErrorClass.TRANSIENT_EXHAUSTED, exc, started)
-                else:
-                    await self._retry_later(message, job, attempt, exc, started)
-            else:
-                await self._dead_letter(message, job, ErrorClass.PERMANENT, exc, started)
+        except Exception as exc:
+            return await self._failed(hand, exc)
+        publish_start = time.perf_counter()
+        if not await self._announce([(job, outcome)]):
+            await self._settle(self._requeue(message), "requeue after failed event publish")
             return True
-        if not outcome.announced:
-            publish_start = time.perf_counter()
-            if not await self._announce([(job, outcome)]):
-                await self._settle(self._requeue(message), "requeue after failed event publish")
-                return True
-            outcome.time("publish", time.perf_counter() - publish_start)
+        outcome.time("publish", time.perf_counter() - publish_start)
+        await self._succeeded([(hand, outcome)])
+        return True
+
+    async def _settle_batch(self, settled: list[tuple[_InHand, BatchResult]]) -> None:
+        """The jobs of a batch, each with its announced outcome or what failed it: successes
+        are acked together, failures go their own ways at the same time."""
+        succeeded = [(hand, result) for hand, result in settled if isinstance(result, JobOutcome)]
+        failed = [(hand, result) for hand, result in settled if not isinstance(result, JobOutcome)]
+        outcomes = await asyncio.gather(
+            *(self._failed(hand, exc) for hand, exc in failed),
+            *((self._succeeded(succeeded),) if succeeded else ()),
+            return_exceptions=True,
+        )
+        for (hand, _), counted in zip(failed, outcomes, strict=False):
+            self._finished(counted is not False)
+            if isinstance(counted, BaseException):
+                self.log.error("job.settle_failed", job_id=hand.job.job_id, error=one_line(counted))
+        for _ in succeeded:
+            self._finished(True)
+        if succeeded and isinstance(outcomes[-1], BaseException):
+            self.log.error("batch.settle_failed", jobs=len(succeeded), error=one_line(outcomes[-1]))
+
+    async def _succeeded(self, done: list[tuple[_InHand, JobOutcome]]) -> None:
+        """Ack jobs whose success is stored and announced (in as few frames as may be), then
+        log each."""
         ack_start = time.perf_counter()
-        acked = await self._settle(self._acks.ack(message), "ack")
-        outcome.time("ack", time.perf_counter() - ack_start)
-        if acked:
-            self.stats.succeeded += 1
-        self._log_job(job, "succeeded", outcome, started, attempt)
+        acked = await self._settle(self._acks.ack_all([hand.message for hand, _ in done]), "ack")
+        ack_s = time.perf_counter() - ack_start
+        for hand, outcome in done:
+            outcome.time("ack", ack_s)
+            if acked:
+                self.stats.succeeded += 1
+            self._log_job(hand.job, "succeeded", outcome, hand.started, hand.attempt)
+
+    async def _failed(self, hand: _InHand, exc: BaseException) -> bool:
+        """A job that did not succeed: handed back (False), or requeued, retried later or
+        dead-lettered by the class of what failed it (True)."""
+        message, job, started, attempt = hand.message, hand.job, hand.started, hand.attempt
+        if isinstance(exc, HandedBack):
+            await self._hand_back(message)
+            return False
+        if isinstance(exc, NotAnnounced):
+            await self._settle(self._requeue(message), "requeue after failed event publish")
+        elif is_transient(exc):
+            if attempt >= self.options.max_attempts:
+                await self._dead_letter(message, job, ErrorClass.TRANSIENT_EXHAUSTED, exc, started)
+            else:
+                await self._retry_later(message, job, attempt, exc, started)
+        else:
+            await self._dead_letter(message, job, ErrorClass.PERMANENT, exc, started)
         return True
 
     async def _announce(self, jobs: list[tuple[JobMessage, JobOutcome]]) -> bool:

@@ -168,7 +168,8 @@ def configure(
     sink = _JsonLinesSink(out, Path(metrics_file) if metrics_file else None)
     nowhere = quiet and stream is None and metrics_file is None
     structlog.configure(
-        # Where no line goes anywhere, none is built (a worker writes one or two per job).
+        # Where no line goes anywhere, none is built (a worker writes one or two per job):
+        # every level below critical is filtered out, so those calls are no-ops.
         processors=[_drop_line] if nowhere else [
             structlog.contextvars.merge_contextvars,
             _component_adder(component),
@@ -178,7 +179,7 @@ def configure(
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_serialise),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL if nowhere else level),
         logger_factory=_SinkFactory(sink),
         cache_logger_on_first_use=False,
     )

@@ -400,8 +400,11 @@ class JobEvent(BaseModel):
             run_id=first.run_id,
             output=first.output,
             worker=worker,
+            # The jobs' fields were validated with their messages: each entry is built as it
+            # stands (validating thousands of them again was most of an event's cost).
             jobs=[
-                EventJob(job_id=job.job_id, month=job.month, security=job.security, date=job.date, **figures)
+                EventJob.model_construct(job_id=job.job_id, month=job.month, security=job.security, date=job.date,
+                                         **figures)
                 for job, figures in jobs
             ],
         )

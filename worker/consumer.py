@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import signal
 import socket
@@ -496,6 +497,8 @@ class Worker:
             outcome_name, duration, outcome.stages, outcome.rows_read + ahead_read,
             outcome.rows_accepted + ahead_accepted, outcome.rows_rejected + ahead_rejected,
         )
+        if not self.log.is_enabled_for(logging.INFO):  # the line would go nowhere: not built
+            return
         rss_mb, cpu_percent = self._usage()
         self.log.info(
             "job.finished",

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -163,22 +164,31 @@ def cmd_e2e(args: argparse.Namespace) -> None:
                  ratio=round(seconds / duck, 2), duckdb_runs_s=[round(before, 2), round(middle, 2), round(after, 2)])
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds (user and system) of this process's children that have exited."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _e2e_sequential(args: argparse.Namespace, label: str, source: Path) -> float:
-    """Each stage alone: produce, then workers until the queue is empty, then `tickq aggregate`."""
+    """Each stage alone: produce, then workers until the queue is empty, then `tickq aggregate`.
+    Each stage's CPU seconds too: on a host whose speed drifts, they compare runs more steadily
+    than wall time (the workers' include their idle second, which costs next to nothing)."""
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
     out = args.work / f"out-{uuid.uuid4().hex[:8]}"
-    t0 = time.perf_counter()
+    c0, t0 = _children_cpu_s(), time.perf_counter()
     produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
                                  "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
-    t1 = time.perf_counter()
+    c1, t1 = _children_cpu_s(), time.perf_counter()
     work_s, peaks = _run_workers(args.workers, env, ("--concurrency", _share_of_cores(args.workers)))
-    t2 = time.perf_counter()
+    c2, t2 = _children_cpu_s(), time.perf_counter()
     _tickq("aggregate", "--run", produced["run_id"], "--output", str(out), env=env)
-    t3 = time.perf_counter()
+    c3, t3 = _children_cpu_s(), time.perf_counter()
     total = (t1 - t0) + work_s + (t3 - t2)
     _row(target="e2e", mode="sequential", input=label, rows=args.rows, jobs=produced["jobs"],
          workers=args.workers, produce_s=round(t1 - t0, 2), workers_s=round(work_s, 2),
          aggregate_s=round(t3 - t2, 2), tickq_s=round(total, 2), rows_per_s=round(args.rows / total),
+         cpu_s={"produce": round(c1 - c0, 2), "workers": round(c2 - c1, 2), "aggregate": round(c3 - c2, 2)},
          peak_rss_mb=[round(p) for p in peaks])
     shutil.rmtree(out, ignore_errors=True)
     return total

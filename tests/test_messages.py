@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from shared.errors import PoisonError
-from shared.messages import JobMessage, JobParams, parse_job, run_job_bodies
+from shared.messages import EventJob, JobEvent, JobMessage, JobParams, parse_job, run_job_bodies
 
 
 def _body(security: str = "ABC", date: str = "2024-03-05", changes: dict[str, object] | None = None) -> bytes:
@@ -82,3 +82,19 @@ def test_a_runs_bodies_check_each_jobs_own_fields(key: tuple[str, str, str], mes
 
     with pytest.raises(ValueError, match=message):
         list(run_job_bodies(first, [("2024-03", "ABC", "2024-03-06"), key]))
+
+
+def test_an_event_body_is_what_the_event_model_gives_and_reads_back() -> None:
+    succeeded = parse_job(_body())
+    dead = parse_job(_body(security="XYZ", date="2024-03-06"))
+    figures: list[dict[str, object]] = [{"rows_read": 10, "rows_accepted": 9, "rows_rejected": 1},
+                                        {"error_class": "permanent"}]
+    body = JobEvent.body_about([(succeeded, figures[0]), (dead, figures[1])], "job.succeeded", "host:1")
+
+    model = JobEvent(type="job.succeeded", run_id="r1", output="/data/out", worker="host:1", jobs=[
+        EventJob(job_id=job.job_id, month=job.month, security=job.security, date=job.date, **f)  # type: ignore[arg-type]
+        for job, f in ((succeeded, figures[0]), (dead, figures[1]))])
+    assert body == model.to_body()
+    read = JobEvent.model_validate_json(body)
+    assert [(j.security, j.rows_read, j.rows_rejected, j.error_class) for j in read.jobs] == [
+        ("ABC", 10, 1, None), ("XYZ", 0, 0, "permanent")]

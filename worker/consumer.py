@@ -441,8 +441,8 @@ class Worker:
                        "rows_rejected": outcome.rows_rejected}
             by_run.setdefault((job.run_id, job.output), []).append((job, figures))
         for reported in by_run.values():
-            event = JobEvent.about(reported, "job.succeeded", self.identity)
-            if not await self._publish(self._events, event.to_body(), "job.succeeded", reported[0][0].job_id, {}):
+            event = JobEvent.body_about(reported, "job.succeeded", self.identity)
+            if not await self._publish(self._events, event, "job.succeeded", reported[0][0].job_id, {}):
                 return False
         return True
 
@@ -668,8 +668,8 @@ class Worker:
         """Tell storage and the aggregator that the job is dead."""
         await self._record(job, "dead", {"error_class": str(error_class), "error": one_line(exc), "attempts": attempts,
                                          "failed_at": dt.datetime.now(dt.UTC).isoformat()})
-        event = JobEvent.about([(job, {"error_class": str(error_class)})], "job.dead", self.identity)
-        await self._publish(self._events, event.to_body(), "job.dead", job.job_id, {})
+        event = JobEvent.body_about([(job, {"error_class": str(error_class)})], "job.dead", self.identity)
+        await self._publish(self._events, event, "job.dead", job.job_id, {})
 
 
 async def run_worker(settings: Settings, options: WorkerOptions) -> _Stats:

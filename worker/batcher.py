@@ -143,7 +143,6 @@ class JobBatcher(Generic[Ticket]):
                 else:
                     result.time("wait", started - queued_at)  # queued behind other batches
                     result.time("publish", publish_s)
-                    result.announced = True
                     settled.append((ticket, result))
         except BaseException as exc:  # the executor itself failed: every job learns why
             failure = exc if isinstance(exc, Exception) else RuntimeError(str(exc))

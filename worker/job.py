@@ -93,8 +93,6 @@ class JobOutcome:
     # Rows (read, accepted, rejected) of the jobs this job's pass stored ahead of their
     # messages (`worker.ahead`): the worker counts them once, here, not when those come.
     rows_ahead: tuple[int, int, int] = (0, 0, 0)
-    # Set once the job's success event is confirmed (batches announce their jobs together).
-    announced: bool = False
     stages: dict[str, float] = field(default_factory=dict)
 
     def time(self, stage: str, seconds: float) -> None:

@@ -274,20 +274,20 @@ class LocalStorage:
                 return  # marked before
             except FileNotFoundError:  # the shared file (first marker here) or the directory is gone
                 if not os.path.exists(source):
-                    self._renew_marker(Path(source))
+                    self._renew_marker()
                 self._dirs.discard(folder)
             except OSError as exc:
                 if exc.errno != errno.EMLINK:
                     break  # no hard links on this file system
-                self._renew_marker(Path(source))  # the shared file has all the links it may have
+                self._renew_marker()  # the shared file has all the links it may have
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY, FILE_MODE))
 
-    def _renew_marker(self, source: Path) -> None:
+    def _renew_marker(self) -> None:
         """A fresh shared empty file, swapped in atomically: other processes link to it too."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp_path(self.root)
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
-        os.replace(tmp, source)
+        os.replace(tmp, self._marker_source)
 
     def prepare(self, keys: Iterable[str]) -> None:
         # Making a folder can cost a millisecond of the kernel's time on a journalling file

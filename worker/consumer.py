@@ -389,19 +389,19 @@ class Worker:
         are acked together, failures go their own ways at the same time."""
         succeeded = [(hand, result) for hand, result in settled if isinstance(result, JobOutcome)]
         failed = [(hand, result) for hand, result in settled if not isinstance(result, JobOutcome)]
-        outcomes = await asyncio.gather(
-            *(self._failed(hand, exc) for hand, exc in failed),
-            *((self._succeeded(succeeded),) if succeeded else ()),
-            return_exceptions=True,
-        )
-        for (hand, _), counted in zip(failed, outcomes, strict=False):
-            self._finished(counted is not False)
-            if isinstance(counted, BaseException):
-                self.log.error("job.settle_failed", job_id=hand.job.job_id, error=one_line(counted))
+        acking = asyncio.gather(self._succeeded(succeeded), return_exceptions=True) if succeeded else None
+        counted = await asyncio.gather(*(self._failed(hand, exc) for hand, exc in failed), return_exceptions=True)
+        for (hand, _), outcome in zip(failed, counted, strict=True):
+            self._finished(outcome is not False)
+            if isinstance(outcome, BaseException):
+                self.log.error("job.settle_failed", job_id=hand.job.job_id, error=one_line(outcome))
+        if acking is None:
+            return
+        [error] = await acking
         for _ in succeeded:
             self._finished(True)
-        if succeeded and isinstance(outcomes[-1], BaseException):
-            self.log.error("batch.settle_failed", jobs=len(succeeded), error=one_line(outcomes[-1]))
+        if isinstance(error, BaseException):
+            self.log.error("batch.settle_failed", jobs=len(succeeded), error=one_line(error))
 
     async def _succeeded(self, done: list[tuple[_InHand, JobOutcome]]) -> None:
         """Ack jobs whose success is stored and announced (in as few frames as may be), then

@@ -36,6 +36,7 @@ def read_ahead(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
             for item in items:
                 if not offer(("item", item)):
                     return
+                del item  # the consumer's now: not kept while the next one is made
             offer(("end", None))
         except BaseException as exc:  # handed to the consumer, raised there
             offer(("error", exc))
@@ -54,6 +55,7 @@ def read_ahead(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
             if kind == "error":
                 raise value
             yield value
+            del value  # nor kept here while the next one is awaited
     finally:
         stopped.set()
         producer.join()

@@ -6,8 +6,9 @@ CSV, CSV.gz, DBN) is rewritten as Parquet under ``<output>/M/part-NNNNN.parquet`
 - rows sorted by (security, ts) across the whole month (null securities last, null ts last
   within a security), so a job's rows sit in a few consecutive row groups;
 - ``security`` as a plain ``string`` column (an Arrow dictionary column would defeat row-group
-  pruning by statistics), statistics on, row groups of `row_group_rows` rows, lz4, ts and size
-  delta-encoded, the text columns and price dictionary-encoded;
+  pruning by statistics), statistics on the columns rows are pruned by (security, ts,
+  trade_date), row groups of `row_group_rows` rows, lz4, ts and size delta-encoded, the text
+  columns and price dictionary-encoded;
 - a sidecar ``<output>/M/_index.json`` (ignored by the input reader, like every ``_`` file)
   listing per file and per row group: rows, byte offset and size, security min/max and ts
   min/max, so that a reader can go straight to the row groups of a security;
@@ -62,7 +63,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ from shared.inputs import (
 )
 from shared.messages import JobParams
 from shared.monthkeys import KEYS_NAME, KeysWriter, part_record
+from shared.readahead import read_ahead
 from shared.storage import Storage, open_storage
 
 __all__ = ["INDEX_NAME", "OUTPUT_SCHEMA", "add_arguments", "ingest", "main", "read_index"]
@@ -100,10 +102,12 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 DEFAULT_MAX_FILE_ROWS = 64 << 20  # rows per output Parquet file (~1 GB), whole row groups
 READ_BATCH_ROWS = 65_536
 MAX_OPEN_SPILLS = 256  # spill files kept open at once (least recently used are closed)
-# A bucket is sorted in memory when its rows take at most budget / SORT_FACTOR bytes: the
-# table, the sort indices and one sorted column at a time (see `_sort_releasing`), with room
-# for the row group being written, allocator slack and an estimate of the row size that is off.
-SORT_FACTOR = 2
+# A bucket is sorted in memory when its rows take at most budget / SORT_FACTOR bytes. Up to
+# three buckets are held at once (one being written, one sorted and waiting, one being sorted:
+# see `_sorted_buckets`), and the one being sorted needs its sort indices and one sorted column
+# at a time besides (see `_sort_releasing`), with room for allocator slack and an estimate of
+# the row size that is off.
+SORT_FACTOR = 4
 # Decoding, not reading, is most of a worker's pass over its row groups. Measured on a 20 M-row
 # month's row groups (`bench/run.py encodings`, bench/RESULTS.md, sixth session): zstd over
 # plain values took 6.4 ms per 128 k-row group and 1,391 KB; delta-encoded ts and size,
@@ -113,6 +117,7 @@ SORT_FACTOR = 2
 COMPRESSION = "lz4"
 DELTA_ENCODED = ("ts", "size")
 DICTIONARY_ENCODED = ("security", "side", "participant", "venue", "price", "trade_date")
+STATISTICS = ("security", "ts", "trade_date")
 RANK = "_rank"
 _PART_RE = re.compile(r"^part-\d{5}\.parquet$")
 _INT64_MAX = np.iinfo(np.int64).max
@@ -183,7 +188,7 @@ def _count_securities(storage: Storage, files: list[InputFile]) -> tuple[dict[st
     counts: dict[str, int] = {}
     nulls = 0
     for file in files:
-        for batch in read_batches(storage, file, ("security",), batch_rows=READ_BATCH_ROWS * 4):
+        for batch in read_ahead(read_batches(storage, file, ("security",), batch_rows=READ_BATCH_ROWS * 4)):
             security = _normalise_text(batch.column("security"))
             nulls += security.null_count
             for item in pc.value_counts(security.drop_null()).to_pylist():
@@ -252,6 +257,12 @@ class _Spill:
             )
         self.writers[bucket][1].write_table(table)
 
+    def write_all(self, parts: dict[int, list[pa.Table]]) -> None:
+        """Append each bucket's tables to its spill (one IPC batch per table: no copy)."""
+        for bucket, tables in sorted(parts.items()):
+            self.write(bucket, pa.concat_tables(tables))
+        pa.default_memory_pool().release_unused()
+
     def _close(self, bucket: int) -> None:
         sink, writer = self.writers.pop(bucket)
         writer.close()
@@ -278,65 +289,98 @@ def _spill_month(
     """Pass 2: normalise and spill every row to its bucket; (has trade_date, rows, bytes)."""
     pending: dict[int, list[pa.Table]] = {}
     pending_bytes = 0
-    flush_bytes = max(1 << 20, budget // 4)
+    flush_bytes = max(1 << 20, budget // 8)  # two such at once: one being written, one filling
     has_date = False
-    rows = 0
-    table_bytes = 0
-    n_secs = len(plan.securities)
-
-    def flush() -> None:
-        for bucket, parts in sorted(pending.items()):
-            spill.write(bucket, pa.concat_tables(parts))  # one IPC batch per part: no copy
-        pending.clear()
-        pa.default_memory_pool().release_unused()
-
-    for file in files:
-        for batch in read_batches(storage, file, ALL_COLUMNS, batch_rows=READ_BATCH_ROWS):
-            try:
-                table, dated = _normalised(batch)
-            except PermanentError as exc:  # e.g. a ts column of an unusable type
-                raise PermanentError(f"{storage.describe(file.key)}: {exc}") from None
-            has_date = has_date or dated
-            security = table.column("security")
-            rank = pc.index_in(security, value_set=plan.securities)
-            if rank.null_count != security.null_count:
-                raise PermanentError(
-                    f"{storage.describe(file.key)} changed while being ingested (new securities)"
-                )
-            ranks = pc.fill_null(rank, n_secs).to_numpy().astype(np.int32)
-            table = table.append_column(pa.field(RANK, pa.int32(), nullable=False), pa.array(ranks))
-            rows += table.num_rows
-            table_bytes += table.nbytes
-            buckets = plan.bucket_of_rank[ranks]
-            if buckets.size and buckets.min() == buckets.max():
-                pending.setdefault(int(buckets[0]), []).append(table)
-            else:
-                order = np.argsort(buckets, kind="stable")
-                table = table.take(pa.array(order))
-                edges = np.cumsum(np.bincount(buckets, minlength=plan.buckets))
-                start = 0
-                for bucket in np.flatnonzero(np.bincount(buckets, minlength=plan.buckets)):
-                    end = int(edges[bucket])
-                    pending.setdefault(int(bucket), []).append(table.slice(start, end - start))
-                    start = end
-            pending_bytes += table.nbytes
-            if pending_bytes >= flush_bytes:
-                flush()
-                pending_bytes = 0
-    flush()
+    rows = table_bytes = 0
+    # Decoding runs a batch or two ahead on a thread of its own, and spill files are written
+    # (and compressed) on another, while the rows are normalised here: both release the
+    # interpreter lock.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tickq-spill") as writer:
+        writing: Future[None] | None = None
+        for file in files:
+            for batch in read_ahead(read_batches(storage, file, ALL_COLUMNS, batch_rows=READ_BATCH_ROWS)):
+                table, dated = _ranked(batch, plan, storage.describe(file.key))
+                has_date = has_date or dated
+                rows += table.num_rows
+                table_bytes += table.nbytes
+                for bucket, part in _by_bucket(table, plan):
+                    pending.setdefault(bucket, []).append(part)
+                pending_bytes += table.nbytes
+                if pending_bytes >= flush_bytes:
+                    if writing is not None:
+                        writing.result()
+                    writing = writer.submit(spill.write_all, pending)
+                    pending, pending_bytes = {}, 0
+        if writing is not None:
+            writing.result()
+    spill.write_all(pending)
     spill.close()
     return has_date, rows, table_bytes
 
 
+def _ranked(batch: pa.RecordBatch, plan: _Plan, source: str) -> tuple[pa.Table, bool]:
+    """`batch` normalised, with each row's security rank (the null security ranks last), and
+    whether it carried a trade_date."""
+    try:
+        table, dated = _normalised(batch)
+    except PermanentError as exc:  # e.g. a ts column of an unusable type
+        raise PermanentError(f"{source}: {exc}") from None
+    security = table.column("security")
+    rank = pc.index_in(security, value_set=plan.securities)
+    if rank.null_count != security.null_count:
+        raise PermanentError(f"{source} changed while being ingested (new securities)")
+    ranks = pc.fill_null(rank, len(plan.securities)).to_numpy().astype(np.int32)
+    return table.append_column(pa.field(RANK, pa.int32(), nullable=False), pa.array(ranks)), dated
+
+
+def _by_bucket(table: pa.Table, plan: _Plan) -> Iterator[tuple[int, pa.Table]]:
+    """`table`'s rows cut by bucket, each bucket's in their order in `table`."""
+    buckets = plan.bucket_of_rank[table.column(RANK).to_numpy()]
+    if buckets.size and buckets.min() == buckets.max():
+        yield int(buckets[0]), table
+        return
+    table = table.take(pa.array(_stable_order(buckets)))
+    counts = np.bincount(buckets, minlength=plan.buckets)
+    start = 0
+    for bucket in np.flatnonzero(counts):
+        yield int(bucket), table.slice(start, int(counts[bucket]))
+        start += int(counts[bucket])
+
+
+def _sort_order(table: pa.Table) -> pa.Array | np.ndarray:
+    """Row order of `table` by (rank, ts), ts nulls last within a rank, ties in input order.
+
+    Market data mostly arrives in time order, so a stable sort by rank alone (a radix sort of
+    small integers, much cheaper than a two-key comparison sort) usually leaves each
+    security's rows in ts order already; that is checked, and the two-key sort is the fallback.
+    Both are stable, so the order is the same either way.
+    """
+    rank, ts = _keys(table)
+    order = _stable_order(rank)
+    in_rank = rank[order]
+    in_ts = ts[order]
+    if np.all((in_ts[1:] >= in_ts[:-1]) | (in_rank[1:] != in_rank[:-1])):
+        return order
+    return pc.sort_indices(table, sort_keys=_SORT_KEYS)
+
+
+def _stable_order(keys: np.ndarray) -> np.ndarray:
+    """The stable sort order of non-negative integer `keys`: as 16-bit integers when they fit,
+    which NumPy sorts by radix, several times faster than its merge sort of wider ones."""
+    if keys.size and int(keys.max()) <= np.iinfo(np.uint16).max:
+        keys = keys.astype(np.uint16)
+    return np.argsort(keys, kind="stable")
+
+
 def _sort(table: pa.Table) -> pa.Table:
-    return table.sort_by(_SORT_KEYS)  # nulls (of ts) sort last by default
+    return table.take(_sort_order(table))
 
 
 def _sort_releasing(holder: list[pa.Table]) -> pa.Table:
     """The table in `holder` (which is emptied) sorted, column by column: each unsorted column
     is released once taken, so the peak is one table plus one column, not two tables."""
     table = holder.pop()
-    order = pc.sort_indices(table, sort_keys=_SORT_KEYS)
+    order = _sort_order(table)
     schema = table.schema
     columns: list[pa.ChunkedArray | None] = list(table.columns)
     del table
@@ -349,6 +393,20 @@ def _sort_releasing(holder: list[pa.Table]) -> pa.Table:
     return pa.Table.from_arrays(out, schema=schema)
 
 
+def _sorted_buckets(spill: _Spill, plan: _Plan, sort_rows: int, directory: Path) -> Iterator[pa.Table]:
+    """Every row of the month in (rank, ts) order: each bucket sorted in memory, or, when it
+    holds more than `sort_rows` rows, merged from sorted runs."""
+    pool = pa.default_memory_pool()
+    for bucket in range(plan.buckets):
+        if plan.bucket_rows[bucket] <= sort_rows:
+            holder = [pa.Table.from_batches(list(spill.batches(bucket)), schema=_SPILL_SCHEMA)]
+            spill.drop(bucket)
+            yield _sort_releasing(holder)
+            pool.release_unused()
+        else:
+            yield from _merge_sorted(spill, bucket, sort_rows, directory)
+
+
 def _keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     rank = table.column(RANK).to_numpy()
     ts = pc.fill_null(table.column("ts").cast(pa.int64()), _INT64_MAX).to_numpy()
@@ -356,10 +414,10 @@ def _keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cut(rank: np.ndarray, ts: np.ndarray, bound: tuple[int, int]) -> int:
-    """How many leading rows of a (rank, ts)-sorted buffer are <= `bound`."""
+    """How many leading rows of a (rank, ts)-sorted buffer are < `bound`."""
     lo = int(np.searchsorted(rank, bound[0], side="left"))
     hi = int(np.searchsorted(rank, bound[0], side="right"))
-    return lo + int(np.searchsorted(ts[lo:hi], bound[1], side="right"))
+    return lo + int(np.searchsorted(ts[lo:hi], bound[1], side="left"))
 
 
 @dataclass
@@ -370,6 +428,11 @@ class _Run:
     table: pa.Table
     rank: np.ndarray
     ts: np.ndarray
+    done: bool = False  # every row of the run is in `table` or gone
+
+    @property
+    def last_key(self) -> tuple[int, int]:
+        return int(self.rank[-1]), int(self.ts[-1])
 
     def refill(self, rows: int) -> bool:
         """Buffer at least `rows` rows (or what is left); False when the run is exhausted."""
@@ -380,11 +443,21 @@ class _Run:
             have += batch.num_rows
             if have >= rows:
                 break
+        else:
+            self.done = True
         if not have:
             return False
         self.table = pa.concat_tables(parts).combine_chunks()
         self.rank, self.ts = _keys(self.table)
         return True
+
+    def take_below(self, bound: tuple[int, int] | None) -> pa.Table:
+        """The buffered rows with keys below `bound` (all of them with None), removed."""
+        cut = self.table.num_rows if bound is None else _cut(self.rank, self.ts, bound)
+        head = self.table.slice(0, cut)
+        self.table = self.table.slice(cut)
+        self.rank, self.ts = self.rank[cut:], self.ts[cut:]
+        return head
 
 
 def _merge_sorted(spill: _Spill, bucket: int, run_rows: int, directory: Path) -> Iterator[pa.Table]:
@@ -427,16 +500,18 @@ def _merge_sorted(spill: _Spill, bucket: int, run_rows: int, directory: Path) ->
         run = _Run(read(path), empty, np.empty(0, np.int32), np.empty(0, np.int64))
         if run.refill(head_rows):
             active.append(run)
+    # Each round gives the rows below the smallest key that a run still being read has
+    # buffered last: rows of that key may follow in that run, and rows of equal keys must come
+    # out in input order (run order), so none of that key goes before they are all buffered.
     while active:
-        bound = min((int(r.rank[-1]), int(r.ts[-1])) for r in active)
-        pieces = []
-        for run in active:
-            cut = _cut(run.rank, run.ts, bound)
-            if cut:
-                pieces.append(run.table.slice(0, cut))
-                run.table = run.table.slice(cut)
-                run.rank, run.ts = run.rank[cut:], run.ts[cut:]
-        yield _sort(pa.concat_tables(pieces))
+        reading = [r for r in active if not r.done]
+        bound = min(r.last_key for r in reading) if reading else None
+        pieces = [piece for piece in (r.take_below(bound) for r in active) if piece.num_rows]
+        if pieces:
+            yield _sort(pa.concat_tables(pieces))
+        for run in reading:
+            if run.table.num_rows and run.last_key == bound:
+                run.refill(run.table.num_rows + head_rows)  # the bound's key, and beyond it
         active = [r for r in active if r.table.num_rows or r.refill(head_rows)]
     for path in runs:
         path.unlink(missing_ok=True)
@@ -477,7 +552,9 @@ class _Output:
             str(part.path),
             self.schema,
             compression=COMPRESSION,
-            write_statistics=True,
+            # Statistics on the columns that row groups are pruned by: on every string
+            # column they cost a quarter of the encoding time and nothing reads them.
+            write_statistics=[c for c in STATISTICS if c in names],
             # Parquet dictionary *encoding* keeps the Arrow type a plain string (and its
             # statistics); it only makes the sorted, repetitive columns smaller.
             use_dictionary=[c for c in DICTIONARY_ENCODED if c in names],
@@ -650,11 +727,9 @@ def _ingest_month(
     out = _Output(month, work, schema, row_group_rows, max_file_rows)
     row_bytes = table_bytes / rows if rows else plan.row_bytes
     sort_rows = max(row_group_rows, int(budget / SORT_FACTOR / row_bytes))
-    merged_buckets = 0
     keys = KeysWriter(work / KEYS_NAME, with_trade_date=has_date)
     keys_s = days_s = 0.0
     days = DayFilesWriter(work / "days", schema, day_files_tz) if day_files_tz else None
-    pool = pa.default_memory_pool()
 
     def emit(table: pa.Table) -> None:
         nonlocal keys_s, days_s
@@ -667,18 +742,11 @@ def _ingest_month(
             days_s += time.perf_counter() - cut_at
         out.append(table)
 
-    for bucket in range(plan.buckets):
-        if plan.bucket_rows[bucket] <= sort_rows:
-            holder = [pa.Table.from_batches(list(spill.batches(bucket)), schema=_SPILL_SCHEMA)]
-            spill.drop(bucket)
-            table = _sort_releasing(holder)
-            emit(table)
-            del table
-            pool.release_unused()
-        else:
-            merged_buckets += 1
-            for piece in _merge_sorted(spill, bucket, sort_rows, work):
-                emit(piece)
+    # Buckets are sorted on a thread of their own while the main thread writes the previous
+    # one: sorting and Parquet encoding both release the interpreter lock.
+    for table in read_ahead(_sorted_buckets(spill, plan, sort_rows, work), depth=1):
+        emit(table)
+        del table
     parts = out.close()
     entries = [_file_entry(part, month) for part in parts]
     keys.close(month, [part_record(p.key, p.path, e["rows"]) for p, e in zip(parts, entries, strict=True)])
@@ -734,7 +802,7 @@ def _ingest_month(
         "bytes": sum(e["bytes"] for e in entries),
         "row_groups": sum(len(e["row_groups"]) for e in entries),
         "buckets": plan.buckets,
-        "merged_buckets": merged_buckets,
+        "merged_buckets": sum(1 for n in plan.bucket_rows if n > sort_rows),
         "spill_bytes": spill.bytes,
         "keys_bytes": keys_bytes,
         "day_files": day_count,

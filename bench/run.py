@@ -12,6 +12,7 @@
     python bench/run.py naive     --rows 500000 --securities 20
     python bench/run.py aggregator --jobs 1000,100000
     python bench/run.py encodings --rows 20000000 --securities 500
+    python bench/run.py ingest    --rows 20000000 --securities 500 --sample 2
     python bench/run.py s3        --rows 2000000 --securities 100 --jobs 128 --sample 4 --latency-ms 20
     python bench/run.py s3-state  --jobs 60000 --sample 12 --latency-ms 50
 
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -651,6 +653,48 @@ def cmd_csv(args: argparse.Namespace) -> None:
          rows_per_cpu_s=round(rows / cpu))
 
 
+def _measured(argv: list[str]) -> tuple[float, float, float, str]:
+    """Run `argv`; its wall seconds, CPU seconds, peak RSS (MB, polled) and stdout."""
+    c0, t0 = _children_cpu_s(), time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True)
+        handle, peak = psutil.Process(proc.pid), 0.0
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, handle.memory_info().rss / 2**20)
+            time.sleep(0.05)
+        seconds, cpu = time.perf_counter() - t0, _children_cpu_s() - c0
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, argv, out.read(), err.read())
+        return seconds, cpu, peak, out.read()
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    """`tickq ingest` of a raw month (with --day-files, in --tz too), `--sample` times, each
+    after DuckDB rewrites the same files sorted by (security, ts) into one Parquet file: the
+    same sort and rewrite in one process, with every core and the memory it wants."""
+    raw, _ = _data(args.work, args.rows, args.securities, fmt=args.format, ingest=False)
+    days = ("--day-files", args.tz) if args.day_files else ()
+    reader = "read_parquet" if args.format == "parquet" else "read_csv"
+    pattern = f"{raw}/{MONTH}/*." + ("parquet" if args.format == "parquet" else "csv*")
+    for _ in range(args.sample):
+        out = args.work / f"ingest-{uuid.uuid4().hex[:8]}"
+        out.mkdir()
+        copy = f"COPY (SELECT * FROM {reader}('{pattern}') ORDER BY security, ts) TO '{out}/duck.parquet'"
+        duck_s, duck_cpu, duck_peak, _ = _measured([PY, "-c", f"import duckdb; duckdb.connect().execute({copy!r})"])
+        seconds, cpu, peak, stdout = _measured([PY, "-m", "tickq", "ingest", "--input", str(raw), "--output",
+                                                str(out / "tickq"), "--months", MONTH, "--json", "--quiet", *days])
+        summary = json.loads(stdout)
+        _row(target="ingest", rows=summary["rows"], format=args.format, day_files=bool(days),
+             seconds=round(seconds, 2), cpu_s=round(cpu, 2), rows_per_s=round(summary["rows"] / seconds),
+             peak_rss_mb=round(peak), stages_s=summary["months"][MONTH]["seconds"],
+             duckdb_s=round(duck_s, 2), duckdb_cpu_s=round(duck_cpu, 2), duckdb_peak_rss_mb=round(duck_peak),
+             ratio=round(seconds / duck_s, 2))
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def cmd_naive(args: argparse.Namespace) -> None:
     """What tickq avoids: each job reading the whole month with pandas."""
     import pandas as pd
@@ -696,7 +740,7 @@ def _compile_project() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
-                                           "naive", "aggregator", "s3", "s3-state", "encodings"])
+                                           "naive", "aggregator", "s3", "s3-state", "encodings", "ingest"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
@@ -704,10 +748,11 @@ def main() -> None:
                         help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list; "
                              "s3-state: the run's jobs")
     parser.add_argument("--sample", type=int, default=50,
-                        help="jobs (per-job, naive) or batches (s3) to time; s3-state: the run's months")
+                        help="jobs (per-job, naive) or batches (s3) to time; s3-state: the run's months; "
+                             "ingest: runs")
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
-                        help="memory: csv measures a worker over a raw CSV month")
+                        help="memory: csv measures a worker over a raw CSV month; ingest: the raw month's format")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="scaling: each worker's --prefetch (default: the worker's own)")
@@ -716,19 +761,19 @@ def main() -> None:
     parser.add_argument("--all-jobs", action="store_true",
                         help="memory: every job of the month, not the 20 largest securities' jobs")
     parser.add_argument("--day-files", action="store_true",
-                        help="e2e: ingest with day files in --tz (`tickq ingest --day-files`)")
+                        help="e2e, ingest: ingest with day files in --tz (`tickq ingest --day-files`)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     _compile_project()
-    if args.target in ("e2e", "scaling", "csv", "naive"):
+    if args.target in ("e2e", "scaling", "csv", "naive", "ingest"):
         args.rows = int(args.rows)
     if args.target != "aggregator":
         args.jobs = int(args.jobs)
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
          "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,
-         "s3": cmd_s3, "s3-state": cmd_s3_state, "encodings": cmd_encodings}[args.target](args)
+         "s3": cmd_s3, "s3-state": cmd_s3_state, "encodings": cmd_encodings, "ingest": cmd_ingest}[args.target](args)
     finally:
         _drop_namespaces()
 

@@ -675,14 +675,17 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     """`tickq ingest` of a raw month (with --day-files, in --tz too), `--sample` times, each
     after DuckDB rewrites the same files sorted by (security, ts) into one Parquet file: the
     same sort and rewrite in one process, with every core and the memory it wants."""
+    from shared.inputs import month_files
+    from shared.storage import open_storage
+
     raw, _ = _data(args.work, args.rows, args.securities, fmt=args.format, ingest=False)
     days = ("--day-files", args.tz) if args.day_files else ()
     reader = "read_parquet" if args.format == "parquet" else "read_csv"
-    pattern = f"{raw}/{MONTH}/*." + ("parquet" if args.format == "parquet" else "csv*")
+    files = [str(raw / f.key) for f in month_files(open_storage(str(raw)), MONTH)]
     for _ in range(args.sample):
         out = args.work / f"ingest-{uuid.uuid4().hex[:8]}"
         out.mkdir()
-        copy = f"COPY (SELECT * FROM {reader}('{pattern}') ORDER BY security, ts) TO '{out}/duck.parquet'"
+        copy = f"COPY (SELECT * FROM {reader}({files!r}) ORDER BY security, ts) TO '{out}/duck.parquet'"
         duck_s, duck_cpu, duck_peak, _ = _measured([PY, "-c", f"import duckdb; duckdb.connect().execute({copy!r})"])
         seconds, cpu, peak, stdout = _measured([PY, "-m", "tickq", "ingest", "--input", str(raw), "--output",
                                                 str(out / "tickq"), "--months", MONTH, "--json", "--quiet", *days])

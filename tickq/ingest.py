@@ -39,9 +39,12 @@ Memory stays bounded whatever the month's size (an external sort):
 2. securities are cut, in sort order, into contiguous ranges ("buckets") small enough to sort
    in memory within `memory_budget_bytes`;
 3. pass 2 reads the month in bounded batches, normalises them and spills each row to its
-   bucket's temporary Arrow IPC file (lz4) on local disk;
-4. each bucket in turn is loaded, sorted and appended to the output; a bucket that would not
-   fit (one security with more rows than a bucket holds) is sorted in runs that are merged.
+   bucket's temporary Arrow IPC file (lz4) on local disk (decoding and spill writes run on
+   threads of their own);
+4. each bucket in turn is loaded and sorted, on a thread of its own, while the previous one
+   is appended to the output; a bucket that would not fit (one security with more rows than
+   a bucket holds) is sorted in runs that are merged. Rows with equal (security, ts) keep
+   their input order either way.
 
 The distinct securities of a month are held in memory (pass 1), and local temporary disk
 must hold the month's spill and one output file. Writing a month replaces the ingest output

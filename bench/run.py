@@ -750,9 +750,9 @@ def main() -> None:
     parser.add_argument("--jobs", default="10500",
                         help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list; "
                              "s3-state: the run's jobs")
-    parser.add_argument("--sample", type=int, default=50,
-                        help="jobs (per-job, naive) or batches (s3) to time; s3-state: the run's months; "
-                             "ingest: runs")
+    parser.add_argument("--sample", type=int, default=None,
+                        help="jobs (per-job, naive) or batches (s3) to time (default 50); s3-state: the run's "
+                             "months (default 50); ingest: runs (default 1)")
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
                         help="memory: csv measures a worker over a raw CSV month; ingest: the raw month's format")
@@ -773,6 +773,8 @@ def main() -> None:
         args.rows = int(args.rows)
     if args.target != "aggregator":
         args.jobs = int(args.jobs)
+    if args.sample is None:
+        args.sample = 1 if args.target == "ingest" else 50
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
          "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,

@@ -158,15 +158,16 @@ def log_level() -> int:
 def configure(
     component: str, metrics_file: str | Path | None = None, stream: IO[str] | None = None, quiet: bool = False
 ) -> None:
-    """Route structlog to JSON lines for `component` (stdout unless `quiet`, plus the file).
+    """Route structlog to JSON lines for `component`: to `stream` (default stdout) unless
+    `quiet`, and to the metrics file when given.
 
     Lines below `log_level()` cost nothing: the filtering logger turns them into no-ops, as it
     does every line when `quiet` leaves them nowhere to go.
     """
     level = log_level()
-    out: IO[str] = stream or (open("/dev/null", "w") if quiet else sys.stdout)  # noqa: SIM115
+    out: IO[str] = open("/dev/null", "w") if quiet else (stream or sys.stdout)  # noqa: SIM115
     sink = _JsonLinesSink(out, Path(metrics_file) if metrics_file else None)
-    nowhere = quiet and stream is None and metrics_file is None
+    nowhere = quiet and metrics_file is None
     structlog.configure(
         # Where no line goes anywhere, none is built (a worker writes one or two per job):
         # every level below critical is filtered out, so those calls are no-ops.

@@ -6,6 +6,8 @@ import argparse
 import gzip
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -288,6 +290,24 @@ def test_cli_main_and_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert_index_matches(out, 1000, "2024-04")
     with pytest.raises(ValueError, match="differ"):
         ingest(str(raw), str(raw), [MONTH])
+
+
+def test_quiet_leaves_the_json_summary_alone(tmp_path: Path) -> None:
+    """`--json` puts the metrics lines on stderr; `--quiet` leaves none anywhere."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(str(raw), [MONTH], securities=5, rows=5000, fmt="parquet")
+
+    def ingest_cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "tickq", "ingest", "--input", str(raw), "--output", str(out),
+                "--months", MONTH, "--json", *extra]
+        return subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120)
+
+    loud = ingest_cli()
+    assert json.loads(loud.stdout)["rows"] == 5000
+    assert "ingest.month" in [json.loads(line)["event"] for line in loud.stderr.splitlines()]
+    quiet = ingest_cli("--quiet")
+    assert json.loads(quiet.stdout)["rows"] == 5000
+    assert quiet.stderr == ""
 
 
 def test_many_buckets_with_few_open_spill_files(

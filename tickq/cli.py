@@ -149,7 +149,8 @@ def _common(parser: argparse.ArgumentParser, metrics: bool = True) -> None:
     group.add_argument("--s3-endpoint-url", help="S3 API endpoint (env TICKQ_S3_ENDPOINT_URL)")
     if metrics:
         parser.add_argument("--metrics-file", type=Path, help="also append JSON-lines metrics to this file")
-        parser.add_argument("--quiet", action="store_true", help="no metrics on stdout")
+        parser.add_argument("--quiet", action="store_true",
+                            help="no metrics lines (on stdout, or on stderr where stdout carries the command's output)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -555,8 +555,8 @@ class _Output:
             str(part.path),
             self.schema,
             compression=COMPRESSION,
-            # Statistics on the columns that row groups are pruned by: on every string
-            # column they cost a quarter of the encoding time and nothing reads them.
+            # Statistics on the columns that row groups are pruned by only: on all the others
+            # together they cost a quarter of the encoding time, and nothing reads them.
             write_statistics=[c for c in STATISTICS if c in names],
             # Parquet dictionary *encoding* keeps the Arrow type a plain string (and its
             # statistics); it only makes the sorted, repetitive columns smaller.

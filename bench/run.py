@@ -1,6 +1,7 @@
 """tickq benchmarks: each target of bench/RESULTS.md, with its comparison in the same run.
 
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2
+    python bench/run.py e2e       --rows 10000000 --securities 500 --workers 2 --format csv --raw-too
     python bench/run.py per-job   --rows 1000000,20000000
     python bench/run.py batch     --rows 20000000 --securities 500 --jobs 128
     python bench/run.py memory    --rows 1000000,20000000
@@ -132,6 +133,11 @@ def _share_of_cores(workers: int) -> str:
 def _duckdb_security_daily(raw: Path, tz: str) -> float:
     import duckdb
 
+    from shared.inputs import month_files
+    from shared.storage import open_storage
+
+    files = [str(raw / f.key) for f in month_files(open_storage(str(raw)), MONTH)]
+    reader = "read_parquet" if files[0].endswith(".parquet") else "read_csv"
     started = time.perf_counter()
     con = duckdb.connect()
     con.execute(f"SET TimeZone='{tz}'")
@@ -141,7 +147,7 @@ def _duckdb_security_daily(raw: Path, tz: str) -> float:
                avg(size) AS avg_size, min(price) AS low, max(price) AS high,
                sum(CASE WHEN side = 'B' THEN size ELSE 0 END) AS buy_volume,
                sum(CASE WHEN side = 'S' THEN size ELSE 0 END) AS sell_volume, min(ts) AS first_ts, max(ts) AS last_ts
-        FROM read_parquet('{raw}/{MONTH}/*.parquet')
+        FROM {reader}({files!r})
         WHERE price > 0 AND size > 0 AND security <> ''
         GROUP BY ALL ORDER BY ALL
     """).to_arrow_table()
@@ -149,7 +155,8 @@ def _duckdb_security_daily(raw: Path, tz: str) -> float:
 
 
 def cmd_e2e(args: argparse.Namespace) -> None:
-    raw, laid = _data(args.work, args.rows, args.securities, day_files_tz=args.tz if args.day_files else None)
+    raw, laid = _data(args.work, args.rows, args.securities, args.format,
+                      day_files_tz=args.tz if args.day_files else None)
     for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
         # This machine's speed drifts by tens of percent within minutes: DuckDB runs right
         # before and right after each tickq run, and each ratio uses the mean of the two. A
@@ -755,7 +762,8 @@ def main() -> None:
                              "months (default 50); ingest: runs (default 1)")
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
-                        help="memory: csv measures a worker over a raw CSV month; ingest: the raw month's format")
+                        help="memory: csv measures a worker over a raw CSV month; e2e and ingest: the raw "
+                             "month's format")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="scaling: each worker's --prefetch (default: the worker's own)")

@@ -8,6 +8,7 @@ zone keeps every quarter hour of the month on one date; otherwise it scans the k
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import math
@@ -22,11 +23,16 @@ import pyarrow.compute as pc
 
 from shared.errors import PermanentError
 from shared.inputs import (
+    KEY_COLUMNS,
+    CsvSlice,
     InputFile,
     KeyBatch,
+    SliceSeen,
+    csv_slices,
     key_streams,
     label_codes,
     month_files,
+    read_batches,
     shared_trade_date,
     trade_dates,
 )
@@ -55,6 +61,8 @@ class MonthDiscovery:
     # Where the counts came from: "keys" (the ingest key sidecar) or "scan" (every row). Not
     # part of the result's value: both give the same discovery.
     source: str = field(default="scan", compare=False)
+    # The CSV files a scan read as slices, each with what its slices hold (`CsvSlice`).
+    sliced: list[InputFile] = field(default_factory=list, compare=False)
 
 
 def discover_month(
@@ -70,10 +78,11 @@ def discover_month(
     Raises `PermanentError` when the month has no input or a file is unreadable.
     """
     files = month_files(storage, month)
+    sliced: list[InputFile] = []
     source, counted = "keys", _counts_from_keys(storage, month, files, market_tz)
     if counted is None:
-        source, counted = "scan", _counts_from_rows(storage, files, market_tz)
-    found = MonthDiscovery(month, files=len(files), source=source)
+        source, counted = "scan", _counts_from_rows(storage, files, market_tz, sliced)
+    found = MonthDiscovery(month, files=len(files), source=source, sliced=sliced)
     for rows_seen, counts in counted:
         found.rows_scanned += rows_seen
         _tally(found, counts, securities, dates)
@@ -124,12 +133,14 @@ def _counts_from_keys(storage: Storage, month: str, files: list[InputFile], mark
     return [(rows_seen, counts.select(["security", "trade_date", "rows_sum"]))]
 
 
-def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) -> _Counted:
-    """Counts from the key columns of every row of the month.
+def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str, sliced: list[InputFile]) -> _Counted:
+    """Counts from the key columns of every row of the month; each CSV file it cut into
+    slices is added to `sliced`, with what its slices hold.
 
-    Each file is read as several streams side by side (`key_streams`), one per core this
-    process may use: decoding releases the interpreter lock, so a scan uses every core of a
-    small machine while the workers still wait for their first jobs. Each stream's batches
+    Each file is read as several streams side by side (`key_streams`, or the slices of a large
+    CSV file), one per core this process may use: decoding releases the interpreter lock, so a
+    scan uses every core of a small machine while the workers still wait for their first jobs.
+    Each stream's batches
     are grouped on their security codes (as read, a dictionary) and day numbers, not on text,
     or only on their codes when all their rows have one trade date; its counts are folded
     together as they come, and the streams' counts once more at the end (a month has hundreds
@@ -137,6 +148,10 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) 
     ways = min(MAX_SCAN_STREAMS, max(1, math.ceil(available().cpus)))
     folded = _FoldedCounts()
     for file in files:
+        pieces = csv_slices(storage, file)
+        if pieces:
+            sliced.append(_count_slices(storage, file, pieces, market_tz, ways, folded))
+            continue
         streams = key_streams(storage, file, market_tz, ways)
         if len(streams) == 1:
             # Not Parquet (or one core): its decoding still overlaps the counting.
@@ -146,6 +161,32 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str) 
             for rows_seen, counts in pool.map(count, streams):
                 folded.add(rows_seen, counts)
     return [folded.result()]
+
+
+def _count_slices(storage: Storage, file: InputFile, pieces: list[CsvSlice], market_tz: str, ways: int,
+                  folded: _FoldedCounts) -> InputFile:
+    """Count the rows of a CSV file's slices into `folded`, `ways` slices at a time; the file
+    with what each of its slices holds."""
+    count = functools.partial(_slice_counts, storage, file, market_tz=market_tz)
+    seen: list[CsvSlice] = []
+    with ThreadPoolExecutor(min(ways, len(pieces)), thread_name_prefix="tickq-scan") as pool:
+        for rows_seen, counts, piece in pool.map(count, pieces):
+            folded.add(rows_seen, counts)
+            seen.append(piece)
+    return dataclasses.replace(file, slices=tuple(seen))
+
+
+def _slice_counts(storage: Storage, file: InputFile, piece: CsvSlice, market_tz: str) -> tuple[int, pa.Table, CsvSlice]:
+    """Rows seen in one slice of a CSV file, their counts, and the slice with what it holds."""
+    seen = SliceSeen(piece)
+
+    def keys() -> Iterator[KeyBatch]:
+        for batch in read_batches(storage, dataclasses.replace(file, slices=(piece,)), KEY_COLUMNS):
+            seen.add(batch)
+            yield KeyBatch(batch, None)
+
+    rows_seen, counts = _stream_counts(keys(), market_tz, storage.describe(file.key))
+    return rows_seen, counts, seen.seen()
 
 
 def _stream_counts(stream: Iterator[KeyBatch], market_tz: str, where: str) -> tuple[int, pa.Table]:

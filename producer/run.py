@@ -16,6 +16,7 @@ from producer.discover import MonthDiscovery, discover_month
 from producer.publish import Outgoing, publish_confirmed
 from shared.broker import connect
 from shared.errors import ConfigError, PermanentError
+from shared.inputs import InputFile, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys, succeeded_keys
 from shared.messages import JobMessage, JobParams, run_job_bodies
 from shared.metrics import get_logger
@@ -78,13 +79,16 @@ class ProduceResult:
     rows_unassigned: int = 0
 
 
-def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[str, Any]]:
+def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[str, Any], dict[str, list[InputFile]]]:
+    """The run's job keys, what discovery found per month (for the manifest), and per month
+    the CSV files it cut into slices."""
     log = get_logger(run_id=request.run_id)
     securities = set(request.securities) if request.securities else None
     dates = {dt.date.fromisoformat(d) for d in request.dates} if request.dates else None
     keys: list[JobKey] = []
     per_month: dict[str, Any] = {}
     without_input: list[str] = []
+    sliced: dict[str, list[InputFile]] = {}
     for month in request.months:
         started = time.perf_counter()
         try:
@@ -97,6 +101,8 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
             raise
         month_keys = [JobKey(month, sec, day) for sec, day in sorted(found.rows)]
         keys.extend(month_keys)
+        if found.sliced:
+            sliced[month] = found.sliced
         per_month[month] = {
             "source": found.source,
             "files": found.files,
@@ -115,13 +121,17 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
             source=found.source,
             duration_s=round(time.perf_counter() - started, 3),
         )
-    return keys, {"months": per_month, "months_without_input": without_input}
+    return keys, {"months": per_month, "months_without_input": without_input}, sliced
 
 
-def _write_month_keys(output: Storage, layout: RunLayout, keys: list[JobKey], discovery: dict[str, Any]) -> None:
+def _write_month_keys(output: Storage, layout: RunLayout, keys: list[JobKey], discovery: dict[str, Any],
+                      sliced: dict[str, list[InputFile]]) -> None:
     """A key file per month that has no ingest index (its jobs were found by reading every
     row): a worker serving one of its jobs reads the month whole, and computes the month's
-    other jobs in the same pass (see `worker.ahead`)."""
+    other jobs in the same pass (see `worker.ahead`). Beside it, what the month's large CSV
+    files hold slice by slice: such a pass over some of the month's dates reads only theirs."""
+    for month, files in sliced.items():
+        output.write_bytes(layout.month_slices(month), sliced_files_json(files), "application/json")
     scanned = {month for month, found in discovery["months"].items() if found["source"] == "scan"}
     by_month: dict[str, list[JobKey]] = {}
     for key in keys:
@@ -168,7 +178,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         done = succeeded_keys(output, layout)
         todo = [k for k in keys if k not in done]
     else:
-        keys, discovery = _discover(request, source)
+        keys, discovery, sliced = _discover(request, source)
         if not keys:
             raise ConfigError(
                 f"no jobs found for months {', '.join(request.months)} under {source.describe()}"
@@ -188,7 +198,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         return result
 
     if not resumed:
-        _write_month_keys(output, layout, keys, discovery)
+        _write_month_keys(output, layout, keys, discovery, sliced)
         output.write_bytes(layout.job_keys, job_keys_csv(keys), "text/csv")
         manifest = {
             "run_id": request.run_id,

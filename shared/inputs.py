@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import io
@@ -25,6 +26,7 @@ from typing import IO, Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -57,6 +59,12 @@ PARQUET_BUFFER_BYTES = 1 << 20
 # bound that to about 32 MB per file being read. Its batches are joined again into batches of
 # `batch_rows` (`_Coalescer`), the size the rest of a pass is quick with.
 CSV_BLOCK_BYTES = 1 << 20
+# An uncompressed CSV file of at least two of these is cut into slices of whole lines about
+# this long (`csv_slices`): discovery reads them side by side, and records what each holds,
+# so that a worker's pass over some dates reads only their slices (as Parquet row groups).
+CSV_SLICE_BYTES = 16 << 20
+# How far past a cut discovery looks for the end of a line before it gives up on that cut.
+CSV_LINE_SEARCH_BYTES = 1 << 20
 
 # Text columns of normalised rows are labels: dictionary-encoded strings, so that each
 # distinct value is normalised, matched and grouped once per batch rather than once per row.
@@ -79,12 +87,49 @@ NORMALISED_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
+class CsvSlice:
+    """Whole lines [start, end) of a CSV file's bytes, and what discovery found in them: how
+    many `rows`, the range of their `ts` (UTC ns) and of their `security` codes as the file
+    writes them. A range that is None is unknown: the slice may hold anything."""
+
+    start: int
+    end: int
+    rows: int = 0
+    ts: tuple[int, int] | None = None
+    security: tuple[str, str] | None = None
+
+    def may_hold(self, wanted: tuple[str, ...] | None, window: DayWindow | None) -> bool:
+        """Whether rows of the `wanted` securities (sorted) within `window` may be here."""
+        if wanted is not None and self.security is not None:
+            first = bisect.bisect_left(wanted, self.security[0])
+            if first == len(wanted) or wanted[first] > self.security[1]:
+                return False
+        if window is not None and self.ts is not None:
+            return self.ts[1] >= window.start_ns and self.ts[0] < window.end_ns
+        return True
+
+    def as_json(self) -> list[Any]:
+        """JSON-ready form: [start, end, rows, ts or null, security or null]."""
+        return [self.start, self.end, self.rows, list(self.ts) if self.ts else None,
+                list(self.security) if self.security else None]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> CsvSlice:
+        """Inverse of `as_json`."""
+        start, end, rows, ts, security = data
+        return cls(int(start), int(end), int(rows), (int(ts[0]), int(ts[1])) if ts else None,
+                   (str(security[0]), str(security[1])) if security else None)
+
+
+@dataclass(frozen=True)
 class InputFile:
-    """One input file of a month."""
+    """One input file of a month; a CSV file may come with the `slices` discovery cut it
+    into (they cover the file's rows, in order), which reads then skip where they can."""
 
     key: str
     size: int
     format: str
+    slices: tuple[CsvSlice, ...] = ()
 
 
 def format_of(key: str) -> str | None:
@@ -142,6 +187,7 @@ class ByteCounter:
 
 
 _FileId = tuple[str, str, int]  # storage URI, key, size
+_Span = tuple[int, int]  # bytes [start, end) of a file
 
 
 class ParquetCache:
@@ -302,6 +348,9 @@ def read_batches(
     wanted = _wanted(security)
     if file.format == "parquet":
         yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache, threads)
+    elif file.format in ("csv", "csv.gz") and file.slices:
+        for span in _csv_spans(file, wanted, window):
+            yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter, span)
     elif file.format in ("csv", "csv.gz"):
         yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter)
     elif file.format in ("dbn", "dbn.zst"):
@@ -321,7 +370,8 @@ def pass_share(
     cache: ParquetCache | None = None,
 ) -> float:
     """The share of a month's bytes that `read_batches` reads for `security` within `window`:
-    for Parquet, the row groups its statistics cannot exclude; every other file whole.
+    for Parquet, the row groups its statistics cannot exclude; for a CSV file with slices, the
+    slices that may hold them; every other file whole.
 
     Near 1 on a month not laid out by security (any subset of its jobs reads all of it), small
     on an ingested one.
@@ -329,6 +379,10 @@ def pass_share(
     wanted = _wanted(security)
     read = total = 0
     for file in files:
+        if file.slices:
+            read += sum(end - start for start, end in _csv_spans(file, wanted, window))
+            total += file.slices[-1].end - file.slices[0].start
+            continue
         if file.format != "parquet":
             read, total = read + file.size, total + file.size
             continue
@@ -674,18 +728,21 @@ def _open_stream(storage: Storage, file: InputFile) -> IO[bytes]:
 
 
 @contextlib.contextmanager
-def _counted_stream(storage: Storage, file: InputFile, counter: ByteCounter | None) -> Iterator[IO[bytes]]:
+def _counted_stream(
+    storage: Storage, file: InputFile, counter: ByteCounter | None, span: _Span | None = None
+) -> Iterator[IO[bytes]]:
     """A streamed input file, closed after use, its bytes added to `counter`.
 
-    An uncompressed file counts what was read; a compressed one its whole size (the
-    decompressor reads ahead, so the position says little).
+    An uncompressed file counts what was read (of a `span`, from its start on); a compressed
+    one its whole size (the decompressor reads ahead, so the position says little).
     """
     stream = _open_stream(storage, file)
     try:
         yield stream
     finally:
         if counter is not None:
-            counter.bytes += stream.tell() if file.format in ("csv", "dbn") else file.size
+            start = span[0] if span is not None else 0
+            counter.bytes += max(0, stream.tell() - start) if file.format in ("csv", "dbn") else file.size
         stream.close()
 
 
@@ -696,9 +753,10 @@ class _Borrowed(io.RawIOBase):
     the stream's owner is done with it (after a fallback, the position is still counted).
     """
 
-    def __init__(self, inner: IO[bytes]) -> None:
+    def __init__(self, inner: IO[bytes], end: int | None = None) -> None:
         super().__init__()
         self._inner = inner
+        self._end = end  # no byte at or past this offset is read (a slice of a CSV file)
 
     def readable(self) -> bool:
         return True
@@ -714,10 +772,13 @@ class _Borrowed(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         # Arrow asks for whole blocks through read(); no copy through readinto.
+        if self._end is not None:
+            left = max(0, self._end - self._inner.tell())
+            size = left if size is None or size < 0 else min(size, left)
         return self._inner.read(size)
 
     def readinto(self, buffer: Any) -> int:
-        data = self._inner.read(len(memoryview(buffer)))
+        data = self.read(len(memoryview(buffer)))
         memoryview(buffer).cast("B")[: len(data)] = data
         return len(data)
 
@@ -751,9 +812,10 @@ class _CsvFallback(Exception):
         self.rows = rows
 
 
-def _csv_source(stream: IO[bytes], file: InputFile) -> Any:
-    """What Arrow reads `stream` through; closing it leaves `stream` to its owner."""
-    source = pa.PythonFile(_Borrowed(stream), mode="r")
+def _csv_source(stream: IO[bytes], file: InputFile, span: _Span | None = None) -> Any:
+    """What Arrow reads `stream` through (up to the end of `span`, when given); closing it
+    leaves `stream` to its owner."""
+    source = pa.PythonFile(_Borrowed(stream, span[1] if span is not None else None), mode="r")
     return pa.CompressedInputStream(source, "gzip") if file.format == "csv.gz" else source
 
 
@@ -771,13 +833,13 @@ def _csv_convert(
     )
 
 
-def _open_csv(source: Any, convert: pacsv.ConvertOptions, block_bytes: int) -> Any:
+def _open_csv(source: Any, convert: pacsv.ConvertOptions, block_bytes: int, names: list[str] | None = None) -> Any:
     # Conversion on the calling thread (Arrow's IO thread still reads ahead): workers already
     # run a job per core, and conversion threads cost CPU in hand-offs without shortening a
-    # streamed read of one file.
+    # streamed read of one file. A slice of a file has no header: its `names` are given.
     return pacsv.open_csv(
         source,
-        read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=False),
+        read_options=pacsv.ReadOptions(block_size=block_bytes, use_threads=False, column_names=names),
         convert_options=convert,
     )
 
@@ -836,6 +898,154 @@ def _csv_prefix(stream: IO[bytes], file: InputFile, size: int) -> bytes | None:
     return raw[: end + 1] if end >= 0 else None
 
 
+def csv_slices(storage: Storage, file: InputFile) -> list[CsvSlice]:
+    """Where to cut an uncompressed CSV file into slices of whole lines of about
+    `CSV_SLICE_BYTES`, the first starting after the header (nothing counted yet); none for a
+    file smaller than two slices, another format, or lines too long to find an end of.
+
+    Lines end at a line feed, a carriage return, or both, as for Arrow's reader, which does
+    not take line breaks inside quoted values either (its `newlines_in_values` is off).
+    """
+    slice_bytes = CSV_SLICE_BYTES
+    if file.format != "csv" or file.size < 2 * slice_bytes:
+        return []
+    try:
+        with storage.open_read(file.key) as stream:
+            cuts = [_line_end(stream, 0)]
+            stream.seek(0)
+            if cuts[0] is None or not stream.read(cuts[0]).strip():
+                return []  # the header is not the first line: the file is read whole
+            for target in range(slice_bytes, file.size, slice_bytes):
+                if cuts[-1] is None or target <= cuts[-1]:
+                    continue
+                cut = _line_end(stream, target - 1)
+                if cut is not None and cut < file.size:
+                    cuts.append(cut)
+    except OSError as exc:
+        raise _unreadable(file, storage, exc) from None
+    if len(cuts) < 2:
+        return []
+    bounds = [*(c for c in cuts if c is not None), file.size]
+    return [CsvSlice(start, end) for start, end in itertools.pairwise(bounds)]
+
+
+def _line_end(stream: IO[bytes], at: int) -> int | None:
+    """The offset just past the first line break at or after offset `at` (CR LF counts as
+    one), or None when none is within `CSV_LINE_SEARCH_BYTES` or before the end."""
+    stream.seek(at)
+    offset = at
+    while offset - at < CSV_LINE_SEARCH_BYTES:
+        chunk = stream.read(64 << 10)
+        if not chunk:
+            return None
+        breaks = [i for i in (chunk.find(b"\n"), chunk.find(b"\r")) if i >= 0]
+        if breaks:
+            i = min(breaks)
+            end = offset + i + 1
+            if chunk[i:i + 1] == b"\r":
+                after = chunk[i + 1:i + 2]
+                if not after:
+                    stream.seek(end)
+                    after = stream.read(1)
+                end += after == b"\n"
+            return end
+        offset += len(chunk)
+    return None
+
+
+SLICES_VERSION = 1
+
+
+def sliced_files_json(files: list[InputFile]) -> bytes:
+    """The slices of CSV files as a run stores them for its workers: ``{"v": 1, "files":
+    [{"key", "size", "slices": [CsvSlice.as_json(), …]}, …]}``."""
+    return orjson.dumps({"v": SLICES_VERSION, "files": [
+        {"key": f.key, "size": f.size, "slices": [piece.as_json() for piece in f.slices]} for f in files]})
+
+
+def with_stored_slices(files: list[InputFile], stored: bytes) -> list[InputFile]:
+    """`files` with the slices `stored` for them (`sliced_files_json`): only where key and
+    size still match; a file of another size is read whole. `PermanentError` when `stored`
+    does not parse."""
+    try:
+        data = orjson.loads(stored)
+        if data.get("v") != SLICES_VERSION:
+            raise ValueError(f"version {data.get('v')!r}")
+        by_key = {(f["key"], int(f["size"])): tuple(CsvSlice.from_json(p) for p in f["slices"]) for f in data["files"]}
+    except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise PermanentError(f"the run's slices of CSV input do not parse ({exc})") from None
+    return [dataclasses.replace(f, slices=by_key.get((f.key, f.size), ())) for f in files]
+
+
+def _csv_spans(file: InputFile, wanted: tuple[str, ...] | None, window: DayWindow | None) -> list[_Span]:
+    """The bytes of `file`'s slices that may hold rows of the `wanted` securities within
+    `window`, adjacent slices joined into one span."""
+    spans: list[_Span] = []
+    for piece in file.slices:
+        if not piece.may_hold(wanted, window):
+            continue
+        if spans and spans[-1][1] == piece.start:
+            spans[-1] = (spans[-1][0], piece.end)
+        else:
+            spans.append((piece.start, piece.end))
+    return spans
+
+
+def _seek_span(stream: IO[bytes], file: InputFile, storage: Storage, span: _Span) -> None:
+    """Position `stream` at the start of `span`, checking that lines start and end there (the
+    file's end ends a line)."""
+    for edge in (span[0], span[1]) if span[1] < file.size else (span[0],):
+        stream.seek(edge - 1)
+        if stream.read(1) not in (b"\n", b"\r"):
+            raise _changed(file, storage)
+    stream.seek(span[0])
+
+
+def _changed(file: InputFile, storage: Storage) -> PermanentError:
+    return PermanentError(
+        f"{storage.describe(file.key)} changed since the run found its jobs (its slices no longer start "
+        "lines): run `tickq produce` again for the new input"
+    )
+
+
+class SliceSeen:
+    """What discovery sees of the rows of a CSV slice, batch by batch: how many, and the range
+    of their ts and of their security codes (`CsvSlice`)."""
+
+    def __init__(self, piece: CsvSlice) -> None:
+        self._piece = piece
+        self._rows = 0
+        self._ts: tuple[int, int] | None = None
+        self._ts_decides = True
+        self._security: tuple[str, str] | None = None
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Take a batch of the slice's key columns (ts, security, and trade_date where present)."""
+        self._rows += batch.num_rows
+        if _column(batch, "trade_date") is not None:
+            self._ts_decides = False  # a row's own trade date, not its ts, places it in a day
+        else:
+            self._ts = _widened(self._ts, pc.min_max(_normalise_ts(batch.column("ts")).cast(pa.int64())))
+        security = batch.column("security")
+        if pa.types.is_dictionary(security.type):
+            security = security.dictionary  # a few more values than the rows hold, at most
+        if pa.types.is_string(security.type) or pa.types.is_large_string(security.type):
+            self._security = _widened(self._security, pc.min_max(security))
+
+    def seen(self) -> CsvSlice:
+        """The slice with what its rows hold."""
+        return CsvSlice(self._piece.start, self._piece.end, self._rows, self._ts if self._ts_decides else None,
+                        self._security)
+
+
+def _widened(bounds: tuple[Any, Any] | None, more: pa.StructScalar) -> tuple[Any, Any] | None:
+    """`bounds` widened by the `min_max` of more values (nulls only: unchanged)."""
+    low, high = more["min"].as_py(), more["max"].as_py()
+    if low is None:
+        return bounds
+    return (low, high) if bounds is None else (min(bounds[0], low), max(bounds[1], high))
+
+
 def _csv_types(header: _CsvHeader, present: list[str]) -> dict[str, pa.DataType]:
     """The type to read each present column as: typed where the sample rows convert."""
     types: dict[str, pa.DataType] = {}
@@ -868,8 +1078,10 @@ def _csv_batches(
     wanted: tuple[str, ...] | None,
     batch_rows: int,
     counter: ByteCounter | None,
+    span: _Span | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """CSV, converted by Arrow's reader where the text allows, else as text.
+    """CSV, converted by Arrow's reader where the text allows, else as text; with a `span`
+    (whole lines of the file, `CsvSlice`), only the rows in it.
 
     The header comes first, from a probe of the file's start: a missing required column
     is a permanent error, columns the file lacks are left out. The typed read is the fast
@@ -877,7 +1089,8 @@ def _csv_batches(
     again as text from the row the typed read had reached, so every row comes out once,
     malformed values reject only their rows, and errors are the text read's, as before.
     """
-    with _counted_stream(storage, file, counter) as stream:
+    names: list[str] | None = None
+    with _counted_stream(storage, file, counter, span) as stream:
         header = _csv_header(stream, file, columns)
         present: list[str] | None = None
         types: dict[str, pa.DataType] = {}
@@ -888,16 +1101,23 @@ def _csv_batches(
                 raise _missing(file, storage, missing)
             present = [c for c in columns if c in header.names]
             types = _csv_types(header, present)
+        if span is not None:
+            if header is None or present is None:  # discovery cut it with a header it could read
+                raise _changed(file, storage)
+            names = header.names
+            _seek_span(stream, file, storage, span)
         if present is None or all(t in (pa.string(), LABEL) for t in types.values()):
-            yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, 0)
+            yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, 0, span, names)
             return
         try:
-            yield from _csv_typed(stream, file, types, wanted, batch_rows)
+            yield from _csv_typed(stream, file, types, wanted, batch_rows, span, names)
             return
         except _CsvFallback as fallback:
             done = fallback.rows
-    with _counted_stream(storage, file, counter) as stream:
-        yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, done)
+    with _counted_stream(storage, file, counter, span) as stream:
+        if span is not None:
+            _seek_span(stream, file, storage, span)
+        yield from _csv_text(storage, file, stream, columns, present, wanted, batch_rows, done, span, names)
 
 
 def _csv_typed(
@@ -906,13 +1126,15 @@ def _csv_typed(
     types: dict[str, pa.DataType],
     wanted: tuple[str, ...] | None,
     batch_rows: int,
+    span: _Span | None = None,
+    names: list[str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The columns of `types`, converted by the reader; `_CsvFallback` when it cannot go on."""
     rows = 0
     joined = _Coalescer(batch_rows)
     try:
         convert = _csv_convert(types, list(types), include_missing=False)
-        reader = _open_csv(_csv_source(stream, file), convert, CSV_BLOCK_BYTES)
+        reader = _open_csv(_csv_source(stream, file, span), convert, CSV_BLOCK_BYTES, names)
         for batch in reader:
             rows += batch.num_rows
             yield from joined.add(_filter_security(batch, wanted))
@@ -962,8 +1184,11 @@ def _csv_text(
     wanted: tuple[str, ...] | None,
     batch_rows: int,
     skip: int,
+    span: _Span | None = None,
+    names: list[str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """The `present` columns as text, from data row `skip` on (rows before it were yielded).
+    """The `present` columns as text, from data row `skip` on (rows before it were yielded),
+    of the whole file or of its `span` (whose column `names` are given).
 
     `present` None (header unknown): every wanted column, a lacking one as nulls. Text is
     parsed by `normalise`, so a malformed value rejects its row instead of failing the file.
@@ -971,8 +1196,10 @@ def _csv_text(
     include = list(columns) if present is None else present
     convert = _csv_convert({c: pa.string() for c in include}, include, include_missing=present is None)
     try:
-        reader = _open_csv(_csv_source(stream, file), convert, CSV_BLOCK_BYTES)
+        reader = _open_csv(_csv_source(stream, file, span), convert, CSV_BLOCK_BYTES, names)
     except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc) and span is not None:
+            return  # a slice of blank lines
         if "Empty CSV file" in str(exc):
             raise PermanentError(f"{storage.describe(file.key)} is empty (no header)") from None
         raise _unreadable(file, storage, exc) from None

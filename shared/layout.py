@@ -5,6 +5,7 @@
     runs/<run>/manifest.json                      parameters, expected jobs, created_at, version
     runs/<run>/job_keys.csv                       month,security,date of every expected job
     runs/<run>/job_keys/<month>.csv               the same, one month (months read row by row, not indexed)
+    runs/<run>/job_keys/<month>.slices.json       what the month's large CSV files hold, slice by slice
     runs/<run>/results/<month>/<security>.<date>.<id>.arrows|.json  partial results of one batch of jobs
     runs/<run>/succeeded/<month>/<security>/<date>.json success marker (empty), written after the result
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
@@ -196,6 +197,11 @@ class RunLayout:
         """The CSV of one month's expected job keys (written for months without an index, whose
         jobs a worker serves in one pass over the month)."""
         return f"{self.root}/job_keys/{month}.csv"
+
+    def month_slices(self, month: str) -> str:
+        """What the month's CSV files hold slice by slice (`shared.inputs.CsvSlice`), written
+        with the month's key file when discovery cut a file into slices."""
+        return f"{self.root}/job_keys/{month}.slices.json"
 
     def month_pass_claim(self, month: str, part: int) -> str:
         """Created by the one worker that computes a part of a month's expected jobs in one

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import random
 import socket
 import threading
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from producer.discover import discover_month
+from shared.inputs import normalise
 from shared.layout import JobKey, RunLayout, batch_result_table
 from shared.messages import JobMessage
 from shared.storage import Storage, open_storage
@@ -253,3 +255,14 @@ class TcpProxy:
         self._closed = True
         self._listener.close()
         self.cut()
+
+
+def normalised_rows(batches: list[pa.RecordBatch], market_tz: str) -> list[dict[str, Any]]:
+    """Every row of `batches` as a worker sees it, with its verdict ("valid"), NaN made comparable."""
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        table, valid = normalise(batch, market_tz)
+        for row, ok in zip(table.to_pylist(), valid.to_pylist(), strict=True):
+            row["valid"] = ok
+            rows.append({k: "NaN" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+    return rows

@@ -25,11 +25,11 @@ from shared.inputs import (
     TS_UTC,
     ByteCounter,
     month_files,
-    normalise,
     read_batches,
     trade_dates,
 )
 from shared.storage import open_storage
+from tests.helpers import normalised_rows
 
 MONTH = "2024-03"
 HEADER = "ts,security,price,size,side,participant,venue"
@@ -87,13 +87,7 @@ def read(root: Path, security: Any = None, columns: tuple[str, ...] = ALL_COLUMN
 
 def normalised(batches: list[pa.RecordBatch]) -> list[dict[str, Any]]:
     """Every row as the worker sees it, with its verdict (NaN made comparable)."""
-    rows: list[dict[str, Any]] = []
-    for batch in batches:
-        table, valid = normalise(batch, TZ)
-        for row, ok in zip(table.to_pylist(), valid.to_pylist(), strict=True):
-            row["valid"] = ok
-            rows.append({k: "NaN" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
-    return rows
+    return normalised_rows(batches, TZ)
 
 
 def as_text(root: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> list[pa.RecordBatch]:

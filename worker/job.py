@@ -34,6 +34,7 @@ from shared.inputs import (
     normalise,
     pass_share,
     read_batches,
+    with_stored_slices,
 )
 from shared.layout import (
     ARROW_STREAM_TYPE,
@@ -124,6 +125,7 @@ class MonthListings:
         self._lock = threading.Lock()
         self._files: dict[_Month, tuple[float, list[InputFile]]] = {}
         self._days: dict[_Month, tuple[float, DayFiles | None]] = {}
+        self._slices: dict[_Month, tuple[float, bytes | None]] = {}
         self.parquet = ParquetCache()
         # Whole-month passes that store jobs ahead of their messages; only worth it for a
         # process that serves many batches (a worker), not for one job on its own.
@@ -142,6 +144,23 @@ class MonthListings:
     def day_files(self, storage: Storage, month: str) -> DayFiles | None:
         """The month's day files (`shared.dayfiles`), None when it has none; from cache when fresh."""
         return self._fresh(self._days, (storage.uri, month), lambda: read_manifest(storage, month))
+
+    def with_slices(self, output: Storage, layout: RunLayout, month: str, files: list[InputFile]) -> list[InputFile]:
+        """`files` with the slices the run's discovery cut its CSV files into, where it did
+        (`shared.inputs.CsvSlice`; the stored record from cache when fresh)."""
+
+        def load() -> bytes | None:
+            key = layout.month_slices(month)
+            return output.read_bytes(key) if output.exists(key) else None
+
+        stored = self._fresh(self._slices, (output.describe(layout.root), month), load)
+        if stored is None:
+            return files
+        try:
+            return with_stored_slices(files, stored)
+        except PermanentError as exc:  # only the shortcut is lost: the files are read whole
+            get_logger().warning("worker.slices_unreadable", month=month, error=str(exc))
+            return files
 
     def _fresh(self, cache: dict[_Month, tuple[float, _T]], key: _Month, load: Callable[[], _T]) -> _T:
         now = time.monotonic()
@@ -492,7 +511,7 @@ def _execute_distinct(jobs: list[JobMessage], s3_endpoint_url: str | None, worke
         processor = get_processor(first.processor)
         source = open_storage(first.input, s3_endpoint_url)
         start = time.perf_counter()
-        files = listings.files(source, first.month)
+        files = listings.with_slices(output, layout, first.month, listings.files(source, first.month))
         for i in todo:
             outcomes[i].time("list", (time.perf_counter() - start) / len(todo))
         todo_jobs = [jobs[i] for i in todo]

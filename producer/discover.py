@@ -211,14 +211,37 @@ def _batch_counts(key: KeyBatch, market_tz: str) -> pa.Table:
     day = key.day if key.day is not None else shared_trade_date(batch, market_tz)
     if day is not None:
         return _one_day_counts(codes, values, day)
-    keys = pa.table({"code": pa.array(codes.astype(np.int32, copy=False)),
-                     "trade_date": trade_dates(batch, market_tz)})
+    dates = trade_dates(batch, market_tz)
+    counted = _few_days_counts(codes, values, dates)
+    if counted is not None:
+        return counted
+    keys = pa.table({"code": pa.array(codes.astype(np.int32, copy=False)), "trade_date": dates})
     counts = keys.group_by(["code", "trade_date"], use_threads=False).aggregate([([], "count_all")])
     # Code -1 (a null security) takes the extra null at the end of the values.
     lookup = pa.concat_arrays([values.cast(pa.string()), pa.nulls(1, pa.string())])
     code = pc.if_else(pc.less(counts.column("code"), 0), len(values), counts.column("code"))
     return pa.table({"security": lookup.take(code), "trade_date": counts.column("trade_date"),
                      "count": counts.column("count_all")})
+
+
+def _few_days_counts(codes: np.ndarray, values: pa.Array, dates: pa.Array) -> pa.Table | None:
+    """`_batch_counts` of rows of several trade `dates` (a month in no time order, or by
+    security): counts per (code, date) cell in one pass, or None when the dates span too many
+    days for a table of every cell (hashing them is then cheaper)."""
+    valid = dates.is_valid().to_numpy(zero_copy_only=False)
+    days = dates.cast(pa.int32()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    first = int(days[valid].min()) if valid.any() else 0
+    span = (int(days[valid].max()) - first + 1 if valid.any() else 0) + 1  # and a last column for no date
+    width = len(values) + 1  # and a first row for no security (code -1)
+    if width * span > max(4 * len(codes), 1 << 16):
+        return None
+    per_cell = np.bincount((codes + 1) * span + np.where(valid, days - first, span - 1), minlength=width * span)
+    seen = np.flatnonzero(per_cell)
+    lookup = pa.concat_arrays([pa.nulls(1, pa.string()), values.cast(pa.string())])
+    column = seen % span
+    day = pa.array((first + column).astype(np.int32), pa.date32(), mask=column == span - 1)
+    return pa.table({"security": lookup.take(pa.array(seen // span)), "trade_date": day,
+                     "count": pa.array(per_cell[seen], pa.int64())})
 
 
 def _one_day_counts(codes: np.ndarray, values: pa.Array, day: int) -> pa.Table:

@@ -482,3 +482,32 @@ def test_a_file_read_as_several_streams_yields_each_row_once(tmp_path: Path, way
     expected = table.column("security").value_counts().to_pylist()
     key = lambda item: item["values"]  # noqa: E731
     assert sorted(read, key=key) == sorted(expected, key=key)
+
+
+@pytest.mark.parametrize("span_days", [1, 30, 5000])
+def test_rows_of_many_dates_are_counted_as_grouping_them_counts(span_days: int) -> None:
+    """A batch of rows of several trade dates (a month in no time order, or by security) is
+    counted by one pass over a table of (security, date) cells when the dates span few days,
+    else by grouping; both give every (security, date) pair its rows, nulls included."""
+    rng = np.random.default_rng(span_days)
+    n = 20_000
+    values = pa.array([f"S{i}" for i in range(40)])
+    codes = rng.integers(-1, len(values), n)  # -1: no security
+    days = rng.integers(19_000, 19_000 + span_days, n)
+    dates = pa.array(days.astype(np.int32), pa.date32(), mask=rng.random(n) < 0.05)  # some rows of no date
+    security = pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32(), mask=codes < 0), values)
+
+    counted = discover._few_days_counts(discover.label_codes(security)[0], values, dates)
+    assert (counted is None) == (span_days == 5000)  # 200,000 cells for 20,000 rows: grouped instead
+    expected = pa.table({"security": security.cast(pa.string()), "trade_date": dates}).group_by(
+        ["security", "trade_date"], use_threads=False).aggregate([([], "count_all")])
+    key = lambda row: (row["security"] or "", row["trade_date"] or dt.date.min)  # noqa: E731
+    as_rows = lambda table: sorted(  # noqa: E731
+        ({"security": r["security"], "trade_date": r["trade_date"], "count": r.get("count", r.get("count_all"))}
+         for r in table.to_pylist()), key=key)
+    # No ts: each row's own trade date (or none) is its date.
+    batch = pa.record_batch({"ts": pa.nulls(n, pa.timestamp("ns", tz="UTC")), "security": security,
+                             "trade_date": dates})
+    assert as_rows(discover._batch_counts(discover.KeyBatch(batch, None), "UTC")) == as_rows(expected)
+    if counted is not None:
+        assert as_rows(counted) == as_rows(expected)

@@ -2,6 +2,7 @@
 
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2
     python bench/run.py e2e       --rows 10000000 --securities 500 --workers 2 --format csv --raw-too
+    python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2 --rewrite shuffled --raw-too
     python bench/run.py per-job   --rows 1000000,20000000
     python bench/run.py batch     --rows 20000000 --securities 500 --jobs 128
     python bench/run.py memory    --rows 1000000,20000000
@@ -80,21 +81,49 @@ def _drop_namespaces() -> None:
     asyncio.run(drop())
 
 
+# Raw Parquet months as other tools write them: `tickq gen`'s rows rewritten with pyarrow's
+# defaults (row groups of 1 Mi rows, dictionary-encoded text), in time order, sorted by
+# security, or in no order.
+REWRITES = ("pyarrow-defaults", "by-security", "shuffled")
+
+
 def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True,
-          day_files_tz: str | None = None) -> tuple[Path, Path]:
+          day_files_tz: str | None = None, rewrite: str | None = None) -> tuple[Path, Path]:
     """Generated raw data and (optionally) its ingested layout, reused across runs; with
-    `day_files_tz`, the layout has day files in that zone too."""
+    `day_files_tz`, the layout has day files in that zone too; with `rewrite` (one of
+    `REWRITES`), the raw Parquet month is that rewrite of the generated one."""
     raw = work / f"raw-{fmt}-{rows}-{securities}"
     if not raw.exists():
         _tickq("gen", "--out", str(raw), "--months", MONTH, "--rows", str(rows), "--securities", str(securities),
                "--format", fmt)
+    if rewrite is not None:
+        raw = _rewritten(raw, rewrite)
     days = () if day_files_tz is None else ("--day-files", day_files_tz)
-    laid = work / (f"ingested-{fmt}-{rows}-{securities}" + ("-days-" + day_files_tz.replace("/", "-") if days else ""))
+    laid = work / (f"ingested-{fmt}-{rows}-{securities}" + ("-days-" + day_files_tz.replace("/", "-") if days else "")
+                   + (f"-{rewrite}" if rewrite else ""))
     if ingest and not laid.exists():
         t0 = time.perf_counter()
         _tickq("ingest", "--input", str(raw), "--output", str(laid), "--months", MONTH, "--quiet", *days)
         _row(target="ingest", rows=rows, day_files=bool(days), seconds=round(time.perf_counter() - t0, 2))
     return raw, laid
+
+
+def _rewritten(raw: Path, rewrite: str) -> Path:
+    """`raw`'s Parquet month rewritten as `rewrite` says (made once, then reused)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    out = raw.with_name(f"{raw.name}-{rewrite}")
+    if out.exists():
+        return out
+    table = pq.read_table(raw / MONTH)
+    if rewrite == "by-security":
+        table = table.sort_by([("security", "ascending"), ("ts", "ascending")])
+    elif rewrite == "shuffled":
+        table = table.take(np.random.default_rng(1).permutation(table.num_rows))
+    (out / MONTH).mkdir(parents=True)
+    pq.write_table(table, out / MONTH / "part-0000.parquet")
+    return out
 
 
 def _row(**fields: Any) -> None:
@@ -156,7 +185,7 @@ def _duckdb_security_daily(raw: Path, tz: str) -> float:
 
 def cmd_e2e(args: argparse.Namespace) -> None:
     raw, laid = _data(args.work, args.rows, args.securities, args.format,
-                      day_files_tz=args.tz if args.day_files else None)
+                      day_files_tz=args.tz if args.day_files else None, rewrite=args.rewrite)
     for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
         # This machine's speed drifts by tens of percent within minutes: DuckDB runs right
         # before and right after each tickq run, and each ratio uses the mean of the two. A
@@ -764,6 +793,9 @@ def main() -> None:
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
                         help="memory: csv measures a worker over a raw CSV month; e2e and ingest: the raw "
                              "month's format")
+    parser.add_argument("--rewrite", choices=REWRITES, default=None,
+                        help="e2e: the raw Parquet month as pyarrow's defaults write it, in time order, sorted by "
+                             "security, or shuffled")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="scaling: each worker's --prefetch (default: the worker's own)")

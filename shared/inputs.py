@@ -397,6 +397,19 @@ def pass_share(
     return read / total if total else 0.0
 
 
+def read_units(storage: Storage, files: list[InputFile], cache: ParquetCache | None = None) -> tuple[int, int]:
+    """How many pieces a read of `files` can pick from (Parquet row groups, CSV slices, every
+    other file whole), and how many rows they hold that are known without reading them."""
+    units = rows = 0
+    for file in files:
+        if file.format == "parquet":
+            footer = _footer(storage, file, cache)
+            units, rows = units + footer.num_row_groups, rows + footer.num_rows
+        else:
+            units, rows = units + max(1, len(file.slices)), rows + sum(piece.rows for piece in file.slices)
+    return units, rows
+
+
 @dataclass(frozen=True, slots=True)
 class KeyBatch:
     """Rows' key columns, read to discover a month's jobs.

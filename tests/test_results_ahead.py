@@ -204,6 +204,47 @@ def test_a_month_in_time_order_is_claimed_by_a_first_batch_of_a_few_dates(data: 
     assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
 
 
+@pytest.mark.parametrize("group_rows", [20_000, 1_000])
+def test_a_month_sorted_by_security_in_large_row_groups_is_claimed_in_parts_of_whole_securities(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, group_rows: int
+) -> None:
+    """Raw input sorted by security (as a tool writing one security after another makes it): in
+    row groups too large to keep between batches and of many jobs each, a batch's own pass would
+    decode mostly its neighbours' rows, and the next batch decode them again, so passes over
+    parts of whole securities compute the month, which is read about once; in row groups of a
+    few jobs each, every batch reads its own."""
+    source = tmp_path / "by-security"
+    for part in (data / "raw" / MONTH).glob("*.parquet"):
+        (source / MONTH).mkdir(parents=True, exist_ok=True)
+        table = pq.read_table(part).sort_by([("security", "ascending"), ("ts", "ascending")])
+        pq.write_table(table, source / MONTH / part.name, row_group_size=group_rows)
+    keys = _keys(str(source))
+    monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // 3)
+    monkeypatch.setattr("worker.job.BY_SECURITY_UNIT_JOBS", BATCH)
+    listings, each_alone = MonthListings(passes=MonthPasses()), MonthListings()
+    for kept in (listings, each_alone):  # a row group of more rows than this is never kept
+        kept.parquet.max_group_rows = 5_000
+    tally = _count_reads(monkeypatch)
+    outcomes = _run(str(source), str(tmp_path / "out"), keys, listings)
+    reads = _times_read(str(source), tally)
+    tally.clear()
+    _run(str(source), str(tmp_path / "ref"), keys, each_alone)
+    alone, reads_alone = stored_results(str(tmp_path / "ref")), _times_read(str(source), tally)
+
+    assert stored_results(str(tmp_path / "out")).equals(alone)
+    if group_rows == 20_000:  # three row groups of about 80 jobs each
+        assert _claims(tmp_path / "out") == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
+                                                   for p in range(3) for kind in ("claim", "done"))
+        parts = month_parts(keys, by_date=False, by_security=True)
+        assert [len({k.security for k in part}) for part in parts] == [4, 4, 4]  # whole securities
+        assert sum(o.already_done for o in outcomes) > len(keys) // 2
+        # Each part's pass reads its row groups, and at most one of the next part's.
+        assert 1 <= reads <= 2 and reads_alone >= 4
+    else:  # sixty row groups of about four jobs each: read as batches read them alone
+        assert not _claims(tmp_path / "out") and not any(o.already_done for o in outcomes)
+        assert reads == pytest.approx(reads_alone, rel=0.05)
+
+
 def _in_time_order(data: Path, target: Path) -> Path:
     """The raw month sorted by time, in row groups of 4,096 rows."""
     for part in (data / "raw" / MONTH).glob("*.parquet"):
@@ -218,12 +259,12 @@ def _in_date_parts(
     """The month in time order and its keys, split into about `parts` parts of whole dates."""
     source = _in_time_order(data, tmp_path / "by-time")
     keys = _keys(str(source))
-    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", len(keys) // parts)
+    monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // parts)
     return source, keys
 
 
 def test_a_month_is_split_by_date_in_time_order_and_by_key_order_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("worker.ahead.DATE_PART_JOBS", 2_000)
+    monkeypatch.setattr("worker.ahead.PART_JOBS", 2_000)
     keys = [JobKey(MONTH, f"S{s:03d}", f"{MONTH}-{d:02d}") for s in range(300) for d in (1, 4, 5, 6, 7, 8, 11, 12)]
     by_date = month_parts(keys, by_date=True)
     assert [len(part) for part in by_date] == [1200, 1200]  # 2,400 jobs: parts of about 2,000 at most

@@ -7,9 +7,11 @@ it N times. There, the first batch of the month claims it for its run (an object
 where none exists: of racing workers exactly one wins), and its pass computes every job of the
 month the run expects and has not done yet (the month's key file, written by the producer) and
 stores their results and markers as passes of their own would have. A month is claimed in
-parts (`month_parts`): in time order, parts of whole dates of about `DATE_PART_JOBS` jobs,
-whose passes read only their dates' row groups, so that several workers compute one month side
-by side; otherwise parts of up to `MAX_JOBS_AHEAD` jobs in key order. A batch claims each part
+parts (`month_parts`): in time order, parts of whole dates of about `PART_JOBS` jobs, whose
+passes read only their dates' row groups, so that several workers compute one month side by
+side; sorted by security in row groups (or CSV slices) of hundreds of jobs each, where a
+batch's own read would decode about as much of its neighbours' rows as of its own, parts of
+whole securities alike; otherwise parts of up to `MAX_JOBS_AHEAD` jobs in key order. A batch claims each part
 no one has, those holding its own jobs first; batches whose parts are all claimed elsewhere
 wait for those passes to be done and then find their jobs stored: their messages are acked as
 already done.
@@ -46,11 +48,12 @@ from shared.storage import Storage
 
 # The most jobs one pass computes: a month of 500 securities has about 10,500.
 MAX_JOBS_AHEAD = 12_000
-# A month in time order is split into parts of whole dates, of about this many jobs each: a
-# pass over a few dates reads only their row groups, so the parts' passes can run on several
-# workers at once and the month is still read about once. Each part costs a pass its set-up and
-# the row groups it shares with the next; a month of 500 securities makes two parts.
-DATE_PART_JOBS = 5_500
+# A month in time order is split into parts of whole dates, of about this many jobs each (one
+# sorted by security, of whole securities): a pass over a few dates reads only their row
+# groups, so the parts' passes can run on several workers at once and the month is still read
+# about once. Each part costs a pass its set-up and the row groups it shares with the next; a
+# month of 500 securities makes two parts.
+PART_JOBS = 5_500
 # A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S (six
 # renewals missed) is taken to have died with its worker, and its part's pass is made again.
 CLAIM_RENEW_S = 5.0
@@ -69,22 +72,24 @@ RELEASE_PAUSE_S = 0.5
 _pause = time.sleep  # how waiting and releasing sleep (a test replaces it)
 
 
-def month_parts(keys: Sequence[JobKey], by_date: bool) -> list[list[JobKey]]:
+def month_parts(keys: Sequence[JobKey], by_date: bool, by_security: bool = False) -> list[list[JobKey]]:
     """A month's expected jobs (`keys`, in key order) in the parts that passes claim, each in
-    key order: with `by_date`, whole dates of about `DATE_PART_JOBS` jobs together, in date
-    order; else, and within a date of more than `MAX_JOBS_AHEAD` jobs, up to that many jobs."""
-    if not by_date:
+    key order: with `by_date`, whole dates of about `PART_JOBS` jobs together, in date order;
+    with `by_security`, whole securities alike; else, and within a date or security of more than
+    `MAX_JOBS_AHEAD` jobs, up to that many jobs."""
+    if not (by_date or by_security):
         return [list(keys[i:i + MAX_JOBS_AHEAD]) for i in range(0, len(keys), MAX_JOBS_AHEAD)]
-    per_day = Counter(key.date for key in keys)
-    count = min(len(per_day), -(-len(keys) // DATE_PART_JOBS))
+    group: Callable[[JobKey], str] = (lambda key: key.date) if by_date else (lambda key: key.security)
+    per_group = Counter(group(key) for key in keys)
+    count = min(len(per_group), -(-len(keys) // PART_JOBS))
     part_of: dict[str, int] = {}
     placed = 0
-    for day in sorted(per_day):  # each date joins the part its first job falls in, by count
-        part_of[day] = placed * count // len(keys)
-        placed += per_day[day]
+    for value in sorted(per_group):  # each date (security) joins the part its first job falls in, by count
+        part_of[value] = placed * count // len(keys)
+        placed += per_group[value]
     parts: list[list[JobKey]] = [[] for _ in range(count)]
     for key in keys:
-        parts[part_of[key.date]].append(key)
+        parts[part_of[group(key)]].append(key)
     return [part[i:i + MAX_JOBS_AHEAD] for part in parts for i in range(0, len(part), MAX_JOBS_AHEAD)]
 
 
@@ -94,7 +99,7 @@ class MonthPasses:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._widened = threading.Lock()
-        self._without_keys: set[Hashable] = set()  # months whose run has no key file for them
+        self._batch_by_batch: set[Hashable] = set()  # months never claimed in parts
         self._claiming = threading.Lock()
         self._held: set[Hashable] = set()  # claims a pass of this process holds
 
@@ -104,15 +109,16 @@ class MonthPasses:
         with self._widened:
             yield
 
-    def lacks_keys(self, month: Hashable) -> bool:
-        """Whether `month` was found to have no key file (an ingested month: never claimed)."""
+    def never_claimed(self, month: Hashable) -> bool:
+        """Whether `month` was found to be read batch by batch, never in claimed parts (its run
+        has no key file for it, or it is laid out for batches to read their own)."""
         with self._lock:
-            return month in self._without_keys
+            return month in self._batch_by_batch
 
-    def note_lacks_keys(self, month: Hashable) -> None:
-        """`month` has no key file: later batches need not look for it."""
+    def note_never_claimed(self, month: Hashable) -> None:
+        """`month` is read batch by batch: later batches need not look at it again."""
         with self._lock:
-            self._without_keys.add(month)
+            self._batch_by_batch.add(month)
 
     @contextlib.contextmanager
     def claims(self) -> Iterator[set[Hashable]]:

@@ -34,6 +34,7 @@ from shared.inputs import (
     normalise,
     pass_share,
     read_batches,
+    read_units,
     with_stored_slices,
 )
 from shared.layout import (
@@ -73,6 +74,12 @@ AHEAD_FROM_SHARE = 0.9
 # Such a month is split by date (`worker.ahead.month_parts`) when a pass over its first date
 # reads at most this share of it: it is in time order.
 BY_DATE_SHARE = 0.5
+# A month laid out by security is computed in parts of whole securities too when its row groups
+# (or CSV slices) are too large to keep between batches and hold more than this many of its
+# jobs each: a batch's own pass, of up to 512 jobs, would decode about as many of its
+# neighbours' rows at its ends as of its own, and the next batch decode them again (pyarrow's
+# default row group holds 1 Mi rows, the jobs of 25 securities of a 20 M-row month).
+BY_SECURITY_UNIT_JOBS = 256
 # Batches of up to this many jobs read the jobs' day files, where the month has them
 # (`shared.dayfiles`), rather than the row groups holding the jobs: a day file costs a request
 # and about 0.15 ms to decode, a 128 k-row group is shared by dozens of jobs.
@@ -710,23 +717,23 @@ def _month_parts(
     jobs: list[JobMessage], source: Storage, files: list[InputFile], output: Storage, layout: RunLayout,
     listings: MonthListings, passes: MonthPasses,
 ) -> list[_Part]:
-    """When the month is not laid out by security: the parts of the month's expected jobs
-    (`worker.ahead.month_parts`) that hold jobs besides the batch's, those holding some of the
-    batch's first; else none."""
+    """When the month is not laid out by security, or is in row groups too large for a batch:
+    the parts of the month's expected jobs (`worker.ahead.month_parts`) that hold jobs besides
+    the batch's, those holding some of the batch's first; else none."""
     first = jobs[0]
     # A month the producer found indexed (or a run of an earlier version) has no key file:
-    # looked for once per worker, so that its batches skip the share below.
+    # looked for once per worker, so that its batches skip the share below; so is a month
+    # laid out for batches to read their own.
     run_month = (output.uri, first.run_id, first.month)
-    if passes.lacks_keys(run_month):
+    if passes.never_claimed(run_month):
         return []
     if not output.exists(layout.month_job_keys(first.month)):
-        passes.note_lacks_keys(run_month)
+        passes.note_never_claimed(run_month)
         return []
     # Whether the month is laid out by security, not what this batch's own pass would read:
     # on a month in time order, a first batch of a few dates reads part of it, but the run's
     # jobs read all of it, and passes for them all are the least the run can read.
-    if pass_share(source, files, [first.security], None, listings.parquet) < AHEAD_FROM_SHARE:
-        return []
+    by_security = pass_share(source, files, [first.security], None, listings.parquet) < AHEAD_FROM_SHARE
     try:
         keys = read_month_job_keys(output, layout, first.month)
     except PermanentError as exc:  # only the shortcut is lost: the batch's own jobs go on
@@ -734,11 +741,15 @@ def _month_parts(
         return []
     if not keys:  # removed since, or none
         return []
-    by_date = pass_share(source, files, [first.security], DayWindow.of(dt.date.fromisoformat(min(k.date for k in keys)),
-                         first.params.market_tz), listings.parquet) <= BY_DATE_SHARE
+    if by_security and not _units_too_large(source, files, listings.parquet, len(keys)):
+        passes.note_never_claimed(run_month)  # each batch reads its own row groups, wasting little
+        return []
+    by_date = not by_security and pass_share(
+        source, files, [first.security], DayWindow.of(dt.date.fromisoformat(min(k.date for k in keys)),
+                                                      first.params.market_tz), listings.parquet) <= BY_DATE_SHARE
     position = {(job.security, job.date): i for i, job in enumerate(jobs)}  # distinct (`execute_batch`)
     parts = []
-    for index, keys_of_part in enumerate(month_parts(keys, by_date)):
+    for index, keys_of_part in enumerate(month_parts(keys, by_date, by_security)):
         own = [position[k.security, k.date] for k in keys_of_part if (k.security, k.date) in position]
         others = [k for k in keys_of_part if (k.security, k.date) not in position]
         if others:
@@ -746,6 +757,14 @@ def _month_parts(
     # The parts holding the batch's jobs first; then the others, which the batch claims where no
     # one has, rather than wait idle for the passes over its own (a small batch of a few dates).
     return sorted(parts, key=lambda part: not part.own)
+
+
+def _units_too_large(source: Storage, files: list[InputFile], cache: ParquetCache, jobs: int) -> bool:
+    """Whether the row groups (or CSV slices) of a month laid out by security, of `jobs` jobs,
+    are too large for batches to read their own: kept by no cache between batches, and holding
+    more than `BY_SECURITY_UNIT_JOBS` jobs each."""
+    units, rows = read_units(source, files, cache)
+    return rows > units * cache.max_group_rows and jobs > units * BY_SECURITY_UNIT_JOBS
 
 
 def _messages(first: JobMessage, keys: list[JobKey]) -> list[JobMessage]:

@@ -35,8 +35,8 @@ from shared.inputs import (
     with_stored_slices,
 )
 from shared.storage import open_storage
-from tests.conftest import Tickq
-from tests.helpers import normalised_rows, read_tables
+from tests.conftest import S3Server, Tickq
+from tests.helpers import normalised_rows, read_tables, upload_dir
 from tests.reference import assert_tables_equal, reference_tables
 
 MONTH = "2024-03"
@@ -177,6 +177,20 @@ def test_a_file_changed_since_discovery_fails_in_one_line_rather_than_reading_wr
     (grown,) = month_files(storage, MONTH)
     assert with_stored_slices([grown], sliced_files_json([sliced])) == [grown]
     assert len(rows_of(read(storage, grown))) == 4000
+
+
+def test_slices_on_s3_are_read_with_ranged_requests_as_on_a_local_disk(tmp_path: Path, s3_server: S3Server) -> None:
+    write(tmp_path / "local", month_rows(), "\r\n")
+    bucket = s3_server.new_bucket()
+    upload_dir(tmp_path / "local", s3_server.client(), bucket, "raw")
+    local = the_file(tmp_path / "local")
+    remote = open_storage(f"s3://{bucket}/raw", s3_server.endpoint)
+    (sliced_here,) = discover_month(local[0], MONTH, TZ).sliced
+    found = discover_month(remote, MONTH, TZ)
+    assert found.sliced == [sliced_here]
+    window = DayWindow.of(dt.date(2024, 3, 5), TZ)
+    assert rows_of(read(remote, found.sliced[0], window=window)) == rows_of(read(local[0], sliced_here, window=window))
+    assert rows_of(read(remote, found.sliced[0])) == rows_of(read(*local))
 
 
 def test_stored_slices_round_trip_and_a_damaged_record_is_a_clear_error() -> None:

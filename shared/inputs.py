@@ -348,7 +348,7 @@ def read_batches(
     wanted = _wanted(security)
     if file.format == "parquet":
         yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache, threads)
-    elif file.format in ("csv", "csv.gz") and file.slices:
+    elif file.slices:  # an uncompressed CSV file that discovery cut
         for span in _csv_spans(file, wanted, window):
             yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter, span)
     elif file.format in ("csv", "csv.gz"):
@@ -924,22 +924,20 @@ def csv_slices(storage: Storage, file: InputFile) -> list[CsvSlice]:
         return []
     try:
         with storage.open_read(file.key) as stream:
-            cuts = [_line_end(stream, 0)]
+            header_end = _line_end(stream, 0)
             stream.seek(0)
-            if cuts[0] is None or not stream.read(cuts[0]).strip():
+            if header_end is None or not stream.read(header_end).strip():
                 return []  # the header is not the first line: the file is read whole
+            cuts = [header_end]
             for target in range(slice_bytes, file.size, slice_bytes):
-                if cuts[-1] is None or target <= cuts[-1]:
-                    continue
-                cut = _line_end(stream, target - 1)
+                cut = _line_end(stream, target - 1) if target > cuts[-1] else None
                 if cut is not None and cut < file.size:
                     cuts.append(cut)
     except OSError as exc:
         raise _unreadable(file, storage, exc) from None
     if len(cuts) < 2:
         return []
-    bounds = [*(c for c in cuts if c is not None), file.size]
-    return [CsvSlice(start, end) for start, end in itertools.pairwise(bounds)]
+    return [CsvSlice(start, end) for start, end in itertools.pairwise([*cuts, file.size])]
 
 
 def _line_end(stream: IO[bytes], at: int) -> int | None:
@@ -1016,8 +1014,8 @@ def _seek_span(stream: IO[bytes], file: InputFile, storage: Storage, span: _Span
 
 def _changed(file: InputFile, storage: Storage) -> PermanentError:
     return PermanentError(
-        f"{storage.describe(file.key)} changed since the run found its jobs (its slices no longer start "
-        "lines): run `tickq produce` again for the new input"
+        f"{storage.describe(file.key)} changed since the run found its jobs (its slices no longer fall on "
+        "line ends): run `tickq produce` again for the new input"
     )
 
 

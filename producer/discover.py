@@ -140,11 +140,10 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str, 
     Each file is read as several streams side by side (`key_streams`, or the slices of a large
     CSV file), one per core this process may use: decoding releases the interpreter lock, so a
     scan uses every core of a small machine while the workers still wait for their first jobs.
-    Each stream's batches
-    are grouped on their security codes (as read, a dictionary) and day numbers, not on text,
-    or only on their codes when all their rows have one trade date; its counts are folded
-    together as they come, and the streams' counts once more at the end (a month has hundreds
-    of batches, and each repeats most of the month's jobs)."""
+    Each stream's batches are grouped on their security codes (as read, a dictionary) and day
+    numbers, not on text, or only on their codes when all their rows have one trade date; its
+    counts are folded together as they come, and the streams' counts once more at the end (a
+    month has hundreds of batches, and each repeats most of the month's jobs)."""
     ways = min(MAX_SCAN_STREAMS, max(1, math.ceil(available().cpus)))
     folded = _FoldedCounts()
     for file in files:
@@ -230,8 +229,9 @@ def _few_days_counts(codes: np.ndarray, values: pa.Array, dates: pa.Array) -> pa
     days for a table of every cell (hashing them is then cheaper)."""
     valid = dates.is_valid().to_numpy(zero_copy_only=False)
     days = dates.cast(pa.int32()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    first = int(days[valid].min()) if valid.any() else 0
-    span = (int(days[valid].max()) - first + 1 if valid.any() else 0) + 1  # and a last column for no date
+    dated = days[valid]
+    first = int(dated.min()) if len(dated) else 0
+    span = (int(dated.max()) - first + 1 if len(dated) else 0) + 1  # and a last column for no date
     width = len(values) + 1  # and a first row for no security (code -1)
     if width * span > max(4 * len(codes), 1 << 16):
         return None

@@ -11,10 +11,10 @@ parts (`month_parts`): in time order, parts of whole dates of about `PART_JOBS` 
 passes read only their dates' row groups, so that several workers compute one month side by
 side; sorted by security in row groups (or CSV slices) of hundreds of jobs each, where a
 batch's own read would decode about as much of its neighbours' rows as of its own, parts of
-whole securities alike; otherwise parts of up to `MAX_JOBS_AHEAD` jobs in key order. A batch claims each part
-no one has, those holding its own jobs first; batches whose parts are all claimed elsewhere
-wait for those passes to be done and then find their jobs stored: their messages are acked as
-already done.
+whole securities alike; otherwise parts of up to `MAX_JOBS_AHEAD` jobs in key order. A batch
+claims each part no one has, those holding its own jobs first; batches whose parts are all
+claimed elsewhere wait for those passes to be done and then find their jobs stored: their
+messages are acked as already done.
 
 Nothing is lost: a message is acked only once its job's result and marker are stored. A pass
 that fails deletes its claim; a claimed pass renews its claim as it goes, and a claim not

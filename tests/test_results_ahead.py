@@ -619,6 +619,44 @@ def test_a_pass_over_a_resumed_run_computes_only_the_jobs_not_yet_done(data: Pat
                                                                          keys[done_before + BATCH:], MonthListings()))
 
 
+def test_jobs_that_succeed_clear_their_dead_and_retry_records_the_pass_listing_them_once_for_the_month(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replayed dead job or a job between retries may succeed in a batch of its own or be
+    stored ahead by another batch's pass: either way its record goes. The pass finds the records
+    of every job it stores in two listings of the month, not two per security."""
+    source = str(data / "raw")
+    keys = _keys(source)
+    output = tmp_path / "out"
+    store, layout = open_storage(str(output)), RunLayout("r1")
+    own, ahead = keys[0], keys[len(keys) // 2]  # in the first batch; stored ahead by its pass
+    assert own not in keys[BATCH:] and ahead in keys[BATCH:]
+    records = [layout.dead(own), layout.retrying(ahead), layout.dead(keys[-1])]
+    for record in records:
+        store.write_bytes(record, b"{}")
+    listed: list[str] = []
+    original = LocalStorage.keys
+
+    def keys_of(self: LocalStorage, prefix: str = ""):  # type: ignore[no-untyped-def]
+        listed.append(prefix)
+        return original(self, prefix)
+
+    monkeypatch.setattr(LocalStorage, "keys", keys_of)
+    outcomes = _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
+
+    assert [o.already_done for o in outcomes] == [False] * BATCH + [True] * (len(keys) - BATCH)
+    assert not any(store.exists(record) for record in records)
+    assert all(store.exists(layout.marker(key)) for key in (own, ahead, keys[-1]))
+    record_listings = [p for p in listed if p.startswith((layout.dead_prefix, layout.retrying_prefix))]
+    first_batch = sorted({k.security for k in keys[:BATCH]})
+    assert sorted(record_listings) == sorted(
+        [f"{layout.dead_prefix}{MONTH}/", f"{layout.retrying_prefix}{MONTH}/"]  # the pass, for its jobs ahead
+        + [f"{prefix}{MONTH}/{security}/" for prefix in (layout.dead_prefix, layout.retrying_prefix)
+           for security in first_batch]  # the first batch, for its own jobs
+    )
+    assert len({k.security for k in keys}) > len(first_batch)
+
+
 @pytest.mark.parametrize("fmt", ["laid", "raw"])
 def test_a_job_a_batch_holds_twice_is_computed_and_stored_once(data: Path, tmp_path: Path, fmt: str) -> None:
     # A resumed `produce` can publish a job again while its first message is still queued, and

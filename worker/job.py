@@ -425,8 +425,15 @@ def _each(storage: Storage, call: Callable[[_T], None], items: Sequence[_T]) -> 
 
 def _listed(output: Storage, prefixes: tuple[str, ...], jobs: list[JobMessage]) -> set[str]:
     """Keys under each of `prefixes` for the batch's securities: one listing per (prefix,
-    security), not per job, all of them in flight together where the store allows."""
+    security), not per job."""
     month = jobs[0].month
+    securities = sorted({j.security for j in jobs})
+    return _keys_under(output, [f"{prefix}{month}/{security}/" for prefix in prefixes for security in securities])
+
+
+def _keys_under(output: Storage, prefixes: list[str]) -> set[str]:
+    """Every key under any of `prefixes`, their listings all in flight together where the store
+    allows."""
     found: set[str] = set()
     lock = threading.Lock()
 
@@ -435,9 +442,7 @@ def _listed(output: Storage, prefixes: tuple[str, ...], jobs: list[JobMessage]) 
         with lock:
             found.update(keys)
 
-    securities = sorted({j.security for j in jobs})
-    listings = [f"{prefix}{month}/{security}/" for prefix in prefixes for security in securities]
-    for failure in _each(output, list_prefix, listings):
+    for failure in _each(output, list_prefix, prefixes):
         if failure is not None:
             raise failure
     return found
@@ -461,6 +466,13 @@ def _not_done(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> lis
 def _records_to_clear(output: Storage, layout: RunLayout, jobs: list[JobMessage]) -> set[str]:
     """Dead and retry records of the batch's securities: a job that now succeeds clears its own."""
     return _listed(output, (layout.dead_prefix, layout.retrying_prefix), jobs)
+
+
+def _month_records_to_clear(output: Storage, layout: RunLayout, month: str) -> set[str]:
+    """Every dead and retry record of `month`: two listings for the thousands of jobs a pass
+    stores ahead, where such records are few (one listing per security made thousands, each a
+    request on S3)."""
+    return _keys_under(output, [f"{layout.dead_prefix}{month}/", f"{layout.retrying_prefix}{month}/"])
 
 
 BatchResult = JobOutcome | BaseException
@@ -693,9 +705,9 @@ def _store_ahead(processor: Processor, jobs: list[JobMessage], outcomes: list[Jo
                  output: Storage, layout: RunLayout, worker_id: str, now: Callable[[], dt.datetime]) -> None:
     """Store the results of jobs computed ahead of their messages, as their own batches
     would have; raises what failed any of them."""
+    stale = _month_records_to_clear(output, layout, jobs[0].month) if jobs else set()
     for start in range(0, len(jobs), AHEAD_OBJECT_JOBS):
         chunk = jobs[start:start + AHEAD_OBJECT_JOBS]
-        stale = _records_to_clear(output, layout, chunk)
         failures = _store(processor, chunk, [], outcomes[start:start + len(chunk)], output, layout, stale, worker_id,
                           now, columns.slice(start, len(chunk)))
         failure = next((f for f in failures if f is not None), None)

@@ -99,7 +99,8 @@ def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: 
     if rewrite is not None:
         raw = _rewritten(raw, rewrite)
     days = () if day_files_tz is None else ("--day-files", day_files_tz)
-    laid = work / (f"ingested-{fmt}-{rows}-{securities}" + ("-days-" + day_files_tz.replace("/", "-") if days else "")
+    laid = work / (f"ingested-{fmt}-{rows}-{securities}"
+                   + ("-days-" + day_files_tz.replace("/", "-") if day_files_tz is not None else "")
                    + (f"-{rewrite}" if rewrite else ""))
     if ingest and not laid.exists():
         t0 = time.perf_counter()
@@ -432,15 +433,17 @@ def _stored_run(out: Path, jobs: int) -> str:
     rng = random.Random(7)
     params = JobParams()
     for start in range(0, jobs, 128):
-        entries = []
+        entries: list[dict[str, Any]] = []
         for key in keys[start : start + 128]:
             records = rng.randint(500, 5000)
+            values: tuple[tuple[str, list[Any]], ...] = (
+                ("participant", [f"P{p:02d}" for p in range(10)]), ("venue", ["CP", "TM"]),
+                ("hour", list(range(10, 17))), ("size_bucket", list(range(6))))
             groups = {  # as the worker writes them: columns per dimension
-                dim: {"keys": keys, "records": [records // n] * n, "volume": [records * 500 // n] * n,
+                dim: {"keys": group_keys, "records": [records // n] * n, "volume": [records * 500 // n] * n,
                       "notional": [records * 5e4 / n] * n}
-                for dim, keys in (("participant", [f"P{p:02d}" for p in range(10)]), ("venue", ["CP", "TM"]),
-                                  ("hour", list(range(10, 17))), ("size_bucket", list(range(6))))
-                for n in (len(keys),)
+                for dim, group_keys in values
+                for n in (len(group_keys),)
             }
             day = {"records": records, "volume": records * 500, "notional": records * 5e4, "low": 9.5, "high": 10.5,
                    "buy_volume": records * 250, "sell_volume": records * 250, "first_ts": 1709251200000000000,
@@ -646,7 +649,7 @@ def cmd_encodings(args: argparse.Namespace) -> None:
                                    for b in source.iter_batches(row_groups=[g])])
     labels = [c for c in LABEL_COLUMNS if c in table.column_names]
     delta = {"ts": "DELTA_BINARY_PACKED", "size": "DELTA_BINARY_PACKED"}
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "zstd (fifth session)": {"compression": "zstd", "use_dictionary": labels},
         "lz4": {"compression": "lz4", "use_dictionary": labels},
         "zstd, delta ts and size, dictionary price": {"compression": "zstd", "use_dictionary": [*labels, "price"],

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
 
-def read_ahead(items: Iterator[_T], depth: int = 2) -> Iterator[_T]:
+def read_ahead(items: Iterator[_T], depth: int = 2) -> Generator[_T, None, None]:
     """`items`, produced on a thread of their own up to `depth` ahead of the consumer.
 
     What the producing raises is raised to the consumer in its place; a consumer that stops

@@ -111,6 +111,12 @@ def s3_server() -> Iterator[S3Server]:
     process.wait(timeout=10)
 
 
+class TickqProcess(subprocess.Popen[str]):
+    """A tickq process a test started, with the file its output goes to."""
+
+    log_path: Path
+
+
 @dataclass
 class Tickq:
     """Runs the tickq command as a user would, against one test's namespace."""
@@ -118,7 +124,7 @@ class Tickq:
     env: dict[str, str]
     namespace: str
     workdir: Path
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    procs: list[TickqProcess] = field(default_factory=list)
     # Delay queues of `--retry-delays` other than the defaults, deleted with the namespace.
     retry_delays: set[int] = field(default_factory=set)
 
@@ -144,26 +150,26 @@ class Tickq:
 
     def start(
         self, *args: str, log_name: str | None = None, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[str]:
+    ) -> TickqProcess:
         self._note_retry_delays(args)
         log = self.workdir / f"{log_name or args[0]}-{len(self.procs)}.log"
         handle = open(log, "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
+        proc = TickqProcess(
             [sys.executable, "-m", "tickq", *args],
             env={**self.env, **(env or {})}, stdout=handle, stderr=subprocess.STDOUT, text=True, cwd=self.workdir,
         )
-        proc.log_path = log  # type: ignore[attr-defined]
+        proc.log_path = log
         self.procs.append(proc)
         return proc
 
-    def workers(self, n: int, *extra: str) -> list[subprocess.Popen[str]]:
+    def workers(self, n: int, *extra: str) -> list[TickqProcess]:
         return [
             self.start("worker", "--concurrency", "2", "--idle-exit", "3", *extra,
                        env={"TICKQ_HEARTBEAT_FILE": str(self.workdir / f"hb-{i}")})
             for i in range(n)
         ]
 
-    def wait_all(self, procs: list[subprocess.Popen[str]], timeout: float = 300) -> None:
+    def wait_all(self, procs: list[TickqProcess], timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         for proc in procs:
             remaining = max(1.0, deadline - time.monotonic())
@@ -171,7 +177,7 @@ class Tickq:
                 proc.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                raise AssertionError(f"process {proc.args} did not finish; log: {log_tail(proc)}") from None
+                raise AssertionError(f"process {proc.args!r} did not finish; log: {log_tail(proc)}") from None
 
     def produce(self, *args: str) -> dict[str, Any]:
         out = self.run("produce", *args, "--json", "--quiet")
@@ -184,15 +190,14 @@ class Tickq:
                 proc.wait(timeout=10)
 
 
-def log_tail(proc: subprocess.Popen[str], chars: int = 3000) -> str:
-    path = getattr(proc, "log_path", None)
-    return Path(path).read_text()[-chars:] if path else ""
+def log_tail(proc: TickqProcess, chars: int = 3000) -> str:
+    return proc.log_path.read_text()[-chars:]
 
 
-def log_lines(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+def log_lines(proc: TickqProcess) -> list[dict[str, Any]]:
     """The JSON lines a tickq process wrote."""
     lines = []
-    for line in Path(proc.log_path).read_text().splitlines():  # type: ignore[attr-defined]
+    for line in Path(proc.log_path).read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             lines.append(json.loads(line))
     return lines

@@ -171,8 +171,8 @@ class FaultyS3Proxy:
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
                 # A HEAD answer carries the object's length, not the (empty) body's.
-                length = response.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
+                declared = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", declared or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import databento_dbn as dbn
 import numpy as np
@@ -19,6 +19,12 @@ T0 = 1_704_186_000_000_000_000  # 2024-01-02T09:00:00Z
 DAY = 86_400_000_000_000
 UNDEF_PRICE = int(np.iinfo(np.int64).max)
 UNDEF_TS = int(np.iinfo(np.uint64).max)
+# databento_dbn's type stubs declare its enums' members as plain str: taken by value, they are
+# typed as the members they are.
+ADD, CLEAR, TRADE = dbn.Action("A"), dbn.Action("R"), dbn.Action("T")
+ASK, BID, NO_SIDE = dbn.Side("A"), dbn.Side("B"), dbn.Side("N")
+RAW_SYMBOL, INSTRUMENT_ID = dbn.SType("raw_symbol"), dbn.SType("instrument_id")
+OHLCV_1M = dbn.Schema("ohlcv-1m")
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,13 +155,13 @@ def test_mbo_records_from_databento_classes(tmp_path: Path) -> None:
     """Records encoded by databento_dbn itself decode to the expected tickq columns."""
     records = [
         dbn.MBOMsg(publisher_id=2, instrument_id=15, ts_event=T0 + 1, order_id=1,
-                   price=123_450_000_000, size=100, action=dbn.Action.ADD, side=dbn.Side.ASK,
+                   price=123_450_000_000, size=100, action=ADD, side=ASK,
                    ts_recv=T0 + 7),
         dbn.MBOMsg(publisher_id=2, instrument_id=16, ts_event=T0 + 2, order_id=2,
-                   price=1_000_000, size=5, action=dbn.Action.ADD, side=dbn.Side.BID,
+                   price=1_000_000, size=5, action=ADD, side=BID,
                    ts_recv=T0 + 8),
         dbn.MBOMsg(publisher_id=39, instrument_id=99, ts_event=T0 + 3, order_id=3,
-                   price=UNDEF_PRICE, size=0, action=dbn.Action.CLEAR, side=dbn.Side.NONE,
+                   price=UNDEF_PRICE, size=0, action=CLEAR, side=NO_SIDE,
                    ts_recv=T0 + 9),
     ]  # fmt: skip
     data = dbn_metadata("mbo", MAPPINGS) + b"".join(bytes(r) for r in records)
@@ -179,12 +185,13 @@ def test_schemas_match_databento_decoder(tmp_path: Path, schema: str) -> None:
     assert_matches(table, cols)
     decoder = dbn.DBNDecoder()
     decoder.write(path.read_bytes())
-    records = [r for r in decoder.decode() if not isinstance(r, dbn.Metadata)]
+    records = [r for r in decoder.decode() if isinstance(r, dbn.TradeMsg | dbn.MBOMsg | dbn.MBP1Msg)]
     assert [r.ts_event for r in records] == table.column("ts").cast(pa.int64()).to_pylist()
     assert [r.pretty_price for r in records] == table.column("price").to_pylist()
     assert [r.size for r in records] == table.column("size").to_pylist()
     side = {"A": "S", "B": "B", "N": None}
-    assert [side[str(r.side.value)] for r in records] == table.column("side").to_pylist()
+    codes = [r.side.value if isinstance(r.side, dbn.Side) else r.side for r in records]  # the stubs allow str
+    assert [side[str(code)] for code in codes] == table.column("side").to_pylist()
 
 
 @pytest.mark.parametrize("frames", [1, 3])
@@ -197,7 +204,7 @@ def test_zstd_streamed_and_batched(tmp_path: Path, frames: int) -> None:
     assert_matches(expected, cols)
     assert decode(packed, compressed=True, batch_rows=7_000).equals(expected)
     # A non-seekable stream that returns short reads works too.
-    batches = list(dbn_batches(OneWay(packed.read_bytes()), compressed=True, batch_rows=4096))
+    batches = list(dbn_batches(cast(IO[bytes], OneWay(packed.read_bytes())), compressed=True, batch_rows=4096))
     assert max(b.num_rows for b in batches) == 4096
     assert pa.Table.from_batches(batches).equals(expected)
     # zstd is recognised by its magic number whatever the caller says.
@@ -240,8 +247,8 @@ def test_live_stream_with_symbol_mapping_records_and_mixed_records() -> None:
     def mapping(iid: int, symbol: str, ts: int) -> bytes:
         return bytes(
             dbn.SymbolMappingMsg(
-                publisher_id=2, instrument_id=iid, ts_event=ts, stype_in=dbn.SType.RAW_SYMBOL,
-                stype_in_symbol=symbol, stype_out=dbn.SType.INSTRUMENT_ID,
+                publisher_id=2, instrument_id=iid, ts_event=ts, stype_in=RAW_SYMBOL,
+                stype_in_symbol=symbol, stype_out=INSTRUMENT_ID,
                 stype_out_symbol=symbol, start_ts=ts, end_ts=ts + DAY,
             )
         )  # fmt: skip
@@ -250,7 +257,7 @@ def test_live_stream_with_symbol_mapping_records_and_mixed_records() -> None:
         return bytes(
             dbn.TradeMsg(
                 publisher_id=2, instrument_id=iid, ts_event=ts, price=price, size=10,
-                action=dbn.Action.TRADE, side=dbn.Side.BID, depth=0, ts_recv=ts,
+                action=TRADE, side=BID, depth=0, ts_recv=ts,
             )
         )  # fmt: skip
 
@@ -258,7 +265,7 @@ def test_live_stream_with_symbol_mapping_records_and_mixed_records() -> None:
         return bytes(
             dbn.MBOMsg(
                 publisher_id=2, instrument_id=iid, ts_event=ts, order_id=1, price=price, size=3,
-                action=dbn.Action.ADD, side=dbn.Side.ASK, ts_recv=ts,
+                action=ADD, side=ASK, ts_recv=ts,
             )
         )  # fmt: skip
 
@@ -284,8 +291,8 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(DbnError):
         decode(zstandard.ZstdCompressor().compress(good)[:-20], compressed=True)
     ohlcv = dbn.Metadata(
-        dataset="XNAS.ITCH", start=T0, stype_in=dbn.SType.RAW_SYMBOL,
-        stype_out=dbn.SType.INSTRUMENT_ID, schema=dbn.Schema.OHLCV_1M,
+        dataset="XNAS.ITCH", start=T0, stype_in=RAW_SYMBOL,
+        stype_out=INSTRUMENT_ID, schema=OHLCV_1M,
     )  # fmt: skip
     with pytest.raises(DbnError, match="ohlcv-1m"):
         decode(bytes(ohlcv.encode()))

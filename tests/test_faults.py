@@ -11,7 +11,6 @@ import json
 import random
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 
 from shared.topology import Topology
 from tests.brokertools import drain_queue, publish_raw
-from tests.conftest import S3Server, Tickq, log_lines
+from tests.conftest import S3Server, Tickq, TickqProcess, log_lines
 from tests.helpers import FaultyS3Proxy, TcpProxy, read_summary, read_tables, upload_dir
 from tests.reference import assert_tables_equal, reference_tables
 
@@ -110,7 +109,8 @@ def test_broker_connections_cut_mid_run_lose_nothing(
     assert_tables_equal(read_tables(output, "cut"), reference_tables(str(data), [MONTH]))
 
 
-def _s3_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, run_id: str, securities: int = 3):  # type: ignore[no-untyped-def]
+def _s3_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, run_id: str,
+            securities: int = 3) -> tuple[Path, str, dict[str, Any]]:
     data = tmp_path / "data"
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "6000", "--securities", str(securities))
     bucket = s3_server.new_bucket()
@@ -121,7 +121,7 @@ def _s3_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, run_id: str, secu
     return data, output, produced
 
 
-def _what_went_wrong(summary: dict[str, Any], dead: list[Any], workers: list[subprocess.Popen[str]]) -> str:
+def _what_went_wrong(summary: dict[str, Any], dead: list[Any], workers: list[TickqProcess]) -> str:
     """The run's counts, why each dead letter died and the workers' last warnings: what a
     failing run needs to be understood."""
     letters = [(m.headers or {}).get("x-tickq-error-class", "?") + ": " + str((m.headers or {}).get("x-tickq-error"))

@@ -182,7 +182,7 @@ class CountingFile(io.FileIO):
 
     bytes_read = 0
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1, /) -> bytes:
         data = super().read(size)
         self.bytes_read += len(data)
         return data

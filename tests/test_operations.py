@@ -83,7 +83,7 @@ def test_credentials_never_reach_logs_dead_letters_or_errors(
     publish_raw(amqp_url, namespace, [body])
     worker = tickq.start("worker", "--idle-exit", "3")
     tickq.wait_all([worker])
-    log = Path(worker.log_path).read_text()  # type: ignore[attr-defined]
+    log = worker.log_path.read_text()
     assert "hunter2" not in log
     [letter] = drain_queue(amqp_url, Topology(namespace).dead)
     headers = json.dumps({k: str(v) for k, v in letter.headers.items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -175,11 +176,11 @@ def test_a_jobs_partials_are_those_of_adding_its_rows_in_turn_whoever_shares_its
         assert alone.result(0)["groups"]["participant"] == expected[slot]["participant"]
 
 
-def _added_in_turn(rows: pa.Table) -> dict:
+def _added_in_turn(rows: pa.Table) -> dict[str, Any]:
     """A job's day summary and participant cells, adding its rows one at a time."""
-    day = {"records": 0, "volume": 0, "notional": 0.0, "low": math.inf, "high": -math.inf, "buy_volume": 0,
-           "sell_volume": 0, "first_ts": None, "last_ts": None}
-    cells: dict = {}
+    day: dict[str, Any] = {"records": 0, "volume": 0, "notional": 0.0, "low": math.inf, "high": -math.inf,
+                           "buy_volume": 0, "sell_volume": 0, "first_ts": None, "last_ts": None}
+    cells: dict[str | None, list[Any]] = {}
     ts = rows.column("ts").cast(pa.int64()).to_pylist()
     for i, (price, size, side, who) in enumerate(zip(*(rows.column(c).to_pylist() for c in (
             "price", "size", "side", "participant")), strict=True)):
@@ -257,7 +258,7 @@ def test_group_sums_equal_adding_each_cell_in_turn_across_calls() -> None:
     from shared.processors.analytics import _GroupSums
 
     rng = np.random.default_rng(5)
-    sums, expected = _GroupSums(), {}
+    sums, expected = _GroupSums(), dict[str | None, list[Any]]()
     for _ in range(40):  # many calls, each with its own codes, a key's cells split across them
         n = int(rng.integers(1, 6))
         keys = [None, *(f"P{k}" for k in rng.permutation(4)[:3].tolist())]
@@ -290,11 +291,14 @@ def test_tables_are_those_of_merging_day_summaries_in_turn_whatever_the_chunks(
     rng = np.random.default_rng(8)
     results = []
     for security in ("AAA", "BHP", "CBA"):
-        for day in (f"2024-03-{d:02d}" for d in range(1, 12)):
-            for month in ("2024-02", "2024-03") if day == "2024-03-01" else (MONTH,):
+        for date in (f"2024-03-{d:02d}" for d in range(1, 12)):
+            for month in ("2024-02", "2024-03") if date == "2024-03-01" else (MONTH,):
                 records = int(rng.integers(0, 4)) * int(rng.integers(1, 1000))
-                data = {"day": None, "groups": {d: {"keys": [], "records": [], "volume": [], "notional": []}
-                                                for d in analytics.GROUP_DIMENSIONS}}
+                data: dict[str, Any] = {
+                    "day": None,
+                    "groups": {d: {"keys": [], "records": [], "volume": [], "notional": []}
+                               for d in analytics.GROUP_DIMENSIONS},
+                }
                 if records:
                     volume = int(rng.integers(records, 10**9))
                     notional = float(rng.random() * 1e9)
@@ -304,7 +308,7 @@ def test_tables_are_those_of_merging_day_summaries_in_turn_whatever_the_chunks(
                                                        int(rng.integers(10**9, 2 * 10**9))).to_json()
                     data["groups"]["hour"] = {"keys": [10, 11], "records": [records, 0], "volume": [volume, 0],
                                               "notional": [notional * 0.3, notional * 0.7]}
-                results.append(StoredResult(month, security, day, {}, data))
+                results.append(StoredResult(month, security, date, {}, data))
 
     def tables(name: str, chunk_jobs: int) -> dict[str, pd.DataFrame]:
         monkeypatch.setattr(analytics, "RESULT_CHUNK_JOBS", chunk_jobs)

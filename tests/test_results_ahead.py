@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     lock = threading.Lock()
     original = LocalStorage.open_read
 
-    def open_read(self: LocalStorage, key: str):  # type: ignore[no-untyped-def]
+    def open_read(self: LocalStorage, key: str) -> _Counted:
         return _Counted(original(self, key), key, tally, lock)
 
     monkeypatch.setattr(LocalStorage, "open_read", open_read)
@@ -637,7 +637,7 @@ def test_jobs_that_succeed_clear_their_dead_and_retry_records_the_pass_listing_t
     listed: list[str] = []
     original = LocalStorage.keys
 
-    def keys_of(self: LocalStorage, prefix: str = ""):  # type: ignore[no-untyped-def]
+    def keys_of(self: LocalStorage, prefix: str = "") -> Iterator[str]:
         listed.append(prefix)
         return original(self, prefix)
 

@@ -7,18 +7,19 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from shared.messages import JobMessage, JobParams
 from shared.topology import Topology
 from tests.brokertools import delete_queue, drain_queue, hold_and_drop, publish_raw
-from tests.conftest import S3Server, Tickq, log_lines
+from tests.conftest import S3Server, Tickq, TickqProcess, log_lines
 from tests.helpers import FaultyS3Proxy, read_tables
 from tests.reference import assert_tables_equal, reference_tables
 
 MONTH = "2024-03"
 
 
-def _wait_for_event(proc, event: str, timeout: float = 60) -> dict:  # type: ignore[no-untyped-def]
+def _wait_for_event(proc: TickqProcess, event: str, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in log_lines(proc):
@@ -27,7 +28,7 @@ def _wait_for_event(proc, event: str, timeout: float = 60) -> dict:  # type: ign
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    raise AssertionError(f"no {event} line; log tail: {Path(proc.log_path).read_text()[-2000:]}")
+    raise AssertionError(f"no {event} line; log tail: {proc.log_path.read_text()[-2000:]}")
 
 
 def _job(run_id: str, month: str, security: str, date: str, input_uri: str, output_uri: str) -> JobMessage:
@@ -60,7 +61,7 @@ def test_bad_messages_and_missing_input_do_not_crash_the_worker(
         assert message.headers["x-tickq-error"]
         assert message.headers["x-tickq-worker"]
         assert message.headers["x-tickq-failed-at"]
-        assert int(message.headers["x-tickq-attempts"]) >= 1
+        assert int(str(message.headers["x-tickq-attempts"])) >= 1
     permanent = next(m for m in dead if m.headers["x-tickq-error-class"] == "permanent")
     assert "no input for month 2023-01" in str(permanent.headers["x-tickq-error"])
     assert not (output / "runs" / "x" / "succeeded").exists()
@@ -115,7 +116,8 @@ def test_jobs_whose_holders_died_more_than_the_crash_budget_run_isolated_and_suc
     assert_tables_equal(read_tables(str(output), "held"), expected)
 
 
-def _slow_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, delay_s: float, run_id: str):  # type: ignore[no-untyped-def]
+def _slow_run(tickq: Tickq, s3_server: S3Server, tmp_path: Path, delay_s: float,
+              run_id: str) -> tuple[Path, str, FaultyS3Proxy, dict[str, Any]]:
     data, laid = tmp_path / "data", tmp_path / "laid"
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "3000", "--securities", "2",
               "--format", "csv")
@@ -258,7 +260,7 @@ def test_log_level_hides_debug_lines_by_default_and_rejects_unknown_levels(tickq
     bad = tickq.start("worker", env={"TICKQ_LOG_LEVEL": "chatty"})
     tickq.wait_all([bad], timeout=60)
     assert bad.returncode == 2
-    assert "TICKQ_LOG_LEVEL must be one of debug, info, warning, error" in Path(bad.log_path).read_text()
+    assert "TICKQ_LOG_LEVEL must be one of debug, info, warning, error" in bad.log_path.read_text()
 
 
 def test_worker_process_leaves_pandas_unloaded_and_returns_freed_arrow_memory(tickq: Tickq, tmp_path: Path) -> None:

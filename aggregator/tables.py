@@ -84,6 +84,10 @@ def _aggregation_order(key: JobKey) -> tuple[str, str, str]:
 
 # Jobs a columnar processor folds at a time: the chunk ends where a (security, date) does.
 CHUNK_JOBS = 4_096
+# Batch objects a chunk holds rows of, at most, before it puts those rows together: an object
+# of one job (a retried job, or jobs that came one at a time) costs tens of KB of Arrow and
+# Python objects while it is held, whatever its one row weighs.
+LOOSE_TABLES = 256
 
 # What a batch object holds once opened: its results by job (JSON-ready processors), or its
 # table and each job's row (columnar processors).
@@ -204,12 +208,21 @@ class _ResultReader:
         """Results as tables of about `CHUNK_JOBS` consecutive jobs: month, security, date, the
         row counts, then the processor's columns; a (security, date) is never split."""
         pending: list[tuple[JobKey, pa.Table, int]] = []
+        loose_from = 0  # where the entries not yet put together start
+        loose: set[int] = set()  # their tables
         for key, (table, rows) in self._placed(self._opened_table):
             if len(pending) >= CHUNK_JOBS and (key.security, key.date) != (pending[-1][0].security,
                                                                           pending[-1][0].date):
                 yield self._chunk(pending)
-                pending = []
+                pending, loose_from = [], 0
+                loose.clear()
             pending.append((key, table, rows[(key.security, key.date)]))
+            loose.add(id(table))  # unique: `pending` holds every one of them
+            if len(loose) > LOOSE_TABLES:
+                together = _in_order(pending[loose_from:])
+                pending[loose_from:] = [(k, together, i) for i, (k, _, _) in enumerate(pending[loose_from:])]
+                loose_from = len(pending)
+                loose.clear()
         if pending:
             yield self._chunk(pending)
 
@@ -236,28 +249,37 @@ class _ResultReader:
         return table, {job: row for row, job in enumerate(zip(securities, dates, strict=True))}
 
     def _chunk(self, placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:
-        """The rows of `placed` jobs, in order: each table's rows taken at once (a slice where
-        they are consecutive, the usual case), then put in the jobs' order where they were not
-        (jobs of one security stored by passes over different dates interleave their tables)."""
-        groups: dict[int, tuple[pa.Table, list[int], list[int]]] = {}
-        for position, (_, table, row) in enumerate(placed):
-            _, rows, positions = groups.setdefault(id(table), (table, [], []))
-            rows.append(row)
-            positions.append(position)
-        parts = []
-        where = np.empty(len(placed), dtype=np.int64)
-        taken = 0
-        for table, rows, positions in groups.values():
-            consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-            parts.append(table.slice(rows[0], len(rows)) if consecutive else table.take(pa.array(rows)))
-            where[positions] = np.arange(taken, taken + len(rows))
-            taken += len(rows)
-        chunk = pa.concat_tables(parts).combine_chunks()
-        if not np.array_equal(where, np.arange(len(placed))):
-            chunk = chunk.take(pa.array(where))
+        """The rows of `placed` jobs, in order (`_in_order`), with their month; counted."""
+        chunk = _in_order(placed)
         for column in self.counts:
             self.counts[column] += int(pc.sum(chunk.column(column)).as_py() or 0)
         return chunk.add_column(0, "month", pa.array([key.month for key, _, _ in placed], pa.string()))
+
+
+def _in_order(placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:
+    """The rows of `placed` jobs, in order: each table's rows taken at once (the table itself
+    when they are all of it, a slice where they are consecutive, the usual case), then put in
+    the jobs' order where they were not (jobs of one security stored by passes over different
+    dates interleave their tables)."""
+    groups: dict[int, tuple[pa.Table, list[int], list[int]]] = {}
+    for position, (_, table, row) in enumerate(placed):
+        _, rows, positions = groups.setdefault(id(table), (table, [], []))
+        rows.append(row)
+        positions.append(position)
+    parts = []
+    where = np.empty(len(placed), dtype=np.int64)
+    taken = 0
+    for table, rows, positions in groups.values():
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            parts.append(table if len(rows) == table.num_rows else table.slice(rows[0], len(rows)))
+        else:
+            parts.append(table.take(pa.array(rows)))
+        where[positions] = np.arange(taken, taken + len(rows))
+        taken += len(rows)
+    together = pa.concat_tables(parts).combine_chunks()
+    if not np.array_equal(where, np.arange(len(placed))):
+        together = together.take(pa.array(where))
+    return together
 
 
 def _rows_unassigned(manifest: dict[str, Any]) -> int:

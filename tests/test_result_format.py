@@ -69,17 +69,17 @@ def _stream(columns: dict[str, list[Any]], header: dict[str, Any]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _run(root: Path, bodies: list[bytes], processor: str = "analytics") -> LocalStorage:
+def _run(root: Path, bodies: list[bytes], processor: str = "analytics", keys: list[JobKey] = KEYS) -> LocalStorage:
     storage, layout = LocalStorage(root), RunLayout("r")
     request = {"input": "/in", "output": str(root), "months": [MONTH], "processor": processor,
                "securities": None, "dates": None, "params": JobParams().as_json()}
     manifest = {"run_id": "r", "created_at": dt.datetime.now(dt.UTC).isoformat(), "request": request,
-                "jobs": len(KEYS)}
+                "jobs": len(keys)}
     storage.write_bytes(layout.manifest, json.dumps(manifest).encode())
-    storage.write_bytes(layout.job_keys, job_keys_csv(KEYS))
+    storage.write_bytes(layout.job_keys, job_keys_csv(keys))
     for i, body in enumerate(bodies):
         storage.write_bytes(layout.batch_result(MONTH, "AAA", f"2024-03-0{i}"), body)
-    for key in KEYS:
+    for key in keys:
         storage.mark(layout.marker(key))
     return storage
 
@@ -197,6 +197,35 @@ def test_each_result_object_is_read_once_and_the_tables_do_not_depend_on_the_bud
     aggregate_run(_run(tmp_path / "tight", bodies), "r")
     assert sorted(n for key, n in reads.items() if f"/results/{MONTH}/" in key) == [1, 2, 2]
     assert _tables(tmp_path / "tight") == _tables(tmp_path / "kept")
+
+
+def test_results_stored_a_job_an_object_aggregate_like_batches_holding_few_objects_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retried jobs, or jobs that came one at a time, leave an object each: a chunk of jobs
+    puts their rows together as it goes instead of holding every object it took a row from."""
+    keys = [JobKey(MONTH, security, f"2024-03-{day:02d}") for security in ("AAA", "BHP", "CBA")
+            for day in range(4, 16)]
+    entries = [_entry(k, 1 + i) for i, k in enumerate(keys)]
+    now = "2026-01-01T00:00:00+00:00"
+    aggregate_run(_run(tmp_path / "batches", [_columnar(_header(now), entries[i:i + 16])
+                                              for i in range(0, len(entries), 16)], keys=keys), "r")
+    held: list[int] = []
+    chunk = aggregator.tables._ResultReader._chunk
+
+    def counting(self: Any, placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:
+        held.append(len({id(table) for _, table, _ in placed}))
+        return chunk(self, placed)
+
+    monkeypatch.setattr(aggregator.tables._ResultReader, "_chunk", counting)
+    monkeypatch.setattr(aggregator.tables, "LOOSE_TABLES", 4)
+    aggregate_run(_run(tmp_path / "alone", [_columnar(_header(now), [e]) for e in entries], keys=keys), "r")
+
+    assert _tables(tmp_path / "alone") == _tables(tmp_path / "batches")
+    # One chunk: its rows put together five objects at a time (once more than four were apart),
+    # then the last few objects'.
+    blocks, rest = divmod(len(keys), 5)
+    assert held == [blocks + rest] and blocks + rest < len(keys) // 4
 
 
 def test_results_stored_by_date_aggregate_like_results_stored_by_security(tmp_path: Path) -> None:

@@ -2,22 +2,24 @@
 ``tickq aggregate`` and the aggregator service, so both write identical tables.
 
 Results are read in (security, date, month) order with a bounded window of parallel reads:
-besides dates and groups, memory holds one small index entry per job (which batch object
-holds its result), as the run's state holds one key per job.
+besides dates and groups, memory holds a few bytes per job: which batch object holds its
+result, beside the run's state (`shared.runstate`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,7 +37,7 @@ from shared.layout import (
 from shared.messages import JobParams
 from shared.metrics import get_logger
 from shared.processors import Processor, StoredResult, get_processor
-from shared.runstate import RunState, load_state, read_manifest
+from shared.runstate import JobSet, RunState, load_state, read_manifest
 from shared.storage import Storage
 from shared.tables import TableSink
 
@@ -78,10 +80,6 @@ def wait_for_run(storage: Storage, layout: RunLayout, timeout_s: float | None, p
         time.sleep(poll_s)
 
 
-def _aggregation_order(key: JobKey) -> tuple[str, str, str]:
-    return (key.security, key.date, key.month)
-
-
 # Jobs a columnar processor folds at a time: the chunk ends where a (security, date) does.
 CHUNK_JOBS = 4_096
 # Batch objects a chunk holds rows of, at most, before it puts those rows together: an object
@@ -95,7 +93,7 @@ _Opened = TypeVar("_Opened")
 
 
 class _ResultReader:
-    """Each succeeded job's result once, in the order of `keys`, from the batch result objects.
+    """Each of `jobs`' results once, in the run's order, from the batch result objects.
 
     A job may be in several batch objects (it ran again after a crash, a lost marker or a
     replay); the copy finished last counts, so aggregating again gives identical tables. An
@@ -109,23 +107,23 @@ class _ResultReader:
     (``aggregate_tables``), as tables of consecutive jobs (`tables`).
     """
 
-    def __init__(self, storage: Storage, layout: RunLayout, keys: list[JobKey], processor: Processor) -> None:
-        self._storage, self._layout, self._keys, self._processor = storage, layout, keys, processor
+    def __init__(self, storage: Storage, layout: RunLayout, jobs: JobSet, processor: Processor) -> None:
+        self._storage, self._layout, self._jobs, self._processor = storage, layout, jobs, processor
         self.counts = dict.fromkeys(COUNT_COLUMNS, 0)
 
     def _corrupt(self, name: str, exc: ValueError) -> PermanentError:
         return PermanentError(f"job results {self._storage.describe(name)}: {exc}")
 
-    def _index(self, pool: ThreadPoolExecutor) -> tuple[dict[JobKey, str], dict[str, bytes]]:
-        """Which batch object holds the result that counts, for every wanted job, and the
-        bodies of those objects kept for the results pass (up to `KEEP_BYTES`)."""
-        # Each wanted key maps to itself: the index holds these objects, not the new ones each
-        # batch object's entries make (most of what the index took per job).
-        wanted = {key: key for key in self._keys}
-        chosen: dict[JobKey, tuple[str, str]] = {}
+    def _index(self, pool: ThreadPoolExecutor) -> tuple[list[str], npt.NDArray[np.int32], dict[str, bytes]]:
+        """The batch objects, which of them holds the result that counts for each wanted job
+        (by the job's position in the run), and the bodies of those objects kept for the
+        results pass (up to `KEEP_BYTES`)."""
+        run, wanted = self._jobs.jobs, self._jobs.mask
+        names = list(self._storage.keys(self._layout.results_prefix))
+        holder = np.full(len(run), -1, dtype=np.int32)  # a few bytes a job, not a dict entry
+        copies: list[tuple[str, str]] = []  # (finished_at, name) of each object, to compare copies by
         kept: dict[str, bytes] = {}
         kept_bytes = 0
-        names = list(self._storage.keys(self._layout.results_prefix))
         for start in range(0, len(names), READ_WINDOW):
             window = names[start : start + READ_WINDOW]
             for name, body in zip(window, pool.map(self._storage.read_bytes, window), strict=True):
@@ -133,35 +131,44 @@ class _ResultReader:
                     header, keys = batch_result_header(body)
                 except ValueError as exc:
                     raise self._corrupt(name, exc) from None
-                copy, month = (str(header["finished_at"]), name), header["month"]
-                for security, date in keys:
-                    key = wanted.get(JobKey(month, security, date))
-                    if key is not None and copy > chosen.get(key, ("", "")):
-                        chosen[key] = copy
+                number, month = len(copies), header["month"]
+                copies.append((str(header["finished_at"]), name))
+                positions = run.positions(JobKey(month, security, date) for security, date in keys)
+                positions = positions[positions >= 0]
+                positions = positions[wanted[positions]]
+                held = holder[positions]
+                replaces = held < 0
+                earlier = np.unique(held[~replaces])  # objects holding some of these jobs so far
+                if len(earlier):
+                    newer = np.array([copies[number] > copies[h] for h in earlier.tolist()], dtype=bool)
+                    replaces[~replaces] = newer[np.searchsorted(earlier, held[~replaces])]
+                holder[positions[replaces]] = number
                 if kept_bytes + len(body) <= KEEP_BYTES:
                     kept[name] = body
                     kept_bytes += len(body)
-        missing = wanted.keys() - chosen.keys()
-        if missing:
-            first = min(missing, key=_aggregation_order)
+        missing = np.flatnonzero(wanted & (holder < 0))
+        if len(missing):
+            first = run.key(int(missing[0]))  # positions are in aggregation order
             raise PermanentError(
                 f"{len(missing)} succeeded job(s) have no stored result, e.g. {first.month} {first.security} "
                 f"{first.date}: the results under {self._storage.describe(self._layout.results_prefix)} were removed"
             )
-        holders = {key: name for key, (_, name) in chosen.items()}
-        needed = set(holders.values())
-        return holders, {name: body for name, body in kept.items() if name in needed}
+        needed = {names[n] for n in np.unique(holder[wanted]).tolist()}
+        return names, holder, {name: body for name, body in kept.items() if name in needed}
 
     def _placed(self, open_batch: Callable[[str, bytes], _Opened]) -> Iterator[tuple[JobKey, _Opened]]:
-        """Every key, in order, with the opened batch object holding its result."""
+        """Every wanted job, in order, with the opened batch object holding its result."""
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tickq-read") as pool:
-            chosen, kept = self._index(pool)
-            remaining = Counter(chosen[key] for key in self._keys)
-            upcoming = iter(dict.fromkeys(chosen[key] for key in self._keys))  # in order of first need
+            names, holder, kept = self._index(pool)
+            positions = self._jobs.positions()
+            holders = holder[positions]
+            remaining = np.bincount(holders, minlength=len(names))
+            objects, first_needed = np.unique(holders, return_index=True)
+            upcoming = iter([names[n] for n in objects[np.argsort(first_needed)].tolist()])
             reading: deque[tuple[str, Future[bytes]]] = deque()
             open_batches: dict[str, _Opened] = {}
-            for key in self._keys:
-                name = chosen[key]
+            for key, number in zip(self._jobs, _plain(holders), strict=True):
+                name = names[number]
                 while name not in open_batches:
                     while len(reading) < READ_AHEAD and (next_name := next(upcoming, None)) is not None:
                         reading.append((next_name, self._body(pool, next_name, kept)))
@@ -171,8 +178,8 @@ class _ResultReader:
                     except ValueError as exc:
                         raise self._corrupt(read_name, exc) from None
                 yield key, open_batches[name]
-                remaining[name] -= 1
-                if not remaining[name]:
+                remaining[number] -= 1
+                if not remaining[number]:
                     del open_batches[name]
 
     def _body(self, pool: ThreadPoolExecutor, name: str, kept: dict[str, bytes]) -> Future[bytes]:
@@ -256,6 +263,12 @@ class _ResultReader:
         return chunk.add_column(0, "month", pa.array([key.month for key, _, _ in placed], pa.string()))
 
 
+def _plain(values: npt.NDArray[np.int32]) -> Iterator[int]:
+    """`values` as Python ints, a chunk at a time rather than a list of them all."""
+    for start in range(0, len(values), CHUNK_JOBS):
+        yield from values[start : start + CHUNK_JOBS].tolist()
+
+
 def _in_order(placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:
     """The rows of `placed` jobs, in order: each table's rows taken at once (the table itself
     when they are all of it, a slice where they are consecutive, the usual case), then put in
@@ -300,8 +313,7 @@ def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) 
     request = manifest["request"]
     params = JobParams.model_validate_json(json.dumps(request["params"]))
     processor = get_processor(request["processor"])
-    keys = sorted(state.succeeded, key=_aggregation_order)
-    reader = _ResultReader(storage, layout, keys, processor)
+    reader = _ResultReader(storage, layout, state.succeeded, processor)
     sink = TableSink(storage, layout.aggregates)
     # Processors that fold columns say so with `aggregate_tables` (see `shared.processors.base`).
     aggregate_tables = getattr(processor, "aggregate_tables", None)
@@ -310,7 +322,7 @@ def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) 
     else:
         totals = processor.aggregate(reader.results(), params, sink)
     unassigned = _rows_unassigned(manifest)
-    dead_records = _dead_details(storage, layout, sorted(state.dead, key=_aggregation_order), run_id)
+    dead_records = _dead_details(storage, layout, state.dead, run_id)
     summary = {
         "run_id": run_id,
         "tickq_version": manifest.get("tickq_version"),
@@ -321,7 +333,7 @@ def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) 
         "jobs_missing": len(state.missing),
         "complete": state.complete,
         "dead_jobs": dead_records,
-        "missing_jobs": [_key_json(k, run_id) for k in sorted(state.missing, key=_aggregation_order)][:1000],
+        "missing_jobs": [_key_json(k, run_id) for k in itertools.islice(state.missing, 1000)],
         "rows_read": reader.counts["rows_read"] + unassigned,
         "rows_accepted": reader.counts["rows_accepted"],
         "rows_rejected": reader.counts["rows_rejected"] + unassigned,
@@ -340,7 +352,7 @@ def aggregate_run(storage: Storage, run_id: str, state: RunState | None = None) 
     )
     get_logger(run_id=run_id).info(
         "aggregate.written",
-        jobs_merged=len(keys),
+        jobs_merged=len(state.succeeded),
         jobs_dead=len(state.dead),
         complete=state.complete,
         tables=len(sink.written),

@@ -17,10 +17,11 @@ from producer.publish import Outgoing, publish_confirmed
 from shared.broker import connect
 from shared.errors import ConfigError, PermanentError
 from shared.inputs import InputFile, sliced_files_json
-from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys, succeeded_keys
+from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys
 from shared.messages import JobMessage, JobParams, run_job_bodies
 from shared.metrics import get_logger
 from shared.processors import get_processor
+from shared.runstate import load_state
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from shared.topology import Topology, declare
@@ -175,8 +176,9 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
             )
         keys = read_job_keys(output, layout)
         discovery = {"months_without_input": manifest.get("months_without_input", [])}
-        done = succeeded_keys(output, layout)
-        todo = [k for k in keys if k not in done]
+        succeeded = load_state(output, layout).succeeded
+        todo = [key for key, done in zip(keys, succeeded.mask[succeeded.jobs.positions(keys)], strict=True)
+                if not done]
     else:
         keys, discovery, sliced = _discover(request, source)
         if not keys:
@@ -184,7 +186,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
                 f"no jobs found for months {', '.join(request.months)} under {source.describe()}"
                 " (check --input, --months, --securities and --dates)"
             )
-        done, todo = set(), keys
+        todo = keys
 
     result = ProduceResult(
         run_id=request.run_id,

@@ -19,8 +19,7 @@ import csv
 import io
 import secrets
 import sys
-from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -287,41 +286,17 @@ def read_month_job_keys(storage: Storage, layout: RunLayout, month: str) -> list
 
 
 def _parse_job_keys(storage: Storage, key: str) -> list[JobKey]:
-    rows = csv.reader(io.StringIO(storage.read_bytes(key).decode()))
+    # Interned: a run's keys repeat a few months, dates and securities many times over.
+    return [JobKey(sys.intern(month), sys.intern(security), sys.intern(date))
+            for month, security, date in job_key_rows(storage, key)]
+
+
+def job_key_rows(storage: Storage, key: str) -> Iterator[tuple[str, str, str]]:
+    """The (month, security, date) rows of key file `key`, one by one."""
+    # Decoded as read: a StringIO of the whole file would hold it at 4 bytes a character.
+    rows = csv.reader(io.TextIOWrapper(io.BytesIO(storage.read_bytes(key)), encoding="utf-8", newline=""))
     header = next(rows, [])
     if not {"month", "security", "date"} <= set(header):
         raise PermanentError(f"{storage.describe(key)} is not a job key file (its header is {header})")
     month, security, date = (header.index(name) for name in ("month", "security", "date"))
-    # Interned: a run's keys repeat a few months, dates and securities many times over.
-    return [JobKey(sys.intern(r[month]), sys.intern(r[security]), sys.intern(r[date])) for r in rows]
-
-
-def succeeded_keys(storage: Storage, layout: RunLayout, months: Collection[str] | None = None) -> set[JobKey]:
-    """Jobs with a success marker (listings, no object reads); see `_keys_under` for `months`."""
-    return _keys_under(storage, layout, layout.succeeded_prefix, months)
-
-
-def dead_keys(storage: Storage, layout: RunLayout, months: Collection[str] | None = None) -> set[JobKey]:
-    """Jobs with a dead record."""
-    return _keys_under(storage, layout, layout.dead_prefix, months)
-
-
-def retrying_keys(storage: Storage, layout: RunLayout, months: Collection[str] | None = None) -> set[JobKey]:
-    """Jobs with a retry record."""
-    return _keys_under(storage, layout, layout.retrying_prefix, months)
-
-
-def _keys_under(storage: Storage, layout: RunLayout, prefix: str, months: Collection[str] | None) -> set[JobKey]:
-    """The job keys of the records under `prefix`: in one listing, or, given the run's `months`
-    on a store that takes requests in parallel, in one listing per month, all in flight
-    together. An S3 listing pages 1,000 keys a round trip, so one listing of a run of a
-    million jobs makes a thousand round trips end to end; by month, a run of years makes one
-    per 1,000 jobs of its largest month. Records of other months are not looked for."""
-    if months is None or len(months) <= 1 or storage.parallel_requests <= 1:
-        return {layout.key_of(key, prefix) for key in storage.keys(prefix)}
-
-    def listed(month: str) -> list[str]:
-        return list(storage.keys(f"{prefix}{month}/"))
-
-    with ThreadPoolExecutor(max_workers=min(storage.parallel_requests, len(months))) as pool:
-        return {layout.key_of(key, prefix) for keys in pool.map(listed, sorted(months)) for key in keys}
+    return ((row[month], row[security], row[date]) for row in rows)

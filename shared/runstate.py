@@ -1,14 +1,33 @@
-"""A run's progress as storage records it: expected, succeeded, dead and retrying jobs."""
+"""A run's progress as storage records it: expected, succeeded, dead and retrying jobs.
+
+A run may have millions of jobs, and the aggregator service keeps the state of every run it
+follows. So a run's jobs are held as numbers, not as key objects: each job is its position
+in the run's jobs sorted in (security, date, month) order, the order the aggregator writes
+them in, and each state is a mask over those positions, about 11 bytes a job in all.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+import sys
+from array import array
+from collections.abc import Iterable, Iterator, Sequence, Set
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from shared.errors import PermanentError
-from shared.layout import JobKey, RunLayout, dead_keys, read_job_keys, retrying_keys, succeeded_keys
+from shared.layout import JobKey, RunLayout, job_key_rows
 from shared.storage import Storage
+
+# Jobs handled at a time where a whole run's would make large temporaries (keys listed, codes).
+_CHUNK = 8_192
+
+Positions = npt.NDArray[np.int64]
+_T = TypeVar("_T")
 
 
 def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
@@ -18,25 +37,173 @@ def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
     return dict(json.loads(storage.read_bytes(layout.manifest)))
 
 
+class RunJobs(Set[JobKey]):
+    """A run's expected jobs, each a position in (security, date, month) order.
+
+    A job's code packs the ranks of its security, date and month among the run's sorted
+    values, so sorting the codes sorts the jobs in that order, and a job's position is where
+    its code is in them. Iterating gives the jobs in that order.
+    """
+
+    def __init__(self, months: Sequence[str], securities: Sequence[str], dates: Sequence[str],
+                 codes: Positions) -> None:
+        # Interned: the keys handed out repeat a few months, dates and securities many times.
+        self.months = [sys.intern(m) for m in months]
+        self.securities = [sys.intern(s) for s in securities]
+        self.dates = [sys.intern(d) for d in dates]
+        self._rank = ({m: i for i, m in enumerate(self.months)}, {s: i for i, s in enumerate(self.securities)},
+                      {d: i for i, d in enumerate(self.dates)})
+        self._codes = codes
+
+    @classmethod
+    def of(cls, keys: Iterable[tuple[str, str, str]]) -> RunJobs:
+        """The jobs of `keys`, each (month, security, date); duplicates once."""
+        first_seen: tuple[dict[str, int], dict[str, int], dict[str, int]] = ({}, {}, {})
+        ids = array("i")  # each job's month, security and date, numbered as first seen
+        for key in keys:
+            for value, seen in zip(key, first_seen, strict=True):
+                ids.append(seen.setdefault(value, len(seen)))
+        months, securities, dates = (sorted(seen) for seen in first_seen)
+        # Each value's rank among the sorted values, by its number (dicts keep the order seen).
+        ranks = [np.array([rank[value] for value in seen], dtype=np.int64)
+                 for seen, rank in zip(first_seen, ({v: i for i, v in enumerate(values)}
+                                                    for values in (months, securities, dates)), strict=True)]
+        numbered = np.frombuffer(ids, dtype=np.int32).reshape(-1, 3)
+        codes = np.empty(len(numbered), dtype=np.int64)
+        for start in range(0, len(codes), _CHUNK):
+            month, security, date = (rank[numbered[start : start + _CHUNK, i]] for i, rank in enumerate(ranks))
+            codes[start : start + _CHUNK] = (security * len(dates) + date) * len(months) + month
+        codes.sort()
+        return cls(months, securities, dates, codes[np.diff(codes, prepend=-1) != 0])  # each job once
+
+    def _code(self, key: JobKey) -> int | None:
+        months, securities, dates = self._rank
+        month, security, date = months.get(key.month), securities.get(key.security), dates.get(key.date)
+        if month is None or security is None or date is None:
+            return None
+        return (security * len(self.dates) + date) * len(self.months) + month
+
+    def position(self, key: JobKey) -> int:
+        """`key`'s position, or -1 when it is not one of the run's jobs."""
+        code = self._code(key)
+        if code is None:
+            return -1
+        at = int(np.searchsorted(self._codes, code))
+        return at if at < len(self._codes) and self._codes[at] == code else -1
+
+    def positions(self, keys: Iterable[JobKey]) -> Positions:
+        """The positions of `keys`, each -1 when it is not one of the run's jobs."""
+        codes = np.fromiter((-1 if (c := self._code(k)) is None else c for k in keys), dtype=np.int64)
+        if not len(self._codes):
+            return np.full(len(codes), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
+        return np.where((codes >= 0) & (self._codes[at] == codes), at, -1)
+
+    def key(self, position: int) -> JobKey:
+        """The job at `position`."""
+        rest, month = divmod(int(self._codes[position]), len(self.months))
+        security, date = divmod(rest, len(self.dates))
+        return JobKey(self.months[month], self.securities[security], self.dates[date])
+
+    def keys(self, positions: Positions) -> Iterator[JobKey]:
+        """The jobs at `positions`, in their order."""
+        for start in range(0, len(positions), _CHUNK):  # a chunk of plain ints at a time
+            for position in positions[start : start + _CHUNK].tolist():
+                yield self.key(position)
+
+    def none(self) -> JobSet:
+        """An empty set of these jobs."""
+        return JobSet(self, np.zeros(len(self), dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, JobKey) and self.position(key) >= 0
+
+    def __iter__(self) -> Iterator[JobKey]:
+        return self.keys(np.arange(len(self), dtype=np.int64))
+
+    @classmethod
+    def _from_iterable(cls, items: Iterable[_T]) -> set[_T]:
+        return set(items)  # set operations (-, &, |) give plain sets
+
+
+class JobSet(Set[JobKey]):
+    """Some of a run's jobs (a mask over its positions); iterates in the run's order."""
+
+    def __init__(self, jobs: RunJobs, mask: npt.NDArray[np.bool_]) -> None:
+        self.jobs = jobs
+        self.mask = mask
+        self._count = int(np.count_nonzero(mask))
+
+    def positions(self) -> Positions:
+        """The positions of these jobs, in order."""
+        return np.flatnonzero(self.mask).astype(np.int64)
+
+    def add(self, key: JobKey) -> None:
+        """Add one of the run's jobs; `KeyError` for a job that is not the run's."""
+        position = self.jobs.position(key)
+        if position < 0:
+            raise KeyError(key)
+        if not self.mask[position]:
+            self.mask[position] = True
+            self._count += 1
+
+    def discard(self, key: JobKey) -> None:
+        """Remove `key` if it is here."""
+        position = self.jobs.position(key)
+        if position >= 0 and self.mask[position]:
+            self.mask[position] = False
+            self._count -= 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, JobKey):
+            return False
+        position = self.jobs.position(key)
+        return position >= 0 and bool(self.mask[position])
+
+    def __iter__(self) -> Iterator[JobKey]:
+        return self.jobs.keys(self.positions())
+
+    @classmethod
+    def _from_iterable(cls, items: Iterable[_T]) -> set[_T]:
+        return set(items)
+
+
 @dataclass
 class RunState:
-    """Which of a run's expected jobs succeeded, are dead, or are still missing."""
+    """Which of a run's expected jobs succeeded, are dead, or are still missing.
 
-    expected: set[JobKey]
-    succeeded: set[JobKey]
-    dead: set[JobKey]
-    retrying: set[JobKey] = field(default_factory=set)
+    `succeeded`, `dead` and `retrying` hold expected jobs only, none in two of them: a job with
+    a success marker counts as succeeded whatever other records it has, then dead."""
+
+    expected: RunJobs
+    succeeded: JobSet
+    dead: JobSet
+    retrying: JobSet
+
+    @classmethod
+    def of(cls, expected: Iterable[JobKey], succeeded: Iterable[JobKey] = (), dead: Iterable[JobKey] = (),
+           retrying: Iterable[JobKey] = ()) -> RunState:
+        """The state of a run of `expected` jobs from lists of keys; keys of other jobs are not
+        the run's and are left out."""
+        jobs = RunJobs.of(expected)
+        return _state(jobs, *(_found(jobs, jobs.positions(keys)) for keys in (succeeded, dead, retrying)))
 
     @property
-    def missing(self) -> set[JobKey]:
+    def missing(self) -> JobSet:
         """Jobs neither succeeded nor dead."""
-        return self.expected - self.succeeded - self.dead
+        return JobSet(self.expected, ~(self.succeeded.mask | self.dead.mask))
 
     @property
     def accounted(self) -> bool:
         """Every expected job has succeeded or is dead."""
         # The aggregator asks on every event of a run: while fewer jobs are settled than
-        # expected some must be missing, which the counts tell without comparing any keys.
+        # expected some must be missing, which the counts tell without looking at any job.
         if len(self.succeeded) + len(self.dead) < len(self.expected):
             return False
         return not self.missing
@@ -44,20 +211,62 @@ class RunState:
     @property
     def complete(self) -> bool:
         """Every expected job succeeded."""
-        return self.expected <= self.succeeded
+        return len(self.succeeded) == len(self.expected)
 
 
-def load_state(storage: Storage, layout: RunLayout, expected: set[JobKey] | None = None) -> RunState:
-    """The run's job states from its key file, success markers and dead records.
+def _found(jobs: RunJobs, positions: Positions) -> npt.NDArray[np.bool_]:
+    mask = np.zeros(len(jobs), dtype=bool)
+    mask[positions[positions >= 0]] = True
+    return mask
 
-    A caller that read the key file before may pass its `expected` keys: the producer writes
+
+def _state(jobs: RunJobs, succeeded: npt.NDArray[np.bool_], dead: npt.NDArray[np.bool_],
+           retrying: npt.NDArray[np.bool_]) -> RunState:
+    dead &= ~succeeded
+    retrying &= ~(succeeded | dead)
+    return RunState(jobs, JobSet(jobs, succeeded), JobSet(jobs, dead), JobSet(jobs, retrying))
+
+
+def read_run_jobs(storage: Storage, layout: RunLayout) -> RunJobs:
+    """The run's expected jobs, from its key file."""
+    return RunJobs.of(job_key_rows(storage, layout.job_keys))
+
+
+def load_state(storage: Storage, layout: RunLayout, expected: RunJobs | None = None) -> RunState:
+    """The run's job states from its key file, success markers and dead and retry records.
+
+    A caller that read the key file before may pass its `expected` jobs: the producer writes
     that file once, before the run's first job, and never changes it.
     """
-    expected = set(read_job_keys(storage, layout)) if expected is None else expected
-    months = {key.month for key in expected}
-    succeeded = succeeded_keys(storage, layout, months) & expected
-    dead = (dead_keys(storage, layout, months) & expected) - succeeded
-    retrying = (retrying_keys(storage, layout, months) & expected) - succeeded - dead
-    return RunState(expected, succeeded, dead, retrying)
+    jobs = read_run_jobs(storage, layout) if expected is None else expected
+    masks = [_found(jobs, _listed_positions(storage, layout, prefix, jobs))
+             for prefix in (layout.succeeded_prefix, layout.dead_prefix, layout.retrying_prefix)]
+    return _state(jobs, *masks)
 
 
+def _listed_positions(storage: Storage, layout: RunLayout, prefix: str, jobs: RunJobs) -> Positions:
+    """The positions of the jobs with a record under `prefix` (-1 for records of no job of
+    the run): in one listing, or, on a store that takes requests in parallel, in one listing
+    per month of the run, all in flight together. An S3 listing pages 1,000 keys a round
+    trip, so one listing of a run of a million jobs makes a thousand round trips end to end;
+    by month, a run of years makes one per 1,000 jobs of its largest month. Records of other
+    months are not looked for."""
+    if len(jobs.months) <= 1 or storage.parallel_requests <= 1:
+        return _positions_of_records(jobs, layout, prefix, storage.keys(prefix))
+
+    def listed(month: str) -> Positions:
+        return _positions_of_records(jobs, layout, prefix, storage.keys(f"{prefix}{month}/"))
+
+    with ThreadPoolExecutor(max_workers=min(storage.parallel_requests, len(jobs.months))) as pool:
+        return np.concatenate(list(pool.map(listed, jobs.months)))
+
+
+def _positions_of_records(jobs: RunJobs, layout: RunLayout, prefix: str, object_keys: Iterable[str]) -> Positions:
+    chunks, keys = [], []
+    for object_key in object_keys:
+        keys.append(layout.key_of(object_key, prefix))
+        if len(keys) == _CHUNK:
+            chunks.append(jobs.positions(keys))
+            keys = []
+    chunks.append(jobs.positions(keys))
+    return np.concatenate(chunks)

@@ -3,14 +3,15 @@ file and records the same on a local disk and on S3, listed in one go or month b
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared.layout import JobKey, RunLayout, job_keys_csv
-from shared.runstate import RunState, load_state
-from shared.storage import Storage, open_storage
+from shared.runstate import RunState, load_state, read_run_jobs
+from shared.storage import LocalStorage, Storage, open_storage
 
 MONTHS = ("2024-01", "2024-02", "2024-03")
 
@@ -20,7 +21,7 @@ def _keys(*securities: str) -> set[JobKey]:
 
 
 def test_a_run_is_accounted_once_every_expected_job_succeeded_or_is_dead() -> None:
-    state = RunState(expected=_keys("A", "B", "C"), succeeded=_keys("A", "B"), dead=set())
+    state = RunState.of(expected=_keys("A", "B", "C"), succeeded=_keys("A", "B"))
     assert not state.accounted
     assert state.missing == _keys("C")
     state.dead.add(JobKey("2024-03", "C", "2024-03-04"))
@@ -31,8 +32,8 @@ def test_a_run_is_accounted_once_every_expected_job_succeeded_or_is_dead() -> No
 def test_keys_outside_the_run_or_counted_twice_do_not_account_for_a_missing_job() -> None:
     # As many settled keys as expected jobs, yet one expected job is missing: a key that is not
     # the run's and a job both succeeded and dead must not make up for it.
-    stray = RunState(expected=_keys("A", "B"), succeeded=_keys("A", "Z"), dead=set())
-    twice = RunState(expected=_keys("A", "B"), succeeded=_keys("A"), dead=_keys("A"))
+    stray = RunState.of(expected=_keys("A", "B"), succeeded=_keys("A", "Z"))
+    twice = RunState.of(expected=_keys("A", "B"), succeeded=_keys("A"), dead=_keys("A"))
     for state in (stray, twice):
         assert not state.accounted
         assert state.missing == _keys("B")
@@ -88,3 +89,51 @@ def test_a_runs_state_is_read_whole_whether_its_records_are_listed_at_once_or_by
     monkeypatch.setenv("TICKQ_S3_REQUESTS", "1")  # one at a time on S3 too: one listing of each prefix
     again = load_state(open_storage(uri, endpoint), layout)
     assert (again.expected, again.succeeded, again.dead, again.retrying) == states
+
+
+def test_a_runs_jobs_come_in_security_date_month_order_and_unknown_keys_have_no_position(tmp_path: Path) -> None:
+    # Securities a key file quotes (a comma) or that look like numbers, a date in two months'
+    # files, and a job listed twice: the key file's own order is not the run's.
+    keys = [JobKey("2024-02", "0007", "2024-02-01"), JobKey("2024-01", "A,B", "2024-01-31"),
+            JobKey("2024-02", "0007", "2024-01-31"), JobKey("2024-01", "0007", "2024-01-31"),
+            JobKey("2024-01", "A,B", "2024-01-31")]
+    store, layout = LocalStorage(tmp_path), RunLayout("r1")
+    store.write_bytes(layout.job_keys, job_keys_csv(keys))
+    jobs = read_run_jobs(store, layout)
+    in_order = [JobKey("2024-01", "0007", "2024-01-31"), JobKey("2024-02", "0007", "2024-01-31"),
+                JobKey("2024-02", "0007", "2024-02-01"), JobKey("2024-01", "A,B", "2024-01-31")]
+    assert list(jobs) == in_order and len(jobs) == 4
+    assert [jobs.position(k) for k in in_order] == [0, 1, 2, 3]
+    assert [jobs.key(p) for p in range(4)] == in_order
+    strangers = [JobKey("2024-01", "0007", "2024-02-01"), JobKey("2024-03", "0007", "2024-01-31"),
+                 JobKey("2024-01", "A", "2024-01-31")]  # known month, security and date, but not a job
+    assert jobs.positions([*strangers, in_order[2]]).tolist() == [-1, -1, -1, 2]
+    assert not any(k in jobs for k in strangers)
+
+    state = load_state(store, layout, jobs)
+    assert not state.succeeded and state.missing == set(in_order)
+    state.succeeded.add(in_order[3])
+    state.dead.add(in_order[1])
+    state.dead.discard(strangers[0])  # not the run's: nothing to remove
+    assert list(state.missing) == [in_order[0], in_order[2]] and len(state.missing) == 2
+    with pytest.raises(KeyError):
+        state.succeeded.add(strangers[0])
+
+
+def test_a_runs_state_holds_a_few_bytes_a_job(tmp_path: Path) -> None:
+    # The aggregator service keeps the state of every run it follows, for runs of millions of
+    # jobs: key objects in sets took about 180 bytes a job.
+    store, layout = LocalStorage(tmp_path), RunLayout("r1")
+    keys = [JobKey(f"2024-{m:02d}", f"S{s:04d}", f"2024-{m:02d}-{d:02d}")
+            for m in range(1, 7) for s in range(400) for d in range(1, 22)]
+    store.write_bytes(layout.job_keys, job_keys_csv(keys))
+    for key in keys[::500]:
+        store.mark(layout.marker(key))
+    tracemalloc.start()
+    try:
+        state = load_state(store, layout)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(state.expected) == len(keys) == 50_400 and len(state.succeeded) == len(keys[::500])
+    assert held / len(keys) < 20

@@ -114,15 +114,15 @@ class _ResultReader:
     def _corrupt(self, name: str, exc: ValueError) -> PermanentError:
         return PermanentError(f"job results {self._storage.describe(name)}: {exc}")
 
-    def _index(self, pool: ThreadPoolExecutor) -> tuple[list[str], npt.NDArray[np.int32], dict[str, bytes]]:
-        """The batch objects, which of them holds the result that counts for each wanted job
-        (by the job's position in the run), and the bodies of those objects kept for the
-        results pass (up to `KEEP_BYTES`)."""
+    def _index(self, pool: ThreadPoolExecutor) -> tuple[list[str], npt.NDArray[np.int32], dict[int, bytes]]:
+        """The batch objects, the number of the one holding the result that counts for each
+        wanted job (by the job's position in the run; -1 for other jobs), and the bodies kept
+        for the results pass by object number (up to `KEEP_BYTES`)."""
         run, wanted = self._jobs.jobs, self._jobs.mask
         names = list(self._storage.keys(self._layout.results_prefix))
         holder = np.full(len(run), -1, dtype=np.int32)  # a few bytes a job, not a dict entry
         copies: list[tuple[str, str]] = []  # (finished_at, name) of each object, to compare copies by
-        kept: dict[str, bytes] = {}
+        kept: dict[int, bytes] = {}
         kept_bytes = 0
         for start in range(0, len(names), READ_WINDOW):
             window = names[start : start + READ_WINDOW]
@@ -144,7 +144,7 @@ class _ResultReader:
                     replaces[~replaces] = newer[np.searchsorted(earlier, held[~replaces])]
                 holder[positions[replaces]] = number
                 if kept_bytes + len(body) <= KEEP_BYTES:
-                    kept[name] = body
+                    kept[number] = body
                     kept_bytes += len(body)
         missing = np.flatnonzero(wanted & (holder < 0))
         if len(missing):
@@ -153,38 +153,49 @@ class _ResultReader:
                 f"{len(missing)} succeeded job(s) have no stored result, e.g. {first.month} {first.security} "
                 f"{first.date}: the results under {self._storage.describe(self._layout.results_prefix)} were removed"
             )
-        needed = {names[n] for n in np.unique(holder[wanted]).tolist()}
-        return names, holder, {name: body for name, body in kept.items() if name in needed}
+        return names, holder, kept
 
     def _placed(self, open_batch: Callable[[str, bytes], _Opened]) -> Iterator[tuple[JobKey, _Opened]]:
         """Every wanted job, in order, with the opened batch object holding its result."""
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tickq-read") as pool:
             names, holder, kept = self._index(pool)
-            positions = self._jobs.positions()
-            holders = holder[positions]
-            remaining = np.bincount(holders, minlength=len(names))
-            objects, first_needed = np.unique(holders, return_index=True)
-            upcoming = iter([names[n] for n in objects[np.argsort(first_needed)].tolist()])
-            reading: deque[tuple[str, Future[bytes]]] = deque()
-            open_batches: dict[str, _Opened] = {}
-            for key, number in zip(self._jobs, _plain(holders), strict=True):
-                name = names[number]
-                while name not in open_batches:
-                    while len(reading) < READ_AHEAD and (next_name := next(upcoming, None)) is not None:
-                        reading.append((next_name, self._body(pool, next_name, kept)))
-                    read_name, future = reading.popleft()
+            remaining, upcoming = self._needs(len(names), holder)
+            kept = {number: body for number, body in kept.items() if remaining[number]}
+            reading: deque[tuple[int, Future[bytes]]] = deque()
+            open_batches: dict[int, _Opened] = {}
+            for key, number in self._holders(holder):
+                while number not in open_batches:
+                    while len(reading) < READ_AHEAD and (ahead := next(upcoming, None)) is not None:
+                        reading.append((ahead, self._body(pool, ahead, kept, names[ahead])))
+                    read_number, future = reading.popleft()
                     try:
-                        open_batches[read_name] = open_batch(read_name, future.result())
+                        open_batches[read_number] = open_batch(names[read_number], future.result())
                     except ValueError as exc:
-                        raise self._corrupt(read_name, exc) from None
-                yield key, open_batches[name]
+                        raise self._corrupt(names[read_number], exc) from None
+                yield key, open_batches[number]
                 remaining[number] -= 1
                 if not remaining[number]:
-                    del open_batches[name]
+                    del open_batches[number]
 
-    def _body(self, pool: ThreadPoolExecutor, name: str, kept: dict[str, bytes]) -> Future[bytes]:
-        """Batch object `name`'s body: the one the index pass kept, else read now."""
-        body = kept.pop(name, None)
+    def _needs(self, objects: int, holder: npt.NDArray[np.int32]) -> tuple[npt.NDArray[np.int64], Iterator[int]]:
+        """How many wanted jobs each object holds, and the objects' numbers in the order first
+        needed."""
+        remaining = np.zeros(objects, dtype=np.int64)
+        first_needed: dict[int, None] = {}  # a dict keeps the order its keys came in
+        for positions in self._jobs.position_chunks():
+            numbers, first, count = np.unique(holder[positions], return_index=True, return_counts=True)
+            remaining[numbers] += count
+            first_needed.update(dict.fromkeys(numbers[np.argsort(first)].tolist()))
+        return remaining, iter(first_needed)
+
+    def _holders(self, holder: npt.NDArray[np.int32]) -> Iterator[tuple[JobKey, int]]:
+        """Each wanted job, in order, with the number of the object holding its result."""
+        for positions in self._jobs.position_chunks():
+            yield from zip(self._jobs.jobs.keys(positions), holder[positions].tolist(), strict=True)
+
+    def _body(self, pool: ThreadPoolExecutor, number: int, kept: dict[int, bytes], name: str) -> Future[bytes]:
+        """The body of batch object `number` (named `name`): the one the index pass kept, else read now."""
+        body = kept.pop(number, None)
         if body is None:
             return pool.submit(self._storage.read_bytes, name)
         ready: Future[bytes] = Future()
@@ -261,12 +272,6 @@ class _ResultReader:
         for column in self.counts:
             self.counts[column] += int(pc.sum(chunk.column(column)).as_py() or 0)
         return chunk.add_column(0, "month", pa.array([key.month for key, _, _ in placed], pa.string()))
-
-
-def _plain(values: npt.NDArray[np.int32]) -> Iterator[int]:
-    """`values` as Python ints, a chunk at a time rather than a list of them all."""
-    for start in range(0, len(values), CHUNK_JOBS):
-        yield from values[start : start + CHUNK_JOBS].tolist()
 
 
 def _in_order(placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:

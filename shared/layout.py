@@ -19,7 +19,7 @@ import csv
 import io
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -256,10 +256,13 @@ class RunLayout:
         """Prefix of the aggregate tables."""
         return f"{self.root}/aggregates"
 
-    def key_of(self, object_key: str, prefix: str) -> JobKey:
-        """The job key of a marker or dead record, from its object key."""
-        month, security, name = object_key[len(prefix):].split("/")
-        return JobKey(sys.intern(month), sys.intern(security), sys.intern(name.removesuffix(".json")))
+    @staticmethod
+    def jobs_of_records(object_keys: Iterable[str], prefix: str) -> Iterator[tuple[str, str, str]]:
+        """The (month, security, date) of each marker, dead or retry record under `prefix`."""
+        start = len(prefix)
+        for object_key in object_keys:
+            month, security, name = object_key[start:].split("/")
+            yield month, security, name.removesuffix(".json")
 
 
 def job_keys_csv(keys: list[JobKey]) -> bytes:

@@ -3,11 +3,12 @@
 A run may have millions of jobs, and the aggregator service keeps the state of every run it
 follows. So a run's jobs are held as numbers, not as key objects: each job is its position
 in the run's jobs sorted in (security, date, month) order, the order the aggregator writes
-them in, and each state is a mask over those positions, about 11 bytes a job in all.
+them in, and each state is a mask over those positions: about 12 bytes a job in all.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from array import array
@@ -59,10 +60,13 @@ class RunJobs(Set[JobKey]):
     def of(cls, keys: Iterable[tuple[str, str, str]]) -> RunJobs:
         """The jobs of `keys`, each (month, security, date); duplicates once."""
         first_seen: tuple[dict[str, int], dict[str, int], dict[str, int]] = ({}, {}, {})
+        months_seen, securities_seen, dates_seen = first_seen
         ids = array("i")  # each job's month, security and date, numbered as first seen
-        for key in keys:
-            for value, seen in zip(key, first_seen, strict=True):
-                ids.append(seen.setdefault(value, len(seen)))
+        append = ids.append
+        for month, security, date in keys:
+            append(months_seen.setdefault(month, len(months_seen)))
+            append(securities_seen.setdefault(security, len(securities_seen)))
+            append(dates_seen.setdefault(date, len(dates_seen)))
         months, securities, dates = (sorted(seen) for seen in first_seen)
         # Each value's rank among the sorted values, by its number (dicts keep the order seen).
         ranks = [np.array([rank[value] for value in seen], dtype=np.int64)
@@ -71,45 +75,50 @@ class RunJobs(Set[JobKey]):
         numbered = np.frombuffer(ids, dtype=np.int32).reshape(-1, 3)
         codes = np.empty(len(numbered), dtype=np.int64)
         for start in range(0, len(codes), _CHUNK):
-            month, security, date = (rank[numbered[start : start + _CHUNK, i]] for i, rank in enumerate(ranks))
-            codes[start : start + _CHUNK] = (security * len(dates) + date) * len(months) + month
+            month_rank, security_rank, date_rank = (rank[numbered[start : start + _CHUNK, i]]
+                                                    for i, rank in enumerate(ranks))
+            codes[start : start + _CHUNK] = (security_rank * len(dates) + date_rank) * len(months) + month_rank
         codes.sort()
         return cls(months, securities, dates, codes[np.diff(codes, prepend=-1) != 0])  # each job once
 
-    def _code(self, key: JobKey) -> int | None:
+    def position(self, key: tuple[str, str, str]) -> int:
+        """The position of `key` (month, security, date), or -1 when it is not one of the run's jobs."""
         months, securities, dates = self._rank
-        month, security, date = months.get(key.month), securities.get(key.security), dates.get(key.date)
+        month, security, date = months.get(key[0]), securities.get(key[1]), dates.get(key[2])
         if month is None or security is None or date is None:
-            return None
-        return (security * len(self.dates) + date) * len(self.months) + month
-
-    def position(self, key: JobKey) -> int:
-        """`key`'s position, or -1 when it is not one of the run's jobs."""
-        code = self._code(key)
-        if code is None:
             return -1
+        code = (security * len(self.dates) + date) * len(self.months) + month
         at = int(np.searchsorted(self._codes, code))
         return at if at < len(self._codes) and self._codes[at] == code else -1
 
-    def positions(self, keys: Iterable[JobKey]) -> Positions:
-        """The positions of `keys`, each -1 when it is not one of the run's jobs."""
-        codes = np.fromiter((-1 if (c := self._code(k)) is None else c for k in keys), dtype=np.int64)
+    def positions(self, keys: Iterable[tuple[str, str, str]]) -> Positions:
+        """The positions of `keys` (month, security, date each), -1 for those not the run's."""
+        months, securities, dates = self._rank
+        month, security, date = array("q"), array("q"), array("q")
+        for key_month, key_security, key_date in keys:
+            month.append(months.get(key_month, -1))
+            security.append(securities.get(key_security, -1))
+            date.append(dates.get(key_date, -1))
+        ranks = [np.frombuffer(ids, dtype=np.int64) for ids in (month, security, date)]
+        known = (ranks[0] >= 0) & (ranks[1] >= 0) & (ranks[2] >= 0)
+        codes = (ranks[1] * len(self.dates) + ranks[2]) * len(self.months) + ranks[0]
         if not len(self._codes):
             return np.full(len(codes), -1, dtype=np.int64)
         at = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
-        return np.where((codes >= 0) & (self._codes[at] == codes), at, -1)
+        return np.where(known & (self._codes[at] == codes), at, -1)
 
     def key(self, position: int) -> JobKey:
         """The job at `position`."""
-        rest, month = divmod(int(self._codes[position]), len(self.months))
-        security, date = divmod(rest, len(self.dates))
-        return JobKey(self.months[month], self.securities[security], self.dates[date])
+        return next(self.keys(np.array([position])))
 
     def keys(self, positions: Positions) -> Iterator[JobKey]:
         """The jobs at `positions`, in their order."""
+        months, securities, dates = self.months, self.securities, self.dates
         for start in range(0, len(positions), _CHUNK):  # a chunk of plain ints at a time
-            for position in positions[start : start + _CHUNK].tolist():
-                yield self.key(position)
+            rest, month = np.divmod(self._codes[positions[start : start + _CHUNK]], len(months))
+            security, date = np.divmod(rest, len(dates))
+            for m, s, d in zip(month.tolist(), security.tolist(), date.tolist(), strict=True):
+                yield JobKey(months[m], securities[s], dates[d])
 
     def none(self) -> JobSet:
         """An empty set of these jobs."""
@@ -137,9 +146,10 @@ class JobSet(Set[JobKey]):
         self.mask = mask
         self._count = int(np.count_nonzero(mask))
 
-    def positions(self) -> Positions:
-        """The positions of these jobs, in order."""
-        return np.flatnonzero(self.mask).astype(np.int64)
+    def position_chunks(self) -> Iterator[Positions]:
+        """The positions of these jobs, in order, a chunk at a time."""
+        for start in range(0, len(self.mask), _CHUNK):
+            yield np.flatnonzero(self.mask[start : start + _CHUNK]) + start
 
     def add(self, key: JobKey) -> None:
         """Add one of the run's jobs; `KeyError` for a job that is not the run's."""
@@ -167,7 +177,8 @@ class JobSet(Set[JobKey]):
         return position >= 0 and bool(self.mask[position])
 
     def __iter__(self) -> Iterator[JobKey]:
-        return self.jobs.keys(self.positions())
+        for positions in self.position_chunks():
+            yield from self.jobs.keys(positions)
 
     @classmethod
     def _from_iterable(cls, items: Iterable[_T]) -> set[_T]:
@@ -262,11 +273,8 @@ def _listed_positions(storage: Storage, layout: RunLayout, prefix: str, jobs: Ru
 
 
 def _positions_of_records(jobs: RunJobs, layout: RunLayout, prefix: str, object_keys: Iterable[str]) -> Positions:
-    chunks, keys = [], []
-    for object_key in object_keys:
-        keys.append(layout.key_of(object_key, prefix))
-        if len(keys) == _CHUNK:
-            chunks.append(jobs.positions(keys))
-            keys = []
-    chunks.append(jobs.positions(keys))
+    records = layout.jobs_of_records(object_keys, prefix)
+    chunks = [np.empty(0, dtype=np.int64)]
+    while chunk := list(itertools.islice(records, _CHUNK)):
+        chunks.append(jobs.positions(chunk))
     return np.concatenate(chunks)

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from aggregator.tables import RunState, aggregate_run, load_state, read_manifest
 from shared.broker import connect
 from shared.errors import one_line
-from shared.layout import JobKey, RunLayout
+from shared.layout import RunLayout
 from shared.messages import JobEvent
 from shared.metrics import get_logger
 from shared.observability import AggregatorMetrics, HealthServer, LivenessProbe
@@ -202,15 +202,13 @@ class AggregatorService:
             await loop.run_in_executor(None, read_manifest, storage, layout)
             state = await loop.run_in_executor(None, load_state, storage, layout)
             run = self.runs[key] = _Run(event.output, event.run_id, state)
-        for reported in event.jobs:
-            job = JobKey(reported.month, reported.security, reported.date)
-            if job not in run.state.expected:
-                continue
-            if event.type == "job.succeeded":
-                run.state.succeeded.add(job)
-                run.state.dead.discard(job)
-            elif job not in run.state.succeeded:
-                run.state.dead.add(job)
+        positions = run.state.expected.positions((job.month, job.security, job.date) for job in event.jobs)
+        positions = positions[positions >= 0]  # a job that is not the run's changes nothing
+        if event.type == "job.succeeded":
+            run.state.succeeded.add_at(positions)
+            run.state.dead.remove_at(positions)
+        else:  # dead, unless it succeeded after all
+            run.state.dead.add_at(positions[~run.state.succeeded.mask[positions]])
         run.touched = time.monotonic()
         run.resync_interval = 0.0
         if run.state.accounted and run.written_signature != run.signature():

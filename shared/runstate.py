@@ -156,16 +156,25 @@ class JobSet(Set[JobKey]):
         position = self.jobs.position(key)
         if position < 0:
             raise KeyError(key)
-        if not self.mask[position]:
-            self.mask[position] = True
-            self._count += 1
+        self.add_at(np.array([position]))
 
     def discard(self, key: JobKey) -> None:
         """Remove `key` if it is here."""
         position = self.jobs.position(key)
-        if position >= 0 and self.mask[position]:
-            self.mask[position] = False
-            self._count -= 1
+        if position >= 0:
+            self.remove_at(np.array([position]))
+
+    def add_at(self, positions: Positions) -> None:
+        """Add the jobs at `positions` of the run's jobs."""
+        added = np.unique(positions[~self.mask[positions]])
+        self.mask[added] = True
+        self._count += len(added)
+
+    def remove_at(self, positions: Positions) -> None:
+        """Remove the jobs at `positions` of the run's jobs, where they are here."""
+        removed = np.unique(positions[self.mask[positions]])
+        self.mask[removed] = False
+        self._count -= len(removed)
 
     def __len__(self) -> int:
         return self._count

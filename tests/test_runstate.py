@@ -7,6 +7,7 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from shared.layout import JobKey, RunLayout, job_keys_csv
@@ -118,6 +119,11 @@ def test_a_runs_jobs_come_in_security_date_month_order_and_unknown_keys_have_no_
     assert list(state.missing) == [in_order[0], in_order[2]] and len(state.missing) == 2
     with pytest.raises(KeyError):
         state.succeeded.add(strangers[0])
+    # As an event of several jobs applies: a job reported twice counts once.
+    state.succeeded.add_at(np.array([0, 0, 3]))
+    state.dead.remove_at(np.array([0, 1, 1]))
+    assert (len(state.succeeded), len(state.dead)) == (2, 0) and list(state.succeeded) == [in_order[0], in_order[3]]
+    assert list(state.missing) == in_order[1:3] and not state.accounted
 
 
 def test_a_runs_state_holds_a_few_bytes_a_job(tmp_path: Path) -> None:

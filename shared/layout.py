@@ -32,7 +32,8 @@ from shared.storage import Storage
 # A batch result object comes in one of two formats.
 #
 # Columns (version 4), for processors whose partial results are columns (`finish_batch`): an
-# Arrow IPC stream of one table, one row per job: job_id, security, date, the row counts
+# Arrow IPC stream of one table (its buffers LZ4-compressed; earlier objects are not), one row
+# per job: job_id, security, date, the row counts
 # (`COUNT_COLUMNS`), then the processor's columns. The header's fields {"v", "run_id",
 # "month", "processor", "worker", "finished_at"} are the schema's metadata under
 # `HEADER_METADATA`. Both sides handle whole arrays: nothing is done per job in Python.
@@ -76,7 +77,10 @@ def batch_result_table_body(
         {HEADER_METADATA: orjson.dumps({"v": COLUMNAR_VERSION, **header})}
     )
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    # LZ4: a month's analytics partials (about 1.1 KB a job) take 56 % of the bytes, for a
+    # millisecond or so per 512 jobs on each side (zstd, 40 %, made aggregating a fifth
+    # slower); readers decompress without asking.
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
@@ -87,8 +91,8 @@ def is_columnar(body: bytes) -> bool:
 
 
 def batch_result_table(body: bytes) -> tuple[dict[str, Any], pa.Table]:
-    """A columnar batch result object's header and its jobs' table (zero-copy on `body`);
-    `ValueError` when it is not one."""
+    """A columnar batch result object's header and its jobs' table (zero-copy on `body` where
+    it is not compressed); `ValueError` when it is not one."""
     try:
         table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
     except (pa.ArrowInvalid, OSError) as exc:

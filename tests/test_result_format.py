@@ -60,6 +60,15 @@ def _columnar(header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
                                    [e["counts"] for e in entries], results_table([e["data"] for e in entries]))
 
 
+def _uncompressed(body: bytes) -> bytes:
+    """A columnar result object's table stored again without compression."""
+    table = pa.ipc.open_stream(body).read_all()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
 def _stream(columns: dict[str, list[Any]], header: dict[str, Any]) -> bytes:
     """An Arrow stream with a tickq header whatever its columns."""
     table = pa.table(columns).replace_schema_metadata({b"tickq.result": orjson.dumps({"v": 4, **header})})
@@ -116,12 +125,23 @@ def test_json_and_one_document_results_aggregate_like_columns(tmp_path: Path) ->
     one_document = [orjson.dumps({"v": 2, **_header(now), "jobs": entries[:3]}),
                     orjson.dumps({"v": 2, **_header(now), "jobs": entries[3:]})]
     mixed = [columns[0], one_document[1]]
-    for name, bodies in (("columns", columns), ("json", two_line), ("old", one_document), ("mixed", mixed)):
+    uncompressed = [_uncompressed(body) for body in columns]  # columns as earlier versions stored them
+    for name, bodies in (("columns", columns), ("json", two_line), ("old", one_document), ("mixed", mixed),
+                         ("uncompressed", uncompressed)):
         assert aggregate_run(_run(tmp_path / name, bodies), "r").summary["rows_read"] == sum(
             e["counts"]["rows_read"] for e in entries)
     expected = _tables(tmp_path / "columns")
     assert _tables(tmp_path / "json") == _tables(tmp_path / "old") == _tables(tmp_path / "mixed") == expected
+    assert _tables(tmp_path / "uncompressed") == expected
     assert len(expected["security_daily"]) == len(KEYS)
+
+
+def test_columnar_results_are_stored_compressed() -> None:
+    keys = [JobKey(MONTH, f"S{s:03d}", f"2024-03-{day:02d}") for s in range(100) for day in (4, 5, 6)]
+    body = _columnar(_header("2026-01-01T00:00:00+00:00"), [_entry(k, 1 + i % 7) for i, k in enumerate(keys)])
+    plain = _uncompressed(body)
+    assert len(body) < len(plain) / 2
+    assert batch_result_table(body)[1] == batch_result_table(plain)[1]
 
 
 @pytest.mark.parametrize("first_format, again_format", [(batch_result_body, batch_result_body),

@@ -93,21 +93,23 @@ def test_a_runs_state_is_read_whole_whether_its_records_are_listed_at_once_or_by
 
 
 def test_a_runs_jobs_come_in_security_date_month_order_and_unknown_keys_have_no_position(tmp_path: Path) -> None:
-    # Securities a key file quotes (a comma) or that look like numbers, a date in two months'
+    # Securities that look like numbers or hold a dot, a date in two months'
     # files, and a job listed twice: the key file's own order is not the run's.
-    keys = [JobKey("2024-02", "0007", "2024-02-01"), JobKey("2024-01", "A,B", "2024-01-31"),
+    keys = [JobKey("2024-02", "0007", "2024-02-01"), JobKey("2024-01", "BRK.B", "2024-01-31"),
             JobKey("2024-02", "0007", "2024-01-31"), JobKey("2024-01", "0007", "2024-01-31"),
-            JobKey("2024-01", "A,B", "2024-01-31")]
+            JobKey("2024-01", "BRK.B", "2024-01-31")]
     store, layout = LocalStorage(tmp_path), RunLayout("r1")
     store.write_bytes(layout.job_keys, job_keys_csv(keys))
     jobs = read_run_jobs(store, layout)
     in_order = [JobKey("2024-01", "0007", "2024-01-31"), JobKey("2024-02", "0007", "2024-01-31"),
-                JobKey("2024-02", "0007", "2024-02-01"), JobKey("2024-01", "A,B", "2024-01-31")]
+                JobKey("2024-02", "0007", "2024-02-01"), JobKey("2024-01", "BRK.B", "2024-01-31")]
     assert list(jobs) == in_order and len(jobs) == 4
     assert [jobs.position(k) for k in in_order] == [0, 1, 2, 3]
     assert [jobs.key(p) for p in range(4)] == in_order
+    # Not the run's: a month, security and date it knows but not together; a month and a
+    # security it does not know.
     strangers = [JobKey("2024-01", "0007", "2024-02-01"), JobKey("2024-03", "0007", "2024-01-31"),
-                 JobKey("2024-01", "A", "2024-01-31")]  # known month, security and date, but not a job
+                 JobKey("2024-01", "A", "2024-01-31")]
     assert jobs.positions([*strangers, in_order[2]]).tolist() == [-1, -1, -1, 2]
     assert not any(k in jobs for k in strangers)
 

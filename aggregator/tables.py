@@ -49,8 +49,9 @@ READ_WINDOW = 16
 READ_AHEAD = 8
 READ_THREADS = 16
 # Batch objects the index pass read are kept for the results pass up to this many bytes in
-# all (analytics results take about 1 KB a job), so a run of up to about 15,000 jobs reads each
-# object once: an object store's GETs are its cost. Past it, the rest are read again.
+# all (analytics results take about 0.6 KB a job, compressed), so a run of up to about 25,000
+# jobs reads each object once: an object store's GETs are its cost. Past it, the rest are read
+# again.
 KEEP_BYTES = 16 << 20
 
 

@@ -120,10 +120,6 @@ class RunJobs(Set[JobKey]):
             for m, s, d in zip(month.tolist(), security.tolist(), date.tolist(), strict=True):
                 yield JobKey(months[m], securities[s], dates[d])
 
-    def none(self) -> JobSet:
-        """An empty set of these jobs."""
-        return JobSet(self, np.zeros(len(self), dtype=bool))
-
     def __len__(self) -> int:
         return len(self._codes)
 

@@ -137,13 +137,7 @@ class _ResultReader:
                 positions = run.positions(JobKey(month, security, date) for security, date in keys)
                 positions = positions[positions >= 0]
                 positions = positions[wanted[positions]]
-                held = holder[positions]
-                replaces = held < 0
-                earlier = np.unique(held[~replaces])  # objects holding some of these jobs so far
-                if len(earlier):
-                    newer = np.array([copies[number] > copies[h] for h in earlier.tolist()], dtype=bool)
-                    replaces[~replaces] = newer[np.searchsorted(earlier, held[~replaces])]
-                holder[positions[replaces]] = number
+                _hold_newest(holder, copies, number, positions)
                 if kept_bytes + len(body) <= KEEP_BYTES:
                     kept[number] = body
                     kept_bytes += len(body)
@@ -273,6 +267,19 @@ class _ResultReader:
         for column in self.counts:
             self.counts[column] += int(pc.sum(chunk.column(column)).as_py() or 0)
         return chunk.add_column(0, "month", pa.array([key.month for key, _, _ in placed], pa.string()))
+
+
+def _hold_newest(holder: npt.NDArray[np.int32], copies: list[tuple[str, str]], number: int,
+                 positions: npt.NDArray[np.int64]) -> None:
+    """Make object `number` the holder of the jobs at `positions` that no object holds yet or
+    whose holder's copy is older than its own (`copies`: each object's (finished_at, name))."""
+    held = holder[positions]
+    replaces = held < 0
+    if not replaces.all():  # some of these jobs are in objects read before
+        earlier = np.unique(held[~replaces])
+        newer = np.array([copies[number] > copies[h] for h in earlier.tolist()], dtype=bool)
+        replaces[~replaces] = newer[np.searchsorted(earlier, held[~replaces])]
+    holder[positions[replaces]] = number
 
 
 def _in_order(placed: list[tuple[JobKey, pa.Table, int]]) -> pa.Table:

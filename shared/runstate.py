@@ -26,6 +26,8 @@ from shared.storage import Storage
 
 # Jobs handled at a time where a whole run's would make large temporaries (keys listed, codes).
 _CHUNK = 8_192
+# Keys looked up one by one rather than as arrays, at most.
+_FEW = 8
 
 Positions = npt.NDArray[np.int64]
 _T = TypeVar("_T")
@@ -93,6 +95,9 @@ class RunJobs(Set[JobKey]):
 
     def positions(self, keys: Iterable[tuple[str, str, str]]) -> Positions:
         """The positions of `keys` (month, security, date each), -1 for those not the run's."""
+        keys = list(keys)
+        if len(keys) <= _FEW:  # a retried job's own result object, say: arrays cost more than they save
+            return np.array([self.position(key) for key in keys], dtype=np.int64)
         months, securities, dates = self._rank
         month, security, date = array("q"), array("q"), array("q")
         for key_month, key_security, key_date in keys:

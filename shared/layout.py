@@ -35,8 +35,9 @@ from shared.storage import Storage
 # Arrow IPC stream of one table (its buffers LZ4-compressed; earlier objects are not), one row
 # per job: job_id, security, date, the row counts
 # (`COUNT_COLUMNS`), then the processor's columns. The header's fields {"v", "run_id",
-# "month", "processor", "worker", "finished_at"} are the schema's metadata under
-# `HEADER_METADATA`. Both sides handle whole arrays: nothing is done per job in Python.
+# "month", "processor", "worker", "finished_at", "jobs"} are the schema's metadata under
+# `HEADER_METADATA`, "jobs" naming the rows' [security, date] (objects written before it
+# was added are read without it). Both sides handle whole arrays: nothing is done per job in Python.
 #
 # JSON lines (version 3), for processors with a JSON-ready result per job: the header, with
 # "jobs": [[security, date], …] naming the batch's jobs so that finding which object holds a
@@ -72,14 +73,16 @@ def batch_result_table_body(
     header: dict[str, Any], jobs: list[tuple[str, str, str]], counts: list[dict[str, int]], data: pa.Table
 ) -> bytes:
     """A columnar batch result object (`batch_result_columns`) with `header` (run_id, month,
-    processor, worker, finished_at)."""
+    processor, worker, finished_at) and, in it, the jobs' (security, date): finding which
+    object holds a job then reads the header alone, not the columns."""
+    names = [[security, date] for _, security, date in jobs]
     table = batch_result_columns(jobs, counts, data).replace_schema_metadata(
-        {HEADER_METADATA: orjson.dumps({"v": COLUMNAR_VERSION, **header})}
+        {HEADER_METADATA: orjson.dumps({"v": COLUMNAR_VERSION, **header, "jobs": names})}
     )
     sink = pa.BufferOutputStream()
     # LZ4: a month's analytics partials (about 1.1 KB a job) take 56 % of the bytes, for a
-    # millisecond or so per 512 jobs on each side (zstd, 40 %, made aggregating a fifth
-    # slower); readers decompress without asking.
+    # millisecond or so per 512 jobs on each side; zstd takes 40 % but decompresses several
+    # times slower, and the aggregator decompresses every object. Readers need not be told.
     with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
@@ -94,10 +97,19 @@ def batch_result_table(body: bytes) -> tuple[dict[str, Any], pa.Table]:
     """A columnar batch result object's header and its jobs' table (zero-copy on `body` where
     it is not compressed); `ValueError` when it is not one."""
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+        reader = pa.ipc.open_stream(pa.py_buffer(body))
+        header = _columnar_header(reader.schema)
+        table = reader.read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"its columns are corrupt ({str(exc).splitlines()[0]})") from None
-    raw = (table.schema.metadata or {}).get(HEADER_METADATA)
+    missing = {"job_id", "security", "date", *COUNT_COLUMNS} - set(table.column_names)
+    if missing:
+        raise ValueError(f"it is corrupt (no {', '.join(sorted(missing))})")
+    return header, table
+
+
+def _columnar_header(schema: pa.Schema) -> dict[str, Any]:
+    raw = (schema.metadata or {}).get(HEADER_METADATA)
     if raw is None:
         raise ValueError("it has no tickq header")
     try:
@@ -106,11 +118,10 @@ def batch_result_table(body: bytes) -> tuple[dict[str, Any], pa.Table]:
         raise ValueError(f"its header is corrupt ({exc.msg})") from None
     if not isinstance(header, dict) or header.get("v") != COLUMNAR_VERSION:
         raise ValueError("its header is corrupt (not format 4)")
-    missing = ({"month", "finished_at"} - header.keys()) | ({"job_id", "security", "date", *COUNT_COLUMNS}
-                                                             - set(table.column_names))
+    missing = {"month", "finished_at"} - header.keys()
     if missing:
         raise ValueError(f"it is corrupt (no {', '.join(sorted(missing))})")
-    return header, table
+    return header
 
 
 def batch_result_body(header: dict[str, Any], jobs: list[dict[str, Any]]) -> bytes:
@@ -123,10 +134,16 @@ def batch_result_header(body: bytes) -> tuple[dict[str, Any], list[tuple[str, st
     """A batch result object's header and its jobs' (security, date), in either format;
     `ValueError` when it is not a result object this version reads."""
     if is_columnar(body):
-        header, table = batch_result_table(body)
-        return header, list(zip(table.column("security").to_pylist(), table.column("date").to_pylist(), strict=True))
-    line, _, _ = body.partition(b"\n")
-    header = _versioned(line)
+        try:
+            header = _columnar_header(pa.ipc.open_stream(pa.py_buffer(body)).schema)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"its columns are corrupt ({str(exc).splitlines()[0]})") from None
+        if "jobs" not in header:  # written before headers named their jobs: read the columns
+            header, table = batch_result_table(body)
+            return header, list(zip(table.column("security").to_pylist(), table.column("date").to_pylist(),
+                                    strict=True))
+    else:
+        header = _versioned(body.partition(b"\n")[0])
     missing = {"month", "finished_at", "jobs"} - header.keys()
     if missing:
         raise ValueError(f"its header is corrupt (no {', '.join(sorted(missing))})")

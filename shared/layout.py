@@ -33,11 +33,11 @@ from shared.storage import Storage
 #
 # Columns (version 4), for processors whose partial results are columns (`finish_batch`): an
 # Arrow IPC stream of one table (its buffers LZ4-compressed; earlier objects are not), one row
-# per job: job_id, security, date, the row counts
-# (`COUNT_COLUMNS`), then the processor's columns. The header's fields {"v", "run_id",
-# "month", "processor", "worker", "finished_at", "jobs"} are the schema's metadata under
-# `HEADER_METADATA`, "jobs" naming the rows' [security, date] (objects written before it
-# was added are read without it). Both sides handle whole arrays: nothing is done per job in Python.
+# per job: job_id, security, date, the row counts (`COUNT_COLUMNS`), then the processor's
+# columns. The header's fields {"v", "run_id", "month", "processor", "worker", "finished_at",
+# "jobs"} are the schema's metadata under `HEADER_METADATA`, "jobs" naming the rows'
+# [security, date] (objects written before it are read without it). Both sides handle the
+# partials as whole arrays: only the header's names are made per job in Python.
 #
 # JSON lines (version 3), for processors with a JSON-ready result per job: the header, with
 # "jobs": [[security, date], …] naming the batch's jobs so that finding which object holds a

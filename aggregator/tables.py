@@ -134,7 +134,7 @@ class _ResultReader:
                     raise self._corrupt(name, exc) from None
                 number, month = len(copies), header["month"]
                 copies.append((str(header["finished_at"]), name))
-                positions = run.positions(JobKey(month, security, date) for security, date in keys)
+                positions = run.positions((month, security, date) for security, date in keys)
                 positions = positions[positions >= 0]
                 positions = positions[wanted[positions]]
                 _hold_newest(holder, copies, number, positions)

@@ -31,6 +31,20 @@ _FEW = 8
 
 Positions = npt.NDArray[np.int64]
 _T = TypeVar("_T")
+_Ranks = TypeVar("_Ranks", int, Positions)
+
+
+def _packed(month: _Ranks, security: _Ranks, date: _Ranks, dates: int, months: int) -> _Ranks:
+    """A job's code from the ranks of its month, security and date among the run's `months`
+    and `dates` values (or the codes of arrays of them): codes sort as (security, date, month)."""
+    return (security * dates + date) * months + month
+
+
+def _unpacked(codes: Positions, dates: int, months: int) -> tuple[Positions, Positions, Positions]:
+    """The (month, security, date) ranks of `codes` (`_packed`)."""
+    rest, month = np.divmod(codes, months)
+    security, date = np.divmod(rest, dates)
+    return month, security, date
 
 
 def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
@@ -79,7 +93,7 @@ class RunJobs(Set[JobKey]):
         for start in range(0, len(codes), _CHUNK):
             month_rank, security_rank, date_rank = (rank[numbered[start : start + _CHUNK, i]]
                                                     for i, rank in enumerate(ranks))
-            codes[start : start + _CHUNK] = (security_rank * len(dates) + date_rank) * len(months) + month_rank
+            codes[start : start + _CHUNK] = _packed(month_rank, security_rank, date_rank, len(dates), len(months))
         codes.sort()
         return cls(months, securities, dates, codes[np.diff(codes, prepend=-1) != 0])  # each job once
 
@@ -89,7 +103,7 @@ class RunJobs(Set[JobKey]):
         month, security, date = months.get(key[0]), securities.get(key[1]), dates.get(key[2])
         if month is None or security is None or date is None:
             return -1
-        code = (security * len(self.dates) + date) * len(self.months) + month
+        code = _packed(month, security, date, len(self.dates), len(self.months))
         at = int(np.searchsorted(self._codes, code))
         return at if at < len(self._codes) and self._codes[at] == code else -1
 
@@ -106,7 +120,7 @@ class RunJobs(Set[JobKey]):
             date.append(dates.get(key_date, -1))
         ranks = [np.frombuffer(ids, dtype=np.int64) for ids in (month, security, date)]
         known = (ranks[0] >= 0) & (ranks[1] >= 0) & (ranks[2] >= 0)
-        codes = (ranks[1] * len(self.dates) + ranks[2]) * len(self.months) + ranks[0]
+        codes = _packed(ranks[0], ranks[1], ranks[2], len(self.dates), len(self.months))
         if not len(self._codes):
             return np.full(len(codes), -1, dtype=np.int64)
         at = np.minimum(np.searchsorted(self._codes, codes), len(self._codes) - 1)
@@ -120,8 +134,7 @@ class RunJobs(Set[JobKey]):
         """The jobs at `positions`, in their order."""
         months, securities, dates = self.months, self.securities, self.dates
         for start in range(0, len(positions), _CHUNK):  # a chunk of plain ints at a time
-            rest, month = np.divmod(self._codes[positions[start : start + _CHUNK]], len(months))
-            security, date = np.divmod(rest, len(dates))
+            month, security, date = _unpacked(self._codes[positions[start : start + _CHUNK]], len(dates), len(months))
             for m, s, d in zip(month.tolist(), security.tolist(), date.tolist(), strict=True):
                 yield JobKey(months[m], securities[s], dates[d])
 
@@ -132,7 +145,8 @@ class RunJobs(Set[JobKey]):
         return isinstance(key, JobKey) and self.position(key) >= 0
 
     def __iter__(self) -> Iterator[JobKey]:
-        return self.keys(np.arange(len(self), dtype=np.int64))
+        for start in range(0, len(self), _CHUNK):
+            yield from self.keys(np.arange(start, min(start + _CHUNK, len(self)), dtype=np.int64))
 
     @classmethod
     def _from_iterable(cls, items: Iterable[_T]) -> set[_T]:

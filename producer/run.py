@@ -21,7 +21,7 @@ from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys
 from shared.messages import JobMessage, JobParams, run_job_bodies
 from shared.metrics import get_logger
 from shared.processors import get_processor
-from shared.runstate import load_state
+from shared.runstate import RunJobs, load_state
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
 from shared.topology import Topology, declare
@@ -176,7 +176,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
             )
         keys = read_job_keys(output, layout)
         discovery = {"months_without_input": manifest.get("months_without_input", [])}
-        succeeded = load_state(output, layout).succeeded
+        succeeded = load_state(output, layout, RunJobs.of(keys)).succeeded  # the key file read once
         todo = [key for key, done in zip(keys, succeeded.mask[succeeded.jobs.positions(keys)], strict=True)
                 if not done]
     else:

@@ -292,8 +292,10 @@ class LocalStorage:
     def prepare(self, keys: Iterable[str]) -> None:
         # Making a folder can cost a millisecond of the kernel's time on a journalling file
         # system, where linking a marker into it costs microseconds.
-        for folder in {self._path(key).parent for key in keys}:
-            self._make_dir(folder)
+        # Keys are many and their folders few: only the distinct folders become paths.
+        for folder in {key.rpartition("/")[0] for key in keys}:
+            if folder := _normalise_key(folder):
+                self._make_dir(os.path.join(self.uri, folder))
 
     def _make_parent(self, target: Path) -> None:
         """Create `target`'s directory once."""

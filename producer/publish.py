@@ -68,7 +68,11 @@ class _GatheringConnection(SelectConnection):
 
     @contextlib.contextmanager
     def gathering(self) -> Iterator[None]:
-        """Frames output inside this block are written as one, when it ends."""
+        """Frames output inside this block are written as one, when it ends (inside another
+        such block, when the outer one ends: frames must leave in the order they were made)."""
+        if self._gathered is not None:
+            yield
+            return
         gathered: list[bytes] = []
         self._gathered = gathered
         try:

@@ -13,6 +13,7 @@
     python bench/run.py csv       --rows 2000000
     python bench/run.py naive     --rows 500000 --securities 20
     python bench/run.py aggregator --jobs 1000,100000
+    python bench/run.py messages  --jobs 10500,42000 --workers 2
     python bench/run.py encodings --rows 20000000 --securities 500
     python bench/run.py ingest    --rows 20000000 --securities 500 --sample 2
     python bench/run.py s3        --rows 2000000 --securities 100 --jobs 128 --sample 4 --latency-ms 20
@@ -489,6 +490,84 @@ def cmd_aggregator(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _broker_process() -> psutil.Process | None:
+    """RabbitMQ's Erlang VM, when it runs on this machine (its CPU is part of a job's cost)."""
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "beam.smp":
+            return proc
+    return None
+
+
+def _cpu_s(proc: psutil.Process | None) -> float | None:
+    if proc is None:
+        return None
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 2)
+
+
+async def _declared(amqp_url: str, topology: Any) -> None:
+    """Declare `topology`'s queues and exchanges (as every tickq component does at start)."""
+    import aio_pika
+
+    from shared.topology import declare
+
+    connection = await aio_pika.connect(amqp_url, timeout=30)
+    async with connection:
+        await declare(await connection.channel(), topology)
+
+
+def cmd_messages(args: argparse.Namespace) -> None:
+    """A job's fixed cost, its message alone: every job of a stored, finished run is published
+    again (the bodies `tickq produce` makes), and `--workers` workers of one slot consume them,
+    each message finding its job done, as the messages of jobs a month's pass stored ahead do.
+    Workers' CPU per message net of their start-up (the same workers on an empty queue), and
+    RabbitMQ's CPU to take the publishes and to deliver them, when it runs here."""
+    import asyncio
+
+    from producer.publish import Outgoing, publish_confirmed
+    from shared.layout import RunLayout
+    from shared.messages import JobMessage, JobParams, run_job_bodies
+    from shared.runstate import read_run_jobs
+    from shared.settings import Settings
+    from shared.storage import LocalStorage
+    from shared.topology import Topology
+
+    broker = _broker_process()
+    for jobs in (int(j) for j in str(args.jobs).split(",")):
+        out = args.work / f"msgs-{jobs}"
+        shutil.rmtree(out, ignore_errors=True)
+        run_id = _stored_run(out, jobs)
+        keys = sorted(read_run_jobs(LocalStorage(out), RunLayout(run_id)))
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        env = _env(ns)
+        settings, topology = Settings.load(namespace=ns), Topology(ns)
+
+        asyncio.run(_declared(settings.amqp_url, topology))
+        c0 = _children_cpu_s()
+        _run_workers(args.workers, env, ("--concurrency", "1"))
+        startup_cpu = _children_cpu_s() - c0
+        first = JobMessage.build(run_id=run_id, month=keys[0].month, security=keys[0].security, date=keys[0].date,
+                                 input="/in", output=str(out), processor="analytics", params=JobParams())
+        messages = [Outgoing(topology.jobs, body, job_id)
+                    for job_id, body in run_job_bodies(first, ((k.month, k.security, k.date) for k in keys))]
+        b0 = _cpu_s(broker)
+        publish_confirmed(settings.amqp_url, messages, "bench")
+        b1, c1 = _cpu_s(broker), _children_cpu_s()
+        work_s, _ = _run_workers(args.workers, env, ("--concurrency", "1"))
+        b2, c2 = _cpu_s(broker), _children_cpu_s()
+        worker_cpu = c2 - c1
+        _row(target="messages", jobs=jobs, workers=args.workers, seconds=round(work_s, 2),
+             jobs_per_s=round(jobs / work_s), worker_cpu_s=round(worker_cpu, 2),
+             worker_startup_cpu_s=round(startup_cpu, 2),
+             worker_cpu_us_per_message=round(1e6 * (worker_cpu - startup_cpu) / jobs, 1),
+             broker_publish_cpu_s=_spent(b0, b1), broker_deliver_cpu_s=_spent(b1, b2))
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def _consuming_seconds(metrics: list[Path]) -> float:
     """From the first worker's start of consuming to the last job finished, in the workers'
     metrics: the run without interpreter start-up and shutdown."""
@@ -782,12 +861,12 @@ def _compile_project() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
-                                           "naive", "aggregator", "s3", "s3-state", "encodings", "ingest"])
+                                           "naive", "aggregator", "messages", "s3", "s3-state", "encodings", "ingest"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", default="10500",
-                        help="producer: jobs; batch: jobs per batch; aggregator: a comma-separated list; "
+                        help="producer: jobs; batch: jobs per batch; aggregator, messages: a comma-separated list; "
                              "s3-state: the run's jobs")
     parser.add_argument("--sample", type=int, default=None,
                         help="jobs (per-job, naive) or batches (s3) to time (default 50); s3-state: the run's "
@@ -814,14 +893,15 @@ def main() -> None:
     _compile_project()
     if args.target in ("e2e", "scaling", "csv", "naive", "ingest"):
         args.rows = int(args.rows)
-    if args.target != "aggregator":
+    if args.target not in ("aggregator", "messages"):
         args.jobs = int(args.jobs)
     if args.sample is None:
         args.sample = 1 if args.target == "ingest" else 50
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
          "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,
-         "s3": cmd_s3, "s3-state": cmd_s3_state, "encodings": cmd_encodings, "ingest": cmd_ingest}[args.target](args)
+         "messages": cmd_messages, "s3": cmd_s3, "s3-state": cmd_s3_state, "encodings": cmd_encodings,
+         "ingest": cmd_ingest}[args.target](args)
     finally:
         _drop_namespaces()
 

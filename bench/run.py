@@ -82,6 +82,17 @@ def _drop_namespaces() -> None:
     asyncio.run(drop())
 
 
+async def _declared(amqp_url: str, topology: Any) -> None:
+    """Declare `topology`'s queues and exchanges (as every tickq component does at start)."""
+    import aio_pika
+
+    from shared.topology import declare
+
+    connection = await aio_pika.connect(amqp_url, timeout=30)
+    async with connection:
+        await declare(await connection.channel(), topology)
+
+
 # Raw Parquet months as other tools write them: `tickq gen`'s rows rewritten with pyarrow's
 # defaults (row groups of 1 Mi rows, dictionary-encoded text), in time order, sorted by
 # security, or in no order.
@@ -389,18 +400,17 @@ def _top_securities(laid: Path, n: int) -> list[str]:
 
 
 def cmd_producer(args: argparse.Namespace) -> None:
+    import asyncio
+
     from producer.publish import Outgoing, publish_confirmed
     from shared.messages import JobMessage, JobParams
     from shared.settings import Settings
     from shared.topology import Topology
 
     ns = f"bench-{uuid.uuid4().hex[:8]}"
-    env = _env(ns)
-    settings = Settings.load(namespace=ns)
-    _tickq("gen", "--out", str(args.work / "tiny"), "--months", MONTH, "--rows", "1000", "--securities", "2")
-    _tickq("produce", "--input", str(args.work / "tiny"), "--output", str(args.work / "tiny-out"), "--months", MONTH,
-           "--quiet", env=env)  # declares the namespace's queues
-    topology = Topology(ns)
+    _env(ns)  # dropped at the end
+    settings, topology = Settings.load(namespace=ns), Topology(ns)
+    asyncio.run(_declared(settings.amqp_url, topology))
     days = [f"2024-03-{d:02d}" for d in range(1, 29)]
     messages = [
         Outgoing(topology.jobs, JobMessage.build(run_id="pub", month=MONTH, security=f"S{i % 500:03d}",
@@ -509,17 +519,6 @@ def _spent(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else round(after - before, 2)
 
 
-async def _declared(amqp_url: str, topology: Any) -> None:
-    """Declare `topology`'s queues and exchanges (as every tickq component does at start)."""
-    import aio_pika
-
-    from shared.topology import declare
-
-    connection = await aio_pika.connect(amqp_url, timeout=30)
-    async with connection:
-        await declare(await connection.channel(), topology)
-
-
 def cmd_messages(args: argparse.Namespace) -> None:
     """A job's fixed cost, its message alone: every job of a stored, finished run is published
     again (the bodies `tickq produce` makes), and `--workers` workers of one slot consume them,
@@ -545,7 +544,6 @@ def cmd_messages(args: argparse.Namespace) -> None:
         ns = f"bench-{uuid.uuid4().hex[:8]}"
         env = _env(ns)
         settings, topology = Settings.load(namespace=ns), Topology(ns)
-
         asyncio.run(_declared(settings.amqp_url, topology))
         c0 = _children_cpu_s()
         _run_workers(args.workers, env, ("--concurrency", "1"))

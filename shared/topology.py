@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.errors import ConfigError
+
 # Workers dead-letter a crash-looping job themselves, with tickq's headers, once it has
 # killed its isolation child `crash budget` times. A delivery count only says that a worker
 # holding the job died or lost its connection, which every job it had prefetched shares, so
@@ -106,11 +108,31 @@ class Topology:
         ]
 
 
+class TopologyConflict(ConfigError):
+    """The broker already has one of the namespace's queues or exchanges, declared otherwise."""
+
+
 async def declare(channel: Any, topology: Topology) -> None:
     """Declare every exchange, queue and binding of `topology` on an aio-pika channel.
 
     Declarations are idempotent: every component calls this at start and after reconnecting.
+    Raises `TopologyConflict` when a queue or exchange of the namespace exists with other
+    arguments or another type (made by another tool, or by a tickq that declared it otherwise):
+    the broker refuses the declaration, and only the operator can say which one should stay.
     """
+    from aiormq.exceptions import ChannelPreconditionFailed
+
+    try:
+        await _declare(channel, topology)
+    except ChannelPreconditionFailed as exc:
+        refusal = str(exc).removeprefix("PRECONDITION_FAILED - ")
+        raise TopologyConflict(
+            f"the broker refused the topology of namespace {topology.ns} ({refusal}); use another "
+            "TICKQ_NAMESPACE, or delete that queue or exchange once it holds nothing you need"
+        ) from None
+
+
+async def _declare(channel: Any, topology: Topology) -> None:
     from aio_pika import ExchangeType
 
     dlx = await channel.declare_exchange(topology.dlx, ExchangeType.DIRECT, durable=True)

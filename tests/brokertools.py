@@ -29,6 +29,19 @@ def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str
     asyncio.run(run())
 
 
+def declare_foreign_queue(url: str, name: str, arguments: dict[str, Any], body: bytes) -> None:
+    """A durable queue `name` declared with `arguments`, not tickq's, holding one message."""
+
+    async def run() -> None:
+        connection = await aio_pika.connect(url, timeout=30)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=name)
+
+    asyncio.run(run())
+
+
 def drain_queue(url: str, queue: str, requeue: bool = True) -> list[aio_pika.abc.AbstractIncomingMessage]:
     """Every message now in `queue` (handed back afterwards unless `requeue` is False)."""
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from shared.topology import Topology
-from tests.brokertools import drain_queue, publish_raw
+from tests.brokertools import declare_foreign_queue, drain_queue, publish_raw
 from tests.conftest import Tickq, log_lines
 from tests.helpers import read_csv_tables, read_tables
 from tests.reference import assert_tables_equal, reference_tables
@@ -41,6 +41,29 @@ def test_a_bad_object_store_request_limit_is_one_clear_line(tickq: Tickq) -> Non
     assert result.returncode == 2
     assert "TICKQ_S3_REQUESTS" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_queue_of_the_namespace_declared_otherwise_is_one_clear_line_and_stays(
+    tickq: Tickq, tmp_path: Path, amqp_url: str
+) -> None:
+    # Another tool (or a tickq that declared it otherwise) made the job queue: classic, with a
+    # message in it. Every component names the clash instead of failing with a traceback.
+    jobs = Topology(tickq.namespace).jobs
+    declare_foreign_queue(amqp_url, jobs, {"x-max-length": 10}, b"someone else's message")
+    tickq.run("gen", "--out", str(tmp_path / "data"), "--months", "2024-03", "--rows", "2000", "--securities", "2")
+    commands = [
+        ("produce", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--months", "2024-03"),
+        ("worker", "--idle-exit", "1"),
+        ("aggregator", "--idle-exit", "1"),
+        ("dlq", "list"),
+    ]
+    for command in commands:
+        result = tickq.run(*command, check=False)
+        assert result.returncode == 2, (command, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, (command, result.stderr)
+        assert f"queue '{jobs}'" in lines[0] and "TICKQ_NAMESPACE" in lines[0], lines[0]
+    assert [m.body for m in drain_queue(amqp_url, jobs)] == [b"someone else's message"]
 
 
 def test_status_agrees_with_markers_and_dead_letters(

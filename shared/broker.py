@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
 
 import aio_pika
+from aiormq.exceptions import InvalidFrameError, ProbableAuthenticationError
 
-from shared.errors import ConfigError, TransientError
+from shared.errors import ConfigError, TransientError, redact
 from shared.settings import Settings
+
+_E = TypeVar("_E", bound=BaseException)
 
 HEARTBEAT_S = 30
 
@@ -18,39 +22,60 @@ class BrokerUnavailable(TransientError):
     """No broker answered at the configured URL."""
 
 
-class BrokerTlsError(ConfigError):
-    """A broker answered at an ``amqps://`` URL, but TLS with it failed: trying again will not
-    help until the URL or the trusted certificates change."""
+class BrokerRefused(ConfigError):
+    """A broker answered but refused the connection as configured: its TLS certificate, the
+    login or the virtual host. Trying again will not help until the configuration changes."""
 
 
 # OpenSSL's verify codes for a certificate that does not name the host or address connected to.
 _NAME_MISMATCHES = (62, 64)
 
 
-def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS error behind a failed connection (aiormq chains it to its own), if TLS failed."""
+def _cause(exc: BaseException, kind: type[_E]) -> _E | None:
+    """`exc` or the first exception of type `kind` in its chain (aiormq chains the socket's)."""
     seen: BaseException | None = exc
     for _ in range(8):  # a chain is short; this bounds a cyclic one
-        if seen is None or isinstance(seen, ssl.SSLError):
+        if seen is None or isinstance(seen, kind):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
 
 
-def _tls_error(safe_url: str, failure: ssl.SSLError) -> BrokerTlsError:
-    """What to tell a user whose TLS connection to the broker at `safe_url` failed."""
+def _refusal(exc: BaseException, url: str) -> BrokerRefused | None:
+    """What to tell a user whose connection to the broker at `url` failed, when a broker
+    answered and refused it; None when no broker answered."""
+    safe_url, parsed = redact(url), urlparse(url)
+    if (tls := _cause(exc, ssl.SSLError)) is not None:
+        return _tls_refusal(safe_url, tls)
+    if _cause(exc, ProbableAuthenticationError) is not None:
+        return BrokerRefused(
+            f"the broker at {safe_url} refused the login of user {unquote(parsed.username or 'guest')!r}: "
+            "check the user name and password in TICKQ_AMQP_URL"
+        )
+    if (frame := _cause(exc, InvalidFrameError)) is not None and "Connection.Close" in str(frame):
+        # aiormq reports a broker that closes the connection instead of opening the virtual
+        # host as an unexpected frame; the user name and password were accepted by then.
+        vhost = unquote(parsed.path[1:]) or "/"
+        return BrokerRefused(
+            f"the broker at {safe_url} refused virtual host {vhost!r}: it does not exist, or user "
+            f"{unquote(parsed.username or 'guest')!r} has no permissions on it"
+        )
+    return None
+
+
+def _tls_refusal(safe_url: str, failure: ssl.SSLError) -> BrokerRefused:
     if isinstance(failure, ssl.SSLCertVerificationError):
         why = str(failure.verify_message).rstrip(".")
         if failure.verify_code in _NAME_MISMATCHES:
-            return BrokerTlsError(
+            return BrokerRefused(
                 f"the broker's TLS certificate at {safe_url} does not name that host ({why}); "
                 "connect by a name the certificate holds"
             )
-        return BrokerTlsError(
+        return BrokerRefused(
             f"the broker at {safe_url} presented a TLS certificate this machine does not trust ({why}); "
             "point SSL_CERT_FILE at the CA certificate that signed it"
         )
-    return BrokerTlsError(
+    return BrokerRefused(
         f"TLS with the broker at {safe_url} failed ({failure.reason or failure}); check that the port "
         "takes TLS (amqps:// is usually port 5671, amqp:// 5672)"
     )
@@ -70,16 +95,17 @@ async def connect(settings: Settings, name: str, *, robust: bool = True, timeout
     """A connection to the broker; `robust` connections reconnect and redeclare by themselves.
 
     Raises `BrokerUnavailable` with a one-line message naming TICKQ_AMQP_URL when no broker
-    answers, and `BrokerTlsError` when one answers an ``amqps://`` URL but TLS fails. TLS
-    trusts the system's certificates, or those of the file ``SSL_CERT_FILE`` names.
+    answers, and `BrokerRefused` saying why when one answers but refuses the connection (TLS,
+    the login, the virtual host). TLS trusts the system's certificates, or those of the file
+    ``SSL_CERT_FILE`` names.
     """
     url = _url_with_options(settings.amqp_url, name)
     factory = aio_pika.connect_robust if robust else aio_pika.connect
     try:
         return await asyncio.wait_for(factory(url, timeout=timeout), timeout=timeout + 5)
-    except (TimeoutError, OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
-        if failure := _tls_failure(exc):
-            raise _tls_error(settings.safe_amqp_url, failure) from None
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        if refused := _refusal(exc, settings.amqp_url):
+            raise refused from None
         raise BrokerUnavailable(
             f"no RabbitMQ broker answers at {settings.safe_amqp_url} "
             f"({type(exc).__name__}); start one or point TICKQ_AMQP_URL at yours"

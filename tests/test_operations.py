@@ -7,6 +7,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse, urlunparse
 
 from shared.topology import Topology
 from tests.brokertools import declare_foreign_queue, drain_queue, publish_raw
@@ -33,6 +34,24 @@ def test_no_broker_is_one_clear_line_naming_the_setting(tickq: Tickq, tmp_path: 
     assert "TICKQ_AMQP_URL" in result.stderr
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_broker_refusing_the_login_or_the_virtual_host_is_one_line_saying_which(
+    tickq: Tickq, amqp_url: str
+) -> None:
+    broker = urlparse(amqp_url)
+    user = unquote(broker.username or "")
+    wrong_password = broker._replace(netloc=f"{broker.username}:not-the-password@{broker.hostname}:{broker.port}")
+    no_vhost = broker._replace(path="/tickq-no-such-vhost")
+    cases = ((urlunparse(wrong_password), f"refused the login of user '{user}'"),
+             (urlunparse(no_vhost), "refused virtual host 'tickq-no-such-vhost'"))
+    for url, expected in cases:
+        for command in (("worker", "--idle-exit", "1"), ("dlq", "list")):
+            result = tickq.run(*command, check=False, env={"TICKQ_AMQP_URL": url})
+            assert result.returncode == 2, (command, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and expected in lines[0], (command, result.stderr)
+            assert "not-the-password" not in result.stderr
 
 
 def test_a_bad_object_store_request_limit_is_one_clear_line(tickq: Tickq) -> None:

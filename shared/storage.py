@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 from shared.errors import PermanentError, TransientError
 from shared.settings import s3_requests
@@ -383,8 +383,26 @@ def _classify_boto_error(exc: Exception, what: str) -> Exception:
     if isinstance(exc, ParamValidationError):
         return PermanentError(f"{what}: invalid request ({type(exc).__name__})")
     if isinstance(exc, BotoCoreError):
-        return TransientError(f"{what}: {type(exc).__name__}")
+        # Transient for a job (an endpoint comes back, a role's credentials arrive); said
+        # plainly, since a command stops on it and its user has a setting to fix.
+        return TransientError(f"{what}: {_unreached(exc)}")
     return exc
+
+
+def _unreached(exc: Exception) -> str:
+    """Why a request never got an answer from the object store, in words."""
+    from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+
+    requested = urlsplit(str(getattr(exc, "kwargs", {}).get("endpoint_url", "")))
+    endpoint = f"{requested.scheme}://{requested.netloc}" if requested.netloc else "its endpoint"
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        return f"the object store at {endpoint} did not answer in time ({type(exc).__name__})"
+    if isinstance(exc, EndpointConnectionError):
+        return f"cannot reach the object store at {endpoint} (check TICKQ_S3_ENDPOINT_URL and the network)"
+    if isinstance(exc, NoCredentialsError):
+        return ("no credentials for the object store (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, or a role for the machine)")
+    return type(exc).__name__
 
 
 class S3Storage:

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlparse, urlunparse
 
 from shared.topology import Topology
 from tests.brokertools import declare_foreign_queue, drain_queue, publish_raw
-from tests.conftest import Tickq, log_lines
+from tests.conftest import S3Server, Tickq, _free_port, log_lines
 from tests.helpers import read_csv_tables, read_tables
 from tests.reference import assert_tables_equal, reference_tables
 
@@ -52,6 +52,28 @@ def test_a_broker_refusing_the_login_or_the_virtual_host_is_one_line_saying_whic
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and expected in lines[0], (command, result.stderr)
             assert "not-the-password" not in result.stderr
+
+
+def test_an_object_store_out_of_reach_or_without_credentials_is_one_line_saying_which(
+    tickq: Tickq, s3_server: S3Server
+) -> None:
+    bucket = s3_server.new_bucket()
+    nothing_listens = f"http://127.0.0.1:{_free_port()}"
+    no_credentials = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+                      "AWS_EC2_METADATA_DISABLED": "true"}
+    commands = (("status", "--run", "r1", "--output", f"s3://{bucket}/out"),
+                ("produce", "--input", f"s3://{bucket}/raw", "--output", f"s3://{bucket}/out", "--months", "2024-03"))
+    for env, expected in (({"TICKQ_S3_ENDPOINT_URL": nothing_listens},
+                           f"cannot reach the object store at {nothing_listens}"),
+                          (no_credentials, "no credentials for the object store")):
+        if "AWS_CONFIG_FILE" in env:
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+                tickq.env.pop(name, None)
+        for command in commands:
+            result = tickq.run(*command, check=False, env=env)
+            assert result.returncode == 2, (command, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and expected in lines[0], (command, result.stderr)
 
 
 def test_a_bad_object_store_request_limit_is_one_clear_line(tickq: Tickq) -> None:

@@ -198,7 +198,8 @@ def _job_params(args: argparse.Namespace) -> JobParams:
     except ValueError as exc:
         errors = getattr(exc, "errors", None)
         detail = errors()[0]["msg"] if callable(errors) else str(exc)
-        raise ConfigError(f"invalid run parameters: {detail}") from None
+        # pydantic prefixes a validator's own message with the error's kind.
+        raise ConfigError(f"invalid run parameters: {detail.removeprefix('Value error, ')}") from None
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

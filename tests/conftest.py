@@ -183,6 +183,17 @@ class Tickq:
         out = self.run("produce", *args, "--json", "--quiet")
         return dict(json.loads(out.stdout))
 
+    def deployed_run(self, data: Path, output: str, month: str, run_id: str) -> dict[str, Any]:
+        """A run as deployed: the aggregator service already running, then the producer, then
+        two workers; checks that the service wrote the run's tables, complete."""
+        service = self.start("aggregator", "--idle-exit", "8")
+        produced = self.produce("--input", str(data), "--output", output, "--months", month, "--run-id", run_id)
+        self.wait_all(self.workers(2))
+        self.wait_all([service], timeout=60)
+        written = [line for line in log_lines(service) if line.get("event") == "aggregator.run_written"]
+        assert written and written[-1]["complete"] is True and written[-1]["succeeded"] == produced["jobs"]
+        return produced
+
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

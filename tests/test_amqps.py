@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Tickq, log_lines
+from tests.conftest import Tickq
 from tests.helpers import read_tables
 from tests.reference import assert_tables_equal, reference_tables
 from tests.tlsproxy import TlsEndpoint, tls_endpoint
@@ -35,14 +35,7 @@ def test_a_whole_run_over_amqps_with_a_private_ca(untrusting: Tickq, tls: TlsEnd
     data, output = tmp_path / "data", str(tmp_path / "out")
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "20000", "--securities", "4")
     tickq.env.update(TICKQ_AMQP_URL=tls.url, SSL_CERT_FILE=str(tls.ca_file))
-
-    service = tickq.start("aggregator", "--idle-exit", "8")
-    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "tls")
-    tickq.wait_all(tickq.workers(2))
-    tickq.wait_all([service], timeout=60)
-
-    written = [line for line in log_lines(service) if line.get("event") == "aggregator.run_written"]
-    assert written and written[-1]["complete"] is True and written[-1]["succeeded"] == produced["jobs"]
+    tickq.deployed_run(data, output, MONTH, "tls")
     assert_tables_equal(read_tables(output, "tls"), reference_tables(str(data), [MONTH]))
     status = json.loads(tickq.run("status", "--run", "tls", "--output", output, "--json").stdout)
     assert status["complete"] is True

@@ -214,12 +214,7 @@ def test_a_job_delivered_twice_is_counted_once(tickq: Tickq, tmp_path: Path) -> 
 def test_aggregator_service_writes_the_same_tables_as_aggregate(tickq: Tickq, tmp_path: Path) -> None:
     data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
     output = str(tmp_path / "out")
-    service = tickq.start("aggregator", "--idle-exit", "8")
-    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "svc")
-    tickq.wait_all(tickq.workers(2))
-    tickq.wait_all([service], timeout=60)
-    written = [line for line in log_lines(service) if line.get("event") == "aggregator.run_written"]
-    assert written and written[-1]["complete"] is True and written[-1]["succeeded"] == produced["jobs"]
+    tickq.deployed_run(data, output, MONTH, "svc")
     from_service = read_csv_tables(output, "svc")
     tickq.run("aggregate", "--run", "svc", "--output", output)
     assert read_csv_tables(output, "svc") == from_service

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import aio_pika
-from aiormq.exceptions import InvalidFrameError, ProbableAuthenticationError
+from aio_pika.exceptions import InvalidFrameError, ProbableAuthenticationError
 
 from shared.errors import ConfigError, TransientError, redact
 from shared.settings import Settings
@@ -45,11 +45,12 @@ def _refusal(exc: BaseException, url: str) -> BrokerRefused | None:
     """What to tell a user whose connection to the broker at `url` failed, when a broker
     answered and refused it; None when no broker answered."""
     safe_url, parsed = redact(url), urlparse(url)
+    user = unquote(parsed.username or "guest")  # the client's default, as for the broker
     if (tls := _cause(exc, ssl.SSLError)) is not None:
         return _tls_refusal(safe_url, tls)
     if _cause(exc, ProbableAuthenticationError) is not None:
         return BrokerRefused(
-            f"the broker at {safe_url} refused the login of user {unquote(parsed.username or 'guest')!r}: "
+            f"the broker at {safe_url} refused the login of user {user!r}: "
             "check the user name and password in TICKQ_AMQP_URL"
         )
     if (frame := _cause(exc, InvalidFrameError)) is not None and "Connection.Close" in str(frame):
@@ -58,7 +59,7 @@ def _refusal(exc: BaseException, url: str) -> BrokerRefused | None:
         vhost = unquote(parsed.path[1:]) or "/"
         return BrokerRefused(
             f"the broker at {safe_url} refused virtual host {vhost!r}: it does not exist, or user "
-            f"{unquote(parsed.username or 'guest')!r} has no permissions on it"
+            f"{user!r} has no permissions on it"
         )
     return None
 

@@ -120,7 +120,7 @@ async def declare(channel: Any, topology: Topology) -> None:
     arguments or another type (made by another tool, or by a tickq that declared it otherwise):
     the broker refuses the declaration, and only the operator can say which one should stay.
     """
-    from aiormq.exceptions import ChannelPreconditionFailed
+    from aio_pika.exceptions import ChannelPreconditionFailed
 
     try:
         await _declare(channel, topology)

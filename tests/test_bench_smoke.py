@@ -1,0 +1,114 @@
+"""A smoke-sized run of each benchmark target behind bench/RESULTS.md: the scripts keep working
+as the code changes, and each prints the rows it promises, with figures that agree with each
+other. Nothing here is timed: speed is for the benchmarks themselves, at their full sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+Rows = list[dict[str, Any]]
+
+
+def _bench(amqp_url: str, work: Path, *args: str) -> Rows:
+    """The JSON rows `bench/run.py` prints for `args`, with the test broker and `work` folder."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), *args, "--work", str(work)],
+        env={**os.environ, "TICKQ_AMQP_URL": amqp_url, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=600, cwd=work,
+    )
+    assert result.returncode == 0, f"bench {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def _of(rows: Rows, target: str, **match: Any) -> Rows:
+    return [r for r in rows if r["target"] == target and all(r.get(k) == v for k, v in match.items())]
+
+
+def _end_to_end(rows: Rows) -> None:
+    runs = _of(rows, "e2e")
+    assert {(r["mode"], r["input"]) for r in runs} == {(m, i) for m in ("sequential", "deployed")
+                                                        for i in ("ingested", "raw")}
+    # The raw files and their ingested copy hold the same jobs, whichever way a run goes.
+    assert {r["jobs"] for r in runs} == {20 * 21} and {r["rows"] for r in runs} == {200_000}
+    for r in _of(rows, "e2e", mode="sequential"):
+        assert r["tickq_s"] == pytest.approx(r["produce_s"] + r["workers_s"] + r["aggregate_s"], abs=0.02)
+        assert len(r["peak_rss_mb"]) == 2 and min(r["peak_rss_mb"]) > 0
+    ratios = _of(rows, "e2e-ratio")
+    assert len(ratios) == 4
+    for r in ratios:  # the printed seconds are rounded to hundredths
+        assert r["tickq_s"] / (r["duckdb_s"] + 0.006) <= r["ratio"] <= r["tickq_s"] / max(r["duckdb_s"] - 0.006, 1e-3)
+
+
+def _producer(rows: Rows) -> None:
+    runs = _of(rows, "producer")
+    assert [r["confirm_window"] for r in runs] == [1, 100, 1000]
+    assert all(r["jobs"] == 500 and r["jobs_per_s"] > 0 for r in runs)
+
+
+def _aggregator(rows: Rows) -> None:
+    assert [(r["jobs"], r["peak_rss_mb"] > 0) for r in _of(rows, "aggregator")] == [(50, True), (200, True)]
+
+
+def _messages(rows: Rows) -> None:
+    [run] = _of(rows, "messages")
+    assert run["jobs"] == 200 and run["workers"] == 2 and run["worker_cpu_s"] > 0
+
+
+def _per_job(rows: Rows) -> None:
+    parts, days = _of(rows, "per-job", layout="parts"), _of(rows, "per-job", layout="day files")
+    assert len(parts) == len(days) == 1
+    # A job's own day file is about its slice; a row group of the parts holds many jobs'.
+    assert days[0]["median_bytes_read_kb"] < parts[0]["median_bytes_read_kb"]
+    assert days[0]["median_rows"] == parts[0]["median_rows"] > 0
+
+
+def _memory(rows: Rows) -> None:
+    [run] = _of(rows, "memory")
+    assert run["rows"] == 200_000 and run["jobs"] > 0 and run["worker_peak_rss_mb"] > 0
+
+
+def _csv(rows: Rows) -> None:
+    [run] = _of(rows, "csv")
+    assert run["rows"] == 50_000 and run["rows_per_cpu_s"] > 0
+
+
+def _naive(rows: Rows) -> None:
+    [run] = _of(rows, "naive")
+    assert run["jobs"] == 3
+    assert run["ratio"] == pytest.approx(run["pandas_whole_month_ms"] / run["tickq_job_ms"], abs=0.1)
+
+
+def _scaling(rows: Rows) -> None:
+    runs = _of(rows, "scaling")
+    assert [r.get("workers") for r in runs[:4]] == [1, 2, 1, 2] and {r.get("jobs") for r in runs[:4]} == {520}
+    assert runs[4]["speedup_2_vs_1"] > 0 and runs[4]["speedup_2_vs_1_with_startup"] > 0
+
+
+SMOKE: list[tuple[tuple[str, ...], Callable[[Rows], None]]] = [
+    (("e2e", "--rows", "200000", "--securities", "20", "--workers", "2", "--raw-too"), _end_to_end),
+    (("producer", "--jobs", "500"), _producer),
+    (("aggregator", "--jobs", "50,200"), _aggregator),
+    (("messages", "--jobs", "200", "--workers", "2"), _messages),
+    (("per-job", "--rows", "200000", "--securities", "20", "--sample", "3"), _per_job),
+    (("memory", "--rows", "200000", "--securities", "20"), _memory),
+    (("csv", "--rows", "50000"), _csv),
+    (("naive", "--rows", "20000", "--securities", "4", "--sample", "3"), _naive),
+    (("scaling", "--rows", "200000", "--securities", "20"), _scaling),
+]
+
+
+@pytest.mark.parametrize(("args", "check"), SMOKE, ids=[args[0] for args, _ in SMOKE])
+def test_a_benchmark_target_at_smoke_size_prints_consistent_rows(
+    args: tuple[str, ...], check: Callable[[Rows], None], amqp_url: str, tmp_path: Path
+) -> None:
+    check(_bench(amqp_url, tmp_path, *args))

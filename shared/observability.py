@@ -27,6 +27,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from shared.errors import ConfigError
+
 JOB_OUTCOMES = ("succeeded", "retry_scheduled", "dead_lettered")
 JOB_STAGES = ("check", "list", "read", "filter", "compute", "upload", "publish", "ack")
 ROW_KINDS = ("read", "accepted", "rejected")
@@ -189,7 +191,10 @@ class HealthServer:
         """Bind `host`:`port` (0 picks a free port) and serve in a daemon thread; the port."""
         if self._server is not None:
             raise RuntimeError("HealthServer is already started")
-        server = _Server((host, port), self)
+        try:
+            server = _Server((host, port), self)
+        except OSError as exc:  # taken by another process, or not this user's to take
+            raise ConfigError(f"--health-port {port}: {exc.strerror or exc}") from None
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.2},

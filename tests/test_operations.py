@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse, urlunparse
 
 from shared.topology import Topology
-from tests.brokertools import declare_foreign_queue, drain_queue, publish_raw
+from tests.brokertools import declare_foreign_queue, drain_queue, publish_raw, queue_depth
 from tests.conftest import S3Server, Tickq, _free_port, log_lines
 from tests.helpers import read_csv_tables, read_tables
 from tests.reference import assert_tables_equal, reference_tables
@@ -74,6 +75,39 @@ def test_an_object_store_out_of_reach_or_without_credentials_is_one_line_saying_
             assert result.returncode == 2, (command, result.stderr)
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1 and expected in lines[0], (command, result.stderr)
+
+
+def test_a_taken_port_or_a_path_that_cannot_be_written_is_one_line_naming_it(
+    tickq: Tickq, tmp_path: Path, amqp_url: str
+) -> None:
+    publish_raw(amqp_url, tickq.namespace, [])  # the namespace's queues, empty
+    data = tmp_path / "data"
+    tickq.run("gen", "--out", str(data), "--months", "2024-03", "--rows", "2000", "--securities", "2")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    under_a_file = str(a_file / "out")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [
+            (("worker", "--health-port", str(port), "--idle-exit", "1"), f"--health-port {port}: "),
+            (("aggregator", "--health-port", str(port), "--idle-exit", "1"), f"--health-port {port}: "),
+            (("worker", "--metrics-file", f"{under_a_file}/m.jsonl", "--idle-exit", "1"),
+             f"--metrics-file {under_a_file}/m.jsonl: Not a directory"),
+            (("produce", "--input", str(data), "--output", under_a_file, "--months", "2024-03"),
+             f"{a_file}/"),
+            (("ingest", "--input", str(data), "--output", under_a_file, "--months", "2024-03"),
+             f"{a_file}/"),
+        ]
+        for command, expected in cases:
+            result = tickq.run(*command, check=False)
+            assert result.returncode == 2, (command, result.stderr)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and expected in lines[0], (command, result.stderr)
+            assert lines[0].endswith(("Not a directory", "Address already in use")), lines[0]
+    # The producer stopped before publishing anything.
+    assert queue_depth(amqp_url, Topology(tickq.namespace).jobs) == 0
 
 
 def test_a_bad_object_store_request_limit_is_one_clear_line(tickq: Tickq) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from shared.errors import ConfigError, TickqError, one_line
+from shared.errors import ConfigError, TickqError, one_line, redact
 from shared.resources import (
     keep_pandas_unloaded,
     one_command_process,
@@ -521,6 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except TickqError as exc:
         print(f"tickq {args.command}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not the file system: a fault to be reported in full
+        # A local path the command was pointed at cannot be read or written (a missing or
+        # read-only folder, a full disk): the user's to fix, said in one line.
+        print(f"tickq {args.command}: {redact(str(exc.filename))}: {exc.strerror or type(exc).__name__}",
+              file=sys.stderr)
         return EXIT_ERROR
 
 

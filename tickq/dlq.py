@@ -275,6 +275,8 @@ def _filter(args: Any) -> DeadLetterFilter:
 
 def add_arguments(parser: Any, common: Any) -> None:
     """Add `list`, `show`, `replay` and `purge` to the `dlq` parser."""
+    from tickq.cli import positive_int
+
     sub = parser.add_subparsers(dest="dlq_command", required=True, parser_class=type(parser))
 
     def filters(p: Any, job_ids: bool = True) -> None:
@@ -282,7 +284,7 @@ def add_arguments(parser: Any, common: Any) -> None:
         p.add_argument("--error-class", help="transient-exhausted, permanent, poison or crash-loop")
         if job_ids:
             p.add_argument("--job-id", nargs="+", help="only these job ids")
-        p.add_argument("--limit", type=int, help="act on at most N dead letters")
+        p.add_argument("--limit", type=positive_int, help="act on at most N dead letters")
 
     p = sub.add_parser("list", help="list dead letters (they stay in the queue)")
     filters(p, job_ids=False)

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -266,3 +267,11 @@ def normalised_rows(batches: list[pa.RecordBatch], market_tz: str) -> list[dict[
             row["valid"] = ok
             rows.append({k: "NaN" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
     return rows
+
+
+def error_line(result: subprocess.CompletedProcess[str], what: object = "") -> str:
+    """The one line a tickq command that failed as expected wrote on stderr (exit status 2)."""
+    assert result.returncode == 2, (what, result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, (what, result.stderr)
+    return lines[0]

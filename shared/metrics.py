@@ -67,11 +67,8 @@ class _JsonLinesSink:
         self._stream = stream
         self._file: IO[str] | None = None
         if metrics_file is not None:
-            try:
-                metrics_file.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(metrics_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            except OSError as exc:
-                raise ConfigError(f"--metrics-file {metrics_file}: {exc.strerror or exc}") from None
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(metrics_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
 
     def msg(self, message: str) -> None:
         with _lock:

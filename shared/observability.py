@@ -194,7 +194,7 @@ class HealthServer:
         try:
             server = _Server((host, port), self)
         except OSError as exc:  # taken by another process, or not this user's to take
-            raise ConfigError(f"--health-port {port}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot serve health checks on port {port}: {exc.strerror or exc}") from None
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.2},

@@ -86,8 +86,8 @@ def test_a_taken_port_or_a_path_that_cannot_be_written_is_one_line_naming_it(
         taken.listen()
         port = taken.getsockname()[1]
         cases = [
-            (("worker", "--health-port", str(port), "--idle-exit", "1"), f"--health-port {port}: "),
-            (("aggregator", "--health-port", str(port), "--idle-exit", "1"), f"--health-port {port}: "),
+            (("worker", "--health-port", str(port), "--idle-exit", "1"), f"health checks on port {port}: "),
+            (("aggregator", "--health-port", str(port), "--idle-exit", "1"), f"health checks on port {port}: "),
             (("worker", "--metrics-file", f"{under_a_file}/m.jsonl", "--idle-exit", "1"),
              f"--metrics-file {under_a_file}/m.jsonl: Not a directory"),
             (("produce", "--input", str(data), "--output", under_a_file, "--months", "2024-03"),

@@ -164,12 +164,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _configure_logs(args: argparse.Namespace, component: str, quiet: bool = False) -> None:
     from shared.metrics import configure
 
-    configure(
-        component,
-        getattr(args, "metrics_file", None),
-        stream=sys.stderr if quiet else None,
-        quiet=getattr(args, "quiet", False),
-    )
+    metrics_file = getattr(args, "metrics_file", None)
+    try:
+        configure(component, metrics_file, stream=sys.stderr if quiet else None, quiet=getattr(args, "quiet", False))
+    except OSError as exc:
+        raise ConfigError(f"--metrics-file {metrics_file}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ssl
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from urllib.parse import urlparse
 import pika
 from pika.adapters.select_connection import SelectConnection
 
+from shared.broker import tls_context, without_tls_files
 from shared.errors import TransientError, redact
 from shared.metrics import get_logger
 
@@ -43,11 +43,12 @@ class Outgoing:
 
 
 def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
-    """pika parameters for a tickq broker URL (TLS with the system trust store for amqps)."""
-    params = pika.URLParameters(amqp_url)
-    parsed = urlparse(amqp_url)
-    if parsed.scheme == "amqps":
-        params.ssl_options = pika.SSLOptions(ssl.create_default_context(), parsed.hostname)
+    """pika parameters for a tickq broker URL (for amqps, TLS as every component sets it up:
+    `tls_context`)."""
+    params = pika.URLParameters(without_tls_files(amqp_url))
+    context = tls_context(amqp_url)
+    if context is not None:
+        params.ssl_options = pika.SSLOptions(context, urlparse(amqp_url).hostname)
     params.client_properties = {"connection_name": name}
     params.heartbeat = 30
     params.blocked_connection_timeout = 60

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 
 import aio_pika
 from aio_pika.exceptions import InvalidFrameError, ProbableAuthenticationError
@@ -29,6 +29,58 @@ class BrokerRefused(ConfigError):
 
 # OpenSSL's verify codes for a certificate that does not name the host or address connected to.
 _NAME_MISMATCHES = (62, 64)
+# The query parameters of an amqps:// URL that name TLS files (aiormq's names): the CA bundle
+# that signed the broker's certificate, and this client's certificate and key, for a broker
+# that asks clients for one (mutual TLS).
+TLS_FILE_PARAMETERS = ("cafile", "certfile", "keyfile")
+# What OpenSSL reports when the broker refuses the client's certificate, or the lack of one.
+_CLIENT_CERTIFICATE_REFUSALS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+
+
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """The TLS context for the broker at `url`: None for ``amqp://``. For ``amqps://`` it
+    trusts the system's certificates (or those of the file ``SSL_CERT_FILE`` names), or only
+    the URL's ``cafile``, and presents the client certificate of its ``certfile`` and
+    ``keyfile``. Both client libraries (aiormq and pika) connect with it.
+
+    Raises `ConfigError` in one line when a file the URL names cannot be used.
+    """
+    parsed = urlparse(url)
+    if parsed.scheme != "amqps":
+        return None
+    files = dict(parse_qsl(parsed.query))
+    cafile, certfile, keyfile = (files.get(name) for name in TLS_FILE_PARAMETERS)
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use cafile={cafile} of TICKQ_AMQP_URL: {_file_problem(exc)}") from None
+    if keyfile and not certfile:
+        raise ConfigError("TICKQ_AMQP_URL names a keyfile without a certfile: name the client certificate too")
+    if certfile:
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            named = f"certfile={certfile}" + (f" and keyfile={keyfile}" if keyfile else "")
+            raise ConfigError(f"cannot use the client certificate {named} of TICKQ_AMQP_URL: "
+                              f"{_file_problem(exc)}") from None
+    return context
+
+
+def without_tls_files(url: str) -> str:
+    """`url` without the query parameters that name TLS files (for pika, which knows none of
+    them: `tls_context` gives it their context)."""
+    parsed = urlparse(url)
+    kept = [(k, v) for k, v in parse_qsl(parsed.query, keep_blank_values=True) if k not in TLS_FILE_PARAMETERS]
+    return urlunparse(parsed._replace(query=urlencode(kept)))
+
+
+def _file_problem(exc: OSError | ssl.SSLError) -> str:
+    """Why a certificate or key file could not be used, briefly."""
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return "the key does not belong to the certificate"
+        return "not a PEM certificate or key OpenSSL can read" + (f" ({exc.reason})" if exc.reason else "")
+    return exc.strerror or type(exc).__name__
 
 
 def _cause(exc: BaseException, kind: type[_E]) -> _E | None:
@@ -65,6 +117,13 @@ def _refusal(exc: BaseException, url: str) -> BrokerRefused | None:
 
 
 def _tls_refusal(safe_url: str, failure: ssl.SSLError) -> BrokerRefused:
+    if any(alert in str(failure.reason) for alert in _CLIENT_CERTIFICATE_REFUSALS) and not isinstance(
+        failure, ssl.SSLCertVerificationError
+    ):
+        return BrokerRefused(
+            f"the broker at {safe_url} wants a client certificate it trusts ({failure.reason}): name yours "
+            "with certfile= and keyfile= in TICKQ_AMQP_URL"
+        )
     if isinstance(failure, ssl.SSLCertVerificationError):
         why = str(failure.verify_message).rstrip(".")
         if failure.verify_code in _NAME_MISMATCHES:
@@ -97,13 +156,13 @@ async def connect(settings: Settings, name: str, *, robust: bool = True, timeout
 
     Raises `BrokerUnavailable` with a one-line message naming TICKQ_AMQP_URL when no broker
     answers, and `BrokerRefused` saying why when one answers but refuses the connection (TLS,
-    the login, the virtual host). TLS trusts the system's certificates, or those of the file
-    ``SSL_CERT_FILE`` names.
+    the login, the virtual host). TLS is set up by `tls_context`.
     """
     url = _url_with_options(settings.amqp_url, name)
+    context = tls_context(settings.amqp_url)
     factory = aio_pika.connect_robust if robust else aio_pika.connect
     try:
-        return await asyncio.wait_for(factory(url, timeout=timeout), timeout=timeout + 5)
+        return await asyncio.wait_for(factory(url, timeout=timeout, ssl_context=context), timeout=timeout + 5)
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         if refused := _refusal(exc, settings.amqp_url):
             raise refused from None

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from shared.errors import PermanentError
 from shared.inputs import (
     KEY_COLUMNS,
-    CsvSlice,
+    FileSlice,
     InputFile,
     KeyBatch,
     SliceSeen,
@@ -35,6 +35,7 @@ from shared.inputs import (
     read_batches,
     shared_trade_date,
     trade_dates,
+    whole_file_slice,
 )
 from shared.markettime import local_time
 from shared.messages import is_valid_security
@@ -61,7 +62,7 @@ class MonthDiscovery:
     # Where the counts came from: "keys" (the ingest key sidecar) or "scan" (every row). Not
     # part of the result's value: both give the same discovery.
     source: str = field(default="scan", compare=False)
-    # The CSV files a scan read as slices, each with what its slices hold (`CsvSlice`).
+    # The files a scan read other than Parquet, each with what its slices hold (`FileSlice`).
     sliced: list[InputFile] = field(default_factory=list, compare=False)
 
 
@@ -134,8 +135,9 @@ def _counts_from_keys(storage: Storage, month: str, files: list[InputFile], mark
 
 
 def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str, sliced: list[InputFile]) -> _Counted:
-    """Counts from the key columns of every row of the month; each CSV file it cut into
-    slices is added to `sliced`, with what its slices hold.
+    """Counts from the key columns of every row of the month; each file other than Parquet is
+    added to `sliced`, with what its slices hold (the slices of a CSV file it cut, or the
+    whole file).
 
     Each file is read as several streams side by side (`key_streams`, or the slices of a large
     CSV file), one per core this process may use: decoding releases the interpreter lock, so a
@@ -152,6 +154,9 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str, 
             sliced.append(_count_slices(storage, file, pieces, market_tz, ways, folded))
             continue
         streams = key_streams(storage, file, market_tz, ways)
+        whole = None if file.format == "parquet" else SliceSeen(whole_file_slice(file))
+        if whole is not None:  # read as one stream: what it holds is seen on the way
+            streams = [_seen_by(whole, streams[0])]
         if len(streams) == 1:
             # Not Parquet (or one core): its decoding still overlaps the counting.
             streams = [read_ahead(streams[0])]
@@ -159,15 +164,30 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str, 
         with ThreadPoolExecutor(len(streams), thread_name_prefix="tickq-scan") as pool:
             for rows_seen, counts in pool.map(count, streams):
                 folded.add(rows_seen, counts)
+        if whole is not None:
+            sliced.append(dataclasses.replace(file, slices=(whole.seen(),)))
     return [folded.result()]
 
 
-def _count_slices(storage: Storage, file: InputFile, pieces: list[CsvSlice], market_tz: str, ways: int,
+def _seen_by(seen: SliceSeen, stream: Iterator[KeyBatch]) -> Iterator[KeyBatch]:
+    """`stream`, each batch shown to `seen` on its way. Its securities are coded here, once:
+    `seen` takes the range of the few distinct values, and the counting takes the codes."""
+    for key in stream:
+        batch = key.batch
+        security = batch.column("security")
+        if not pa.types.is_dictionary(security.type):
+            batch = batch.set_column(batch.schema.get_field_index("security"), "security",
+                                     pc.dictionary_encode(security))
+        seen.add(batch)
+        yield KeyBatch(batch, key.day)
+
+
+def _count_slices(storage: Storage, file: InputFile, pieces: list[FileSlice], market_tz: str, ways: int,
                   folded: _FoldedCounts) -> InputFile:
     """Count the rows of a CSV file's slices into `folded`, `ways` slices at a time; the file
     with what each of its slices holds."""
     count = functools.partial(_slice_counts, storage, file, market_tz=market_tz)
-    seen: list[CsvSlice] = []
+    seen: list[FileSlice] = []
     with ThreadPoolExecutor(min(ways, len(pieces)), thread_name_prefix="tickq-scan") as pool:
         for rows_seen, counts, piece in pool.map(count, pieces):
             folded.add(rows_seen, counts)
@@ -175,7 +195,8 @@ def _count_slices(storage: Storage, file: InputFile, pieces: list[CsvSlice], mar
     return dataclasses.replace(file, slices=tuple(seen))
 
 
-def _slice_counts(storage: Storage, file: InputFile, piece: CsvSlice, market_tz: str) -> tuple[int, pa.Table, CsvSlice]:
+def _slice_counts(storage: Storage, file: InputFile, piece: FileSlice,
+                  market_tz: str) -> tuple[int, pa.Table, FileSlice]:
     """Rows seen in one slice of a CSV file, their counts, and the slice with what it holds."""
     seen = SliceSeen(piece)
 

@@ -82,7 +82,7 @@ class ProduceResult:
 
 def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[str, Any], dict[str, list[InputFile]]]:
     """The run's job keys, what discovery found per month (for the manifest), and per month
-    the CSV files it cut into slices."""
+    the files it read that are not Parquet, with what their slices hold."""
     log = get_logger(run_id=request.run_id)
     securities = set(request.securities) if request.securities else None
     dates = {dt.date.fromisoformat(d) for d in request.dates} if request.dates else None
@@ -129,8 +129,9 @@ def _write_month_keys(output: Storage, layout: RunLayout, keys: list[JobKey], di
                       sliced: dict[str, list[InputFile]]) -> None:
     """A key file per month that has no ingest index (its jobs were found by reading every
     row): a worker serving one of its jobs reads the month whole, and computes the month's
-    other jobs in the same pass (see `worker.ahead`). Beside it, what the month's large CSV
-    files hold slice by slice: such a pass over some of the month's dates reads only theirs."""
+    other jobs in the same pass (see `worker.ahead`). Beside it, what the month's files other
+    than Parquet hold slice by slice (the slices of a large CSV file, or a whole file): such a
+    pass over some of the month's dates reads only theirs."""
     for month, files in sliced.items():
         output.write_bytes(layout.month_slices(month), sliced_files_json(files), "application/json")
     scanned = {month for month, found in discovery["months"].items() if found["source"] == "scan"}

@@ -87,10 +87,16 @@ NORMALISED_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True)
-class CsvSlice:
-    """Whole lines [start, end) of a CSV file's bytes, and what discovery found in them: how
-    many `rows`, the range of their `ts` (UTC ns) and of their `security` codes as the file
-    writes them. A range that is None is unknown: the slice may hold anything."""
+class FileSlice:
+    """Bytes [start, end) of an input file that a read can take or skip on its own, and what
+    discovery found in them: how many `rows`, the range of their `ts` (UTC ns) and of their
+    `security` codes as the file writes them. A range that is None is unknown: the slice may
+    hold anything.
+
+    An uncompressed CSV file that discovery cut has several, of whole lines after its header
+    (`csv_slices`). Any other file that is not Parquet has one, the whole file, [0, size): a
+    read takes it whole or skips it, so that a pass over some dates of a month of daily files
+    reads only theirs (Parquet's row groups carry such ranges themselves)."""
 
     start: int
     end: int
@@ -114,7 +120,7 @@ class CsvSlice:
                 list(self.security) if self.security else None]
 
     @classmethod
-    def from_json(cls, data: list[Any]) -> CsvSlice:
+    def from_json(cls, data: list[Any]) -> FileSlice:
         """Inverse of `as_json`."""
         start, end, rows, ts, security = data
         return cls(int(start), int(end), int(rows), (int(ts[0]), int(ts[1])) if ts else None,
@@ -129,7 +135,13 @@ class InputFile:
     key: str
     size: int
     format: str
-    slices: tuple[CsvSlice, ...] = ()
+    slices: tuple[FileSlice, ...] = ()
+
+    @property
+    def cut(self) -> bool:
+        """Whether reads take the file slice by slice (an uncompressed CSV file that discovery
+        cut: its slices start after the header), not whole."""
+        return bool(self.slices) and self.slices[0].start > 0
 
 
 def format_of(key: str) -> str | None:
@@ -348,8 +360,10 @@ def read_batches(
     wanted = _wanted(security)
     if file.format == "parquet":
         yield from _parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache, threads)
-    elif file.slices:  # an uncompressed CSV file that discovery cut
-        for span in _csv_spans(file, wanted, window):
+    elif file.slices and not _slice_spans(file, wanted, window):
+        return  # discovery found none of the wanted rows here
+    elif file.cut:
+        for span in _slice_spans(file, wanted, window):
             yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter, span)
     elif file.format in ("csv", "csv.gz"):
         yield from _csv_batches(storage, file, columns, wanted, batch_rows, counter)
@@ -380,7 +394,7 @@ def pass_share(
     read = total = 0
     for file in files:
         if file.slices:
-            read += sum(end - start for start, end in _csv_spans(file, wanted, window))
+            read += sum(end - start for start, end in _slice_spans(file, wanted, window))
             total += file.slices[-1].end - file.slices[0].start
             continue
         if file.format != "parquet":
@@ -911,7 +925,7 @@ def _csv_prefix(stream: IO[bytes], file: InputFile, size: int) -> bytes | None:
     return raw[: end + 1] if end >= 0 else None
 
 
-def csv_slices(storage: Storage, file: InputFile) -> list[CsvSlice]:
+def csv_slices(storage: Storage, file: InputFile) -> list[FileSlice]:
     """Where to cut an uncompressed CSV file into slices of whole lines of about
     `CSV_SLICE_BYTES`, the first starting after the header (nothing counted yet); none for a
     file smaller than two slices, another format, or lines too long to find an end of.
@@ -937,7 +951,7 @@ def csv_slices(storage: Storage, file: InputFile) -> list[CsvSlice]:
         raise _unreadable(file, storage, exc) from None
     if len(cuts) < 2:
         return []
-    return [CsvSlice(start, end) for start, end in itertools.pairwise([*cuts, file.size])]
+    return [FileSlice(start, end) for start, end in itertools.pairwise([*cuts, file.size])]
 
 
 def _line_end(stream: IO[bytes], at: int) -> int | None:
@@ -964,12 +978,20 @@ def _line_end(stream: IO[bytes], at: int) -> int | None:
     return None
 
 
-SLICES_VERSION = 1
+# Version 2 added the whole-file slices of files other than cut CSV, which workers of version 1
+# would take for CSV slices: they find the version unknown and read those files whole.
+SLICES_VERSION = 2
+_SLICES_VERSIONS_READ = (1, 2)
+
+
+def whole_file_slice(file: InputFile) -> FileSlice:
+    """The one slice of a file read whole (not Parquet, not cut), before discovery sees it."""
+    return FileSlice(0, file.size)
 
 
 def sliced_files_json(files: list[InputFile]) -> bytes:
-    """The slices of CSV files as a run stores them for its workers: ``{"v": 1, "files":
-    [{"key", "size", "slices": [CsvSlice.as_json(), …]}, …]}``."""
+    """The slices of input files as a run stores them for its workers: ``{"v": 2, "files":
+    [{"key", "size", "slices": [FileSlice.as_json(), …]}, …]}``."""
     return orjson.dumps({"v": SLICES_VERSION, "files": [
         {"key": f.key, "size": f.size, "slices": [piece.as_json() for piece in f.slices]} for f in files]})
 
@@ -980,15 +1002,15 @@ def with_stored_slices(files: list[InputFile], stored: bytes) -> list[InputFile]
     does not parse."""
     try:
         data = orjson.loads(stored)
-        if data.get("v") != SLICES_VERSION:
+        if data.get("v") not in _SLICES_VERSIONS_READ:
             raise ValueError(f"version {data.get('v')!r}")
-        by_key = {(f["key"], int(f["size"])): tuple(CsvSlice.from_json(p) for p in f["slices"]) for f in data["files"]}
+        by_key = {(f["key"], int(f["size"])): tuple(FileSlice.from_json(p) for p in f["slices"]) for f in data["files"]}
     except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise PermanentError(f"the run's slices of CSV input do not parse ({exc})") from None
+        raise PermanentError(f"the run's slices of input files do not parse ({exc})") from None
     return [dataclasses.replace(f, slices=by_key.get((f.key, f.size), ())) for f in files]
 
 
-def _csv_spans(file: InputFile, wanted: tuple[str, ...] | None, window: DayWindow | None) -> list[_Span]:
+def _slice_spans(file: InputFile, wanted: tuple[str, ...] | None, window: DayWindow | None) -> list[_Span]:
     """The bytes of `file`'s slices that may hold rows of the `wanted` securities within
     `window`, adjacent slices joined into one span."""
     spans: list[_Span] = []
@@ -1020,10 +1042,10 @@ def _changed(file: InputFile, storage: Storage) -> PermanentError:
 
 
 class SliceSeen:
-    """What discovery sees of the rows of a CSV slice, batch by batch: how many, and the range
-    of their ts and of their security codes (`CsvSlice`)."""
+    """What discovery sees of the rows of a slice (`FileSlice`), batch by batch: how many, and
+    the range of their ts and of their security codes."""
 
-    def __init__(self, piece: CsvSlice) -> None:
+    def __init__(self, piece: FileSlice) -> None:
         self._piece = piece
         self._rows = 0
         self._ts: tuple[int, int] | None = None
@@ -1043,9 +1065,9 @@ class SliceSeen:
         if pa.types.is_string(security.type) or pa.types.is_large_string(security.type):
             self._security = _widened(self._security, pc.min_max(security))
 
-    def seen(self) -> CsvSlice:
+    def seen(self) -> FileSlice:
         """The slice with what its rows hold."""
-        return CsvSlice(self._piece.start, self._piece.end, self._rows, self._ts if self._ts_decides else None,
+        return FileSlice(self._piece.start, self._piece.end, self._rows, self._ts if self._ts_decides else None,
                         self._security)
 
 
@@ -1092,7 +1114,7 @@ def _csv_batches(
     span: _Span | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """CSV, converted by Arrow's reader where the text allows, else as text; with a `span`
-    (whole lines of the file, `CsvSlice`), only the rows in it.
+    (whole lines of the file, `FileSlice`), only the rows in it.
 
     The header comes first, from a probe of the file's start: a missing required column
     is a permanent error, columns the file lacks are left out. The typed read is the fast

@@ -219,8 +219,8 @@ class RunLayout:
         return f"{self.root}/job_keys/{month}.csv"
 
     def month_slices(self, month: str) -> str:
-        """What the month's CSV files hold slice by slice (`shared.inputs.CsvSlice`), written
-        with the month's key file when discovery cut a file into slices."""
+        """What the month's input files other than Parquet hold, slice by slice
+        (`shared.inputs.FileSlice`), written with the month's key file when discovery read them."""
         return f"{self.root}/job_keys/{month}.slices.json"
 
     def month_pass_claim(self, month: str, part: int) -> str:

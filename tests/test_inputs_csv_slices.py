@@ -24,8 +24,8 @@ from shared.errors import PermanentError
 from shared.inputs import (
     ALL_COLUMNS,
     ByteCounter,
-    CsvSlice,
     DayWindow,
+    FileSlice,
     InputFile,
     csv_slices,
     month_files,
@@ -125,7 +125,9 @@ def test_discovery_reads_slices_and_records_what_they_hold(tmp_path: Path, monke
     with monkeypatch.context() as m:  # the same month read whole
         m.setattr(inputs, "CSV_SLICE_BYTES", 1 << 30)
         whole = discover_month(storage, MONTH, TZ)
-    assert whole.sliced == [] and found == whole
+    (read_whole,) = whole.sliced  # a file read whole is recorded too: one slice, the whole file
+    assert [(p.start, p.end, p.rows) for p in read_whole.slices] == [(0, file.size, 2000)] and not read_whole.cut
+    assert found == whole
     assert found.rows_scanned == 2000 and found.rows_unassigned == 1
 
     (sliced,) = found.sliced
@@ -194,12 +196,15 @@ def test_slices_on_s3_are_read_with_ranged_requests_as_on_a_local_disk(tmp_path:
 
 
 def test_stored_slices_round_trip_and_a_damaged_record_is_a_clear_error() -> None:
-    pieces = (CsvSlice(10, 20, 3, (1, 2), ("A", "B")), CsvSlice(20, 35, 0, None, None))
+    pieces = (FileSlice(10, 20, 3, (1, 2), ("A", "B")), FileSlice(20, 35, 0, None, None))
     files = [InputFile("2024-03.csv", 35, "csv", pieces), InputFile("2024-03/b.csv", 7, "csv")]
     bare = [dataclasses.replace(f, slices=()) for f in files]
     assert with_stored_slices(bare, sliced_files_json(files[:1])) == [files[0], bare[1]]
+    # A record of the version before whole-file slices (a run produced before an upgrade) reads.
+    version_1 = sliced_files_json(files[:1]).replace(b'"v":2', b'"v":1')
+    assert version_1 != sliced_files_json(files[:1]) and with_stored_slices(bare, version_1) == [files[0], bare[1]]
     for damaged in (b"{", b'{"v": 9, "files": []}', b'{"v": 1, "files": [{"key": "a"}]}'):
-        with pytest.raises(PermanentError, match="slices of CSV input do not parse"):
+        with pytest.raises(PermanentError, match="slices of input files do not parse"):
             with_stored_slices(bare, damaged)
 
 

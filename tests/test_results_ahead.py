@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import worker.job as job_module
-from shared.inputs import month_files, pass_share
+from producer.discover import discover_month
+from shared.inputs import month_files, pass_share, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
 from shared.storage import LocalStorage, open_storage
@@ -297,6 +298,42 @@ def test_a_month_in_time_order_is_read_once_in_parts_of_whole_dates(
     assert _claims(tmp_path / "out") == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
                                                for p in range(len(parts)) for kind in ("claim", "done"))
     assert stored_results(str(tmp_path / "out")).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("fmt", ["dbn.zst", "csv.gz"])
+def test_a_month_of_files_read_whole_is_read_once_in_parts_of_whole_dates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Files that can only be read whole (DBN, gzip-compressed CSV), each of a few consecutive
+    days, as a vendor's daily files are: discovery records what each holds, and each part's
+    pass reads only the files of its dates, so the workers share the month."""
+    source, output = tmp_path / "files", tmp_path / "out"
+    generate(str(source), [MONTH], securities=12, rows=60_000, fmt=fmt, files_per_month=6)
+    storage = open_storage(str(source))
+    found = discover_month(storage, MONTH, TZ)
+    keys = [JobKey(MONTH, security, day) for security, day in sorted(found.rows)]
+    monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // 3)
+    parts = month_parts(keys, by_date=True)
+    assert len(parts) >= 3
+    # One slice a file, the whole of it, with the range of its rows' instants.
+    assert [(f.key, [(p.start, p.end) for p in f.slices]) for f in found.sliced] == [
+        (f.key, [(0, f.size)]) for f in month_files(storage, MONTH)]
+    assert sum(p.rows for f in found.sliced for p in f.slices) == found.rows_scanned
+    assert all(f.slices[0].ts is not None and not f.cut for f in found.sliced)
+    layout = RunLayout("r1")
+    open_storage(str(output)).write_bytes(layout.month_slices(MONTH), sliced_files_json(found.sliced))
+    open_storage(str(output)).write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
+    tally = _count_reads(monkeypatch)
+    batch = 2 * BATCH  # the first batch holds jobs of every date
+    assert {k.date for k in keys[:batch]} == {k.date for k in keys}
+    outcomes = run_in_batches(_jobs(str(source), str(output), keys), batch, MonthListings(passes=MonthPasses()))
+
+    # Each file once, and those that hold the last date of one part and the first of the next twice.
+    assert 1 <= _times_read(str(source), tally) <= 1.5
+    assert [o.already_done for o in outcomes] == [False] * batch + [True] * (len(keys) - batch)
+    assert _claims(output) == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
+                                     for p in range(len(parts)) for kind in ("claim", "done"))
+    assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
 
 
 def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(

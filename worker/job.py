@@ -153,8 +153,8 @@ class MonthListings:
         return self._fresh(self._days, (storage.uri, month), lambda: read_manifest(storage, month))
 
     def with_slices(self, output: Storage, layout: RunLayout, month: str, files: list[InputFile]) -> list[InputFile]:
-        """`files` with the slices the run's discovery cut its CSV files into, where it did
-        (`shared.inputs.CsvSlice`; the stored record from cache when fresh)."""
+        """`files` with the slices the run's discovery recorded of those that are not Parquet,
+        where it did (`shared.inputs.FileSlice`; the stored record from cache when fresh)."""
 
         def load() -> bytes | None:
             key = layout.month_slices(month)

@@ -5,6 +5,7 @@ stored them."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -17,12 +18,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
 import worker.job as job_module
 from producer.discover import discover_month
-from shared.inputs import month_files, pass_share, sliced_files_json
+from shared.inputs import ALL_COLUMNS, month_files, pass_share, read_batches, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
 from shared.storage import LocalStorage, open_storage
@@ -334,6 +337,40 @@ def test_a_month_of_files_read_whole_is_read_once_in_parts_of_whole_dates(
     assert _claims(output) == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
                                      for p in range(len(parts)) for kind in ("claim", "done"))
     assert stored_results(str(output)).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
+
+
+def test_a_month_of_one_file_per_security_is_read_by_each_batch_for_its_own_securities(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One gzip-compressed CSV file per security, as some vendors deliver a month: discovery
+    records each file's securities, so a batch reads only its own securities' files and no
+    pass over the month is needed; the workers share the month from their first batches."""
+    source, output = tmp_path / "per-security", tmp_path / "out"
+    rows = pa.Table.from_batches(list(read_batches(open_storage(str(data / "csv")),
+                                                   month_files(open_storage(str(data / "csv")), MONTH)[0],
+                                                   ALL_COLUMNS)))
+    (source / MONTH).mkdir(parents=True)
+    for security in pc.unique(rows.column("security")).to_pylist():
+        with gzip.open(source / MONTH / f"{security}.csv.gz", "wb") as out:
+            pacsv.write_csv(rows.filter(pc.equal(rows.column("security"), security)), out)
+    found = discover_month(open_storage(str(source)), MONTH, TZ)
+    keys = [JobKey(MONTH, security, day) for security, day in sorted(found.rows)]
+    layout, store = RunLayout("r1"), open_storage(str(output))
+    store.write_bytes(layout.month_slices(MONTH), sliced_files_json(found.sliced))
+    store.write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
+    dates = len({k.date for k in keys})
+    assert len(keys) == 12 * dates  # every security trades every date: batches of whole securities
+    tally = _count_reads(monkeypatch)
+    for file in month_files(open_storage(str(source)), MONTH):  # each file once, whole
+        for _ in read_batches(open_storage(str(source)), file, ALL_COLUMNS):
+            pass
+    once = dict(tally)
+    tally.clear()
+    outcomes = run_in_batches(_jobs(str(source), str(output), keys), 3 * dates, MonthListings(passes=MonthPasses()))
+
+    assert not _claims(output) and not any(o.already_done for o in outcomes)
+    assert tally == once  # each file by the one batch of its security
+    assert stored_results(str(output)).equals(_stored_alone(str(data / "csv"), keys, tmp_path / "ref"))
 
 
 def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(

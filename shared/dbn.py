@@ -56,7 +56,6 @@ from typing import IO, Any, cast
 import databento_dbn as dbn
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import zstandard
 
 __all__ = [
@@ -76,7 +75,9 @@ TS_UTC = pa.timestamp("ns", tz="UTC")
 DBN_SCHEMA = pa.schema(
     [
         ("ts", TS_UTC),
-        ("security", pa.string()),
+        # Coded as the file codes it (a symbol per instrument): readers group and match the
+        # few distinct values, not every row's text.
+        ("security", pa.dictionary(pa.int32(), pa.string())),
         ("price", pa.float64()),
         ("size", pa.int64()),
         ("side", pa.string()),
@@ -176,6 +177,7 @@ class _Symbology:
     live: dict[int, int] = field(default_factory=dict)
     live_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))
     live_symbols: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    _values: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # `names`, as Arrow
 
     def _symbol(self, name: str) -> int:
         if name not in self.index:
@@ -221,8 +223,9 @@ class _Symbology:
         self.live_ids = np.array(ids, dtype=np.uint32)
         self.live_symbols = np.array([self.live[i] for i in ids], dtype=np.int64)
 
-    def resolve(self, instrument_id: np.ndarray, day: np.ndarray) -> pa.Array:
-        """The security of each row: its mapped symbol, else its instrument_id as text."""
+    def resolve(self, instrument_id: np.ndarray, day: np.ndarray) -> pa.DictionaryArray:
+        """The security of each row: its mapped symbol, else its instrument_id as text; coded,
+        one dictionary value per distinct security."""
         n = instrument_id.size
         found = np.full(n, -1, dtype=np.int64)
         if self.keys.size:
@@ -243,13 +246,13 @@ class _Symbology:
             hit = self.live_ids[safe] == instrument_id
             found = np.where(hit, self.live_symbols[safe], found)
         missing = found < 0
-        if not missing.any():
-            return pa.array(self.names, pa.string()).take(pa.array(found))
-        as_text = pc.cast(pa.array(instrument_id), pa.string())
-        if missing.all():
-            return as_text
-        symbols = pa.array(self.names, pa.string()).take(pa.array(np.maximum(found, 0)))
-        return pc.if_else(pa.array(missing), as_text, symbols)
+        if missing.any():
+            # Unmapped instruments are named by their id: coded as symbols are, once each.
+            unknown, which = np.unique(instrument_id[missing], return_inverse=True)
+            found[missing] = np.array([self._symbol(str(i)) for i in unknown.tolist()], dtype=np.int64)[which]
+        if len(self._values) != len(self.names):
+            self._values = pa.array(self.names, pa.string())
+        return pa.DictionaryArray.from_arrays(pa.array(found, pa.int32()), self._values)
 
 
 class _Prefixed:

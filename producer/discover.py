@@ -139,34 +139,53 @@ def _counts_from_rows(storage: Storage, files: list[InputFile], market_tz: str, 
     added to `sliced`, with what its slices hold (the slices of a CSV file it cut, or the
     whole file).
 
-    Each file is read as several streams side by side (`key_streams`, or the slices of a large
-    CSV file), one per core this process may use: decoding releases the interpreter lock, so a
-    scan uses every core of a small machine while the workers still wait for their first jobs.
-    Each stream's batches are grouped on their security codes (as read, a dictionary) and day
-    numbers, not on text, or only on their codes when all their rows have one trade date; its
-    counts are folded together as they come, and the streams' counts once more at the end (a
-    month has hundreds of batches, and each repeats most of the month's jobs)."""
+    The month is read as several streams side by side, one per core this process may use: a
+    Parquet file in runs of row groups (`key_streams`), a large CSV file in its slices, files
+    read whole (DBN, `.csv.gz`, small CSV: a month of daily files) several at a time. Decoding
+    releases the interpreter lock, so a scan uses every core of a small machine while the
+    workers still wait for their first jobs. Each stream's batches are grouped on their
+    security codes (as read, a dictionary) and day numbers, not on text, or only on their codes
+    when all their rows have one trade date; its counts are folded together as they come, and
+    the streams' counts once more at the end (a month has hundreds of batches, and each repeats
+    most of the month's jobs)."""
     ways = min(MAX_SCAN_STREAMS, max(1, math.ceil(available().cpus)))
     folded = _FoldedCounts()
+    read_whole: list[InputFile] = []
     for file in files:
         pieces = csv_slices(storage, file)
         if pieces:
             sliced.append(_count_slices(storage, file, pieces, market_tz, ways, folded))
-            continue
-        streams = key_streams(storage, file, market_tz, ways)
-        whole = None if file.format == "parquet" else SliceSeen(whole_file_slice(file))
-        if whole is not None:  # read as one stream: what it holds is seen on the way
-            streams = [_seen_by(whole, streams[0])]
-        if len(streams) == 1:
-            # Not Parquet (or one core): its decoding still overlaps the counting.
-            streams = [read_ahead(streams[0])]
-        count = functools.partial(_stream_counts, market_tz=market_tz, where=storage.describe(file.key))
-        with ThreadPoolExecutor(len(streams), thread_name_prefix="tickq-scan") as pool:
-            for rows_seen, counts in pool.map(count, streams):
-                folded.add(rows_seen, counts)
-        if whole is not None:
-            sliced.append(dataclasses.replace(file, slices=(whole.seen(),)))
+        elif file.format != "parquet":
+            read_whole.append(file)
+        else:
+            count = functools.partial(_stream_counts, market_tz=market_tz, where=storage.describe(file.key))
+            streams = key_streams(storage, file, market_tz, ways)
+            with ThreadPoolExecutor(len(streams), thread_name_prefix="tickq-scan") as pool:
+                for rows_seen, counts in pool.map(count, streams):
+                    folded.add(rows_seen, counts)
+    if read_whole:
+        sliced.extend(_count_whole_files(storage, read_whole, market_tz, ways, folded))
     return [folded.result()]
+
+
+def _count_whole_files(storage: Storage, files: list[InputFile], market_tz: str, ways: int,
+                       folded: _FoldedCounts) -> list[InputFile]:
+    """Count the rows of files read whole into `folded`, `ways` files at a time; each file with
+    its one slice, the whole file, and what it holds."""
+
+    def count(file: InputFile) -> tuple[int, pa.Table, InputFile]:
+        seen = SliceSeen(whole_file_slice(file))
+        (stream,) = key_streams(storage, file, market_tz, 1)
+        # The file's decoding overlaps its counting.
+        rows_seen, counts = _stream_counts(read_ahead(_seen_by(seen, stream)), market_tz, storage.describe(file.key))
+        return rows_seen, counts, dataclasses.replace(file, slices=(seen.seen(),))
+
+    recorded: list[InputFile] = []
+    with ThreadPoolExecutor(min(ways, len(files)), thread_name_prefix="tickq-scan") as pool:
+        for rows_seen, counts, file in pool.map(count, files):
+            folded.add(rows_seen, counts)
+            recorded.append(file)
+    return recorded
 
 
 def _seen_by(seen: SliceSeen, stream: Iterator[KeyBatch]) -> Iterator[KeyBatch]:

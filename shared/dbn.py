@@ -88,6 +88,8 @@ DBN_SCHEMA = pa.schema(
 DBN_COLUMNS = tuple(DBN_SCHEMA.names)
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# Instrument ids below this are looked up in an array of one entry per id (8 MB at most).
+_DIRECT_IDS = 1 << 20
 _PREFIX_BYTES = 8  # b"DBN", version (u8), metadata length (u32 little-endian)
 _HEADER_BYTES = 16  # every record starts with length/4 (u8), rtype (u8), publisher, instrument, ts
 _MAX_METADATA_BYTES = 1 << 30
@@ -172,8 +174,12 @@ class _Symbology:
     index: dict[str, int] = field(default_factory=dict)
     # Metadata intervals, sorted by key = instrument_id << 32 | start day.
     keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    starts: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     ends: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     symbol_of_interval: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # Where every instrument has one interval and the ids are small (nearly every file): each
+    # id's interval, -1 for none, looked up per row instead of searched for.
+    interval_of_id: np.ndarray | None = None
     live: dict[int, int] = field(default_factory=dict)
     live_ids: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint32))
     live_symbols: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
@@ -210,8 +216,13 @@ class _Symbology:
             out.keys = (table[:, 0].astype(np.uint64) << np.uint64(32)) | table[:, 1].astype(
                 np.uint64
             )
+            out.starts = table[:, 1]
             out.ends = table[:, 2]
             out.symbol_of_interval = table[:, 3]
+            ids = table[:, 0]
+            if ids[-1] < _DIRECT_IDS and np.all(ids[1:] != ids[:-1]):  # sorted: repeats are neighbours
+                out.interval_of_id = np.full(ids[-1] + 1, -1, dtype=np.int64)
+                out.interval_of_id[ids] = np.arange(ids.size)
         return out
 
     def add_live(self, instrument_id: int, symbol: str) -> None:
@@ -228,7 +239,14 @@ class _Symbology:
         one dictionary value per distinct security."""
         n = instrument_id.size
         found = np.full(n, -1, dtype=np.int64)
-        if self.keys.size:
+        if self.interval_of_id is not None:
+            lookup = self.interval_of_id
+            at = lookup[np.minimum(instrument_id, lookup.size - 1)]
+            at[instrument_id >= lookup.size] = -1
+            safe = np.maximum(at, 0)
+            hit = (at >= 0) & (day >= self.starts[safe]) & (day < self.ends[safe])
+            found = np.where(hit, self.symbol_of_interval[safe], found)
+        elif self.keys.size:
             key = (instrument_id.astype(np.uint64) << np.uint64(32)) | np.clip(
                 day, 0, (1 << 32) - 1
             ).astype(np.uint64)

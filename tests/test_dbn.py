@@ -248,6 +248,32 @@ def test_dated_symbol_mappings(tmp_path: Path) -> None:
     assert decode(path).column("security").to_pylist() == ["OLD", "OLD", "OLD", "NEW", "NEW", "7"]
 
 
+def test_instruments_of_one_interval_each_map_as_dated_intervals_do(tmp_path: Path) -> None:
+    """Most files map each instrument to one symbol over one date range: those are looked up
+    directly, with the same answers as the search through dated intervals (which a file with
+    an instrument id too large to look up directly still makes)."""
+    days = [0, 5, 7, 8, 31, 3, 4, 6]
+    ids = [7, 7, 7, 7, 7, 9, 8, 2_000_000]
+    cols = {
+        "instrument_id": np.array(ids, np.uint32),
+        "ts_event": np.array([T0 + d * DAY for d in days], np.uint64),
+        "price": np.full(len(days), 10**9),
+        "size": np.ones(len(days), np.uint32),
+        "side": np.full(len(days), b"B"),
+    }
+    one_each = {
+        "AAA": [(dt.date(2024, 1, 1), dt.date(2024, 1, 10), "7")],
+        "BBB": [(dt.date(2024, 1, 1), dt.date(2024, 2, 1), "9")],
+    }
+    # Day 8 is 2024-01-10, past AAA's interval; 8 and 2,000,000 are mapped by neither.
+    expected = ["AAA", "AAA", "AAA", "7", "7", "BBB", "8", "2000000"]
+    direct = write_dbn_for_tests(tmp_path / "direct.dbn", "trades", cols, one_each)
+    assert decode(direct).column("security").to_pylist() == expected
+    searched = write_dbn_for_tests(tmp_path / "searched.dbn", "trades", cols,
+                                   {**one_each, "BIG": [(dt.date(2024, 1, 1), dt.date(2024, 2, 1), "3000000")]})
+    assert decode(searched).column("security").to_pylist() == expected
+
+
 def test_live_stream_with_symbol_mapping_records_and_mixed_records() -> None:
     """Interleaved record types and in-stream symbol mappings (as live data has)."""
 

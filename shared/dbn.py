@@ -80,14 +80,15 @@ DBN_SCHEMA = pa.schema(
         ("security", pa.dictionary(pa.int32(), pa.string())),
         ("price", pa.float64()),
         ("size", pa.int64()),
-        ("side", pa.string()),
+        ("side", pa.dictionary(pa.int32(), pa.string())),
         ("participant", pa.string()),
-        ("venue", pa.string()),
+        ("venue", pa.dictionary(pa.int32(), pa.string())),
     ]
 )
 DBN_COLUMNS = tuple(DBN_SCHEMA.names)
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_SIDE_VALUES = pa.array(["B", "S"], pa.string())
 # Instrument ids below this are looked up in an array of one entry per id (8 MB at most).
 _DIRECT_IDS = 1 << 20
 _PREFIX_BYTES = 8  # b"DBN", version (u8), metadata length (u32 little-endian)
@@ -136,6 +137,7 @@ def _record_dtype(rtype: int, length: int) -> np.dtype:
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1024)
 def venue_of(publisher_id: int) -> str | None:
     """The venue (MIC) of a Databento publisher id, per databento_dbn's table; None if unknown."""
     # The stubs type the enum members as str; the binding wants the enum members.
@@ -397,19 +399,31 @@ class _Batcher:
         raw_price = col["price"]
         price = pa.array(raw_price / _PRICE_SCALE, mask=raw_price == _UNDEF_PRICE)
         size = pa.array(col["size"].astype(np.int64))
-        side_code = np.where(col["side"] == _SIDE_BID, 0, np.where(col["side"] == _SIDE_ASK, 1, 2))
-        side = pa.array(["B", "S", None], pa.string()).take(pa.array(side_code))
+        is_bid, is_ask = col["side"] == _SIDE_BID, col["side"] == _SIDE_ASK
+        side = pa.DictionaryArray.from_arrays(pa.array(is_ask.astype(np.int32), mask=~(is_bid | is_ask)), _SIDE_VALUES)
         recv = col["ts_recv"]
         index_ts = np.where(recv == _UNDEF_TS, ts_raw, recv)
         day = (index_ts // np.uint64(_NS_PER_DAY)).astype(np.int64)
         security = self.symbology.resolve(col["instrument_id"], day)
-        publishers, which = np.unique(col["publisher_id"], return_inverse=True)
-        venues = pa.array([venue_of(int(p)) for p in publishers], pa.string())
-        venue = venues.take(pa.array(which.reshape(-1)))
+        venue = _venues(col["publisher_id"])
         participant = pa.nulls(n, pa.string())
         return pa.RecordBatch.from_arrays(
             [ts, security, price, size, side, participant, venue], schema=DBN_SCHEMA
         )
+
+
+def _venues(publisher_id: np.ndarray) -> pa.DictionaryArray:
+    """Each row's venue, coded: the batch's few publishers (16-bit ids, found without a sort)
+    named once each; a publisher of no known venue gives null."""
+    ids = publisher_id.astype(np.int64)
+    publishers = np.flatnonzero(np.bincount(ids))
+    names = [venue_of(int(p)) for p in publishers]
+    known = [i for i, name in enumerate(names) if name is not None]
+    code_of_publisher = np.full(publishers[-1] + 1 if publishers.size else 1, -1, dtype=np.int32)
+    code_of_publisher[publishers[known]] = np.arange(len(known), dtype=np.int32)
+    codes = code_of_publisher[ids]
+    values = pa.array([names[i] for i in known], pa.string())
+    return pa.DictionaryArray.from_arrays(pa.array(codes, mask=codes < 0), values)
 
 
 def _symbol_mappings(data: bytes, meta: Any) -> list[tuple[int, str]]:

@@ -11,6 +11,7 @@
     python bench/run.py producer  --jobs 10500
     python bench/run.py scaling   --rows 4000000 --securities 200
     python bench/run.py csv       --rows 2000000
+    python bench/run.py dbn       --rows 20000000 --securities 500 --workers 2 --files 8
     python bench/run.py naive     --rows 500000 --securities 20
     python bench/run.py aggregator --jobs 1000,100000
     python bench/run.py messages  --jobs 10500,42000 --workers 2
@@ -100,14 +101,15 @@ REWRITES = ("pyarrow-defaults", "by-security", "shuffled")
 
 
 def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True,
-          day_files_tz: str | None = None, rewrite: str | None = None) -> tuple[Path, Path]:
-    """Generated raw data and (optionally) its ingested layout, reused across runs; with
-    `day_files_tz`, the layout has day files in that zone too; with `rewrite` (one of
-    `REWRITES`), the raw Parquet month is that rewrite of the generated one."""
-    raw = work / f"raw-{fmt}-{rows}-{securities}"
+          day_files_tz: str | None = None, rewrite: str | None = None, files: int = 1) -> tuple[Path, Path]:
+    """Generated raw data (the month in `files` files of consecutive times) and (optionally)
+    its ingested layout, reused across runs; with `day_files_tz`, the layout has day files in
+    that zone too; with `rewrite` (one of `REWRITES`), the raw Parquet month is that rewrite of
+    the generated one."""
+    raw = work / (f"raw-{fmt}-{rows}-{securities}" + (f"-{files}-files" if files > 1 else ""))
     if not raw.exists():
         _tickq("gen", "--out", str(raw), "--months", MONTH, "--rows", str(rows), "--securities", str(securities),
-               "--format", fmt)
+               "--format", fmt, "--files-per-month", str(files))
     if rewrite is not None:
         raw = _rewritten(raw, rewrite)
     days = () if day_files_tz is None else ("--day-files", day_files_tz)
@@ -769,6 +771,30 @@ def cmd_csv(args: argparse.Namespace) -> None:
          rows_per_cpu_s=round(rows / cpu))
 
 
+def cmd_dbn(args: argparse.Namespace) -> None:
+    """A raw Databento month (`.dbn.zst`): its decoding into the pipeline (rows per CPU-second,
+    as `csv`), then tickq stage by stage with `--workers` workers, on the month as one file and
+    as `--files` files of consecutive days, in turn (DuckDB reads no DBN: no ratio here)."""
+    from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
+    from shared.storage import open_storage
+
+    months = {files: _data(args.work, args.rows, args.securities, fmt="dbn.zst", ingest=False, files=files)[0]
+              for files in (1, args.files)}
+    storage = open_storage(str(months[1]))
+    t0, c0 = time.perf_counter(), psutil.Process().cpu_times()
+    rows = 0
+    for file in month_files(storage, MONTH):
+        for batch in read_batches(storage, file, ALL_COLUMNS):
+            table, _ = normalise(batch, args.tz)
+            rows += table.num_rows
+    seconds, c1 = time.perf_counter() - t0, psutil.Process().cpu_times()
+    cpu = (c1.user + c1.system) - (c0.user + c0.system)
+    _row(target="dbn", rows=rows, seconds=round(seconds, 2), rows_per_s=round(rows / seconds),
+         rows_per_cpu_s=round(rows / cpu))
+    for files, source in months.items():
+        _e2e_sequential(args, f"dbn.zst in {files} file{'s' if files > 1 else ''}", source)
+
+
 def _measured(argv: list[str]) -> tuple[float, float, float, str]:
     """Run `argv`; its wall seconds, CPU seconds, peak RSS (MB, polled) and stdout."""
     c0, t0 = _children_cpu_s(), time.perf_counter()
@@ -858,7 +884,7 @@ def _compile_project() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv",
+    parser.add_argument("target", choices=["e2e", "per-job", "batch", "memory", "producer", "scaling", "csv", "dbn",
                                            "naive", "aggregator", "messages", "s3", "s3-state", "encodings", "ingest"])
     parser.add_argument("--rows", default="2000000")
     parser.add_argument("--securities", type=int, default=100)
@@ -870,6 +896,8 @@ def main() -> None:
                         help="jobs (per-job, naive) or batches (s3) to time (default 50); s3-state: the run's "
                              "months (default 50); ingest: runs (default 1)")
     parser.add_argument("--tz", default="Australia/Sydney")
+    parser.add_argument("--files", type=int, default=8,
+                        help="dbn: the month also as this many files of consecutive days (default 8)")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
                         help="memory: csv measures a worker over a raw CSV month; e2e and ingest: the raw "
                              "month's format")
@@ -889,7 +917,7 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     _compile_project()
-    if args.target in ("e2e", "scaling", "csv", "naive", "ingest"):
+    if args.target in ("e2e", "scaling", "csv", "dbn", "naive", "ingest"):
         args.rows = int(args.rows)
     if args.target not in ("aggregator", "messages"):
         args.jobs = int(args.jobs)
@@ -897,7 +925,7 @@ def main() -> None:
         args.sample = 1 if args.target == "ingest" else 50
     try:
         {"e2e": cmd_e2e, "per-job": cmd_per_job, "batch": cmd_batch, "memory": cmd_memory, "producer": cmd_producer,
-         "scaling": cmd_scaling, "csv": cmd_csv, "naive": cmd_naive, "aggregator": cmd_aggregator,
+         "scaling": cmd_scaling, "csv": cmd_csv, "dbn": cmd_dbn, "naive": cmd_naive, "aggregator": cmd_aggregator,
          "messages": cmd_messages, "s3": cmd_s3, "s3-state": cmd_s3_state, "encodings": cmd_encodings,
          "ingest": cmd_ingest}[args.target](args)
     finally:

@@ -82,6 +82,17 @@ def _csv(rows: Rows) -> None:
     assert run["rows"] == 50_000 and run["rows_per_cpu_s"] > 0
 
 
+def _dbn(rows: Rows) -> None:
+    [run] = _of(rows, "dbn")
+    assert run["rows"] == 50_000 and run["rows_per_cpu_s"] > 0
+    runs = _of(rows, "e2e", mode="sequential")
+    # The month as one file and as three hold the same jobs.
+    assert [r["input"] for r in runs] == ["dbn.zst in 1 file", "dbn.zst in 3 files"]
+    assert len({r["jobs"] for r in runs}) == 1 and {r["rows"] for r in runs} == {50_000}
+    for r in runs:
+        assert r["tickq_s"] == pytest.approx(r["produce_s"] + r["workers_s"] + r["aggregate_s"], abs=0.02)
+
+
 def _naive(rows: Rows) -> None:
     [run] = _of(rows, "naive")
     assert run["jobs"] == 3
@@ -102,6 +113,7 @@ SMOKE: list[tuple[tuple[str, ...], Callable[[Rows], None]]] = [
     (("per-job", "--rows", "200000", "--securities", "20", "--sample", "3"), _per_job),
     (("memory", "--rows", "200000", "--securities", "20"), _memory),
     (("csv", "--rows", "50000"), _csv),
+    (("dbn", "--rows", "50000", "--securities", "10", "--files", "3"), _dbn),
     (("naive", "--rows", "20000", "--securities", "4", "--sample", "3"), _naive),
     (("scaling", "--rows", "200000", "--securities", "20"), _scaling),
 ]

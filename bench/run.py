@@ -754,20 +754,26 @@ def cmd_encodings(args: argparse.Namespace) -> None:
 
 
 def cmd_csv(args: argparse.Namespace) -> None:
+    raw, _ = _data(args.work, args.rows, args.securities, fmt="csv", ingest=False)
+    _decoding(raw, "csv", args.tz)
+
+
+def _decoding(raw: Path, target: str, tz: str) -> None:
+    """The raw month's rows into the pipeline (read and normalised) on this thread: a row of
+    rows per second and per CPU-second."""
     from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
     from shared.storage import open_storage
 
-    raw, _ = _data(args.work, args.rows, args.securities, fmt="csv", ingest=False)
     storage = open_storage(str(raw))
     t0, c0 = time.perf_counter(), psutil.Process().cpu_times()
     rows = 0
     for file in month_files(storage, MONTH):
         for batch in read_batches(storage, file, ALL_COLUMNS):
-            table, _ = normalise(batch, args.tz)
+            table, _ = normalise(batch, tz)
             rows += table.num_rows
     seconds, c1 = time.perf_counter() - t0, psutil.Process().cpu_times()
     cpu = (c1.user + c1.system) - (c0.user + c0.system)
-    _row(target="csv", rows=rows, seconds=round(seconds, 2), rows_per_s=round(rows / seconds),
+    _row(target=target, rows=rows, seconds=round(seconds, 2), rows_per_s=round(rows / seconds),
          rows_per_cpu_s=round(rows / cpu))
 
 
@@ -775,22 +781,9 @@ def cmd_dbn(args: argparse.Namespace) -> None:
     """A raw Databento month (`.dbn.zst`): its decoding into the pipeline (rows per CPU-second,
     as `csv`), then tickq stage by stage with `--workers` workers, on the month as one file and
     as `--files` files of consecutive days, in turn (DuckDB reads no DBN: no ratio here)."""
-    from shared.inputs import ALL_COLUMNS, month_files, normalise, read_batches
-    from shared.storage import open_storage
-
     months = {files: _data(args.work, args.rows, args.securities, fmt="dbn.zst", ingest=False, files=files)[0]
               for files in (1, args.files)}
-    storage = open_storage(str(months[1]))
-    t0, c0 = time.perf_counter(), psutil.Process().cpu_times()
-    rows = 0
-    for file in month_files(storage, MONTH):
-        for batch in read_batches(storage, file, ALL_COLUMNS):
-            table, _ = normalise(batch, args.tz)
-            rows += table.num_rows
-    seconds, c1 = time.perf_counter() - t0, psutil.Process().cpu_times()
-    cpu = (c1.user + c1.system) - (c0.user + c0.system)
-    _row(target="dbn", rows=rows, seconds=round(seconds, 2), rows_per_s=round(rows / seconds),
-         rows_per_cpu_s=round(rows / cpu))
+    _decoding(months[1], "dbn", args.tz)
     for files, source in months.items():
         _e2e_sequential(args, f"dbn.zst in {files} file{'s' if files > 1 else ''}", source)
 

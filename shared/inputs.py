@@ -129,8 +129,9 @@ class FileSlice:
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file of a month; a CSV file may come with the `slices` discovery cut it
-    into (they cover the file's rows, in order), which reads then skip where they can."""
+    """One input file of a month, with the `slices` the run's discovery recorded of it where
+    it did (they cover the file's rows, in order; `FileSlice`), which reads then skip where
+    they can."""
 
     key: str
     size: int

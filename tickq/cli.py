@@ -447,7 +447,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--securities", type=positive_int, default=20, help="securities (default 20)")
     p.add_argument("--rows", type=positive_int, default=200_000, help="rows per month (default 200000)")
     p.add_argument("--format", choices=["parquet", "csv", "csv.gz", "dbn", "dbn.zst"], default="parquet")
-    p.add_argument("--files-per-month", type=positive_int, default=1, help="Parquet parts per month")
+    p.add_argument("--files-per-month", type=positive_int, default=1,
+                   help="files per month, of consecutive times (default 1)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--market-tz", default="Australia/Sydney", help="market time zone of the session")
     p.add_argument("--json", action="store_true", help="print a JSON summary")

@@ -137,6 +137,7 @@ class InputFile:
     size: int
     format: str
     slices: tuple[FileSlice, ...] = ()
+    version: str = ""  # the store's `ObjectInfo.version` of the file, as listed
 
     @property
     def cut(self) -> bool:
@@ -162,7 +163,7 @@ def month_files(storage: Storage, month: str) -> list[InputFile]:
         beside = "/" not in obj.key and obj.key.startswith(month + ".")
         fmt = format_of(obj.key)
         if (inside or beside) and fmt is not None and not obj.key.rsplit("/", 1)[-1].startswith((".", "_")):
-            files.append(InputFile(obj.key, obj.size, fmt))
+            files.append(InputFile(obj.key, obj.size, fmt, version=obj.version))
     if not files:
         raise PermanentError(
             f"no input for month {month} under {storage.describe()} "
@@ -992,23 +993,32 @@ def whole_file_slice(file: InputFile) -> FileSlice:
 
 def sliced_files_json(files: list[InputFile]) -> bytes:
     """The slices of input files as a run stores them for its workers: ``{"v": 2, "files":
-    [{"key", "size", "slices": [FileSlice.as_json(), …]}, …]}``."""
+    [{"key", "size", "version", "slices": [FileSlice.as_json(), …]}, …]}``."""
     return orjson.dumps({"v": SLICES_VERSION, "files": [
-        {"key": f.key, "size": f.size, "slices": [piece.as_json() for piece in f.slices]} for f in files]})
+        {"key": f.key, "size": f.size, "version": f.version, "slices": [piece.as_json() for piece in f.slices]}
+        for f in files]})
 
 
 def with_stored_slices(files: list[InputFile], stored: bytes) -> list[InputFile]:
-    """`files` with the slices `stored` for them (`sliced_files_json`): only where key and
-    size still match; a file of another size is read whole. `PermanentError` when `stored`
-    does not parse."""
+    """`files` with the slices `stored` for them (`sliced_files_json`): only where key, size
+    and version (where both the record and the listing give one) still match. A file written
+    again since is read whole: a pass must not skip it by what it held before. `PermanentError`
+    when `stored` does not parse."""
     try:
         data = orjson.loads(stored)
         if data.get("v") not in _SLICES_VERSIONS_READ:
             raise ValueError(f"version {data.get('v')!r}")
-        by_key = {(f["key"], int(f["size"])): tuple(FileSlice.from_json(p) for p in f["slices"]) for f in data["files"]}
+        recorded = {(f["key"], int(f["size"])): (str(f.get("version", "")),
+                                                 tuple(FileSlice.from_json(p) for p in f["slices"]))
+                    for f in data["files"]}
     except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PermanentError(f"the run's slices of input files do not parse ({exc})") from None
-    return [dataclasses.replace(f, slices=by_key.get((f.key, f.size), ())) for f in files]
+
+    def slices_of(file: InputFile) -> tuple[FileSlice, ...]:
+        version, slices = recorded.get((file.key, file.size), ("", ()))
+        return () if version and file.version and version != file.version else slices
+
+    return [dataclasses.replace(f, slices=slices_of(f)) for f in files]
 
 
 def _slice_spans(file: InputFile, wanted: tuple[str, ...] | None, window: DayWindow | None) -> list[_Span]:

@@ -30,10 +30,13 @@ from shared.settings import s3_requests
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """A stored object: its key relative to the storage root and its size in bytes."""
+    """A stored object: its key relative to the storage root, its size in bytes, and a
+    `version` that changes whenever it is written again (its ETag on S3, its modification time
+    in nanoseconds on a local disk; empty where the store gives none)."""
 
     key: str
     size: int
+    version: str = ""
 
 
 class Storage(Protocol):
@@ -150,7 +153,8 @@ class LocalStorage:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Taken whole before the first is given: a caller may delete what it is given (and so
         # the folders that held it) as it goes.
-        found = [ObjectInfo(key, entry.stat().st_size) for key, entry in self._walk(prefix)]
+        found = [ObjectInfo(key, st.st_size, str(st.st_mtime_ns))
+                 for key, st in ((key, entry.stat()) for key, entry in self._walk(prefix))]
         yield from found
 
     def keys(self, prefix: str = "") -> Iterator[str]:
@@ -444,7 +448,7 @@ class S3Storage:
                 kwargs["ContinuationToken"] = token
             page = self._call(f"listing {self.describe(prefix)}", self._client.list_objects_v2, **kwargs)
             for item in page.get("Contents", []):
-                yield ObjectInfo(item["Key"][strip:], int(item["Size"]))
+                yield ObjectInfo(item["Key"][strip:], int(item["Size"]), str(item.get("ETag", "")))
             if not page.get("IsTruncated"):
                 return
             token = page["NextContinuationToken"]

@@ -125,6 +125,23 @@ def test_keys_are_the_listings_keys_without_their_sizes(tmp_path: Path, where: s
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_listing_gives_each_object_a_version_that_changes_when_it_is_written_again(
+    tmp_path: Path, where: str, request: Any
+) -> None:
+    # What discovery recorded of an input file holds only while the file is the one it read:
+    # a file written again to the same size must be told apart.
+    store = store_at(where, tmp_path, request)
+    store.write_bytes("2024-03/a.dbn", b"first")
+    (before,) = store.list("2024-03/")
+    assert before.version and list(store.list("2024-03/")) == [before]  # the same until written
+    if where == "local":
+        os.utime(tmp_path / "2024-03/a.dbn", ns=(1, 1))  # a clock that does not tick between writes
+    store.write_bytes("2024-03/a.dbn", b"other")
+    (after,) = store.list("2024-03/")
+    assert (after.key, after.size) == (before.key, before.size) and after.version != before.version
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_writers_racing_to_create_one_key_exactly_one_wins(tmp_path: Path, where: str, request: Any) -> None:
     store = store_at(where, tmp_path, request)
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -137,7 +137,6 @@ def _record_dtype(rtype: int, length: int) -> np.dtype:
 
 
 @functools.cache
-@functools.lru_cache(maxsize=1024)
 def venue_of(publisher_id: int) -> str | None:
     """The venue (MIC) of a Databento publisher id, per databento_dbn's table; None if unknown."""
     # The stubs type the enum members as str; the binding wants the enum members.

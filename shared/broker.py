@@ -117,14 +117,7 @@ def _refusal(exc: BaseException, url: str) -> BrokerRefused | None:
 
 
 def _tls_refusal(safe_url: str, failure: ssl.SSLError) -> BrokerRefused:
-    if any(alert in str(failure.reason) for alert in _CLIENT_CERTIFICATE_REFUSALS) and not isinstance(
-        failure, ssl.SSLCertVerificationError
-    ):
-        return BrokerRefused(
-            f"the broker at {safe_url} wants a client certificate it trusts ({failure.reason}): name yours "
-            "with certfile= and keyfile= in TICKQ_AMQP_URL"
-        )
-    if isinstance(failure, ssl.SSLCertVerificationError):
+    if isinstance(failure, ssl.SSLCertVerificationError):  # this client refused the broker's certificate
         why = str(failure.verify_message).rstrip(".")
         if failure.verify_code in _NAME_MISMATCHES:
             return BrokerRefused(
@@ -133,7 +126,12 @@ def _tls_refusal(safe_url: str, failure: ssl.SSLError) -> BrokerRefused:
             )
         return BrokerRefused(
             f"the broker at {safe_url} presented a TLS certificate this machine does not trust ({why}); "
-            "point SSL_CERT_FILE at the CA certificate that signed it"
+            "point SSL_CERT_FILE at the CA certificate that signed it, or name it with cafile= in TICKQ_AMQP_URL"
+        )
+    if any(alert in str(failure.reason) for alert in _CLIENT_CERTIFICATE_REFUSALS):  # the broker refused ours
+        return BrokerRefused(
+            f"the broker at {safe_url} wants a client certificate it trusts ({failure.reason}): name yours "
+            "with certfile= and keyfile= in TICKQ_AMQP_URL"
         )
     return BrokerRefused(
         f"TLS with the broker at {safe_url} failed ({failure.reason or failure}); check that the port "

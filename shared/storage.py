@@ -153,8 +153,10 @@ class LocalStorage:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         # Taken whole before the first is given: a caller may delete what it is given (and so
         # the folders that held it) as it goes.
-        found = [ObjectInfo(key, st.st_size, str(st.st_mtime_ns))
-                 for key, st in ((key, entry.stat()) for key, entry in self._walk(prefix))]
+        found = []
+        for key, entry in self._walk(prefix):
+            stat = entry.stat()
+            found.append(ObjectInfo(key, stat.st_size, str(stat.st_mtime_ns)))
         yield from found
 
     def keys(self, prefix: str = "") -> Iterator[str]:

@@ -20,12 +20,11 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import pika
 from pika.adapters.select_connection import SelectConnection
 
-from shared.broker import tls_context, without_tls_files
+from shared.broker import connection_parameters
 from shared.errors import TransientError, redact
 from shared.metrics import get_logger
 
@@ -40,19 +39,6 @@ class Outgoing:
     routing_key: str
     body: bytes
     message_id: str
-
-
-def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
-    """pika parameters for a tickq broker URL (for amqps, TLS as every component sets it up:
-    `tls_context`)."""
-    params = pika.URLParameters(without_tls_files(amqp_url))
-    context = tls_context(amqp_url)
-    if context is not None:
-        params.ssl_options = pika.SSLOptions(context, urlparse(amqp_url).hostname)
-    params.client_properties = {"connection_name": name}
-    params.heartbeat = 30
-    params.blocked_connection_timeout = 60
-    return params
 
 
 class _GatheringConnection(SelectConnection):

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 
 import aio_pika
+import pika
 from aio_pika.exceptions import InvalidFrameError, ProbableAuthenticationError
 
 from shared.errors import ConfigError, TransientError, redact
@@ -137,6 +138,19 @@ def _tls_refusal(safe_url: str, failure: ssl.SSLError) -> BrokerRefused:
         f"TLS with the broker at {safe_url} failed ({failure.reason or failure}); check that the port "
         "takes TLS (amqps:// is usually port 5671, amqp:// 5672)"
     )
+
+
+def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
+    """pika parameters for a tickq broker URL (for amqps, TLS as every component sets it up:
+    `tls_context`)."""
+    params = pika.URLParameters(without_tls_files(amqp_url))
+    context = tls_context(amqp_url)
+    if context is not None:
+        params.ssl_options = pika.SSLOptions(context, urlparse(amqp_url).hostname)
+    params.client_properties = {"connection_name": name}
+    params.heartbeat = HEARTBEAT_S
+    params.blocked_connection_timeout = 60
+    return params
 
 
 def _url_with_options(url: str, connection_name: str) -> str:

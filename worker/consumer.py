@@ -39,7 +39,7 @@ from typing import Any
 import aio_pika
 import psutil
 
-from shared.broker import connect
+from shared.broker import connect, connection_parameters
 from shared.errors import ErrorClass, PermanentError, PoisonError, is_transient, one_line, redact
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobEvent, JobMessage, parse_job
@@ -159,7 +159,7 @@ class Worker:
             self._announce,
             self._settle_batch,
             options.concurrency,
-            max(1, options.prefetch // (2 * options.concurrency)),
+            max(1, options.prefetch // (int(__import__("os").environ.get("XDIV", "2")) * options.concurrency)),
         )
         self._stopping = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -193,14 +193,18 @@ class Worker:
             self._health = HealthServer(self.metrics.registry, liveness=self._liveness)
             self._health.start(self.options.health_port)
         connection = await connect(self.settings, f"tickq-worker {self.identity}")
+        subscription: JobSubscription | None = None
         try:
             self._channel = await connection.channel(publisher_confirms=True)
-            await self._channel.set_qos(prefetch_count=self.options.prefetch)
             await declare(self._channel, self.topology)
             self._events = await self._channel.get_exchange(self.topology.events)
             self._dlx = await self._channel.get_exchange(self.topology.dlx)
             subscription = JobSubscription(
-                self._channel, self.topology.jobs, self._on_message, lambda: declare(self._channel, self.topology)
+                connection_parameters(self.settings.amqp_url, f"tickq-worker {self.identity} jobs"),
+                self.topology.jobs,
+                self.options.prefetch,
+                self._receive,
+                lambda: declare(self._channel, self.topology),
             )
             self.log.info(
                 "worker.started",
@@ -219,6 +223,8 @@ class Worker:
             self._drained = True
             housekeeping.cancel()
         finally:
+            if subscription is not None:
+                await subscription.close()
             with contextlib.suppress(Exception):
                 await connection.close()
             self._batcher.shutdown()
@@ -289,12 +295,15 @@ class Worker:
 
     # -- one delivery ------------------------------------------------------------------
 
-    async def _on_message(self, message: Delivery) -> None:
+    def _receive(self, message: Delivery) -> None:
+        """A delivery arrived: registered for its ack at once, handled in a task of its own,
+        which the drain waits for."""
         self._acks.delivered(message)
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+        task = asyncio.get_running_loop().create_task(self._on_message(message))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _on_message(self, message: Delivery) -> None:
         self.stats.last_activity = time.monotonic()
         if self._stopping.is_set():
             await self._hand_back(message)

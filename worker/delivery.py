@@ -1,12 +1,15 @@
 """Job deliveries as the broker sends them, and the subscription that receives them.
 
-aio-pika wraps each delivery in an ``IncomingMessage`` (fifteen properties decoded) and runs
-the consumer callback in a second task of its own. At thousands of jobs a second per worker,
-that was about a sixth of the worker's cost per message (measured with a worker whose jobs do
-nothing). The worker takes aiormq's delivery as it is, on the channel of aio-pika's robust
-connection. aio-pika restores only the consumers it made itself, so `JobSubscription`
-subscribes again whenever that channel reopens after a reconnect, and after the broker
-cancels the consumer (the queue was deleted): the queue is declared again first.
+The worker takes its jobs on a pika connection of its own, on the worker's event loop
+(`AsyncioConnection`), and publishes through aio-pika's robust connection. Receiving a message
+is the one broker cost every job pays in the worker, and pika decodes a delivery's three
+frames in about a third of aiormq's CPU (12-13 µs against 41-44 µs a message, consuming alone,
+acking every 512th with ``multiple``): see bench/RESULTS.md.
+
+`JobSubscription` keeps consuming across lost connections and closed channels (it opens them
+again after a pause) and after the broker cancels the consumer (the queue was deleted: it is
+declared again first). Deliveries in hand when their channel closed cannot be acked any more;
+the broker redelivers them.
 """
 
 from __future__ import annotations
@@ -17,12 +20,39 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiormq.abc import AbstractChannel, DeliveredMessage
+import pika
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.channel import Channel
 
+from shared.broker import BrokerUnavailable
 from shared.errors import one_line
 from shared.metrics import get_logger
 
 RESUBSCRIBE_PAUSE_S = 1.0
+OPEN_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 5.0
+
+
+class SettlingChannel:
+    """A consuming channel's acks and nacks, as coroutines (what `worker.acks` awaits)."""
+
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the channel closed: its deliveries can no longer be settled."""
+        return bool(self._channel.is_closed)
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        """Ack up to `delivery_tag` (that one alone unless `multiple`)."""
+        self._channel.basic_ack(delivery_tag, multiple)
+
+    async def basic_nack(self, delivery_tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        """Hand deliveries back to the broker."""
+        self._channel.basic_nack(delivery_tag, multiple, requeue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +63,7 @@ class Delivery:
     headers: Mapping[str, Any]
     message_id: str | None
     delivery_tag: int | None
-    channel: AbstractChannel
-
-    @classmethod
-    def of(cls, message: DeliveredMessage) -> Delivery:
-        """The delivery aiormq received."""
-        properties = message.header.properties
-        return cls(message.body, properties.headers or {}, properties.message_id, message.delivery_tag,
-                   message.channel)
+    channel: Any  # a `SettlingChannel`, or anything with its coroutines and `is_closed`
 
     async def ack(self) -> None:
         """Acknowledge this delivery alone."""
@@ -54,69 +77,172 @@ class Delivery:
 
 
 class JobSubscription:
-    """Delivers `queue`'s messages to `on_delivery` on a robust channel, across reconnects."""
+    """Hands `queue`'s messages to `on_delivery` (on the event loop, as they arrive), `prefetch`
+    at most unsettled, on a connection of its own, across reconnects."""
 
     def __init__(
         self,
-        channel: Any,
+        parameters: pika.ConnectionParameters,
         queue: str,
-        on_delivery: Callable[[Delivery], Awaitable[None]],
+        prefetch: int,
+        on_delivery: Callable[[Delivery], None],
         redeclare: Callable[[], Awaitable[None]],
     ) -> None:
-        self._channel = channel  # aio-pika's RobustChannel
+        self._parameters = parameters
         self._queue = queue
+        self._prefetch = prefetch
         self._on_delivery = on_delivery
         self._redeclare = redeclare
-        self._underlay: AbstractChannel | None = None
+        self._connection: AsyncioConnection | None = None
+        self._channel: Channel | None = None
+        self._settler: SettlingChannel | None = None
         self._tag: str | None = None
         self._stopped = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed: asyncio.Future[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
         self._log = get_logger()
 
     async def start(self) -> None:
-        """Subscribe now, and again after every reopen of the channel."""
-        self._channel.reopen_callbacks.add(self._on_reopen)
-        await self._subscribe()
+        """Connect and subscribe; raises `BrokerUnavailable` when that fails."""
+        try:
+            await self._subscribe()
+        except Exception as exc:
+            await self.close()
+            raise BrokerUnavailable(f"the worker could not subscribe to {self._queue}: {one_line(exc)}") from None
 
     async def stop(self) -> None:
-        """Take no more deliveries (those in hand stay to be settled)."""
+        """Take no more deliveries (those in hand stay to be settled until `close`)."""
         self._stopped = True
-        self._channel.reopen_callbacks.discard(self._on_reopen)
-        for task in self._tasks:
-            task.cancel()
-        if self._underlay is not None and self._tag is not None:
-            with contextlib.suppress(Exception):
-                await self._underlay.basic_cancel(self._tag)
+        if self._recovery is not None:
+            self._recovery.cancel()
+        channel, tag = self._channel, self._tag
+        if channel is None or tag is None or not channel.is_open:
+            return
+        cancelled = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(Exception):
+            channel.basic_cancel(tag, callback=lambda _frame: _resolve(cancelled, None))
+            await asyncio.wait_for(cancelled, CLOSE_TIMEOUT_S)
+
+    async def close(self) -> None:
+        """Close the connection: deliveries not settled by now go back to the queue."""
+        self._stopped = True
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            if not connection.is_closing:
+                connection.close()
+            if self._closed is not None:
+                await asyncio.wait_for(asyncio.shield(self._closed), CLOSE_TIMEOUT_S)
+
+    # -- opening -----------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
-        underlay = await self._channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
-        ok = await underlay.basic_consume(self._queue, self._deliver)
-        self._underlay, self._tag = underlay, ok.consumer_tag
+        """A channel on an open connection (connecting first when there is none), consuming."""
+        if self._connection is None or not self._connection.is_open:
+            await self._connect()
+        assert self._connection is not None
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[Channel] = loop.create_future()
+        self._connection.channel(on_open_callback=lambda channel: _resolve(opened, channel))
+        channel = await asyncio.wait_for(opened, OPEN_TIMEOUT_S)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
+        qos: asyncio.Future[None] = loop.create_future()
+        channel.basic_qos(prefetch_count=self._prefetch, callback=lambda _frame: _resolve(qos, None))
+        await asyncio.wait_for(qos, OPEN_TIMEOUT_S)
+        await self._consume(channel)
 
-    async def _deliver(self, message: DeliveredMessage) -> None:
-        await self._on_delivery(Delivery.of(message))
+    async def _consume(self, channel: Channel) -> None:
+        consuming: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if channel is not self._channel or self._settler is None:
+            # One settler per channel: the coalescer gathers acks per settler, and a multiple
+            # ack covers every earlier delivery of the channel.
+            self._channel, self._settler = channel, SettlingChannel(channel)
+        self._tag = channel.basic_consume(self._queue, self._deliver,
+                                          callback=lambda _frame: _resolve(consuming, None))
+        await asyncio.wait_for(consuming, OPEN_TIMEOUT_S)
 
-    async def _on_reopen(self, _channel: Any) -> None:
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[None] = loop.create_future()
+        closed: asyncio.Future[None] = loop.create_future()
+
+        def on_open_error(_connection: Any, error: BaseException | str) -> None:
+            failure = error if isinstance(error, BaseException) else ConnectionError(str(error))
+            if not opened.done():
+                opened.set_exception(failure)
+            _resolve(closed, None)
+
+        def on_closed(connection: Any, reason: BaseException) -> None:
+            _resolve(closed, None)
+            self._on_connection_closed(connection, reason)
+
+        self._connection = AsyncioConnection(
+            self._parameters,
+            on_open_callback=lambda _connection: _resolve(opened, None),
+            on_open_error_callback=on_open_error,
+            on_close_callback=on_closed,
+            custom_ioloop=loop,
+        )
+        self._closed = closed
+        try:
+            await asyncio.wait_for(opened, OPEN_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):  # still opening (timed out): not left behind
+                self._connection.close()
+            raise
+
+    # -- deliveries --------------------------------------------------------------------
+
+    def _deliver(self, channel: Channel, method: Any, properties: Any, body: bytes) -> None:
+        settler = self._settler if channel is self._channel else SettlingChannel(channel)
+        delivery = Delivery(body, properties.headers or {}, properties.message_id, method.delivery_tag, settler)
+        self._on_delivery(delivery)
+
+    # -- recovering --------------------------------------------------------------------
+
+    def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        if connection is self._connection and not self._stopped:
+            self._log.warning("worker.consumer_connection_lost", queue=self._queue, reason=one_line(reason))
+            self._recover(redeclare=False)
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        # A channel the broker closed on an open connection (a lost connection closes its
+        # channels too, and is recovered as a whole).
+        if channel is self._channel and not self._stopped and self._connection is not None \
+                and self._connection.is_open:
+            self._log.warning("worker.consumer_channel_closed", queue=self._queue, reason=one_line(reason))
+            self._recover(redeclare=False)
+
+    def _on_cancelled(self, _frame: Any) -> None:
         if not self._stopped:
-            await self._subscribe()
-
-    def _on_cancelled(self, frame: Any) -> None:
-        if frame.consumer_tag == self._tag and not self._stopped:
             self._log.warning("worker.consumer_cancelled", queue=self._queue)
-            task = asyncio.ensure_future(self._subscribe_again())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._recover(redeclare=True)
 
-    async def _subscribe_again(self) -> None:
-        """After the broker cancelled the consumer: declare the queue again and resubscribe."""
-        cancelled_on = self._underlay
-        # Until subscribed again, here or by a reopen of the channel meanwhile.
-        while not self._stopped and self._underlay is cancelled_on:
+    def _recover(self, redeclare: bool) -> None:
+        """Subscribe again, after declaring the queue again when the broker cancelled the
+        consumer; until it works or the subscription stops."""
+        self._tag = None
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.ensure_future(self._subscribe_again(redeclare))
+
+    async def _subscribe_again(self, redeclare: bool) -> None:
+        while not self._stopped:
             try:
-                await self._redeclare()
-                await self._subscribe()
+                if redeclare:
+                    await self._redeclare()
+                channel = self._channel
+                if channel is not None and channel.is_open:  # only the consumer was cancelled
+                    await self._consume(channel)
+                else:
+                    await self._subscribe()
                 return
-            except Exception as exc:  # the broker or channel is back soon: try again
+            except Exception as exc:  # the broker is back soon: try again
                 self._log.warning("worker.resubscribe_failed", queue=self._queue, error=one_line(exc))
                 await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -1,0 +1,138 @@
+"""The worker's job subscription against a real broker: deliveries keep coming after a lost
+connection and after a channel the broker closed; once stopped it takes no more, and closing
+hands back what was not settled."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
+
+import pika
+import pytest
+
+from shared.broker import connection_parameters
+from shared.topology import Topology
+from tests.helpers import TcpProxy
+from worker.delivery import Delivery, JobSubscription
+
+
+@pytest.fixture
+def queue(amqp_url: str, namespace: str) -> Iterator[str]:
+    """The namespace's job queue, declared as tickq declares it (quorum); deleted with the
+    namespace."""
+    name = Topology(namespace).jobs
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+    yield name
+
+
+def _publish(amqp_url: str, queue: str, *bodies: bytes) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2, message_id=body.decode()))
+
+
+def _ready(amqp_url: str, queue: str) -> int:
+    """Messages ready in `queue` (neither delivered nor unacked)."""
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.02)
+
+
+def _bodies(got: list[Delivery]) -> list[bytes]:
+    return [d.body for d in got]
+
+
+async def _no_redeclare() -> None:
+    raise AssertionError("the consumer was not cancelled: nothing to declare again")
+
+
+def test_deliveries_go_on_after_the_connection_is_cut(amqp_url: str, queue: str) -> None:
+    broker = urlparse(amqp_url)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    proxied = amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
+
+    async def scenario() -> None:
+        got: list[Delivery] = []
+        subscription = JobSubscription(connection_parameters(proxied, "test"), queue, 10, got.append, _no_redeclare)
+        await subscription.start()
+        try:
+            await asyncio.to_thread(_publish, amqp_url, queue, b"a", b"b")
+            await _until(lambda: len(got) == 2)
+            await got[0].ack()
+            await asyncio.sleep(0.2)  # the ack reaches the broker before the cut
+            assert proxy.cut() == 1  # the subscription's own connection
+            await asyncio.to_thread(_publish, amqp_url, queue, b"c")
+            # "b" was in hand, unacked: the broker delivers it again, on the new connection.
+            await _until(lambda: sorted(_bodies(got)[2:]) == [b"b", b"c"])
+            for delivery in got[2:]:
+                await delivery.ack()
+            await subscription.stop()
+        finally:
+            await subscription.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert _ready(amqp_url, queue) == 0
+
+
+def test_a_channel_the_broker_closed_is_opened_again(amqp_url: str, queue: str) -> None:
+    async def scenario() -> None:
+        got: list[Delivery] = []
+        subscription = JobSubscription(connection_parameters(amqp_url, "test"), queue, 10, got.append, _no_redeclare)
+        await subscription.start()
+        try:
+            await asyncio.to_thread(_publish, amqp_url, queue, b"a")
+            await _until(lambda: len(got) == 1)
+            first = got[0]
+            # An ack of a tag the channel never delivered: the broker closes the channel.
+            assert first.delivery_tag is not None
+            await first.channel.basic_ack(first.delivery_tag + 1000)
+            await _until(lambda: first.channel.is_closed)
+            await asyncio.to_thread(_publish, amqp_url, queue, b"b")
+            await _until(lambda: sorted(_bodies(got)[1:]) == [b"a", b"b"])
+            assert all(d.channel is got[1].channel and not d.channel.is_closed for d in got[1:])
+            for delivery in got[1:]:
+                await delivery.ack()
+            await subscription.stop()
+        finally:
+            await subscription.close()
+
+    asyncio.run(scenario())
+    assert _ready(amqp_url, queue) == 0  # the acks on the new channel were taken
+
+
+def test_a_stopped_subscription_takes_no_more_and_closing_hands_back_the_unsettled(
+    amqp_url: str, queue: str
+) -> None:
+    async def scenario() -> list[Delivery]:
+        got: list[Delivery] = []
+        subscription = JobSubscription(connection_parameters(amqp_url, "test"), queue, 10, got.append, _no_redeclare)
+        await subscription.start()
+        try:
+            await asyncio.to_thread(_publish, amqp_url, queue, b"a", b"b")
+            await _until(lambda: len(got) == 2)
+            await subscription.stop()
+            await asyncio.to_thread(_publish, amqp_url, queue, b"c")
+            await asyncio.sleep(0.5)
+            await got[0].ack()  # deliveries in hand are still settled after the stop
+            await asyncio.sleep(0.2)
+        finally:
+            await subscription.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert _bodies(got) == [b"a", b"b"]
+    assert _ready(amqp_url, queue) == 2  # "b", never settled, and "c", never delivered

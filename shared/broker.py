@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlparse, urlunparse
 
 import aio_pika
 import pika
@@ -148,8 +148,11 @@ def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
     if context is not None:
         params.ssl_options = pika.SSLOptions(context, urlparse(amqp_url).hostname)
     params.client_properties = {"connection_name": name}
-    params.heartbeat = HEARTBEAT_S
-    params.blocked_connection_timeout = 60
+    given = parse_qs(urlparse(amqp_url).query)
+    if "heartbeat" not in given:  # the URL's own, as for aio-pika's connections (`connect`)
+        params.heartbeat = HEARTBEAT_S
+    if "blocked_connection_timeout" not in given:
+        params.blocked_connection_timeout = 60
     return params
 
 

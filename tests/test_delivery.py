@@ -5,8 +5,9 @@ hands back what was not settled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlparse
 
 import pika
@@ -57,16 +58,26 @@ async def _no_redeclare() -> None:
     raise AssertionError("the consumer was not cancelled: nothing to declare again")
 
 
+@contextlib.asynccontextmanager
+async def _subscribed(url: str, queue: str) -> AsyncIterator[tuple[JobSubscription, list[Delivery]]]:
+    """A started subscription to `queue` through `url`, and the deliveries it gave so far;
+    closed after the block."""
+    got: list[Delivery] = []
+    subscription = JobSubscription(connection_parameters(url, "test"), queue, 10, got.append, _no_redeclare)
+    await subscription.start()
+    try:
+        yield subscription, got
+    finally:
+        await subscription.close()
+
+
 def test_deliveries_go_on_after_the_connection_is_cut(amqp_url: str, queue: str) -> None:
     broker = urlparse(amqp_url)
     proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
     proxied = amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
 
     async def scenario() -> None:
-        got: list[Delivery] = []
-        subscription = JobSubscription(connection_parameters(proxied, "test"), queue, 10, got.append, _no_redeclare)
-        await subscription.start()
-        try:
+        async with _subscribed(proxied, queue) as (subscription, got):
             await asyncio.to_thread(_publish, amqp_url, queue, b"a", b"b")
             await _until(lambda: len(got) == 2)
             await got[0].ack()
@@ -78,8 +89,6 @@ def test_deliveries_go_on_after_the_connection_is_cut(amqp_url: str, queue: str)
             for delivery in got[2:]:
                 await delivery.ack()
             await subscription.stop()
-        finally:
-            await subscription.close()
 
     try:
         asyncio.run(scenario())
@@ -90,10 +99,7 @@ def test_deliveries_go_on_after_the_connection_is_cut(amqp_url: str, queue: str)
 
 def test_a_channel_the_broker_closed_is_opened_again(amqp_url: str, queue: str) -> None:
     async def scenario() -> None:
-        got: list[Delivery] = []
-        subscription = JobSubscription(connection_parameters(amqp_url, "test"), queue, 10, got.append, _no_redeclare)
-        await subscription.start()
-        try:
+        async with _subscribed(amqp_url, queue) as (subscription, got):
             await asyncio.to_thread(_publish, amqp_url, queue, b"a")
             await _until(lambda: len(got) == 1)
             first = got[0]
@@ -107,8 +113,6 @@ def test_a_channel_the_broker_closed_is_opened_again(amqp_url: str, queue: str) 
             for delivery in got[1:]:
                 await delivery.ack()
             await subscription.stop()
-        finally:
-            await subscription.close()
 
     asyncio.run(scenario())
     assert _ready(amqp_url, queue) == 0  # the acks on the new channel were taken
@@ -118,10 +122,7 @@ def test_a_stopped_subscription_takes_no_more_and_closing_hands_back_the_unsettl
     amqp_url: str, queue: str
 ) -> None:
     async def scenario() -> list[Delivery]:
-        got: list[Delivery] = []
-        subscription = JobSubscription(connection_parameters(amqp_url, "test"), queue, 10, got.append, _no_redeclare)
-        await subscription.start()
-        try:
+        async with _subscribed(amqp_url, queue) as (subscription, got):
             await asyncio.to_thread(_publish, amqp_url, queue, b"a", b"b")
             await _until(lambda: len(got) == 2)
             await subscription.stop()
@@ -129,8 +130,6 @@ def test_a_stopped_subscription_takes_no_more_and_closing_hands_back_the_unsettl
             await asyncio.sleep(0.5)
             await got[0].ack()  # deliveries in hand are still settled after the stop
             await asyncio.sleep(0.2)
-        finally:
-            await subscription.close()
         return got
 
     got = asyncio.run(scenario())

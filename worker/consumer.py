@@ -159,7 +159,7 @@ class Worker:
             self._announce,
             self._settle_batch,
             options.concurrency,
-            max(1, options.prefetch // (int(__import__("os").environ.get("XDIV", "2")) * options.concurrency)),
+            max(1, options.prefetch // (2 * options.concurrency)),
         )
         self._stopping = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()

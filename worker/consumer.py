@@ -1,7 +1,8 @@
 """The worker's broker side: where every job is acked, retried or dead-lettered.
 
-One asyncio event loop owns the broker connection (so heartbeats keep flowing however long a
-job runs); jobs execute on a thread pool. For each delivery:
+One asyncio event loop owns the broker connections, the one jobs arrive on
+(`worker.delivery`) and the one everything is published on (so heartbeats keep flowing however
+long a job runs); jobs execute on a thread pool. For each delivery:
 
 1. parse and validate the message; a poison message is dead-lettered at once;
 2. a job whose holders died twice runs in an isolation child; one that killed its child

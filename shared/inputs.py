@@ -322,6 +322,13 @@ class _CountingReader(io.RawIOBase):
         self._read_through += len(data)
         return len(data)
 
+    def read(self, size: int | None = -1) -> bytes:
+        # Arrow reads a Python file with `read`: the inner reader's bytes as they come, not
+        # io.RawIOBase's way through a new buffer and `readinto` (two more copies of each).
+        data = self._inner.read(-1 if size is None else size)
+        self._read_through += len(data)
+        return data
+
     def close(self) -> None:
         self._inner.close()
         super().close()

@@ -202,6 +202,13 @@ class _ToStructlog(logging.Handler):
             pass
 
 
+# pika logs each failed connection attempt as four to eight error lines from these; tickq
+# says itself, in one line, when it cannot connect and what it does next (a worker's
+# `worker.resubscribe_failed`, the producer's `publish.reconnect`, a command's one-line error).
+_PIKA_CONNECTING = ("pika.adapters.utils.connection_workflow", "pika.adapters.utils.io_services_utils",
+                    "pika.adapters.base_connection")
+
+
 def route_library_logs(level: int = logging.WARNING) -> None:
     """Send warnings of the libraries tickq uses through structlog instead of bare stderr."""
     root = logging.getLogger()
@@ -209,6 +216,8 @@ def route_library_logs(level: int = logging.WARNING) -> None:
     handler = _ToStructlog(level)
     root.addHandler(handler)
     root.setLevel(level)
+    for name in _PIKA_CONNECTING:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def get_logger(**fields: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlparse
@@ -13,7 +14,7 @@ from urllib.parse import urlparse
 import pika
 import pytest
 
-from shared.broker import connection_parameters
+from shared.broker import BrokerUnavailable, connection_parameters
 from shared.topology import Topology
 from tests.helpers import TcpProxy
 from worker.delivery import Delivery, JobSubscription
@@ -135,3 +136,17 @@ def test_a_stopped_subscription_takes_no_more_and_closing_hands_back_the_unsettl
     got = asyncio.run(scenario())
     assert _bodies(got) == [b"a", b"b"]
     assert _ready(amqp_url, queue) == 2  # "b", never settled, and "c", never delivered
+
+
+def test_a_subscription_that_cannot_connect_says_why_in_one_line() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subscription = JobSubscription(connection_parameters(f"amqp://guest:guest@127.0.0.1:{port}/%2F", "test"),
+                                   "tickq.jobs", 10, lambda _delivery: None, _no_redeclare)
+    with pytest.raises(BrokerUnavailable) as raised:
+        asyncio.run(subscription.start())
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("the worker could not subscribe to tickq.jobs: ")
+    assert "Connection refused" in message  # the socket's error, not pika's wrappers' names

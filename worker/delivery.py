@@ -108,7 +108,9 @@ class JobSubscription:
             await self._subscribe()
         except Exception as exc:
             await self.close()
-            raise BrokerUnavailable(f"the worker could not subscribe to {self._queue}: {one_line(exc)}") from None
+            raise BrokerUnavailable(
+                f"the worker could not subscribe to {self._queue}: {one_line(_innermost(exc))}"
+            ) from None
 
     async def stop(self) -> None:
         """Take no more deliveries (those in hand stay to be settled until `close`)."""
@@ -189,8 +191,10 @@ class JobSubscription:
         try:
             await asyncio.wait_for(opened, OPEN_TIMEOUT_S)
         except BaseException:
-            with contextlib.suppress(Exception):  # still opening (timed out): not left behind
-                self._connection.close()
+            connection = self._connection
+            if not (connection.is_closed or connection.is_closing):  # still opening (timed out)
+                with contextlib.suppress(Exception):
+                    connection.close()
             raise
 
     # -- deliveries --------------------------------------------------------------------
@@ -239,8 +243,22 @@ class JobSubscription:
                     await self._subscribe()
                 return
             except Exception as exc:  # the broker is back soon: try again
-                self._log.warning("worker.resubscribe_failed", queue=self._queue, error=one_line(exc))
+                self._log.warning("worker.resubscribe_failed", queue=self._queue, error=one_line(_innermost(exc)))
                 await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """What a failed pika connection attempt comes down to: pika wraps the socket's error in a
+    connector's (`exception`), that in the workflow's (`exceptions`), that in an
+    `AMQPConnectionError` (its argument)."""
+    while True:
+        inner = getattr(exc, "exception", None)
+        if not isinstance(inner, BaseException):
+            wrapped = list(getattr(exc, "exceptions", ())) or [a for a in exc.args if isinstance(a, BaseException)]
+            inner = wrapped[-1] if wrapped else None
+        if inner is None:
+            return exc
+        exc = inner
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -568,13 +568,15 @@ def cmd_messages(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _consuming_seconds(metrics: list[Path]) -> float:
+def _consuming_seconds(metrics: list[Path]) -> tuple[float, float]:
     """From the first worker's start of consuming to the last job finished, in the workers'
-    metrics: the run without interpreter start-up and shutdown."""
+    metrics: the run without interpreter start-up and shutdown. And the run's end: how long
+    the worker that finished first waited for the last one (0 for one worker)."""
     import datetime as dt
 
-    started, finished = [], []
+    started, last_jobs = [], []
     for path in metrics:
+        finished = []
         for line in path.read_text().splitlines():
             event = json.loads(line)
             at = dt.datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
@@ -582,7 +584,9 @@ def _consuming_seconds(metrics: list[Path]) -> float:
                 started.append(at)
             elif event["event"] == "job.finished":
                 finished.append(at)
-    return max(finished) - min(started)
+        if finished:
+            last_jobs.append(max(finished))
+    return max(last_jobs) - min(started), max(last_jobs) - min(last_jobs)
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
@@ -598,12 +602,13 @@ def cmd_scaling(args: argparse.Namespace) -> None:
         metrics = [out / f"worker-{i}.jsonl" for i in range(workers)]
         prefetch = ("--prefetch", str(args.prefetch)) if args.prefetch else ()
         work_s, _ = _run_workers(workers, env, ("--concurrency", "1", *prefetch), metrics)
-        consuming_s = _consuming_seconds(metrics)
+        consuming_s, end_gap_s = _consuming_seconds(metrics)
         wall[workers].append(produced["jobs"] / work_s)
         consuming[workers].append(produced["jobs"] / consuming_s)
+        # end_gap_s: the worker done first waiting for the other's last batch (see README).
         _row(target="scaling", workers=workers, jobs=produced["jobs"], seconds=round(work_s, 2),
              jobs_per_s=round(wall[workers][-1], 1), consuming_s=round(consuming_s, 2),
-             consuming_jobs_per_s=round(consuming[workers][-1], 1))
+             consuming_jobs_per_s=round(consuming[workers][-1], 1), end_gap_s=round(end_gap_s, 2))
         shutil.rmtree(out, ignore_errors=True)
     _row(target="scaling", speedup_2_vs_1=round(statistics.mean(consuming[2]) / statistics.mean(consuming[1]), 2),
          speedup_2_vs_1_with_startup=round(statistics.mean(wall[2]) / statistics.mean(wall[1]), 2))

@@ -102,6 +102,8 @@ def _naive(rows: Rows) -> None:
 def _scaling(rows: Rows) -> None:
     runs = _of(rows, "scaling")
     assert [r.get("workers") for r in runs[:4]] == [1, 2, 1, 2] and {r.get("jobs") for r in runs[:4]} == {520}
+    assert [r["end_gap_s"] for r in runs[0:4:2]] == [0, 0]  # one worker waits for no other
+    assert all(r["end_gap_s"] >= 0 for r in runs[1:4:2])
     assert runs[4]["speedup_2_vs_1"] > 0 and runs[4]["speedup_2_vs_1_with_startup"] > 0
 
 

@@ -7,8 +7,8 @@ frames in about a third of aiormq's CPU (12-13 µs against 41-44 µs a message, 
 acking every 512th with ``multiple``): see bench/RESULTS.md.
 
 `JobSubscription` keeps consuming across lost connections and closed channels (it opens them
-again after a pause) and after the broker cancels the consumer (the queue was deleted: it is
-declared again first). Deliveries in hand when their channel closed cannot be acked any more;
+again at once, then every `RESUBSCRIBE_PAUSE_S` while that fails) and after the broker cancels
+the consumer (the queue was deleted: it is declared again first). Deliveries in hand when their channel closed cannot be acked any more;
 the broker redelivers them.
 """
 

@@ -8,8 +8,8 @@ acking every 512th with ``multiple``): see bench/RESULTS.md.
 
 `JobSubscription` keeps consuming across lost connections and closed channels (it opens them
 again at once, then every `RESUBSCRIBE_PAUSE_S` while that fails) and after the broker cancels
-the consumer (the queue was deleted: it is declared again first). Deliveries in hand when their channel closed cannot be acked any more;
-the broker redelivers them.
+the consumer (the queue was deleted: it is declared again first). Deliveries in hand when
+their channel closed cannot be acked any more; the broker redelivers them.
 """
 
 from __future__ import annotations

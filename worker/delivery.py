@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -161,8 +162,9 @@ class JobSubscription:
             # One settler per channel: the coalescer gathers acks per settler, and a multiple
             # ack covers every earlier delivery of the channel.
             self._channel, self._settler = channel, SettlingChannel(channel)
-        self._tag = channel.basic_consume(self._queue, self._deliver,
-                                          callback=lambda _frame: _resolve(consuming, None))
+        # The channel's settler goes with each of its deliveries.
+        deliver = functools.partial(self._deliver, self._settler)
+        self._tag = channel.basic_consume(self._queue, deliver, callback=lambda _frame: _resolve(consuming, None))
         await asyncio.wait_for(consuming, OPEN_TIMEOUT_S)
 
     async def _connect(self) -> None:
@@ -199,10 +201,10 @@ class JobSubscription:
 
     # -- deliveries --------------------------------------------------------------------
 
-    def _deliver(self, channel: Channel, method: Any, properties: Any, body: bytes) -> None:
-        settler = self._settler if channel is self._channel else SettlingChannel(channel)
-        delivery = Delivery(body, properties.headers or {}, properties.message_id, method.delivery_tag, settler)
-        self._on_delivery(delivery)
+    def _deliver(self, settler: SettlingChannel, _channel: Channel, method: Any, properties: Any,
+                 body: bytes) -> None:
+        self._on_delivery(Delivery(body, properties.headers or {}, properties.message_id, method.delivery_tag,
+                                   settler))
 
     # -- recovering --------------------------------------------------------------------
 

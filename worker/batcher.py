@@ -130,7 +130,11 @@ class JobBatcher(Generic[Ticket]):
         try:
             jobs = [job for job, _, _ in batch]
             started = time.monotonic()
-            results = await asyncio.get_running_loop().run_in_executor(self._pool, self._with_retries, jobs)
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(self._pool, self._with_retries, jobs)
+            finally:
+                # The slot is the thread: the next batch runs while this one is announced and settled.
+                self._slots.release()
             succeeded = [(job, r) for job, r in zip(jobs, results, strict=True) if isinstance(r, JobOutcome)]
             announced_at = time.monotonic()
             announced = bool(succeeded) and await self._announce(succeeded)
@@ -150,8 +154,6 @@ class JobBatcher(Generic[Ticket]):
             if not isinstance(exc, Exception):
                 await self._settle(settled)
                 raise
-        finally:
-            self._slots.release()
         await self._settle(settled)
 
     def _with_retries(self, jobs: list[JobMessage]) -> list[BatchResult]:

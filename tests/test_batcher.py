@@ -1,0 +1,77 @@
+"""The batcher's execution slots: how many batches run at once, and what holds a slot."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from shared.messages import JobMessage, JobParams
+from worker.batcher import JobBatcher
+from worker.job import BatchResult, JobOutcome
+
+RUN = "20240101-000000-abcdef"
+
+
+def _job(security: str) -> JobMessage:
+    return JobMessage.build(run_id=RUN, month="2024-03", security=security, date="2024-03-04", input="/in",
+                            output="/out", processor="analytics", params=JobParams())
+
+
+class _Recorder:
+    """An executor that notes how many batches run at once, and when each started."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.started: list[float] = []
+
+    def execute(self, jobs: list[JobMessage]) -> list[BatchResult]:
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.started.append(time.monotonic())
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return [JobOutcome() for _ in jobs]
+
+
+def test_the_next_batch_runs_while_the_last_one_is_announced_and_never_two_on_one_slot() -> None:
+    async def scenario() -> tuple[_Recorder, list[float], list[float]]:
+        recorder = _Recorder()
+        release = asyncio.Event()
+        announced_at: list[float] = []
+        settled_at: list[float] = []
+
+        async def announce(jobs: list[tuple[JobMessage, JobOutcome]]) -> bool:
+            announced_at.append(time.monotonic())
+            await release.wait()  # a broker slow to confirm the success event
+            return True
+
+        async def settle(settled: list[tuple[str, BatchResult]]) -> None:
+            settled_at.append(time.monotonic())
+
+        batcher: JobBatcher[str] = JobBatcher(recorder.execute, announce, settle, concurrency=1, max_batch=2)
+        batcher.start()
+        for i in range(6):  # three batches of two jobs (one month, one run: one key)
+            batcher.submit(_job(f"S{i:03d}"), f"ticket-{i}")
+        deadline = time.monotonic() + 5
+        while len(recorder.started) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        release.set()
+        while len(settled_at) < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        batcher.stop()
+        batcher.shutdown()
+        return recorder, announced_at, settled_at
+
+    recorder, announced_at, settled_at = asyncio.run(scenario())
+    # All three batches ran although none was confirmed yet: announcing holds no slot.
+    assert len(recorder.started) == 3
+    assert max(recorder.started) < min(settled_at)
+    assert len(announced_at) == 3
+    # One slot: the batches ran one after another, never side by side.
+    assert recorder.most_at_once == 1
+    assert len(settled_at) == 3

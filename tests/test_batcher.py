@@ -8,7 +8,7 @@ import time
 
 from shared.messages import JobMessage, JobParams
 from worker.batcher import JobBatcher
-from worker.job import BatchResult, JobOutcome
+from worker.job import BatchKey, BatchResult, JobOutcome
 
 RUN = "20240101-000000-abcdef"
 
@@ -75,3 +75,19 @@ def test_the_next_batch_runs_while_the_last_one_is_announced_and_never_two_on_on
     # One slot: the batches ran one after another, never side by side.
     assert recorder.most_at_once == 1
     assert len(settled_at) == 3
+
+
+def test_jobs_share_a_batch_key_exactly_when_run_month_and_parameters_agree() -> None:
+    sydney = JobParams(market_tz="Australia/Sydney")
+    first = JobMessage.build(run_id=RUN, month="2024-03", security="AAA", date="2024-03-04", input="/in",
+                             output="/out", processor="analytics", params=sydney)
+    # Another security and date, and parameters equal in value but parsed apart.
+    same = first.model_copy(update={"security": "BBB", "date": "2024-03-05",
+                                    "params": JobParams(market_tz="Australia/Sydney")})
+    other_params = first.model_copy(update={"params": JobParams(market_tz="Australia/Sydney", min_size=10)})
+    other_month = first.model_copy(update={"month": "2024-04"})
+    assert BatchKey.of(first) == BatchKey.of(same)
+    assert BatchKey.of(first) != BatchKey.of(other_params)
+    assert BatchKey.of(first) != BatchKey.of(other_month)
+    # The same parameters object asked again (a run's jobs share their run's) gives the same key.
+    assert BatchKey.of(first) == BatchKey.of(first.model_copy(update={"security": "CCC"}))

@@ -40,14 +40,20 @@ def local_time(ts: pa.Array, market_tz: str) -> LocalTime:
         ts = ts.combine_chunks()
     mask = ts.is_null().to_numpy(zero_copy_only=False) if ts.null_count else None
     instants = ts.cast(pa.int64()).fill_null(0).to_numpy()
-    local = instants + utc_offsets_ns(instants, market_tz, None if mask is None else ~mask)
-    days = np.floor_divide(local, DAY_NS)
-    minute = np.floor_divide(local - days * DAY_NS, MINUTE_NS)
-    return LocalTime(
-        pa.array(days.astype(np.int32), pa.date32(), mask=mask),
-        pa.array(minute // 60, pa.int64(), mask=mask),
-        pa.array(minute, pa.int64(), mask=mask),
-    )
+    offsets = utc_offsets_ns(instants, market_tz, None if mask is None else ~mask)
+    known = instants if mask is None else instants[~mask]
+    day = shared_day(known, market_tz) if isinstance(offsets, int) and len(known) else None
+    if day is not None:
+        # Every row on one local date (a batch of a month in time order, nearly always): the
+        # minute of day is one subtraction and one division a row, and the date one value.
+        minute = (instants + (offsets - day * DAY_NS)) // MINUTE_NS
+        trade_date = pa.array(np.full(len(instants), day, dtype=np.int32), pa.date32(), mask=mask)
+    else:
+        local = instants + offsets
+        days = np.floor_divide(local, DAY_NS)
+        minute = np.floor_divide(local - days * DAY_NS, MINUTE_NS)
+        trade_date = pa.array(days.astype(np.int32), pa.date32(), mask=mask)
+    return LocalTime(trade_date, pa.array(minute // 60, pa.int64(), mask=mask), pa.array(minute, pa.int64(), mask=mask))
 
 
 def utc_offsets_ns(instants: np.ndarray, market_tz: str, valid: np.ndarray | None = None) -> np.ndarray | int:

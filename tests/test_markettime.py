@@ -27,7 +27,7 @@ def _instants(first: str, last: str, n: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize(
     ("first", "last"),
     [("2024-03-01", "2024-04-30"), ("2024-10-01", "2025-04-30"), ("1965-01-01", "2035-01-01"),
-     ("2024-04-06T14:00", "2024-04-06T18:00")],
+     ("2024-04-06T14:00", "2024-04-06T18:00"), ("2024-03-04T00:00", "2024-03-04T06:00")],
 )
 def test_local_time_matches_pandas(zone: str, first: str, last: str) -> None:
     instants = _instants(first, last, 20_000, seed=len(zone))

@@ -40,9 +40,13 @@ def local_time(ts: pa.Array, market_tz: str) -> LocalTime:
         ts = ts.combine_chunks()
     mask = ts.is_null().to_numpy(zero_copy_only=False) if ts.null_count else None
     instants = ts.cast(pa.int64()).fill_null(0).to_numpy()
-    offsets = utc_offsets_ns(instants, market_tz, None if mask is None else ~mask)
     known = instants if mask is None else instants[~mask]
-    day = shared_day(known, market_tz) if isinstance(offsets, int) and len(known) else None
+    offsets: np.ndarray | int = 0
+    day = None
+    if len(known):
+        first, last = int(known.min()), int(known.max())
+        offsets = _offsets_between(instants, market_tz, first, last)
+        day = _one_day(first, last, offsets)
     if day is not None:
         # Every row on one local date (a batch of a month in time order, nearly always): the
         # minute of day is one subtraction and one division a row, and the date one value.
@@ -62,9 +66,15 @@ def utc_offsets_ns(instants: np.ndarray, market_tz: str, valid: np.ndarray | Non
     Only the `valid` instants (all by default) decide the span of periods looked up.
     """
     known = instants if valid is None else instants[valid]
-    if market_tz == "UTC" or len(known) == 0:
+    if len(known) == 0:
         return 0
-    first, last = int(known.min()), int(known.max())
+    return _offsets_between(instants, market_tz, int(known.min()), int(known.max()))
+
+
+def _offsets_between(instants: np.ndarray, market_tz: str, first: int, last: int) -> np.ndarray | int:
+    """`utc_offsets_ns` of `instants` whose valid ones lie from `first` to `last`."""
+    if market_tz == "UTC":
+        return 0
     starts, offsets = _periods(market_tz, _utc_year(first), _utc_year(last))
     begin = max(0, int(np.searchsorted(starts, first, side="right")) - 1)
     end = int(np.searchsorted(starts, last, side="right"))
@@ -78,7 +88,11 @@ def shared_day(instants: np.ndarray, market_tz: str) -> int | None:
     """The local day (days since 1970-01-01) on which all of `instants` (UTC ns, at least one)
     fall in `market_tz`, or None when they span more than one day or an offset change."""
     first, last = int(instants.min()), int(instants.max())
-    offset = utc_offsets_ns(np.array([first, last], dtype=np.int64), market_tz)
+    return _one_day(first, last, _offsets_between(np.array([first, last], dtype=np.int64), market_tz, first, last))
+
+
+def _one_day(first: int, last: int, offset: np.ndarray | int) -> int | None:
+    """The local day of instants from `first` to `last` at one `offset`, if they share one."""
     if not isinstance(offset, int):
         return None
     day = (first + offset) // DAY_NS

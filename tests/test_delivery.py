@@ -9,6 +9,7 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import pika
@@ -150,3 +151,45 @@ def test_a_subscription_that_cannot_connect_says_why_in_one_line() -> None:
     assert "\n" not in message
     assert message.startswith("the worker could not subscribe to tickq.jobs: ")
     assert "Connection refused" in message  # the socket's error, not pika's wrappers' names
+
+
+def _cancel_of(tag: str | None) -> SimpleNamespace:
+    """The broker's notice that it cancelled consumer `tag`, as pika hands it on."""
+    return SimpleNamespace(method=SimpleNamespace(consumer_tag=tag))
+
+
+def test_a_consumer_the_broker_cancels_while_it_is_being_subscribed_again_is_subscribed_once_more() -> None:
+    # The broker cancels the consumer (its queue was deleted); the recovery declares the queue
+    # and subscribes; its new consumer is cancelled too before the recovery is done. Nothing
+    # may be left consuming nothing: the recovery goes round again, declaring once more.
+    async def scenario() -> tuple[list[str], list[str], str | None, bool]:
+        declared: list[str] = []
+        consumed: list[str] = []
+
+        async def redeclare() -> None:
+            declared.append("queue")
+
+        subscription = JobSubscription(pika.ConnectionParameters(), "jobs", 10, lambda _d: None, redeclare)
+
+        async def consume(_channel: object) -> None:
+            tag = f"consumer-{len(consumed) + 1}"
+            consumed.append(tag)
+            subscription._tag = tag
+            if len(consumed) == 1:  # cancelled again as soon as it is made
+                subscription._on_cancelled(_cancel_of(tag))
+
+        subscription._channel = SimpleNamespace(is_open=True)
+        subscription._consume = consume  # type: ignore[method-assign,assignment]
+        subscription._tag = "consumer-0"
+        subscription._on_cancelled(_cancel_of("consumer-0"))
+        assert subscription._recovery is not None
+        await asyncio.wait_for(subscription._recovery, 5)
+        # A late notice for a consumer replaced since changes nothing.
+        subscription._on_cancelled(_cancel_of("consumer-1"))
+        idle = subscription._recovery.done()
+        return declared, consumed, subscription._tag, idle
+
+    declared, consumed, tag, idle = asyncio.run(scenario())
+    assert consumed == ["consumer-1", "consumer-2"]
+    assert declared == ["queue", "queue"]
+    assert tag == "consumer-2" and idle

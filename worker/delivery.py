@@ -101,6 +101,7 @@ class JobSubscription:
         self._stopped = False
         self._closed: asyncio.Future[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._redeclare_pending = False
         self._log = get_logger()
 
     async def start(self) -> None:
@@ -221,29 +222,34 @@ class JobSubscription:
             self._log.warning("worker.consumer_channel_closed", queue=self._queue, reason=one_line(reason))
             self._recover(redeclare=False)
 
-    def _on_cancelled(self, _frame: Any) -> None:
-        if not self._stopped:
+    def _on_cancelled(self, frame: Any) -> None:
+        # A late notice of a consumer replaced since is none of this one's business.
+        if not self._stopped and frame.method.consumer_tag == self._tag:
             self._log.warning("worker.consumer_cancelled", queue=self._queue)
             self._recover(redeclare=True)
 
     def _recover(self, redeclare: bool) -> None:
         """Subscribe again, after declaring the queue again when the broker cancelled the
-        consumer; until it works or the subscription stops."""
+        consumer; until it works or the subscription stops. A loss while a recovery runs is
+        left to it: it goes round again if its new consumer is the one lost."""
         self._tag = None
+        self._redeclare_pending = self._redeclare_pending or redeclare
         if self._recovery is None or self._recovery.done():
-            self._recovery = asyncio.ensure_future(self._subscribe_again(redeclare))
+            self._recovery = asyncio.ensure_future(self._subscribe_again())
 
-    async def _subscribe_again(self, redeclare: bool) -> None:
+    async def _subscribe_again(self) -> None:
         while not self._stopped:
             try:
-                if redeclare:
+                if self._redeclare_pending:
                     await self._redeclare()
                 channel = self._channel
                 if channel is not None and channel.is_open:  # only the consumer was cancelled
                     await self._consume(channel)
                 else:
                     await self._subscribe()
-                return
+                if self._tag is not None:  # not cancelled or closed again while subscribing
+                    self._redeclare_pending = False
+                    return
             except Exception as exc:  # the broker is back soon: try again
                 self._log.warning("worker.resubscribe_failed", queue=self._queue, error=one_line(_innermost(exc)))
                 await asyncio.sleep(RESUBSCRIBE_PAUSE_S)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
-from pydantic import ValidationError
 
 from aggregator.tables import RunState, aggregate_run, load_state, read_manifest
 from shared.broker import connect
@@ -173,8 +172,8 @@ class AggregatorService:
         self._last_activity = time.monotonic()
         async with self._lock:
             try:
-                event = JobEvent.model_validate_json(message.body)
-            except ValidationError as exc:
+                event = JobEvent.from_body(message.body)
+            except ValueError as exc:
                 self.log.warning("aggregator.bad_event", error=one_line(exc))
                 await message.ack()
                 return

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import msgspec
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.errors import PoisonError
 
 MESSAGE_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
-DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (10_000, 50_000, 200_000, 500_000, 1_000_000)
+DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (10_000.0, 50_000.0, 200_000.0, 500_000.0, 1_000_000.0)
 
 # A security code is one safe path segment: it starts with a letter or digit and holds no
 # '/', '\\', whitespace or control characters, so it can never leave the run's prefix.
@@ -61,71 +60,37 @@ def parse_session(text: str) -> tuple[int, int]:
     return start, end
 
 
-class JobParams(BaseModel):
-    """The run's parameters that every job applies: time zone, filters, size buckets."""
+class JobParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The run's parameters that every job applies: time zone, filters, size buckets.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    Checked when built and when decoded (`ValueError` naming the first field in error); a
+    decoded message is also checked for types and unknown fields.
+    """
 
     market_tz: str = "UTC"
     participants: tuple[str, ...] | None = None
     venues: tuple[str, ...] | None = None
     session: str | None = None
-    min_size: int | None = Field(default=None, ge=1)
-    max_size: int | None = Field(default=None, ge=1)
+    min_size: int | None = None
+    max_size: int | None = None
     size_buckets: tuple[float, ...] = DEFAULT_SIZE_BUCKETS
 
-    @field_validator("market_tz")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        if _CONTROL.search(value) or ".." in value:
-            raise ValueError("market_tz is not a time zone name")
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown market time zone {value!r}") from None
-        return value
-
-    @field_validator("participants", "venues")
-    @classmethod
-    def _non_empty_codes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is not None:
-            if not value:
-                raise ValueError("an empty list would match nothing; omit the filter instead")
-            for code in value:
-                if not code or _CONTROL.search(code) or len(code) > 64:
-                    raise ValueError(f"{code!r} is not a valid code")
-        return value
-
-    @field_validator("session")
-    @classmethod
-    def _session(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_session(value)
-        return value
-
-    @field_validator("size_buckets", mode="before")
-    @classmethod
-    def _buckets_as_floats(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
-        return value
-
-    @field_validator("size_buckets")
-    @classmethod
-    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not value or len(value) > 64:
-            raise ValueError("size buckets need 1 to 64 edges")
-        if any(not (v > 0 and v != float("inf")) for v in value):
-            raise ValueError("size bucket edges must be positive, finite numbers")
-        if any(b <= a for a, b in itertools.pairwise(value)):
-            raise ValueError("size bucket edges must be strictly increasing")
-        return value
-
-    @model_validator(mode="after")
-    def _size_bounds(self) -> JobParams:
+    def __post_init__(self) -> None:
+        _check_zone(self.market_tz)
+        _check_codes("participants", self.participants)
+        _check_codes("venues", self.venues)
+        if self.session is not None:
+            parse_session(self.session)
+        for name, size in (("min_size", self.min_size), ("max_size", self.max_size)):
+            if size is not None and size < 1:
+                raise ValueError(f"{name} must be at least 1")
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ValueError("min_size must not exceed max_size")
-        return self
+        if any(type(edge) is not float for edge in self.size_buckets):
+            # Integer edges (as a user or a JSON body writes them) are kept as floats, so that
+            # equal parameters give equal message bodies.
+            msgspec.structs.force_setattr(self, "size_buckets", _float_edges(self.size_buckets))
+        _check_buckets(self.size_buckets)
 
     @property
     def session_minutes(self) -> tuple[int, int] | None:
@@ -134,13 +99,57 @@ class JobParams(BaseModel):
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for tuples)."""
-        return json.loads(self.model_dump_json())
+        result: dict[str, Any] = msgspec.json.decode(self.to_json())
+        return result
+
+    def to_json(self) -> bytes:
+        """The parameters as compact JSON, as a job message holds them."""
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def from_json_data(cls, data: Any) -> JobParams:
+        """Parameters from decoded JSON (a run's manifest), checked as a message's are."""
+        return msgspec.convert(data, cls)
+
+
+def _check_zone(value: str) -> None:
+    if _CONTROL.search(value) or ".." in value:
+        raise ValueError("market_tz is not a time zone name")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown market time zone {value!r}") from None
+
+
+def _check_codes(name: str, codes: tuple[str, ...] | None) -> None:
+    if codes is None:
+        return
+    if not codes:
+        raise ValueError(f"an empty list of {name} would match nothing; omit the filter instead")
+    for code in codes:
+        if not code or _CONTROL.search(code) or len(code) > 64:
+            raise ValueError(f"{name}: {code!r} is not a valid code")
+
+
+def _float_edges(edges: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(isinstance(edge, (int, float)) and not isinstance(edge, bool) for edge in edges):
+        raise ValueError("size bucket edges must be numbers")
+    return tuple(float(edge) for edge in edges)
+
+
+def _check_buckets(edges: tuple[float, ...]) -> None:
+    if not edges or len(edges) > 64:
+        raise ValueError("size buckets need 1 to 64 edges")
+    if any(not (v > 0 and v != float("inf")) for v in edges):
+        raise ValueError("size bucket edges must be positive, finite numbers")
+    if any(b <= a for a, b in itertools.pairwise(edges)):
+        raise ValueError("size bucket edges must be strictly increasing")
 
 
 def _check_location(value: str, what: str) -> str:
     if not value or len(value) > 1024 or _CONTROL.search(value):
         raise ValueError(f"{what} must be a non-empty location without control characters")
-    if any(seg == ".." for seg in value.replace("\\", "/").split("/")):
+    if ".." in value.replace("\\", "/").split("/"):
         raise ValueError(f"{what} must not contain '..' segments")
     return value
 
@@ -185,10 +194,13 @@ def _check_job_id(job_id: str, run_id: str, month: str, security: str, date: str
         raise ValueError("job_id does not match run_id, month, security and date")
 
 
-class JobMessage(BaseModel):
-    """One job: a (month, security, trade date) of a run, and how to compute it."""
+class JobMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One job: a (month, security, trade date) of a run, and how to compute it.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    Made by `build`, `from_body` (or `parse_job`) and `sibling`, which check every field; the
+    class itself checks none, so that a worker taking thousands of jobs of one run a second
+    checks only what differs between them.
+    """
 
     v: Literal[1]
     run_id: str
@@ -199,44 +211,17 @@ class JobMessage(BaseModel):
     input: str
     output: str
     processor: str = "analytics"
-    params: JobParams = JobParams()
+    params: JobParams = msgspec.field(default_factory=JobParams)
 
-    @field_validator("run_id")
-    @classmethod
-    def _run_id(cls, value: str) -> str:
-        return _check_run_id(value)
-
-    @field_validator("month")
-    @classmethod
-    def _month(cls, value: str) -> str:
-        return _check_month(value)
-
-    @field_validator("security")
-    @classmethod
-    def _security(cls, value: str) -> str:
-        return _check_security(value)
-
-    @field_validator("date")
-    @classmethod
-    def _date(cls, value: str) -> str:
-        return _check_date(value)
-
-    @field_validator("input", "output")
-    @classmethod
-    def _location(cls, value: str) -> str:
-        return _check_location(value, "location")
-
-    @field_validator("processor")
-    @classmethod
-    def _processor(cls, value: str) -> str:
-        if not PROCESSOR_RE.match(value):
+    def check(self) -> None:
+        """`ValueError` naming the first field in error, if any is."""
+        _check_run_id(self.run_id)
+        _check_job_key(self.month, self.security, self.date)
+        _check_location(self.input, "input")
+        _check_location(self.output, "output")
+        if not PROCESSOR_RE.match(self.processor):
             raise ValueError("processor must be a lower-case name")
-        return value
-
-    @model_validator(mode="after")
-    def _job_id_matches(self) -> JobMessage:
         _check_job_id(self.job_id, self.run_id, self.month, self.security, self.date)
-        return self
 
     @property
     def trade_date(self) -> dt.date:
@@ -245,7 +230,22 @@ class JobMessage(BaseModel):
 
     def to_body(self) -> bytes:
         """The message body."""
-        return self.model_dump_json().encode()
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def from_body(cls, body: bytes) -> JobMessage:
+        """The job in `body`, fully validated; `ValueError` (`msgspec.ValidationError` for a
+        bad field) otherwise. Workers use `parse_job`, which also says what is wrong in one line."""
+        job = _JOB_DECODER.decode(body)
+        job.check()
+        return job
+
+    def sibling(self, security: str, date: str) -> JobMessage:
+        """The job of (`security`, `date`) in this job's run and month (`ValueError` if either
+        is not valid)."""
+        _check_job_key(self.month, security, date)
+        return msgspec.structs.replace(self, job_id=job_id_for(self.run_id, self.month, security, date),
+                                       security=security, date=date)
 
     @classmethod
     def build(
@@ -261,7 +261,7 @@ class JobMessage(BaseModel):
         params: JobParams,
     ) -> JobMessage:
         """A validated job message with its deterministic job id."""
-        return cls(
+        job = cls(
             v=1,
             run_id=run_id,
             job_id=job_id_for(run_id, month, security, date),
@@ -273,11 +273,13 @@ class JobMessage(BaseModel):
             processor=processor,
             params=params,
         )
+        job.check()
+        return job
 
 
 # What differs between the jobs of one run; the rest of a message (run id, locations, processor,
 # parameters) is the same for all of them.
-_PER_JOB_FIELDS = ("job_id", "month", "security", "date")
+_PER_JOB_FIELDS = frozenset({"job_id", "month", "security", "date"})
 _RUN_TEMPLATES_MAX = 64
 # A validated message per run, keyed by the run's shared fields exactly as they arrived: a
 # worker takes thousands of jobs of one run a second, and validating the run's parameters,
@@ -287,24 +289,24 @@ _run_templates: dict[bytes, JobMessage] = {}
 
 def _run_key(data: dict[str, Any]) -> bytes:
     shared = {k: v for k, v in data.items() if k not in _PER_JOB_FIELDS}
-    return orjson.dumps(shared, option=orjson.OPT_SORT_KEYS)
+    # In the order the fields came: a run's producer writes every body alike.
+    return orjson.dumps(shared)
 
 
 def _job_of_known_run(template: JobMessage, data: dict[str, Any]) -> JobMessage | None:
     """The job, when its own fields pass the same checks as a full validation; else None."""
     fields: dict[str, str] = {}
-    for name in _PER_JOB_FIELDS:
+    for name in ("job_id", "month", "security", "date"):
         value = data.get(name)
         if type(value) is not str:  # strict validation takes no other type, str subclasses included
             return None
         fields[name] = value
-    job_id, month, security, date = fields.values()
     try:
-        _check_job_key(month, security, date)
-        _check_job_id(job_id, template.run_id, month, security, date)
+        _check_job_key(fields["month"], fields["security"], fields["date"])
+        _check_job_id(fields["job_id"], template.run_id, fields["month"], fields["security"], fields["date"])
     except ValueError:
         return None
-    return template.model_copy(update=fields)
+    return msgspec.structs.replace(template, **fields)
 
 
 def run_job_bodies(first: JobMessage, keys: Iterable[tuple[str, str, str]]) -> Iterator[tuple[str, bytes]]:
@@ -315,11 +317,11 @@ def run_job_bodies(first: JobMessage, keys: Iterable[tuple[str, str, str]]) -> I
     (`ValueError` naming the first that fails). A producer publishes thousands of jobs a
     second: validating the run's fields once instead of per job is most of a body's cost.
     """
-    run = first.model_dump(mode="json")
+    run = msgspec.to_builtins(first)
     for month, security, date in keys:
         _check_job_key(month, security, date)
         job_id = job_id_for(first.run_id, month, security, date)
-        yield job_id, orjson.dumps({**run, "job_id": job_id, "month": month, "security": security, "date": date})
+        yield job_id, _ENCODER.encode({**run, "job_id": job_id, "month": month, "security": security, "date": date})
 
 
 def parse_job(body: bytes) -> JobMessage:
@@ -341,21 +343,27 @@ def parse_job(body: bytes) -> JobMessage:
     # A run not seen yet, or a job that fails a check: the full validation decides, and names
     # the first field in error.
     try:
-        job = JobMessage.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "message"
-        raise PoisonError(f"invalid job message: {where}: {first.get('msg', 'invalid')}") from None
+        job = JobMessage.from_body(body)
+    except ValueError as exc:
+        raise PoisonError(f"invalid job message: {validation_detail(exc)}") from None
     if len(_run_templates) >= _RUN_TEMPLATES_MAX:
         del _run_templates[next(iter(_run_templates))]
     _run_templates[key] = job
     return job
 
 
-class EventJob(BaseModel):
-    """One job an event reports on, with its row counts."""
+def validation_detail(exc: ValueError) -> str:
+    """A validation error in one line, the field first: ``params.min_size: Expected int, got str``."""
+    if not isinstance(exc, msgspec.ValidationError):
+        return str(exc)  # a check's own message, which names its field
+    text = str(exc).replace("`", "")
+    what, _, where = text.partition(" - at $")
+    where = where.lstrip(".")
+    return f"{where}: {what}" if where else what
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+
+class EventJob(msgspec.Struct, frozen=True, kw_only=True):
+    """One job an event reports on, with its row counts."""
 
     job_id: str
     month: str
@@ -367,13 +375,12 @@ class EventJob(BaseModel):
     error_class: str | None = None
 
 
-class JobEvent(BaseModel):
+class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
     """What a worker tells the aggregator: jobs of one run that succeeded, or died.
 
-    A worker that served a batch of jobs in one pass reports them in one event.
+    A worker that served a batch of jobs in one pass reports them in one event. Fields an
+    older or newer worker adds are ignored.
     """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
     v: Literal[1] = 1
     type: Literal["job.succeeded", "job.dead"]
@@ -382,9 +389,19 @@ class JobEvent(BaseModel):
     worker: str = ""
     jobs: list[EventJob]
 
+    def __post_init__(self) -> None:
+        if not RUN_ID_RE.match(self.run_id):
+            raise ValueError("run_id must be 1-80 letters, digits, '.', '_' or '-'")
+        _check_location(self.output, "output")
+
+    @classmethod
+    def from_body(cls, body: bytes) -> JobEvent:
+        """The event in `body`; `ValueError` (`msgspec.DecodeError`) when it is not one."""
+        return _EVENT_DECODER.decode(body)
+
     def to_body(self) -> bytes:
         """The event body."""
-        return self.model_dump_json().encode()
+        return _ENCODER.encode(self)
 
     @staticmethod
     def body_about(
@@ -399,7 +416,7 @@ class JobEvent(BaseModel):
         which were validated with their messages: a model per job was most of an event's cost.
         """
         first = jobs[0][0]
-        return orjson.dumps({
+        return _ENCODER.encode({
             "v": 1, "type": type, "run_id": first.run_id, "output": first.output, "worker": worker,
             "jobs": [{"job_id": job.job_id, "month": job.month, "security": job.security, "date": job.date,
                       "rows_read": figures.get("rows_read", 0), "rows_accepted": figures.get("rows_accepted", 0),
@@ -407,14 +424,7 @@ class JobEvent(BaseModel):
                      for job, figures in jobs],
         })
 
-    @field_validator("run_id")
-    @classmethod
-    def _run_id(cls, value: str) -> str:
-        if not RUN_ID_RE.match(value):
-            raise ValueError("run_id must be 1-80 letters, digits, '.', '_' or '-'")
-        return value
 
-    @field_validator("output")
-    @classmethod
-    def _location(cls, value: str) -> str:
-        return _check_location(value, "output")
+_ENCODER = msgspec.json.Encoder()
+_JOB_DECODER = msgspec.json.Decoder(JobMessage)
+_EVENT_DECODER = msgspec.json.Decoder(JobEvent)

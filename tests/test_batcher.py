@@ -78,16 +78,19 @@ def test_the_next_batch_runs_while_the_last_one_is_announced_and_never_two_on_on
 
 
 def test_jobs_share_a_batch_key_exactly_when_run_month_and_parameters_agree() -> None:
+    def job(security: str = "AAA", date: str = "2024-03-04", month: str = "2024-03",
+            params: JobParams | None = None) -> JobMessage:
+        return JobMessage.build(run_id=RUN, month=month, security=security, date=date, input="/in",
+                                output="/out", processor="analytics", params=params or sydney)
+
     sydney = JobParams(market_tz="Australia/Sydney")
-    first = JobMessage.build(run_id=RUN, month="2024-03", security="AAA", date="2024-03-04", input="/in",
-                             output="/out", processor="analytics", params=sydney)
+    first = job()
     # Another security and date, and parameters equal in value but parsed apart.
-    same = first.model_copy(update={"security": "BBB", "date": "2024-03-05",
-                                    "params": JobParams(market_tz="Australia/Sydney")})
-    other_params = first.model_copy(update={"params": JobParams(market_tz="Australia/Sydney", min_size=10)})
-    other_month = first.model_copy(update={"month": "2024-04"})
+    same = job(security="BBB", date="2024-03-05", params=JobParams(market_tz="Australia/Sydney"))
+    other_params = job(params=JobParams(market_tz="Australia/Sydney", min_size=10))
+    other_month = job(month="2024-04", date="2024-04-01")
     assert BatchKey.of(first) == BatchKey.of(same)
     assert BatchKey.of(first) != BatchKey.of(other_params)
     assert BatchKey.of(first) != BatchKey.of(other_month)
     # The same parameters object asked again (a run's jobs share their run's) gives the same key.
-    assert BatchKey.of(first) == BatchKey.of(first.model_copy(update={"security": "CCC"}))
+    assert BatchKey.of(first) == BatchKey.of(job(security="CCC"))

@@ -195,10 +195,7 @@ def _job_params(args: argparse.Namespace) -> JobParams:
             size_buckets=_buckets(args.size_buckets) if args.size_buckets else DEFAULT_SIZE_BUCKETS,
         )
     except ValueError as exc:
-        errors = getattr(exc, "errors", None)
-        detail = errors()[0]["msg"] if callable(errors) else str(exc)
-        # pydantic prefixes a validator's own message with the error's kind.
-        raise ConfigError(f"invalid run parameters: {detail.removeprefix('Value error, ')}") from None
+        raise ConfigError(f"invalid run parameters: {exc}") from None
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ from shared.layout import (
     batch_result_table_body,
     read_month_job_keys,
 )
-from shared.messages import JobMessage, JobParams, job_id_for
+from shared.messages import JobMessage, JobParams
 from shared.metrics import get_logger
 from shared.processors import JobAccumulator, JobContext, Processor, get_processor
 from shared.readahead import read_ahead
@@ -241,7 +241,7 @@ def _params_json(params: JobParams) -> str:
         return kept[1]
     if len(_PARAMS_JSON) >= _PARAMS_JSON_MAX:
         _PARAMS_JSON.clear()
-    text = params.model_dump_json()
+    text = params.to_json().decode()
     _PARAMS_JSON[id(params)] = (params, text)
     return text
 
@@ -800,9 +800,7 @@ def _units_too_large(source: Storage, files: list[InputFile], cache: ParquetCach
 
 def _messages(first: JobMessage, keys: list[JobKey]) -> list[JobMessage]:
     """The messages of the jobs of `keys`, in `first`'s run, month and parameters."""
-    return [first.model_copy(update={"security": key.security, "date": key.date,
-                                     "job_id": job_id_for(first.run_id, first.month, key.security, key.date)})
-            for key in keys]
+    return [first.sibling(key.security, key.date) for key in keys]
 
 
 def _job_counts(outcome: JobOutcome) -> dict[str, int]:

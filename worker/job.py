@@ -219,31 +219,12 @@ class BatchKey:
     output: str
     month: str
     processor: str
-    params: str
+    params: JobParams  # frozen: equal parameters hash alike, however they were parsed
 
     @classmethod
     def of(cls, job: JobMessage) -> BatchKey:
         """The batch a job belongs to."""
-        return cls(job.run_id, job.input, job.output, job.month, job.processor, _params_json(job.params))
-
-
-# The JSON of recently seen parameters, by the object's identity (each entry holds its object,
-# so the identity cannot pass to another while it is kept): the jobs a worker parses of one
-# run share their run's parameters object (`shared.messages.parse_job`), and writing it out
-# for every job's batch key was a tenth of a message's handling.
-_PARAMS_JSON: dict[int, tuple[JobParams, str]] = {}
-_PARAMS_JSON_MAX = 64
-
-
-def _params_json(params: JobParams) -> str:
-    kept = _PARAMS_JSON.get(id(params))
-    if kept is not None and kept[0] is params:
-        return kept[1]
-    if len(_PARAMS_JSON) >= _PARAMS_JSON_MAX:
-        _PARAMS_JSON.clear()
-    text = params.to_json().decode()
-    _PARAMS_JSON[id(params)] = (params, text)
-    return text
+        return cls(job.run_id, job.input, job.output, job.month, job.processor, job.params)
 
 
 class _Slots:

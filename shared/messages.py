@@ -279,7 +279,7 @@ class JobMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
 
 # What differs between the jobs of one run; the rest of a message (run id, locations, processor,
 # parameters) is the same for all of them.
-_PER_JOB_FIELDS = frozenset({"job_id", "month", "security", "date"})
+_PER_JOB_FIELDS = ("job_id", "month", "security", "date")
 _RUN_TEMPLATES_MAX = 64
 # A validated message per run, keyed by the run's shared fields exactly as they arrived: a
 # worker takes thousands of jobs of one run a second, and validating the run's parameters,
@@ -296,7 +296,7 @@ def _run_key(data: dict[str, Any]) -> bytes:
 def _job_of_known_run(template: JobMessage, data: dict[str, Any]) -> JobMessage | None:
     """The job, when its own fields pass the same checks as a full validation; else None."""
     fields: dict[str, str] = {}
-    for name in ("job_id", "month", "security", "date"):
+    for name in _PER_JOB_FIELDS:
         value = data.get(name)
         if type(value) is not str:  # strict validation takes no other type, str subclasses included
             return None

@@ -345,14 +345,14 @@ def parse_job(body: bytes) -> JobMessage:
     try:
         job = JobMessage.from_body(body)
     except ValueError as exc:
-        raise PoisonError(f"invalid job message: {validation_detail(exc)}") from None
+        raise PoisonError(f"invalid job message: {_validation_detail(exc)}") from None
     if len(_run_templates) >= _RUN_TEMPLATES_MAX:
         del _run_templates[next(iter(_run_templates))]
     _run_templates[key] = job
     return job
 
 
-def validation_detail(exc: ValueError) -> str:
+def _validation_detail(exc: ValueError) -> str:
     """A validation error in one line, the field first: ``params.min_size: Expected int, got str``."""
     if not isinstance(exc, msgspec.ValidationError):
         return str(exc)  # a check's own message, which names its field

@@ -259,14 +259,15 @@ def _innermost(exc: BaseException) -> BaseException:
     """What a failed pika connection attempt comes down to: pika wraps the socket's error in a
     connector's (`exception`), that in the workflow's (`exceptions`), that in an
     `AMQPConnectionError` (its argument)."""
-    while True:
+    for _ in range(8):  # a chain is short; this bounds a cyclic one
         inner = getattr(exc, "exception", None)
         if not isinstance(inner, BaseException):
             wrapped = list(getattr(exc, "exceptions", ())) or [a for a in exc.args if isinstance(a, BaseException)]
             inner = wrapped[-1] if wrapped else None
         if inner is None:
-            return exc
+            break
         exc = inner
+    return exc
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlparse, urlunparse
@@ -17,6 +18,8 @@ from shared.settings import Settings
 _E = TypeVar("_E", bound=BaseException)
 
 HEARTBEAT_S = 30
+# How long the diagnosis of a reset TLS connection waits for the broker's alert (`_tls_alert`).
+_TLS_ALERT_WAIT_S = 3
 
 
 class BrokerUnavailable(TransientError):
@@ -140,6 +143,30 @@ def _tls_refusal(safe_url: str, failure: ssl.SSLError) -> BrokerRefused:
     )
 
 
+def _tls_alert(url: str, context: ssl.SSLContext) -> ssl.SSLError | None:
+    """The TLS error the broker at `url` answers a client that completes the handshake and
+    then sends nothing, or None when it answers none within `_TLS_ALERT_WAIT_S`.
+
+    Under TLS 1.3 a broker refuses the client's certificate after the client's side of the
+    handshake is done, and the client has often sent its first AMQP bytes by then. The broker
+    closes with those bytes unread, so its kernel resets the connection, and the reset can
+    overtake the alert that said why. A client that sends nothing leaves nothing unread.
+    """
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "localhost", parsed.port or 5671
+    try:
+        with socket.create_connection((host, port), timeout=_TLS_ALERT_WAIT_S) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.recv(1)  # a broker that took the certificate waits for the AMQP header: a timeout
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # closed without saying why
+        return None
+    except ssl.SSLError as alert:
+        return alert
+    except OSError:
+        return None
+    return None
+
+
 def connection_parameters(amqp_url: str, name: str) -> pika.URLParameters:
     """pika parameters for a tickq broker URL (for amqps, TLS as every component sets it up:
     `tls_context`)."""
@@ -181,6 +208,11 @@ async def connect(settings: Settings, name: str, *, robust: bool = True, timeout
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         if refused := _refusal(exc, settings.amqp_url):
             raise refused from None
+        if context is not None and _cause(exc, ConnectionResetError) is not None:
+            # The reset may have cost us the broker's TLS alert: ask for it again.
+            alert = await asyncio.to_thread(_tls_alert, settings.amqp_url, context)
+            if alert is not None:
+                raise _tls_refusal(settings.safe_amqp_url, alert) from None
         raise BrokerUnavailable(
             f"no RabbitMQ broker answers at {settings.safe_amqp_url} "
             f"({type(exc).__name__}); start one or point TICKQ_AMQP_URL at yours"

@@ -13,7 +13,7 @@ import trustme
 from tests.conftest import Tickq
 from tests.helpers import error_line, read_tables
 from tests.reference import assert_tables_equal, reference_tables
-from tests.tlsproxy import TlsEndpoint, tls_endpoint
+from tests.tlsproxy import TlsEndpoint, resetting_front, tls_endpoint
 
 MONTH = "2024-03"
 
@@ -122,6 +122,20 @@ def test_a_broker_that_wants_a_client_certificate_is_named_with_the_fix(
         for line in _produce_and_work_refused(untrusting, tmp_path, url):
             assert "wants a client certificate it trusts" in line and "certfile=" in line, line
     assert tls.sessions == []  # no connection got through
+
+
+def test_a_refusal_whose_alert_a_reset_overtook_is_still_named(
+    untrusting: Tickq, mutual_tls: TlsEndpoint, tmp_path: Path
+) -> None:
+    # Once reset, tickq asks the broker again, sending nothing it could reset over.
+    with resetting_front(_with_files(mutual_tls.url, cafile=mutual_tls.ca_file), resets=1) as url:
+        result = untrusting.run("worker", "--idle-exit", "1", check=False, env={"TICKQ_AMQP_URL": url})
+    assert "wants a client certificate it trusts" in error_line(result), result.stderr
+    # A broker that resets every connection is not taken for one that refused a certificate.
+    with resetting_front(_with_files(mutual_tls.url, cafile=mutual_tls.ca_file), resets=2) as url:
+        result = untrusting.run("worker", "--idle-exit", "1", check=False, env={"TICKQ_AMQP_URL": url})
+    assert "no RabbitMQ broker answers" in error_line(result), result.stderr
+    assert mutual_tls.sessions == []
 
 
 def test_tls_files_that_cannot_be_used_are_named_before_connecting(

@@ -31,7 +31,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +140,12 @@ def _header_int(message: Delivery, name: str) -> int:
 def _attempts(message: Delivery) -> int:
     """Attempts this job already spent on transient failures."""
     return _header_int(message, "x-tickq-attempts")
+
+
+async def _counted(settling: Awaitable[None]) -> bool:
+    """`settling` (a dead letter, say), after which the delivery counts as handled."""
+    await settling
+    return True
 
 
 class Worker:
@@ -297,26 +303,38 @@ class Worker:
     # -- one delivery ------------------------------------------------------------------
 
     def _receive(self, message: Delivery) -> None:
-        """A delivery arrived: registered for its ack at once, handled in a task of its own,
-        which the drain waits for."""
+        """A delivery arrived: registered for its ack at once, then admitted (`_admit`). Only
+        a delivery that needs more than joining a batch gets a task of its own, which the
+        drain waits for: a task for every delivery cost about a quarter of the worker's CPU
+        for the message of a job a pass had already stored."""
         self._acks.delivered(message)
-        task = asyncio.get_running_loop().create_task(self._on_message(message))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-
-    async def _on_message(self, message: Delivery) -> None:
         self.stats.last_activity = time.monotonic()
         if self._stopping.is_set():
-            await self._hand_back(message)
+            self._spawn(self._hand_back(message))
             return
         self.stats.in_flight += 1
         try:
-            handled = await self._handle(message)
+            handling = self._admit(message)
+        except Exception as exc:  # a fault of tickq's own: kept from the broker connection's reader
+            self._finished(False)
+            self.log.error("worker.delivery_failed", message_id=message.message_id, error=one_line(exc),
+                           exc_info=True)
+            return
+        if handling is not None:
+            self._spawn(self._settle_handling(handling))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _settle_handling(self, handling: Coroutine[Any, Any, bool]) -> None:
+        try:
+            handled = await handling
         except BaseException:
             self._finished(False)
             raise
-        if handled is not None:  # None: in a batch, which finishes it (`_settle_batch`)
-            self._finished(handled)
+        self._finished(handled)
 
     def _finished(self, counted: bool) -> None:
         """A delivery in hand is settled; `counted` unless it was handed back unstarted."""
@@ -345,25 +363,25 @@ class Worker:
         else:
             await self._settle(self._requeue(message), "requeue after failed hand-back")
 
-    async def _handle(self, message: Delivery) -> bool | None:
-        """Settle one delivery; False when it was handed back unstarted, None when it went to
-        a batch (settled with the batch, in `_settle_batch`)."""
+    def _admit(self, message: Delivery) -> Coroutine[Any, Any, bool] | None:
+        """Where a delivery goes. None: its job joined a batch, which settles it
+        (`_settle_batch`). Otherwise the handling it needs, to run in a task: a dead letter
+        (poison, a spent crash budget), a hand-back (due for a fresh copy, or the batcher has
+        stopped), or a run in isolation; its result is False when the job was handed back
+        unstarted."""
         started = time.perf_counter()
         try:
             job = parse_job(message.body)
         except PoisonError as exc:
-            await self._dead_letter(message, None, ErrorClass.POISON, exc, started)
-            return True
+            return _counted(self._dead_letter(message, None, ErrorClass.POISON, exc, started))
         deliveries = _delivery_count(message)
         returns = _returns(message)
         crashes = _header_int(message, "x-tickq-crashes")
         if crashes >= self.options.crash_budget:
             # Counted by a worker with a larger budget: this worker's budget is spent.
-            await self._dead_letter_crash_loop(message, job, crashes, started)
-            return True
+            return _counted(self._dead_letter_crash_loop(message, job, crashes, started))
         if deliveries >= RENEW_AT_DELIVERIES:
-            await self._hand_back(message)
-            return False
+            return self._handed_back(message)
         attempt = _attempts(message) + 1
         # A job that was in hand when two workers died may be what killed them: run it in a
         # child process, so that if it kills again only it is blamed. (One death is most
@@ -372,13 +390,21 @@ class Worker:
         self.log.debug("job.started", run_id=job.run_id, job_id=job.job_id, attempt=attempt, returns=returns,
                        isolated=suspect)
         hand = _InHand(message, job, started, attempt)
-        if not suspect:
-            try:
-                self._batcher.submit(job, hand)
-            except HandedBack:
-                await self._hand_back(message)
-                return False
-            return None
+        if suspect:
+            return self._run_isolated(hand, crashes)
+        try:
+            self._batcher.submit(job, hand)
+        except HandedBack:
+            return self._handed_back(message)
+        return None
+
+    async def _handed_back(self, message: Delivery) -> bool:
+        await self._hand_back(message)
+        return False
+
+    async def _run_isolated(self, hand: _InHand, crashes: int) -> bool:
+        """Run a suspect job in an isolation child and settle it."""
+        message, job, started = hand.message, hand.job, hand.started
         try:
             outcome = await self._execute_isolated(message.body)
         except BrokenProcessPool:

@@ -175,7 +175,10 @@ class Worker:
         self._usage_at = 0.0
         self._usage_cache = (0.0, 0.0)
         self._drained = False
-        self.metrics = WorkerMetrics(in_flight=lambda: self.stats.in_flight)
+        # Fed only where a health port serves them: a job's figures cost a few microseconds of
+        # its message's handling, and without a port no one reads them.
+        self.metrics = (WorkerMetrics(in_flight=lambda: self.stats.in_flight)
+                        if options.health_port is not None else None)
         self._liveness = LivenessProbe(max_age_s=6 * HEARTBEAT_INTERVAL_S)
         self._health: HealthServer | None = None
         self._channel: Any = None
@@ -196,7 +199,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
-        if self.options.health_port is not None:
+        if self.options.health_port is not None and self.metrics is not None:
             self._health = HealthServer(self.metrics.registry, liveness=self._liveness)
             self._health.start(self.options.health_port)
         connection = await connect(self.settings, f"tickq-worker {self.identity}")
@@ -529,10 +532,11 @@ class Worker:
     def _log_job(self, job: JobMessage, outcome_name: str, outcome: JobOutcome, started: float, attempt: int) -> None:
         duration = time.perf_counter() - started
         ahead_read, ahead_accepted, ahead_rejected = outcome.rows_ahead
-        self.metrics.job_finished(
-            outcome_name, duration, outcome.stages, outcome.rows_read + ahead_read,
-            outcome.rows_accepted + ahead_accepted, outcome.rows_rejected + ahead_rejected,
-        )
+        if self.metrics is not None:
+            self.metrics.job_finished(
+                outcome_name, duration, outcome.stages, outcome.rows_read + ahead_read,
+                outcome.rows_accepted + ahead_accepted, outcome.rows_rejected + ahead_rejected,
+            )
         if not self.log.is_enabled_for(logging.INFO):  # the line would go nowhere: not built
             return
         rss_mb, cpu_percent = self._usage()
@@ -626,7 +630,8 @@ class Worker:
         await self._record(job, "retrying", {"attempt": attempt, "retry_in_s": delay, "error": one_line(exc)})
         if await self._settle(self._acks.ack(message), "ack after retry"):
             self.stats.retried += 1
-        self.metrics.job_finished("retry_scheduled", time.perf_counter() - started)
+        if self.metrics is not None:
+            self.metrics.job_finished("retry_scheduled", time.perf_counter() - started)
         self.log.warning(
             "job.finished",
             run_id=job.run_id,
@@ -668,7 +673,8 @@ class Worker:
             await self._record_dead(job, error_class, exc, attempts)
         if await self._settle(self._acks.ack(message), "ack after dead-letter"):
             self.stats.dead += 1
-        self.metrics.job_finished("dead_lettered", time.perf_counter() - started, error_class=str(error_class))
+        if self.metrics is not None:
+            self.metrics.job_finished("dead_lettered", time.perf_counter() - started, error_class=str(error_class))
         self.log.error(
             "job.finished",
             run_id=job.run_id if job else None,

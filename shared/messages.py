@@ -390,8 +390,7 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
     jobs: list[EventJob]
 
     def __post_init__(self) -> None:
-        if not RUN_ID_RE.match(self.run_id):
-            raise ValueError("run_id must be 1-80 letters, digits, '.', '_' or '-'")
+        _check_run_id(self.run_id)
         _check_location(self.output, "output")
 
     @classmethod

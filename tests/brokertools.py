@@ -91,6 +91,19 @@ def queue_depth(url: str, queue: str) -> int:
     return asyncio.run(run())
 
 
+def consumers(url: str, queue: str) -> int:
+    """Consumers subscribed to `queue`, as the broker counts them."""
+
+    async def run() -> int:
+        connection = await aio_pika.connect(url, timeout=30)
+        async with connection:
+            channel = await connection.channel()
+            q = await channel.declare_queue(queue, passive=True)
+            return int(q.declaration_result.consumer_count or 0)
+
+    return asyncio.run(run())
+
+
 def hold_and_drop(url: str, queue: str, times: int) -> int:
     """Take every ready message of `queue` unacked and drop the connection, `times` over.
 

@@ -18,7 +18,7 @@ import pytest
 from shared.broker import BrokerUnavailable, connection_parameters
 from shared.topology import Topology
 from tests.helpers import TcpProxy
-from worker.delivery import Delivery, JobSubscription
+from worker.delivery import OPEN_TIMEOUT_S, Delivery, JobSubscription
 
 
 @pytest.fixture
@@ -151,6 +151,51 @@ def test_a_subscription_that_cannot_connect_says_why_in_one_line() -> None:
     assert "\n" not in message
     assert message.startswith("the worker could not subscribe to tickq.jobs: ")
     assert "Connection refused" in message  # the socket's error, not pika's wrappers' names
+
+
+def test_a_queue_deleted_before_the_subscription_starts_is_declared_again_and_consumed(
+    amqp_url: str, namespace: str
+) -> None:
+    # The worker declares the topology, then subscribes; an operator deleting the queue in
+    # between must not stop the worker.
+    queue = Topology(namespace).jobs
+
+    async def redeclare() -> None:
+        declared.append(queue)
+        with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+            connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+    async def scenario() -> list[Delivery]:
+        got: list[Delivery] = []
+        subscription = JobSubscription(connection_parameters(amqp_url, "test"), queue, 10, got.append, redeclare)
+        await subscription.start()
+        try:
+            await asyncio.to_thread(_publish, amqp_url, queue, b"a")
+            await _until(lambda: len(got) == 1)
+            await got[0].ack()
+            await subscription.stop()
+        finally:
+            await subscription.close()
+        return got
+
+    declared: list[str] = []
+    assert _bodies(asyncio.run(scenario())) == [b"a"]
+    assert declared == [queue]
+    assert _ready(amqp_url, queue) == 0
+
+
+def test_a_subscription_whose_queue_stays_missing_says_so_without_waiting_out_a_timeout(namespace: str,
+                                                                                        amqp_url: str) -> None:
+    async def nothing_declared() -> None:
+        pass
+
+    subscription = JobSubscription(connection_parameters(amqp_url, "test"), Topology(namespace).jobs, 10,
+                                   lambda _delivery: None, nothing_declared)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as raised:
+        asyncio.run(subscription.start())
+    assert time.monotonic() - started < OPEN_TIMEOUT_S  # the broker's refusal, not a timeout
+    assert "NOT_FOUND - no queue" in str(raised.value) and "\n" not in str(raised.value)
 
 
 def _cancel_of(tag: str | None) -> SimpleNamespace:

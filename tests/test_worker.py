@@ -11,7 +11,7 @@ from typing import Any
 
 from shared.messages import JobMessage, JobParams
 from shared.topology import Topology
-from tests.brokertools import delete_queue, drain_queue, hold_and_drop, publish_raw
+from tests.brokertools import consumers, delete_queue, drain_queue, hold_and_drop, publish_raw
 from tests.conftest import S3Server, Tickq, TickqProcess, log_lines
 from tests.helpers import FaultyS3Proxy, read_tables
 from tests.reference import assert_tables_equal, reference_tables
@@ -79,7 +79,11 @@ def test_a_worker_whose_consumer_the_broker_cancelled_declares_the_queue_again_a
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
     publish_raw(amqp_url, namespace, [])  # the topology exists before the worker subscribes
     worker = tickq.start("worker", "--concurrency", "1", "--idle-exit", "5")
-    _wait_for_event(worker, "worker.started")
+    # The worker logs its start before it subscribes: the broker's count says when it has.
+    deadline = time.monotonic() + 60
+    while consumers(amqp_url, Topology(namespace).jobs) == 0:
+        assert worker.poll() is None and time.monotonic() < deadline, worker.log_path.read_text()[-2000:]
+        time.sleep(0.05)
 
     delete_queue(amqp_url, Topology(namespace).jobs)  # an operator's mistake: the queue is gone
     _wait_for_event(worker, "worker.consumer_cancelled")

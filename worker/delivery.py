@@ -8,8 +8,10 @@ acking every 512th with ``multiple``): see bench/RESULTS.md.
 
 `JobSubscription` keeps consuming across lost connections and closed channels (it opens them
 again at once, then every `RESUBSCRIBE_PAUSE_S` while that fails) and after the broker cancels
-the consumer (the queue was deleted: it is declared again first). Deliveries in hand when
-their channel closed cannot be acked any more; the broker redelivers them.
+the consumer or refuses it for want of a queue (the queue was deleted: it is declared again
+first). Deliveries in hand when their channel closed cannot be acked any more; the broker
+redelivers them. A reply the subscription waits for fails as soon as its channel or connection
+closes, with the broker's reason, rather than at a timeout.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from typing import Any
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
+from pika.exceptions import ChannelClosedByBroker
 
 from shared.broker import BrokerUnavailable
 from shared.errors import one_line
 from shared.metrics import get_logger
 
 RESUBSCRIBE_PAUSE_S = 1.0
+START_ATTEMPTS = 3
 OPEN_TIMEOUT_S = 15.0
 CLOSE_TIMEOUT_S = 5.0
 
@@ -102,17 +106,35 @@ class JobSubscription:
         self._closed: asyncio.Future[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._redeclare_pending = False
+        self._starting = False
+        self._replies: set[asyncio.Future[Any]] = set()
         self._log = get_logger()
 
     async def start(self) -> None:
-        """Connect and subscribe; raises `BrokerUnavailable` when that fails."""
+        """Connect and subscribe; raises `BrokerUnavailable` when `START_ATTEMPTS` tries fail.
+
+        A queue deleted since the worker declared it is declared again; a connection the broker
+        drops while refusing the consumer is made again."""
+        self._starting = True
         try:
-            await self._subscribe()
-        except Exception as exc:
-            await self.close()
-            raise BrokerUnavailable(
-                f"the worker could not subscribe to {self._queue}: {one_line(_innermost(exc))}"
-            ) from None
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    if self._redeclare_pending:
+                        await self._redeclare()
+                    await self._subscribe()
+                    self._redeclare_pending = False
+                    return
+                except Exception as exc:
+                    if attempt == START_ATTEMPTS:
+                        await self.close()
+                        raise BrokerUnavailable(
+                            f"the worker could not subscribe to {self._queue}: {one_line(_innermost(exc))}"
+                        ) from None
+                    self._log.warning("worker.subscribe_failed", queue=self._queue, attempt=attempt,
+                                      error=one_line(_innermost(exc)))
+                    await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+        finally:
+            self._starting = False
 
     async def stop(self) -> None:
         """Take no more deliveries (those in hand stay to be settled until `close`)."""
@@ -148,13 +170,13 @@ class JobSubscription:
         assert self._connection is not None
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[Channel] = loop.create_future()
-        self._connection.channel(on_open_callback=lambda channel: _resolve(opened, channel))
-        channel = await asyncio.wait_for(opened, OPEN_TIMEOUT_S)
+        channel = self._connection.channel(on_open_callback=lambda channel: _resolve(opened, channel))
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
+        await self._reply(opened)
         qos: asyncio.Future[None] = loop.create_future()
         channel.basic_qos(prefetch_count=self._prefetch, callback=lambda _frame: _resolve(qos, None))
-        await asyncio.wait_for(qos, OPEN_TIMEOUT_S)
+        await self._reply(qos)
         await self._consume(channel)
 
     async def _consume(self, channel: Channel) -> None:
@@ -166,7 +188,23 @@ class JobSubscription:
         # The channel's settler goes with each of its deliveries.
         deliver = functools.partial(self._deliver, self._settler)
         self._tag = channel.basic_consume(self._queue, deliver, callback=lambda _frame: _resolve(consuming, None))
-        await asyncio.wait_for(consuming, OPEN_TIMEOUT_S)
+        await self._reply(consuming)
+
+    async def _reply(self, future: asyncio.Future[Any]) -> Any:
+        """The broker's reply `future` stands for; it fails when the channel or connection
+        asked closes first (`_fail_replies`)."""
+        self._replies.add(future)
+        try:
+            return await asyncio.wait_for(future, OPEN_TIMEOUT_S)
+        finally:
+            self._replies.discard(future)
+
+    def _fail_replies(self, reason: BaseException) -> None:
+        # One opening runs at a time (the start, or the recovery), so every reply still
+        # awaited belongs to the channel or connection that closed.
+        for future in self._replies:
+            if not future.done():
+                future.set_exception(reason)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -210,13 +248,19 @@ class JobSubscription:
     # -- recovering --------------------------------------------------------------------
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
-        if connection is self._connection and not self._stopped:
+        if connection is not self._connection:
+            return
+        self._fail_replies(reason)
+        if not self._stopped:
             self._log.warning("worker.consumer_connection_lost", queue=self._queue, reason=one_line(reason))
             self._recover(redeclare=False)
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        if isinstance(reason, ChannelClosedByBroker) and reason.reply_code == 404:
+            self._redeclare_pending = True  # the queue is gone: no consumer until it is declared
+        self._fail_replies(reason)
         # A channel the broker closed on an open connection (a lost connection closes its
-        # channels too, and is recovered as a whole).
+        # channels too, and is recovered as a whole). One still opening is the opener's to retry.
         if channel is self._channel and not self._stopped and self._connection is not None \
                 and self._connection.is_open:
             self._log.warning("worker.consumer_channel_closed", queue=self._queue, reason=one_line(reason))
@@ -230,10 +274,13 @@ class JobSubscription:
 
     def _recover(self, redeclare: bool) -> None:
         """Subscribe again, after declaring the queue again when the broker cancelled the
-        consumer; until it works or the subscription stops. A loss while a recovery runs is
-        left to it: it goes round again if its new consumer is the one lost."""
+        consumer or found no queue; until it works or the subscription stops. A loss while a
+        recovery runs is left to it: it goes round again if its new consumer is the one lost.
+        While the subscription starts, `start` does its own retrying."""
         self._tag = None
         self._redeclare_pending = self._redeclare_pending or redeclare
+        if self._starting:
+            return
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.ensure_future(self._subscribe_again())
 

@@ -200,8 +200,9 @@ class JobSubscription:
             self._replies.discard(future)
 
     def _fail_replies(self, reason: BaseException) -> None:
-        # One opening runs at a time (the start, or the recovery), so every reply still
-        # awaited belongs to the channel or connection that closed.
+        # One opening runs at a time (the start, or the recovery), so a reply still awaited
+        # is almost always the closed channel's or connection's; a late close of an older one
+        # fails it needlessly, and the opener tries again.
         for future in self._replies:
             if not future.done():
                 future.set_exception(reason)

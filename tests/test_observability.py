@@ -273,3 +273,34 @@ def test_quiet_lines_with_nowhere_to_go_are_not_built(tmp_path: Path) -> None:
     assert built == ["line"]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(line["event"], line["value"]) for line in lines] == [("job.finished", "rendered")]
+
+
+def test_no_line_carries_the_credentials_of_a_url(tmp_path: Path) -> None:
+    # Wherever a caller puts a URL (a field, a nested mapping, a list), its user and password
+    # are masked; masking never reaches across fields; a quiet line goes to the metrics file
+    # and nowhere else.
+    import contextlib
+    import io
+    import json
+
+    from shared.metrics import configure, get_logger
+
+    out = io.StringIO()
+    try:
+        configure("worker", stream=out)
+        get_logger().info("worker.started", broker="amqps://tickq:s3cret@mq.example:5671/%2F",
+                          inputs={"raw": ["s3://AKIA:wJal@bucket/raw", "s3://bucket/plain"]},
+                          output="s3://bucket/out", owner="ops@example.com")
+        configure("worker", tmp_path / "metrics.jsonl", quiet=True)
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            get_logger().info("produce.published", input="s3://key:secret@bucket/in")
+    finally:
+        configure("worker")
+    assert "s3cret" not in out.getvalue() and "wJal" not in out.getvalue()
+    line = json.loads(out.getvalue())
+    assert line["broker"] == "amqps://***@mq.example:5671/%2F"
+    assert line["inputs"] == {"raw": ["s3://***@bucket/raw", "s3://bucket/plain"]}
+    assert (line["output"], line["owner"]) == ("s3://bucket/out", "ops@example.com")
+    assert stdout.getvalue() == ""
+    quiet = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert quiet["input"] == "s3://***@bucket/in"

@@ -79,7 +79,7 @@ def test_a_worker_whose_consumer_the_broker_cancelled_declares_the_queue_again_a
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
     publish_raw(amqp_url, namespace, [])  # the topology exists before the worker subscribes
     worker = tickq.start("worker", "--concurrency", "1", "--idle-exit", "5")
-    # The worker logs its start before it subscribes: the broker's count says when it has.
+    # The broker's own count of the worker's consumer, whose cancelling is under test.
     deadline = time.monotonic() + 60
     while consumers(amqp_url, Topology(namespace).jobs) == 0:
         assert worker.poll() is None and time.monotonic() < deadline, worker.log_path.read_text()[-2000:]

@@ -216,15 +216,15 @@ class Worker:
                 self._receive,
                 lambda: declare(self._channel, self.topology),
             )
-            self.log.info(
+            self._batcher.start()
+            await subscription.start()
+            self.log.info(  # consuming: the broker has the worker's consumer
                 "worker.started",
                 queue=self.topology.jobs,
                 concurrency=self.options.concurrency,
                 prefetch=self.options.prefetch,
                 broker=self.settings.safe_amqp_url,
             )
-            self._batcher.start()
-            await subscription.start()
             housekeeping = asyncio.create_task(self._housekeeping())
             await self._stopping.wait()
             await subscription.stop()

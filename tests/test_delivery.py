@@ -161,9 +161,8 @@ def test_a_queue_deleted_before_the_subscription_starts_is_declared_again_and_co
     queue = Topology(namespace).jobs
 
     async def redeclare() -> None:
+        _declare_quorum(amqp_url, queue)
         declared.append(queue)
-        with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
-            connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
 
     async def scenario() -> list[Delivery]:
         got: list[Delivery] = []
@@ -182,6 +181,54 @@ def test_a_queue_deleted_before_the_subscription_starts_is_declared_again_and_co
     assert _bodies(asyncio.run(scenario())) == [b"a"]
     assert declared == [queue]
     assert _ready(amqp_url, queue) == 0
+
+
+def test_a_queue_deleted_while_the_connection_was_down_is_declared_again(amqp_url: str, queue: str) -> None:
+    # No cancel reaches a consumer whose connection is down: the broker's refusal of the new
+    # consumer (404) is what says the queue is gone.
+    broker = urlparse(amqp_url)
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    proxied = amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
+    declared: list[str] = []
+
+    async def redeclare() -> None:
+        await asyncio.to_thread(_declare_quorum, amqp_url, queue)
+        declared.append(queue)  # once declared: a message published now has a queue to go to
+
+    async def scenario() -> list[Delivery]:
+        got: list[Delivery] = []
+        subscription = JobSubscription(connection_parameters(proxied, "test"), queue, 10, got.append, redeclare)
+        await subscription.start()
+        try:
+            proxy.accepting = False
+            assert proxy.cut() == 1
+            await asyncio.to_thread(_delete, amqp_url, queue)
+            await asyncio.sleep(1.5)  # reconnecting fails meanwhile
+            proxy.accepting = True
+            await _until(lambda: declared == [queue])
+            await asyncio.to_thread(_publish, amqp_url, queue, b"a")
+            await _until(lambda: len(got) == 1)
+            await got[0].ack()
+            await subscription.stop()
+        finally:
+            await subscription.close()
+        return got
+
+    try:
+        assert _bodies(asyncio.run(scenario())) == [b"a"]
+    finally:
+        proxy.close()
+    assert _ready(amqp_url, queue) == 0
+
+
+def _declare_quorum(amqp_url: str, queue: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+
+def _delete(amqp_url: str, queue: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_delete(queue)
 
 
 def test_a_subscription_whose_queue_stays_missing_says_so_without_waiting_out_a_timeout(namespace: str,

@@ -80,26 +80,23 @@ def delete_queue(url: str, queue: str) -> None:
 
 def queue_depth(url: str, queue: str) -> int:
     """Messages ready in `queue`."""
-
-    async def run() -> int:
-        connection = await aio_pika.connect(url, timeout=30)
-        async with connection:
-            channel = await connection.channel()
-            q = await channel.declare_queue(queue, passive=True)
-            return int(q.declaration_result.message_count or 0)
-
-    return asyncio.run(run())
+    return _counts(url, queue)[0]
 
 
 def consumers(url: str, queue: str) -> int:
     """Consumers subscribed to `queue`, as the broker counts them."""
+    return _counts(url, queue)[1]
 
-    async def run() -> int:
+
+def _counts(url: str, queue: str) -> tuple[int, int]:
+    """The broker's counts of `queue`: messages ready, consumers subscribed."""
+
+    async def run() -> tuple[int, int]:
         connection = await aio_pika.connect(url, timeout=30)
         async with connection:
             channel = await connection.channel()
-            q = await channel.declare_queue(queue, passive=True)
-            return int(q.declaration_result.consumer_count or 0)
+            declared = (await channel.declare_queue(queue, passive=True)).declaration_result
+            return int(declared.message_count or 0), int(declared.consumer_count or 0)
 
     return asyncio.run(run())
 

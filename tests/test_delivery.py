@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import SimpleNamespace
 from urllib.parse import urlparse
 
@@ -26,9 +26,18 @@ def queue(amqp_url: str, namespace: str) -> Iterator[str]:
     """The namespace's job queue, declared as tickq declares it (quorum); deleted with the
     namespace."""
     name = Topology(namespace).jobs
-    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
-        connection.channel().queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+    _declare_quorum(amqp_url, name)
     yield name
+
+
+def _declare_quorum(amqp_url: str, queue: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+
+def _delete(amqp_url: str, queue: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        connection.channel().queue_delete(queue)
 
 
 def _publish(amqp_url: str, queue: str, *bodies: bytes) -> None:
@@ -61,11 +70,12 @@ async def _no_redeclare() -> None:
 
 
 @contextlib.asynccontextmanager
-async def _subscribed(url: str, queue: str) -> AsyncIterator[tuple[JobSubscription, list[Delivery]]]:
+async def _subscribed(url: str, queue: str, redeclare: Callable[[], Awaitable[None]] = _no_redeclare
+                      ) -> AsyncIterator[tuple[JobSubscription, list[Delivery]]]:
     """A started subscription to `queue` through `url`, and the deliveries it gave so far;
     closed after the block."""
     got: list[Delivery] = []
-    subscription = JobSubscription(connection_parameters(url, "test"), queue, 10, got.append, _no_redeclare)
+    subscription = JobSubscription(connection_parameters(url, "test"), queue, 10, got.append, redeclare)
     await subscription.start()
     try:
         yield subscription, got
@@ -73,10 +83,24 @@ async def _subscribed(url: str, queue: str) -> AsyncIterator[tuple[JobSubscripti
         await subscription.close()
 
 
-def test_deliveries_go_on_after_the_connection_is_cut(amqp_url: str, queue: str) -> None:
+def _proxied(amqp_url: str) -> tuple[TcpProxy, str]:
+    """A proxy in front of the broker, and the URL that goes through it."""
     broker = urlparse(amqp_url)
     proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    proxied = amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
+    return proxy, amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
+
+
+async def _one_message_goes_through(amqp_url: str, queue: str, subscription: JobSubscription,
+                                    got: list[Delivery]) -> None:
+    """Publish one message to `queue`: the subscription receives it and acks it; then stop."""
+    await asyncio.to_thread(_publish, amqp_url, queue, b"a")
+    await _until(lambda: len(got) == 1)
+    await got[0].ack()
+    await subscription.stop()
+
+
+def test_deliveries_go_on_after_the_connection_is_cut(amqp_url: str, queue: str) -> None:
+    proxy, proxied = _proxied(amqp_url)
 
     async def scenario() -> None:
         async with _subscribed(proxied, queue) as (subscription, got):
@@ -159,25 +183,17 @@ def test_a_queue_deleted_before_the_subscription_starts_is_declared_again_and_co
     # The worker declares the topology, then subscribes; an operator deleting the queue in
     # between must not stop the worker.
     queue = Topology(namespace).jobs
+    declared: list[str] = []
 
     async def redeclare() -> None:
-        _declare_quorum(amqp_url, queue)
+        await asyncio.to_thread(_declare_quorum, amqp_url, queue)
         declared.append(queue)
 
     async def scenario() -> list[Delivery]:
-        got: list[Delivery] = []
-        subscription = JobSubscription(connection_parameters(amqp_url, "test"), queue, 10, got.append, redeclare)
-        await subscription.start()
-        try:
-            await asyncio.to_thread(_publish, amqp_url, queue, b"a")
-            await _until(lambda: len(got) == 1)
-            await got[0].ack()
-            await subscription.stop()
-        finally:
-            await subscription.close()
+        async with _subscribed(amqp_url, queue, redeclare) as (subscription, got):
+            await _one_message_goes_through(amqp_url, queue, subscription, got)
         return got
 
-    declared: list[str] = []
     assert _bodies(asyncio.run(scenario())) == [b"a"]
     assert declared == [queue]
     assert _ready(amqp_url, queue) == 0
@@ -186,9 +202,7 @@ def test_a_queue_deleted_before_the_subscription_starts_is_declared_again_and_co
 def test_a_queue_deleted_while_the_connection_was_down_is_declared_again(amqp_url: str, queue: str) -> None:
     # No cancel reaches a consumer whose connection is down: the broker's refusal of the new
     # consumer (404) is what says the queue is gone.
-    broker = urlparse(amqp_url)
-    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    proxied = amqp_url.replace(f"{broker.hostname}:{broker.port or 5672}", f"127.0.0.1:{proxy.port}")
+    proxy, proxied = _proxied(amqp_url)
     declared: list[str] = []
 
     async def redeclare() -> None:
@@ -196,22 +210,14 @@ def test_a_queue_deleted_while_the_connection_was_down_is_declared_again(amqp_ur
         declared.append(queue)  # once declared: a message published now has a queue to go to
 
     async def scenario() -> list[Delivery]:
-        got: list[Delivery] = []
-        subscription = JobSubscription(connection_parameters(proxied, "test"), queue, 10, got.append, redeclare)
-        await subscription.start()
-        try:
+        async with _subscribed(proxied, queue, redeclare) as (subscription, got):
             proxy.accepting = False
             assert proxy.cut() == 1
             await asyncio.to_thread(_delete, amqp_url, queue)
             await asyncio.sleep(1.5)  # reconnecting fails meanwhile
             proxy.accepting = True
             await _until(lambda: declared == [queue])
-            await asyncio.to_thread(_publish, amqp_url, queue, b"a")
-            await _until(lambda: len(got) == 1)
-            await got[0].ack()
-            await subscription.stop()
-        finally:
-            await subscription.close()
+            await _one_message_goes_through(amqp_url, queue, subscription, got)
         return got
 
     try:
@@ -219,16 +225,6 @@ def test_a_queue_deleted_while_the_connection_was_down_is_declared_again(amqp_ur
     finally:
         proxy.close()
     assert _ready(amqp_url, queue) == 0
-
-
-def _declare_quorum(amqp_url: str, queue: str) -> None:
-    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
-        connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-
-
-def _delete(amqp_url: str, queue: str) -> None:
-    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
-        connection.channel().queue_delete(queue)
 
 
 def test_a_subscription_whose_queue_stays_missing_says_so_without_waiting_out_a_timeout(namespace: str,

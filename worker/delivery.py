@@ -119,20 +119,16 @@ class JobSubscription:
         try:
             for attempt in range(1, START_ATTEMPTS + 1):
                 try:
-                    if self._redeclare_pending:
-                        await self._redeclare()
-                    await self._subscribe()
-                    self._redeclare_pending = False
-                    return
+                    if await self._try_subscribing():
+                        return
+                    error = "the broker cancelled the consumer as it was made"
                 except Exception as exc:
-                    if attempt == START_ATTEMPTS:
-                        await self.close()
-                        raise BrokerUnavailable(
-                            f"the worker could not subscribe to {self._queue}: {one_line(_innermost(exc))}"
-                        ) from None
-                    self._log.warning("worker.subscribe_failed", queue=self._queue, attempt=attempt,
-                                      error=one_line(_innermost(exc)))
-                    await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+                    error = one_line(_innermost(exc))
+                if attempt == START_ATTEMPTS:
+                    await self.close()
+                    raise BrokerUnavailable(f"the worker could not subscribe to {self._queue}: {error}")
+                self._log.warning("worker.subscribe_failed", queue=self._queue, attempt=attempt, error=error)
+                await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
         finally:
             self._starting = False
 
@@ -288,19 +284,27 @@ class JobSubscription:
     async def _subscribe_again(self) -> None:
         while not self._stopped:
             try:
-                if self._redeclare_pending:
-                    await self._redeclare()
-                channel = self._channel
-                if channel is not None and channel.is_open:  # only the consumer was cancelled
-                    await self._consume(channel)
-                else:
-                    await self._subscribe()
-                if self._tag is not None:  # not cancelled or closed again while subscribing
-                    self._redeclare_pending = False
+                if await self._try_subscribing():
                     return
             except Exception as exc:  # the broker is back soon: try again
                 self._log.warning("worker.resubscribe_failed", queue=self._queue, error=one_line(_innermost(exc)))
                 await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+
+    async def _try_subscribing(self) -> bool:
+        """One try at consuming: the queue declared again where it went, then a consumer (on
+        the open channel when only the consumer was cancelled). False when the new consumer
+        was cancelled or its channel closed before the try was done."""
+        if self._redeclare_pending:
+            await self._redeclare()
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            await self._consume(channel)
+        else:
+            await self._subscribe()
+        if self._tag is None:
+            return False
+        self._redeclare_pending = False
+        return True
 
 
 def _innermost(exc: BaseException) -> BaseException:

@@ -24,7 +24,9 @@ from shared.inputs import (
     KEY_COLUMNS,
     TS_UTC,
     ByteCounter,
+    csv_reader,
     month_files,
+    normalisation,
     read_batches,
     trade_dates,
 )
@@ -39,8 +41,8 @@ TZ = "Australia/Sydney"
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of a few dozen rows, so that every file here spans many of them."""
-    monkeypatch.setattr(inputs, "CSV_BLOCK_BYTES", 2048)
-    monkeypatch.setattr(inputs, "CSV_PROBE_BYTES", 512)
+    monkeypatch.setattr(csv_reader, "CSV_BLOCK_BYTES", 2048)
+    monkeypatch.setattr(csv_reader, "CSV_PROBE_BYTES", 512)
 
 
 def clean_rows(n: int = 600) -> list[list[str]]:
@@ -93,7 +95,7 @@ def normalised(batches: list[pa.RecordBatch]) -> list[dict[str, Any]]:
 def as_text(root: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> list[pa.RecordBatch]:
     """What the reader gives with every column read as text (no typed read at all)."""
     with monkeypatch.context() as m:
-        m.setattr(inputs, "_CSV_TYPES", {})
+        m.setattr(csv_reader, "_CSV_TYPES", {})
         batches = read(root, **kwargs)
     assert all(pa.types.is_string(t) for b in batches for t in b.schema.types)
     return batches
@@ -132,7 +134,7 @@ TIMES = [
 
 def _one_value(text: str, kind: pa.DataType) -> Any:
     """`text` as the single field of a CSV column read as `kind`; "error" if it fails."""
-    convert = inputs._csv_convert({"x": kind}, ["x"], include_missing=False)
+    convert = csv_reader._csv_convert({"x": kind}, ["x"], include_missing=False)
     try:
         return pacsv.read_csv(io.BytesIO(f"x\n{text}\n".encode()), convert_options=convert).column("x")[0].as_py()
     except pa.ArrowInvalid:
@@ -143,12 +145,12 @@ def _one_value(text: str, kind: pa.DataType) -> Any:
     ("column", "values"), [("price", NUMBERS), ("size", NUMBERS), ("ts", TIMES)]
 )
 def test_csv_converters_take_a_subset_of_the_text_rules_with_the_same_values(column: str, values: list[str]) -> None:
-    parse = {"price": inputs._normalise_price, "size": inputs._normalise_size, "ts": inputs._normalise_ts}[column]
+    parse = {"price": inputs.normalise_price, "size": inputs.normalise_size, "ts": inputs.normalise_ts}[column]
     taken = 0
     for value in values:
         text = pa.array([_one_value(value, pa.string())], pa.string())
         expected = parse(text)[0].as_py()
-        for kind in inputs._CSV_TYPES[column]:
+        for kind in csv_reader._CSV_TYPES[column]:
             typed = _one_value(value, kind)
             if typed == "error":
                 continue
@@ -345,7 +347,7 @@ def test_empty_truncated_and_ragged_files_are_permanent_errors_of_one_line(tmp_p
 def test_a_long_header_is_read_past_the_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     filler = ",".join(f"unused{i}" for i in range(200))  # longer than the probe's block
     lines = [f"{filler},{HEADER}"] + [",".join(["0"] * 200 + r) for r in clean_rows(50)]
-    monkeypatch.setattr(inputs, "CSV_BLOCK_BYTES", 1 << 16)
+    monkeypatch.setattr(csv_reader, "CSV_BLOCK_BYTES", 1 << 16)
     write(tmp_path, lines)
     assert len(normalised(assert_same_as_text(tmp_path, monkeypatch))) == 50
     write(tmp_path / "lacking", [f"{filler},ts,security,size", ",".join(["0"] * 200 + ["2024-03-04", "A", "1"])])
@@ -360,12 +362,12 @@ def test_a_long_header_is_read_past_the_probe(tmp_path: Path, monkeypatch: pytes
 
 def test_integer_ns_text_takes_digits_only() -> None:
     text = pa.array(["16", "-1", "0x10", " 17 ", "+5", None, "9223372036854775808"], pa.string())
-    assert inputs._parse_ts_text(text).cast(pa.int64()).to_pylist() == [16, -1, None, 17, None, None, None]
-    assert inputs._parse_ts_text(pa.array(["16", "0X1A"])).cast(pa.int64()).to_pylist() == [16, None]
+    assert normalisation._parse_ts_text(text).cast(pa.int64()).to_pylist() == [16, -1, None, 17, None, None, None]
+    assert normalisation._parse_ts_text(pa.array(["16", "0X1A"])).cast(pa.int64()).to_pylist() == [16, None]
 
 
 def test_side_spellings_map_to_b_and_s() -> None:
     values = pa.array(["B", "S", None, "b", "BUY", "sell", "A", " s ", "x", ""], pa.string())
-    assert inputs._normalise_side(values).to_pylist() == ["B", "S", None, "B", "B", "S", "S", "S", None, None]
-    assert inputs._normalise_side(pa.array(["B", None, "S"])).to_pylist() == ["B", None, "S"]
-    assert inputs._normalise_side(pa.array([None, None], pa.string())).to_pylist() == [None, None]
+    assert inputs.normalise_side(values).to_pylist() == ["B", "S", None, "B", "B", "S", "S", "S", None, None]
+    assert inputs.normalise_side(pa.array(["B", None, "S"])).to_pylist() == ["B", None, "S"]
+    assert inputs.normalise_side(pa.array([None, None], pa.string())).to_pylist() == [None, None]

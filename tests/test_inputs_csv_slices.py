@@ -19,7 +19,6 @@ import pytest
 
 from producer import discover
 from producer.discover import discover_month
-from shared import inputs
 from shared.errors import PermanentError
 from shared.inputs import (
     ALL_COLUMNS,
@@ -27,6 +26,7 @@ from shared.inputs import (
     DayWindow,
     FileSlice,
     InputFile,
+    csv_reader,
     csv_slices,
     month_files,
     pass_share,
@@ -48,9 +48,9 @@ SECURITIES = ["BHP", "CBA", "NAB", "WDS"]
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     """Slices of a few kilobytes and blocks of a few dozen rows: every file here is cut many times."""
-    monkeypatch.setattr(inputs, "CSV_SLICE_BYTES", 4096)
-    monkeypatch.setattr(inputs, "CSV_BLOCK_BYTES", 2048)
-    monkeypatch.setattr(inputs, "CSV_PROBE_BYTES", 512)
+    monkeypatch.setattr(csv_reader, "CSV_SLICE_BYTES", 4096)
+    monkeypatch.setattr(csv_reader, "CSV_BLOCK_BYTES", 2048)
+    monkeypatch.setattr(csv_reader, "CSV_PROBE_BYTES", 512)
 
 
 def month_rows(n: int = 2000, days: int = 6) -> list[list[str]]:
@@ -123,7 +123,7 @@ def test_discovery_reads_slices_and_records_what_they_hold(tmp_path: Path, monke
     storage, file = the_file(tmp_path)
     found = discover_month(storage, MONTH, TZ)
     with monkeypatch.context() as m:  # the same month read whole
-        m.setattr(inputs, "CSV_SLICE_BYTES", 1 << 30)
+        m.setattr(csv_reader, "CSV_SLICE_BYTES", 1 << 30)
         whole = discover_month(storage, MONTH, TZ)
     (read_whole,) = whole.sliced  # a file read whole is recorded too: one slice, the whole file
     assert [(p.start, p.end, p.rows) for p in read_whole.slices] == [(0, file.size, 2000)] and not read_whole.cut

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 import producer.discover as discover
-import shared.inputs as inputs
 import shared.monthkeys as monthkeys
 from producer.discover import MonthDiscovery, discover_month
 from shared.errors import PermanentError
@@ -25,6 +24,7 @@ from shared.inputs import (
     key_streams,
     month_files,
     normalise,
+    parquet_reader,
     read_batches,
     shared_trade_date,
 )
@@ -437,7 +437,7 @@ def test_rows_of_one_trade_date_count_as_any_other(tmp_path: Path, monkeypatch: 
     # In time order, null ts last: most row groups of 200 rows hold one trade date, and
     # most batches of 40 rows of the others.
     pq.write_table(table.sort_by([("ts", "ascending")]), path, row_group_size=200)
-    monkeypatch.setattr(inputs, "DEFAULT_BATCH_ROWS", 40)
+    monkeypatch.setattr(parquet_reader, "DEFAULT_BATCH_ROWS", 40)
     seen: list[tuple[int | None, bool, int | None]] = []
     count = discover._batch_counts
 
@@ -455,7 +455,7 @@ def test_rows_of_one_trade_date_count_as_any_other(tmp_path: Path, monkeypatch: 
     assert len(by_stats) > len(seen) / 2 and len(set(by_stats)) > 15
     assert by_ts and by_row and all(has_ts for day, has_ts, _ in seen if day is None)
 
-    monkeypatch.setattr(inputs, "_row_group_days", lambda meta, zone: [None] * meta.num_row_groups)
+    monkeypatch.setattr(parquet_reader, "_row_group_days", lambda meta, zone: [None] * meta.num_row_groups)
     monkeypatch.setattr(discover, "shared_trade_date", lambda batch, zone: None)
     grouped = discover_month(storage, month, market_tz)
     assert by_security == grouped

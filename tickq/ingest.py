@@ -82,13 +82,13 @@ from shared.errors import ConfigError, PermanentError
 from shared.inputs import (
     ALL_COLUMNS,
     InputFile,
-    _normalise_price,
-    _normalise_side,
-    _normalise_size,
-    _normalise_text,
-    _normalise_trade_date,
-    _normalise_ts,
     month_files,
+    normalise_price,
+    normalise_side,
+    normalise_size,
+    normalise_text,
+    normalise_trade_date,
+    normalise_ts,
     read_batches,
 )
 from shared.messages import JobParams
@@ -154,19 +154,19 @@ def _normalised(batch: pa.RecordBatch) -> tuple[pa.Table, bool]:
     def text(name: str) -> pa.Array:
         if name not in names:
             return pa.nulls(n, pa.string())
-        return _normalise_text(batch.column(name))
+        return normalise_text(batch.column(name))
 
     # A CSV reader hands a column the file lacks on as all null: that is no trade_date.
     has_date = "trade_date" in names and batch.column("trade_date").null_count < n
     arrays = [
-        _normalise_ts(batch.column("ts")),
-        _normalise_text(batch.column("security")),
-        _normalise_price(batch.column("price")),
-        _normalise_size(batch.column("size")),
-        _normalise_side(batch.column("side")) if "side" in names else pa.nulls(n, pa.string()),
+        normalise_ts(batch.column("ts")),
+        normalise_text(batch.column("security")),
+        normalise_price(batch.column("price")),
+        normalise_size(batch.column("size")),
+        normalise_side(batch.column("side")) if "side" in names else pa.nulls(n, pa.string()),
         text("participant"),
         text("venue"),
-        _normalise_trade_date(batch.column("trade_date")) if has_date else pa.nulls(n, pa.date32()),
+        normalise_trade_date(batch.column("trade_date")) if has_date else pa.nulls(n, pa.date32()),
     ]
     return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA), has_date
 
@@ -192,7 +192,7 @@ def _count_securities(storage: Storage, files: list[InputFile]) -> tuple[dict[st
     nulls = 0
     for file in files:
         for batch in read_ahead(read_batches(storage, file, ("security",), batch_rows=READ_BATCH_ROWS * 4)):
-            security = _normalise_text(batch.column("security"))
+            security = normalise_text(batch.column("security"))
             nulls += security.null_count
             for item in pc.value_counts(security.drop_null()).to_pylist():
                 counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]

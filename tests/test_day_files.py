@@ -24,7 +24,8 @@ from tests.conftest import S3Server
 from tests.helpers import discovered_keys, run_in_batches, stored_results
 from tickq.gen import generate
 from tickq.ingest import ingest
-from worker.job import DAY_FILE_JOBS, JobOutcome, MonthListings, execute_batch
+from worker.compute import DAY_FILE_JOBS
+from worker.job import JobOutcome, MonthListings, execute_batch
 
 MONTH = "2024-03"
 TZ = "Australia/Sydney"

@@ -23,7 +23,6 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-import worker.job as job_module
 from producer.discover import discover_month
 from shared.inputs import ALL_COLUMNS, month_files, pass_share, read_batches, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv
@@ -46,7 +45,9 @@ from worker.ahead import (
     renewing_claim,
     wait_for_month,
 )
-from worker.job import AHEAD_FROM_SHARE, JobOutcome, MonthListings, execute_batch
+from worker.compute import batch_window
+from worker.job import JobOutcome, MonthListings, execute_batch
+from worker.passes import AHEAD_FROM_SHARE
 
 MONTH = "2024-03"
 TZ = "Australia/Sydney"
@@ -194,7 +195,7 @@ def test_a_month_in_time_order_is_claimed_by_a_first_batch_of_a_few_dates(data: 
     day = keys[len(keys) // 2].date
     first = [k for k in keys if k.date == day]
     storage = open_storage(str(source))
-    window = job_module._batch_window(_jobs(str(source), str(tmp_path / "out"), first))
+    window = batch_window(_jobs(str(source), str(tmp_path / "out"), first))
     assert pass_share(storage, month_files(storage, MONTH), [k.security for k in first], window) < 0.2
 
     output = tmp_path / "out"
@@ -224,7 +225,7 @@ def test_a_month_sorted_by_security_in_large_row_groups_is_claimed_in_parts_of_w
         pq.write_table(table, source / MONTH / part.name, row_group_size=group_rows)
     keys = _keys(str(source))
     monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // 3)
-    monkeypatch.setattr("worker.job.BY_SECURITY_UNIT_JOBS", BATCH)
+    monkeypatch.setattr("worker.passes.BY_SECURITY_UNIT_JOBS", BATCH)
     listings, each_alone = MonthListings(passes=MonthPasses()), MonthListings()
     for kept in (listings, each_alone):  # a row group of more rows than this is never kept
         kept.parquet.max_group_rows = 5_000
@@ -396,7 +397,7 @@ def test_a_batch_claims_the_parts_no_one_has_and_waits_for_the_others(
         tried.append(args[3])
         return claim(*args)
 
-    monkeypatch.setattr("worker.job.claim_month", spied)
+    monkeypatch.setattr("worker.passes.claim_month", spied)
     store.write_bytes(layout.month_job_keys(MONTH), job_keys_csv(keys))
     batch = 2 * BATCH  # the first batch holds jobs of every date
     outcomes = run_in_batches(_jobs(str(source), str(output), keys), batch, MonthListings(passes=MonthPasses()))
@@ -562,7 +563,7 @@ def test_a_failed_pass_releases_its_claim_and_nothing_of_it_is_lost(
     def store_fails(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(job_module, "_store_ahead", store_fails)
+    monkeypatch.setattr("worker.passes._store_ahead", store_fails)
     with pytest.raises(AssertionError, match="disk full"):
         _run(source, str(output), keys, MonthListings(passes=MonthPasses()))
     assert not _claims(output)  # released: the batch failed, and its messages will come again
@@ -587,7 +588,7 @@ def test_a_claim_its_failed_pass_could_not_release_is_taken_back_by_the_workers_
         raise ConnectionRefusedError("connection refused")
 
     pauses: list[float] = []
-    monkeypatch.setattr(job_module, "_store_ahead", store_fails)
+    monkeypatch.setattr("worker.passes._store_ahead", store_fails)
     monkeypatch.setattr(LocalStorage, "delete", delete_fails)
     monkeypatch.setattr("worker.ahead._pause", pauses.append)
     with pytest.raises(AssertionError, match="connection reset"):  # the pass's failure, not the release's

@@ -27,6 +27,7 @@ from producer.discover import discover_month
 from shared.inputs import ALL_COLUMNS, month_files, pass_share, read_batches, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
+from shared.metrics import configure
 from shared.storage import LocalStorage, open_storage
 from tests.helpers import discovered_keys, run_in_batches, store_at, stored_results
 from tickq.gen import generate
@@ -185,6 +186,33 @@ def test_a_month_without_an_index_is_read_once_and_every_job_stores_what_a_pass_
     assert not any(o.already_done for o in alone)
     assert _claims(tmp_path / "ahead") == [f"runs/r1/month_passes/{MONTH}/0.{kind}" for kind in ("claim", "done")]
     assert sum(o.bytes_in for o in alone) >= 10 * _month_bytes(data / fmt)
+
+
+def test_a_pass_reports_what_it_spent_on_the_jobs_it_stored_ahead(data: Path, tmp_path: Path) -> None:
+    """The pass's `worker.month_pass` line carries the rows, bytes and stage seconds of the jobs
+    it stored ahead of their messages, whose own outcomes count none: with the batches' own
+    outcomes, every row of the month once, and the bytes of one read of it."""
+    source = str(data / "raw")
+    keys = _keys(source)
+    metrics = tmp_path / "metrics.jsonl"
+    configure("worker", metrics, quiet=True)
+    try:
+        served = _run(source, str(tmp_path / "ahead"), keys, MonthListings(passes=MonthPasses()))
+    finally:
+        configure("worker")
+    [line] = [event for event in map(json.loads, metrics.read_text().splitlines())
+              if event["event"] == "worker.month_pass"]
+    alone = _run(source, str(tmp_path / "alone"), keys, MonthListings())
+
+    assert line["ahead"] == len(keys) - BATCH and line["batch"] == BATCH
+    for field, counted in (("rows_in", "rows_read"), ("rows_out", "rows_accepted"),
+                           ("rows_rejected", "rows_rejected"), ("rows_filtered", "rows_filtered")):
+        assert line[field] + sum(getattr(o, counted) for o in served) == sum(getattr(o, counted) for o in alone)
+    assert line["rows_in"] > 0
+    month = _month_bytes(data / "raw")
+    assert 0.9 * month <= line["bytes_in"] + sum(o.bytes_in for o in served) <= 1.1 * month
+    assert line["bytes_out"] > 0
+    assert all(line["stages"][stage] > 0 for stage in ("read", "filter", "compute", "upload"))
 
 
 def test_a_month_in_time_order_is_claimed_by_a_first_batch_of_a_few_dates(data: Path, tmp_path: Path) -> None:

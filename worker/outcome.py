@@ -27,6 +27,21 @@ class JobOutcome:
         """Add `seconds` to `stage`."""
         self.stages[stage] = self.stages.get(stage, 0.0) + seconds
 
+    @classmethod
+    def total(cls, outcomes: list[JobOutcome]) -> JobOutcome:
+        """The rows, bytes and stage seconds of `outcomes` summed."""
+        summed = cls()
+        for outcome in outcomes:
+            summed.rows_read += outcome.rows_read
+            summed.rows_accepted += outcome.rows_accepted
+            summed.rows_rejected += outcome.rows_rejected
+            summed.rows_filtered += outcome.rows_filtered
+            summed.bytes_in += outcome.bytes_in
+            summed.bytes_out += outcome.bytes_out
+            for stage, seconds in outcome.stages.items():
+                summed.time(stage, seconds)
+        return summed
+
 
 class StageTimer:
     """A `with` block whose time is added to one stage of a job's outcome."""

@@ -134,14 +134,16 @@ def _claimed_pass(month: MonthPass, jobs: list[JobMessage], outcomes: list[JobOu
     except BaseException:
         release_month(output, layout, first.month, part.index, month.passes)
         raise
-    # The jobs stored ahead report their rows here: their own messages find them done.
-    rows_in, rows_out, rejected = (sum(o.rows_read for o in extra_outcomes),
-                                   sum(o.rows_accepted for o in extra_outcomes),
-                                   sum(o.rows_rejected for o in extra_outcomes))
+    # The jobs stored ahead report here what their pass read, wrote and spent: their own
+    # messages find them done.
+    ahead = JobOutcome.total(extra_outcomes)
     before = outcomes[0].rows_ahead
-    outcomes[0].rows_ahead = (before[0] + rows_in, before[1] + rows_out, before[2] + rejected)
+    outcomes[0].rows_ahead = (before[0] + ahead.rows_read, before[1] + ahead.rows_accepted,
+                              before[2] + ahead.rows_rejected)
     get_logger().info("worker.month_pass", run_id=first.run_id, month=first.month, part=part.index, batch=len(own),
-                      ahead=len(extra), rows_in=rows_in, rows_out=rows_out)
+                      ahead=len(extra), rows_in=ahead.rows_read, rows_out=ahead.rows_accepted,
+                      rows_rejected=ahead.rows_rejected, rows_filtered=ahead.rows_filtered, bytes_in=ahead.bytes_in,
+                      bytes_out=ahead.bytes_out, stages={stage: round(s, 6) for stage, s in ahead.stages.items()})
     return columns.slice(0, len(own))
 
 

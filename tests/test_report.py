@@ -379,3 +379,73 @@ def test_no_metrics_lines_is_a_config_error(tmp_path: Path) -> None:
     path.write_text("nothing useful here\n")
     with pytest.raises(ConfigError, match="no JSON metrics lines"):
         rep.main(_args(str(path)))
+
+
+def batched_run() -> list[dict[str, Any]]:
+    """Eight jobs on one worker of one slot, served as a worker serves them: two batches of four,
+    all delivered at once, the second batch run after the first. Each job's stages are its
+    quarter of its batch's 1 s of work; its `wait` is how long it was queued behind the other
+    batch, and its duration runs from its delivery to its ack."""
+    lines: list[dict[str, Any]] = [
+        _line(0.0, "worker.started", component="worker", worker="w:1", concurrency=1, prefetch=8)
+    ]
+    share = {"read": 0.125, "compute": 0.075, "upload": 0.05}
+    for batch in range(2):
+        end = batch + 1.0
+        for j in range(4):
+            ids = {"component": "worker", "run_id": RUN, "job_id": f"job-{batch}{j}", "worker": "w:1"}
+            lines.append(_line(end, "job.finished", outcome="succeeded", attempt=1, duration_s=end,
+                               stages={**share, "wait": float(batch)}, rows_in=ROWS_PER_JOB,
+                               rows_out=ROWS_PER_JOB, rows_rejected=0, rows_filtered=0, bytes_in=2**20,
+                               bytes_out=4096, already_done=False, rss_mb=100.0, cpu_percent=90.0, **ids))
+    return lines
+
+
+def test_jobs_served_in_batches_share_the_work_their_durations_overlap() -> None:
+    """A job's duration holds its whole batch's run (and its wait behind the other batch), so
+    the jobs' durations overlap: shares and effective concurrency come from the stages' work,
+    and the wait is reported as latency, not as a share of job time."""
+    report = rep.build_report(batched_run())
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert report["job_time"]["summed_s"] == pytest.approx(2.0)
+    assert stages["read"]["share"] == pytest.approx(0.5) and stages["upload"]["share"] == pytest.approx(0.2)
+    assert stages["wait"]["latency"] and stages["wait"]["share"] is None
+    assert stages["wait"]["total_s"] == pytest.approx(4.0)
+    t = report["throughput"]
+    assert t["wall_s"] == pytest.approx(2.0)
+    assert t["effective_concurrency"] == pytest.approx(1.0) and t["utilisation"] == pytest.approx(1.0)
+    assert t["job_duration"]["max_s"] == pytest.approx(2.0)
+    assert report["bottleneck"] == "read"
+    assert [b["kind"] for b in report["bottlenecks"]] == ["dominant_stage"]
+    text = rep.render_text(report)
+    assert "read is 50% of job time" in text
+    assert "effective concurrency 1.00 of 1 slots" in text
+    assert "latency" in text.split("wait", 1)[1].splitlines()[0]
+
+
+def test_a_month_pass_counts_the_rows_bytes_and_work_of_the_jobs_it_stored_ahead() -> None:
+    """Jobs a pass over a month without an index stored ahead of their messages log no rows of
+    their own (their messages find them done): the pass's `worker.month_pass` line carries
+    them, and the report counts them once, in the run's rows, bytes and stages."""
+    ids = {"component": "worker", "run_id": RUN, "worker": "w:1"}
+    lines: list[dict[str, Any]] = [
+        _line(1.0, "job.finished", job_id="own", outcome="succeeded", attempt=1, duration_s=1.0,
+              stages={"read": 0.1, "compute": 0.1, "upload": 0.05}, rows_in=1000, rows_out=990, rows_rejected=10,
+              rows_filtered=0, bytes_in=1000, bytes_out=100, already_done=False, rss_mb=100.0, **ids),
+        _line(1.0, "worker.month_pass", month="2024-03", part=0, batch=1, ahead=9, rows_in=9000, rows_out=8900,
+              rows_rejected=100, rows_filtered=0, bytes_in=9000, bytes_out=900,
+              stages={"read": 0.9, "compute": 0.9, "upload": 0.45}, **ids),
+    ]
+    lines += [_line(2.0, "job.finished", job_id=f"ahead-{i}", outcome="succeeded", attempt=1, duration_s=0.5,
+                    stages={"check": 0.01}, rows_in=0, rows_out=0, rows_rejected=0, rows_filtered=0, bytes_in=0,
+                    bytes_out=0, already_done=True, rss_mb=100.0, **ids) for i in range(9)]
+    report = rep.build_report(lines)
+    t = report["throughput"]
+    assert (t["rows_in"], t["rows_out"], t["rows_rejected"]) == (10_000, 9_890, 110)
+    assert (t["bytes_in"], t["bytes_out"]) == (10_000, 1000)
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert stages["read"]["total_s"] == pytest.approx(1.0) and stages["read"]["count"] == 1
+    assert report["job_time"]["ahead_s"] == pytest.approx(2.25)
+    assert report["job_time"]["summed_s"] == pytest.approx(2.25 + 0.25 + 0.09)
+    assert sum(report["timeline"]["rows_per_s"]) * report["timeline"]["bucket_s"] == pytest.approx(10_000)
+    assert "2.25 s of it in passes storing jobs ahead" in rep.render_text(report)

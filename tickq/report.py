@@ -1,16 +1,22 @@
 """`tickq report`: read the JSON-lines metrics of a run and say where its time went.
 
 The input is what every component writes to stdout and to ``--metrics-file``: one JSON
-object per line. The report uses the worker's ``job.stage`` lines (one per stage of a job,
-``stage`` and ``duration_s``), its ``job.finished`` lines (``outcome``, ``duration_s``,
-rows, ``rss_mb``, ``worker``) and ``worker.heartbeat`` lines (``rss_mb``), plus, where
-present, ``worker.started`` (concurrency, prefetch), ``worker.auto_sized`` (memory),
-``produce.*`` and ``aggregate.written``.
+object per line. The report uses the worker's ``job.finished`` lines (``outcome``,
+``duration_s``, ``stages``, rows, ``rss_mb``, ``worker``; or one ``job.stage`` line per stage,
+as earlier versions wrote them), its ``worker.month_pass`` lines (what a pass over a month
+without an index spent on the jobs it stored ahead of their messages) and
+``worker.heartbeat`` lines (``rss_mb``), plus, where present, ``worker.started``
+(concurrency, prefetch), ``worker.auto_sized`` (memory), ``produce.*`` and
+``aggregate.written``.
 
-It reports a stage table (count, total, p50, p95, max, share of summed job time),
-throughput over the wall span of the job lines, peak memory per worker, the slowest jobs,
-and named bottlenecks, each with a recommendation. ``--json`` prints the report dict;
-``--plot FILE.png`` draws throughput, stage shares and memory over time.
+A worker serves its jobs in batches: a job's stages are its share of its batch's work, while
+its ``duration_s`` runs from its delivery to its ack, its batch's whole run included. So the
+stage table (count, total, p50, p95, max) gives each stage's share of the workers' timed work
+(the stages' sum), and ``wait`` (a job queued in its worker behind other batches) is shown as
+latency, with no share; throughput is measured over the wall span of the job lines. The report
+also gives peak memory per worker, the slowest jobs, and named bottlenecks, each with a
+recommendation. ``--json`` prints the report dict; ``--plot FILE.png`` draws throughput,
+stage shares and memory over time.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ import numpy as np
 from shared.errors import ConfigError
 
 STAGES = ("check", "list", "read", "filter", "compute", "upload", "publish", "ack")
+# Stages that measure how long a job waited, not work done: summed over jobs that wait side by
+# side, they would outweigh everything else.
+LATENCY_STAGES = ("wait",)
+ROW_FIELDS = ("rows_in", "rows_out", "rows_rejected", "rows_filtered", "bytes_in", "bytes_out")
 OUTCOMES = ("succeeded", "retry_scheduled", "dead_lettered")
 
 DOMINANT_SHARE = 0.40
@@ -39,8 +49,6 @@ INPUT_SHARE = 0.30
 """list + read above this share: jobs spend their time getting at their input."""
 BROKER_SHARE = 0.15
 """publish + ack above this share: broker round trips weigh on every job."""
-OTHER_SHARE = 0.25
-"""Job time outside the timed stages above this share."""
 RETRY_SHARE = 0.05
 """Retried deliveries above this share of all deliveries."""
 MEMORY_NEAR = 0.80
@@ -65,8 +73,6 @@ RECOMMENDATIONS: dict[str, str] = {
     "keep the broker near the workers on fast disks (confirms wait for quorum fsync)",
     "ack": "broker overhead: raise --prefetch so the next delivery is already waiting, and "
     "keep the broker near the workers on fast disks",
-    "untimed": "in-process retries of transient errors or a busy event loop: check the retry "
-    "lines, and lower --concurrency if the worker's CPUs are saturated",
     "retries": "transient failures (object store or broker throttling, timeouts): read the "
     "`error` of the retry lines; lower worker concurrency if the store throttles",
     "dead_letters": "the run is incomplete: inspect them with `tickq dlq list`, fix the cause, "
@@ -200,7 +206,13 @@ def _bucket_size(span_s: float) -> float:
 
 def _stage_order(names: Iterable[str]) -> list[str]:
     names = set(names)
-    return [s for s in STAGES if s in names] + sorted(names - set(STAGES))
+    known = (*STAGES, *LATENCY_STAGES)
+    return [s for s in known if s in names] + sorted(names - set(known))
+
+
+def _work_s(per_stage: Mapping[str, float]) -> float:
+    """The seconds of work among a job's (or a pass's) stages: all but the latency ones."""
+    return sum(seconds for stage, seconds in per_stage.items() if stage not in LATENCY_STAGES)
 
 
 def build_report(
@@ -215,11 +227,14 @@ def build_report(
     ``bottlenecks`` (``kind``, ``message``, ``recommendation``, ``share`` and ``stage`` where
     it applies; the dominant stage first), ``pipeline`` and ``timeline`` (for `write_plot`).
 
-    Shares are of *summed job time*: the ``duration_s`` of the succeeded jobs that logged
-    their stages (or their stages' sum, when larger). The wall span starts at the earliest
-    job line or job start (``ts - duration_s`` of a ``job.finished`` line) and ends at the
-    last job line. ``jobs_per_s`` counts succeeded jobs, ``deliveries_per_s`` every
-    ``job.finished`` line (retries included).
+    Shares are of *job time*, the workers' timed work: the stages' seconds of the jobs that
+    logged them (latency stages aside), and of the passes that stored jobs ahead of their
+    messages (``worker.month_pass``), whose rows and bytes count among the run's too. The same
+    work, with the ``duration_s`` of job lines that logged no stages, over the wall span is the
+    effective concurrency. The wall span starts at the earliest job line or job start
+    (``ts - duration_s`` of a ``job.finished`` line) and ends at the last job line.
+    ``jobs_per_s`` counts succeeded jobs, ``deliveries_per_s`` every ``job.finished`` line
+    (retries included).
     """
     lines = list(lines)
     stage_values: dict[str, list[float]] = defaultdict(list)
@@ -234,6 +249,10 @@ def build_report(
     auto_memory: list[float] = []
     producer: dict[str, float] = defaultdict(float)
     aggregator: dict[str, Any] = {}
+    # What passes over months without an index did for the jobs they stored ahead.
+    ahead_stages: dict[str, float] = defaultdict(float)
+    ahead_totals: Counter[str] = Counter()
+    ahead_rows: list[tuple[float | None, float]] = []
 
     for line in lines:
         event = line.get("event")
@@ -259,6 +278,15 @@ def build_report(
                 duration = _num(line.get("duration_s"))
                 if duration is not None:
                     job_times.append(ts - duration)
+        elif event == "worker.month_pass":
+            for field in ROW_FIELDS:
+                ahead_totals[field] += int(_num(line.get(field)) or 0)
+            ahead_rows.append((ts, _num(line.get("rows_in")) or 0.0))
+            per_stage = line.get("stages")
+            if isinstance(per_stage, dict):
+                for stage, value in per_stage.items():
+                    if isinstance(stage, str) and (seconds := _num(value)) is not None:
+                        ahead_stages[stage] += seconds
         elif event == "worker.started" and isinstance(line.get("worker"), str):
             if (c := _num(line.get("concurrency"))) is not None:
                 capacity[line["worker"]] = int(c)
@@ -294,40 +322,35 @@ def build_report(
     wall = wall_s if wall_s and wall_s > 0 else None
 
     by_outcome: Counter[str] = Counter()
-    rows = Counter[str]()
+    rows = Counter[str](ahead_totals)
     durations: list[float] = []
     dead_classes: Counter[str] = Counter()
     worker_jobs: Counter[str] = Counter()
     worker_cpu: dict[str, list[float]] = defaultdict(list)
-    succeeded_time: dict[tuple[str, str, str], float] = defaultdict(float)
+    # Work: the stages of the jobs that logged them and of the passes ahead; a job line with no
+    # stages counts its duration.
+    work_s = sum(_work_s(per_stage) for per_stage in stages_by_job.values()) + _work_s(ahead_stages)
     for _, line in finished:
         outcome = str(line.get("outcome", "unknown"))
         by_outcome[outcome] += 1
         duration = _num(line.get("duration_s"))
         if duration is not None:
             durations.append(duration)
+            if _job_key(line) not in stages_by_job:
+                work_s += duration
         worker = line.get("worker")
         if isinstance(worker, str):
             worker_jobs[worker] += 1
             if (cpu := _num(line.get("cpu_percent"))) is not None:
                 worker_cpu[worker].append(cpu)
         if outcome == "succeeded":
-            for field in (
-                "rows_in",
-                "rows_out",
-                "rows_rejected",
-                "rows_filtered",
-                "bytes_in",
-                "bytes_out",
-            ):
+            for field in ROW_FIELDS:
                 rows[field] += int(_num(line.get(field)) or 0)
-            if duration is not None:
-                succeeded_time[_job_key(line)] += duration
         elif outcome == "dead_lettered":
             dead_classes[str(line.get("error_class") or "unknown")] += 1
     deliveries = sum(by_outcome.values())
     succeeded = by_outcome.get("succeeded", 0)
-    busy_s = sum(durations)
+    latency_s = sum(durations)
     slots = sum(capacity.values()) if capacity else None
     throughput: dict[str, Any] = {
         "start": _iso(start),
@@ -341,60 +364,48 @@ def build_report(
         "deliveries_per_s": _ratio(deliveries, wall),
         "rows_per_s": _ratio(rows["rows_in"], wall),
         "mb_in_per_s": _ratio(rows["bytes_in"] / 2**20, wall),
-        "effective_concurrency": _ratio(busy_s, wall),
+        "effective_concurrency": _ratio(work_s, wall),
         "job_slots": slots,
-        "utilisation": _ratio(busy_s, wall * slots) if wall and slots else None,
+        "utilisation": _ratio(work_s, wall * slots) if wall and slots else None,
         "retry_share": _ratio(by_outcome.get("retry_scheduled", 0), deliveries),
         "dead_share": _ratio(by_outcome.get("dead_lettered", 0), deliveries),
         "dead_by_error_class": dict(sorted(dead_classes.items())),
-        **{
-            field: rows[field]
-            for field in (
-                "rows_in",
-                "rows_out",
-                "rows_rejected",
-                "rows_filtered",
-                "bytes_in",
-                "bytes_out",
-            )
-        },
+        **{field: rows[field] for field in ROW_FIELDS},
     }
     p50, p95 = _percentiles(durations)
     throughput["job_duration"] = {
         "count": len(durations),
-        "mean_s": _ratio(busy_s, len(durations)),
+        "mean_s": _ratio(latency_s, len(durations)),
         "p50_s": _r(p50),
         "p95_s": _r(p95),
         "max_s": _r(max(durations)) if durations else None,
     }
 
     # -- stages --------------------------------------------------------------------------
-    job_time_s = 0.0
-    for key, per_stage in stages_by_job.items():
-        job_time_s += max(sum(per_stage.values()), succeeded_time.get(key, 0.0))
-    staged_s = sum(sum(v) for v in stage_values.values())
+    # Count, mean and percentiles are of the job lines; totals and shares take in the work of
+    # the passes ahead too.
+    job_time_s = sum(_work_s(per_stage) for per_stage in stages_by_job.values()) + _work_s(ahead_stages)
     stages: list[dict[str, Any]] = []
-    for stage in _stage_order(stage_values):
-        values = stage_values[stage]
-        total = sum(values)
+    for stage in _stage_order([*stage_values, *ahead_stages]):
+        values = stage_values.get(stage, [])
+        total = sum(values) + ahead_stages.get(stage, 0.0)
         s50, s95 = _percentiles(values)
         stages.append(
             {
                 "stage": stage,
                 "count": len(values),
                 "total_s": _r(total),
-                "mean_s": _r(total / len(values)),
+                "mean_s": _ratio(sum(values), len(values)),
                 "p50_s": _r(s50),
                 "p95_s": _r(s95),
-                "max_s": _r(max(values)),
-                "share": _ratio(total, job_time_s),
+                "max_s": _r(max(values)) if values else None,
+                "share": None if stage in LATENCY_STAGES else _ratio(total, job_time_s),
+                "latency": stage in LATENCY_STAGES,
             }
         )
     job_time = {
         "summed_s": _r(job_time_s),
-        "staged_s": _r(staged_s),
-        "other_s": _r(max(0.0, job_time_s - staged_s)),
-        "other_share": _ratio(max(0.0, job_time_s - staged_s), job_time_s),
+        "ahead_s": _r(_work_s(ahead_stages)),
         "jobs_with_stages": len(stages_by_job),
     }
 
@@ -456,7 +467,7 @@ def build_report(
     report["bottlenecks"] = _bottlenecks(report)
     dominant = [b for b in report["bottlenecks"] if b["kind"] == "dominant_stage"]
     report["bottleneck"] = dominant[0]["stage"] if dominant else None
-    report["timeline"] = _timeline(finished, memory_samples, start, end)
+    report["timeline"] = _timeline(finished, ahead_rows, memory_samples, start, end)
     return report
 
 
@@ -481,7 +492,7 @@ def _finding(
 def _bottlenecks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Named bottlenecks, each with a recommendation: the dominant stage first, then the
     others by severity (dead letters, then the largest shares)."""
-    shares = {s["stage"]: s["share"] or 0.0 for s in report["stages"]}
+    shares = {s["stage"]: s["share"] or 0.0 for s in report["stages"] if not s["latency"]}
     first: list[dict[str, Any]] = []
     ranked: list[tuple[float, dict[str, Any]]] = []
     dominant = None
@@ -506,10 +517,6 @@ def _bottlenecks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         message = f"publish/ack is {_pct(broker_share)} of job time"
         advice = RECOMMENDATIONS["publish"] + now
         ranked.append((broker_share, _finding("broker", message, advice, broker_share, "publish")))
-    other = report["job_time"]["other_share"]
-    if other is not None and other > OTHER_SHARE:
-        message = f"{_pct(other)} of job time is outside the timed stages"
-        ranked.append((other, _finding("untimed", message, RECOMMENDATIONS["untimed"], other)))
 
     t = report["throughput"]
     retry_share, dead_share = t["retry_share"], t["dead_share"]
@@ -548,11 +555,13 @@ def _bottlenecks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _timeline(
     finished: Sequence[tuple[float | None, Mapping[str, Any]]],
+    ahead_rows: Sequence[tuple[float | None, float]],
     memory_samples: Mapping[str, Sequence[tuple[float | None, float]]],
     start: float | None,
     end: float | None,
 ) -> dict[str, Any]:
-    """Bucketed series for the plot: jobs/s per outcome, rows/s, and memory per worker."""
+    """Bucketed series for the plot: jobs/s per outcome, rows/s (those of passes that stored
+    jobs ahead when the pass ended), and memory per worker."""
     if start is None or end is None:
         return {
             "start": None,
@@ -579,6 +588,9 @@ def _timeline(
         series[index(ts)] += 1 / size
         if outcome == "succeeded":
             rows[index(ts)] += (_num(line.get("rows_in")) or 0.0) / size
+    for ts, rows_in in ahead_rows:
+        if ts is not None:
+            rows[index(ts)] += rows_in / size
     memory: dict[str, list[list[float]]] = {}
     for worker in sorted(memory_samples):
         peaks: dict[int, float] = {}
@@ -639,9 +651,9 @@ def render_text(report: Mapping[str, Any]) -> str:
     )
     jd = t["job_duration"]
     out.append(
-        f"  job time    p50 {_fmt(jd['p50_s'])} s, p95 {_fmt(jd['p95_s'])} s, max "
-        f"{_fmt(jd['max_s'])} s; effective concurrency {_fmt(t['effective_concurrency'], 2)}"
-        + (f" of {t['job_slots']} slots" if t["job_slots"] else "")
+        f"  latency     p50 {_fmt(jd['p50_s'])} s, p95 {_fmt(jd['p95_s'])} s, max "
+        f"{_fmt(jd['max_s'])} s from delivery to ack; effective concurrency "
+        f"{_fmt(t['effective_concurrency'], 2)}" + (f" of {t['job_slots']} slots" if t["job_slots"] else "")
     )
     out.append(
         f"  rows        in {t['rows_in']}, out {t['rows_out']}, "
@@ -649,10 +661,11 @@ def render_text(report: Mapping[str, Any]) -> str:
     )
 
     jt = report["job_time"]
+    ahead = f"; {_fmt(jt['ahead_s'], 2)} s of it in passes storing jobs ahead" if jt["ahead_s"] else ""
     out += [
         "",
-        f"Stages (share of {_fmt(jt['summed_s'], 2)} s summed job time, "
-        f"{jt['jobs_with_stages']} jobs)",
+        f"Stages (share of {_fmt(jt['summed_s'], 2)} s of job time, the workers' timed work, "
+        f"{jt['jobs_with_stages']} jobs{ahead})",
     ]
     if report["stages"]:
         out.append(
@@ -661,14 +674,11 @@ def render_text(report: Mapping[str, Any]) -> str:
         )
         for s in report["stages"]:
             mark = "  <- bottleneck" if s["stage"] == report["bottleneck"] else ""
+            share = "latency" if s["latency"] else _pct(s["share"])
             out.append(
                 f"  {s['stage']:<10}{s['count']:>8}{_fmt(s['total_s'], 3):>12}"
-                f"{_fmt(s['p50_s']):>10}{_fmt(s['p95_s']):>10}{_fmt(s['max_s']):>10}{_pct(s['share']):>8}{mark}"
+                f"{_fmt(s['p50_s']):>10}{_fmt(s['p95_s']):>10}{_fmt(s['max_s']):>10}{share:>8}{mark}"
             )
-        out.append(
-            f"  {'(untimed)':<10}{'':>8}{_fmt(jt['other_s'], 3):>12}{'':>30}"
-            f"{_pct(jt['other_share']):>8}"
-        )
     else:
         out.append("  no job.stage lines")
 
@@ -798,13 +808,9 @@ def write_plot(
 
     # 2. stage breakdown: share of summed job time.
     ax = axes[1]
-    stages = list(report["stages"])
+    stages = [s for s in report["stages"] if not s["latency"]]
     names = [s["stage"] for s in stages]
     shares = [(s["share"] or 0.0) * 100 for s in stages]
-    other = report["job_time"]["other_share"]
-    if other:
-        names.append("(untimed)")
-        shares.append(other * 100)
     if names:
         colours = ["#c62828" if n == report["bottleneck"] else "#546e7a" for n in names]
         ypos = np.arange(len(names))
@@ -824,7 +830,7 @@ def write_plot(
     else:
         ax.text(0.5, 0.5, "no job.stage lines", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(
-        f"Stage breakdown (share of {_fmt(report['job_time']['summed_s'], 1)} s summed job time)"
+        f"Stage breakdown (share of {_fmt(report['job_time']['summed_s'], 1)} s of job time)"
     )
     ax.set_xlabel("% of job time")
     ax.set_ylabel("stage")

@@ -806,7 +806,7 @@ def write_plot(
     ax.set_ylabel("jobs per second")
     ax.grid(axis="y", alpha=0.3)
 
-    # 2. stage breakdown: share of summed job time.
+    # 2. stage breakdown: share of job time (the workers' timed work).
     ax = axes[1]
     stages = [s for s in report["stages"] if not s["latency"]]
     names = [s["stage"] for s in stages]

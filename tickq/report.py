@@ -327,9 +327,10 @@ def build_report(
     dead_classes: Counter[str] = Counter()
     worker_jobs: Counter[str] = Counter()
     worker_cpu: dict[str, list[float]] = defaultdict(list)
-    # Work: the stages of the jobs that logged them and of the passes ahead; a job line with no
-    # stages counts its duration.
-    work_s = sum(_work_s(per_stage) for per_stage in stages_by_job.values()) + _work_s(ahead_stages)
+    # Job time: the timed work of the jobs that logged their stages and of the passes ahead.
+    # The workers' work adds the duration of each job line that logged no stages.
+    job_time_s = sum(_work_s(per_stage) for per_stage in stages_by_job.values()) + _work_s(ahead_stages)
+    work_s = job_time_s
     for _, line in finished:
         outcome = str(line.get("outcome", "unknown"))
         by_outcome[outcome] += 1
@@ -384,7 +385,6 @@ def build_report(
     # -- stages --------------------------------------------------------------------------
     # Count, mean and percentiles are of the job lines; totals and shares take in the work of
     # the passes ahead too.
-    job_time_s = sum(_work_s(per_stage) for per_stage in stages_by_job.values()) + _work_s(ahead_stages)
     stages: list[dict[str, Any]] = []
     for stage in _stage_order([*stage_values, *ahead_stages]):
         values = stage_values.get(stage, [])

@@ -1,6 +1,7 @@
 """Normalisation: whatever a file holds in one schema (`NORMALISED_SCHEMA`), trade_date and
 hour derived in the market time zone, rejected rows marked; text columns as labels
-(dictionary-encoded), each distinct value handled once per batch."""
+(dictionary-encoded), each distinct value handled once per batch. Also the label helpers the
+readers and workers share: the rows of the wanted securities, label codes and masks."""
 
 from __future__ import annotations
 

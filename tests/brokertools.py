@@ -10,8 +10,9 @@ import aio_pika
 from shared.topology import Topology
 
 
-def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str, Any] | None = None) -> None:
-    """Publish raw bodies to the namespace's job queue, confirmed."""
+def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str, Any] | None = None,
+                queue: str | None = None, message_ids: list[str] | None = None) -> None:
+    """Publish raw bodies to the namespace's job queue (or its `queue`), confirmed."""
 
     async def run() -> None:
         connection = await aio_pika.connect(url, timeout=30)
@@ -20,10 +21,11 @@ def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str
             from shared.topology import declare
 
             await declare(channel, Topology(namespace))
-            for body in bodies:
+            for i, body in enumerate(bodies):
                 await channel.default_exchange.publish(
-                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or {}),
-                    routing_key=Topology(namespace).jobs,
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or {},
+                                     message_id=message_ids[i] if message_ids else None),
+                    routing_key=queue or Topology(namespace).jobs,
                 )
 
     asyncio.run(run())

@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse, urlunparse
 
 from shared.topology import Topology
@@ -158,6 +159,35 @@ def test_status_agrees_with_markers_and_dead_letters(
     watched = tickq.run("status", "--run", "st", "--output", str(output), "--watch", "--interval", "0.2",
                         check=False)
     assert "succeeded" in watched.stdout  # plain lines when not on a terminal
+
+
+def test_reading_the_dead_letters_spends_none_of_their_deliveries(
+    tickq: Tickq, amqp_url: str, namespace: str
+) -> None:
+    # From RabbitMQ 4.0 a quorum queue drops a message returned 20 times (its default delivery
+    # limit), and up to 4.2 every requeue counts. Listing, showing, a dry run, and the letters a
+    # replay or purge leaves must hand the dead letters back as they were, their count unspent.
+    dead = Topology(namespace).dead
+    letters: list[dict[str, Any]] = [{"v": 1, "run_id": "r", "job_id": f"r:2024-03:S{i}:2024-03-01", "month": "2024-03",
+                "security": f"S{i}", "date": "2024-03-01"} for i in range(3)]
+    headers = {"x-tickq-error-class": "permanent", "x-tickq-error": "unreadable parquet file", "x-tickq-attempts": 1}
+    publish_raw(amqp_url, namespace, [json.dumps(x).encode() for x in letters], headers=headers, queue=dead,
+                message_ids=[x["job_id"] for x in letters])
+    for _ in range(2):
+        assert len(tickq.run("dlq", "list", "--json").stdout.splitlines()) == 3
+    tickq.run("dlq", "show", letters[0]["job_id"])
+    tickq.run("dlq", "replay", "--run", "r", "--dry-run")
+    tickq.run("dlq", "replay", "--run", "elsewhere")
+    tickq.run("dlq", "purge", "--run", "elsewhere", "--yes")
+
+    held = drain_queue(amqp_url, dead)
+    assert sorted(m.message_id or "" for m in held) == [x["job_id"] for x in letters]
+    for message in held:
+        assert json.loads(message.body) in letters
+        assert {k: message.headers.get(k) for k in headers} == headers
+        # Taken once here: a letter handed back by requeueing would show 6 or more.
+        assert message.headers.get("x-delivery-count", 0) == 0, message.headers
+    assert queue_depth(amqp_url, dead) == 3
 
 
 def test_credentials_never_reach_logs_dead_letters_or_errors(

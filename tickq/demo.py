@@ -16,6 +16,7 @@ from pathlib import Path
 from shared.broker import BrokerUnavailable, connect
 from shared.errors import ConfigError
 from shared.settings import Settings
+from tickq.cli import DEFAULT_PREFETCH_PER_SLOT
 
 
 async def _probe(settings: Settings) -> None:
@@ -75,9 +76,14 @@ def run_demo(settings: Settings, rows: int, workers: int, securities: int, out: 
         )
         run = json.loads(produced.stdout)
         print(f"run {run['run_id']}: {run['jobs']} jobs published; starting {workers} workers …", file=sys.stderr)
+        # A worker's default prefetch (a thousand jobs a slot) would hand a demo's few hundred
+        # jobs all to the worker subscribed first: share them out instead.
+        share = -(-run["jobs"] // workers)
+        prefetch = ["--prefetch", str(share)] if share < DEFAULT_PREFETCH_PER_SLOT else []
         procs = [
             subprocess.Popen(
-                [*tickq, "worker", "--idle-exit", "3", "--quiet", "--metrics-file", str(logs / f"worker-{i}.jsonl")],
+                [*tickq, "worker", "--idle-exit", "3", *prefetch, "--quiet",
+                 "--metrics-file", str(logs / f"worker-{i}.jsonl")],
                 env={**env, "TICKQ_HEARTBEAT_FILE": str(logs / f"worker-{i}.alive")},
             )
             for i in range(workers)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import signal
 import time
 from dataclasses import dataclass
@@ -26,14 +27,15 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from aggregator.tables import RunState, aggregate_run, load_state, read_manifest
 from shared.broker import connect
-from shared.errors import one_line
-from shared.layout import RunLayout
-from shared.messages import JobEvent
+from shared.errors import ErrorClass, PermanentError, PoisonError, one_line
+from shared.layout import JobKey, RunLayout
+from shared.messages import JobEvent, parse_job
 from shared.metrics import get_logger
 from shared.observability import AggregatorMetrics, HealthServer, LivenessProbe
+from shared.runstate import record_dead
 from shared.settings import Settings
 from shared.storage import open_storage
-from shared.topology import Topology, declare
+from shared.topology import BROKER_LIMIT_ERROR, Topology, declare
 
 EVENT_PREFETCH = 200
 HEARTBEAT_INTERVAL_S = 10.0
@@ -172,14 +174,21 @@ class AggregatorService:
         self._last_activity = time.monotonic()
         async with self._lock:
             try:
-                event = JobEvent.from_body(message.body)
+                event = self._event_of(message)
             except ValueError as exc:
                 self.log.warning("aggregator.bad_event", error=one_line(exc))
                 await message.ack()
                 return
+            if event is None:  # a dead letter its worker recorded and announced itself
+                await message.ack()
+                return
             self.metrics.event(event.type, len(event.jobs))
             try:
+                if message.routing_key == self.topology.dead:
+                    await self._record_broker_dead_letter(event)
                 await self._apply(event)
+            except PermanentError as exc:  # the run is not (any more) where the event says
+                self.log.warning("aggregator.event_dropped", run_id=event.run_id, error=one_line(exc))
             except Exception as exc:
                 # Storage or broker trouble: hand the event back and try again shortly.
                 self.log.warning("aggregator.event_failed", run_id=event.run_id, error=one_line(exc))
@@ -190,6 +199,37 @@ class AggregatorService:
             with contextlib.suppress(Exception):
                 await message.ack()
             self._last_activity = time.monotonic()
+
+    def _event_of(self, message: AbstractIncomingMessage) -> JobEvent | None:
+        """The job event `message` carries; for a copy of a dead letter (`shared.topology`),
+        a job.dead event when the broker made it at its delivery limit, else None. Raises
+        `ValueError` when the message is neither an event nor a job."""
+        if message.routing_key != self.topology.dead:
+            return JobEvent.from_body(message.body)
+        if "x-tickq-error-class" in (message.headers or {}):
+            return None  # a worker's: it wrote the dead record and sent a job.dead event
+        try:
+            job = parse_job(message.body)
+        except PoisonError as exc:
+            raise ValueError(f"a dead letter of no job: {exc}") from None
+        return JobEvent.from_body(JobEvent.body_about([(job, {"error_class": str(ErrorClass.CRASH_LOOP)})],
+                                                      "job.dead", "broker"))
+
+    async def _record_broker_dead_letter(self, event: JobEvent) -> None:
+        """Write the dead record of a job the broker dead-lettered itself: status, the one-shot
+        aggregate and a resync read the run's dead jobs from those records, and no worker
+        wrote one (the job's workers died before they could look at it)."""
+        storage = open_storage(event.output, self.settings.s3_endpoint_url)
+        layout = RunLayout(event.run_id)
+        now = dt.datetime.now(dt.UTC).isoformat()
+        loop = asyncio.get_running_loop()
+        for job in event.jobs:
+            record = {"job_id": job.job_id, "worker": "broker", "at": now, "error_class": str(ErrorClass.CRASH_LOOP),
+                      "error": BROKER_LIMIT_ERROR, "attempts": 0, "failed_at": now}
+            key = JobKey(job.month, job.security, job.date)
+            await loop.run_in_executor(None, record_dead, storage, layout, key, record)
+            self.log.warning("aggregator.recorded_dead", run_id=event.run_id, job_id=job.job_id,
+                             error_class=str(ErrorClass.CRASH_LOOP), error=BROKER_LIMIT_ERROR)
 
     async def _apply(self, event: JobEvent) -> None:
         loop = asyncio.get_running_loop()

@@ -262,6 +262,12 @@ def _state(jobs: RunJobs, succeeded: npt.NDArray[np.bool_], dead: npt.NDArray[np
     return RunState(jobs, JobSet(jobs, succeeded), JobSet(jobs, dead), JobSet(jobs, retrying))
 
 
+def record_dead(storage: Storage, layout: RunLayout, key: JobKey, record: dict[str, Any]) -> None:
+    """Write the job's dead record (JSON `record`); its retry record, if any, no longer holds."""
+    storage.write_bytes(layout.dead(key), json.dumps(record).encode(), "application/json")
+    storage.delete(layout.retrying(key))
+
+
 def read_run_jobs(storage: Storage, layout: RunLayout) -> RunJobs:
     """The run's expected jobs, from its key file."""
     return RunJobs.of(job_key_rows(storage, layout.job_keys))

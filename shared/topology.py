@@ -7,6 +7,8 @@
        broker DLX  │  └── N.retry.<delay> ◄──────┤ transient failure (TTL, dead-letters back)
                    ▼                             │
                  N.dlx ──► N.dead ◄──────────────┘ permanent / poison / exhausted / crash loop
+                   │
+                   └──────────┐ (a copy of every dead letter)
     workers ──► N.events (topic) ──► N.events.aggregator ──► aggregator
 """
 
@@ -24,6 +26,8 @@ from shared.errors import ConfigError
 # the backstop for a message that kills its worker before the worker can look at it.
 DEFAULT_CRASH_BUDGET = 5
 BROKER_DELIVERY_LIMIT = 8
+# What a dead letter the broker made at that limit says (it carries none of tickq's headers).
+BROKER_LIMIT_ERROR = "the broker's delivery limit was reached (the job's workers kept dying)"
 DEFAULT_RETRY_DELAYS_S: tuple[int, ...] = (5, 30, 120, 600)
 # Job events kept for the aggregator service at most (a few hundred bytes each).
 EVENTS_MAX_LENGTH = 200_000
@@ -148,3 +152,6 @@ async def _declare(channel: Any, topology: Topology) -> None:
         topology.aggregator_events, durable=True, arguments=topology.events_arguments()
     )
     await agg.bind(events, routing_key="job.#")
+    # Every dead letter reaches the aggregator too: a job the broker dead-letters at its
+    # delivery limit has no dead record, and the aggregator writes it (a worker writes its own).
+    await agg.bind(dlx, routing_key=topology.dead)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import pyarrow.parquet as pq
 
 from shared.topology import Topology
-from tests.brokertools import drain_queue, publish_raw
+from tests.brokertools import drain_queue, hold_and_drop, publish_raw, queue_depth
 from tests.conftest import S3Server, Tickq, TickqProcess, log_lines
 from tests.helpers import FaultyS3Proxy, TcpProxy, read_summary, read_tables, upload_dir
 from tests.reference import assert_tables_equal, reference_tables
@@ -302,3 +302,39 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_as_a_crash_loop
     # Every other job succeeded: none was dead-lettered for the killer's crashes.
     assert summary["jobs_succeeded"] == produced["jobs"] - 1
     assert summary["jobs_dead"] == 1
+
+
+def test_jobs_the_broker_dead_letters_at_its_delivery_limit_are_counted_dead_then_replayed(
+    tickq: Tickq, tmp_path: Path, amqp_url: str, namespace: str, fault_report: list[dict[str, Any]]
+) -> None:
+    # Workers that die before they can look at their jobs (a memory limit below what a worker
+    # needs to start, say) never write a dead record: the broker dead-letters the jobs at its
+    # delivery limit. The aggregator service records them, so the ledger settles as dead
+    # instead of showing them queued for ever, and a replay completes the run.
+    data, output = tmp_path / "data", str(tmp_path / "out")
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "limit",
+                             "--dates", "2024-03-04..2024-03-05")
+    topology = Topology(namespace)
+    deaths = 0
+    while queue_depth(amqp_url, topology.jobs) and deaths < 20:
+        hold_and_drop(amqp_url, topology.jobs, times=1)
+        deaths += 1
+    assert queue_depth(amqp_url, topology.jobs) == 0 and deaths > 1
+    tickq.wait_all([tickq.start("aggregator", "--idle-exit", "3")], timeout=60)
+
+    ledger = json.loads(tickq.run("status", "--run", "limit", "--output", output, "--json", check=False).stdout)
+    assert (ledger["dead"], ledger["queued"], ledger["succeeded"]) == (produced["jobs"], 0, 0), ledger
+    summary = read_summary(output, "limit")
+    assert summary["jobs_dead"] == produced["jobs"] and summary["complete"] is False
+    letters = [json.loads(x) for x in tickq.run("dlq", "list", "--run", "limit", "--json").stdout.splitlines()]
+    assert len(letters) == produced["jobs"] and {x["error_class"] for x in letters} == {"crash-loop"}
+
+    tickq.run("dlq", "replay", "--run", "limit")
+    summary = _finish(tickq, output, "limit")
+    _figures(fault_report, "jobs dead-lettered by the broker, replayed", summary, produced["jobs"], deaths,
+             len(letters))
+    assert summary["complete"] is True and summary["jobs_dead"] == 0
+    assert drain_queue(amqp_url, topology.dead) == []
+    expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-05")
+    assert_tables_equal(read_tables(output, "limit"), expected)

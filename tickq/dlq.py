@@ -26,7 +26,7 @@ from shared.errors import ConfigError, ErrorClass, one_line
 from shared.layout import JobKey, RunLayout
 from shared.settings import Settings
 from shared.storage import open_storage
-from shared.topology import Topology, declare
+from shared.topology import BROKER_LIMIT_ERROR, Topology, declare
 
 # Safety cap on dead letters held unacknowledged at once by one command.
 MAX_SCAN = 200_000
@@ -75,7 +75,7 @@ class DeadLetter:
         if error_class is None:
             # Dead-lettered by the broker itself: its delivery limit caught a crash loop.
             error_class = str(ErrorClass.CRASH_LOOP)
-            error = "the broker's delivery limit was reached (the job's workers kept dying)"
+            error = BROKER_LIMIT_ERROR
         try:
             attempts = int(headers.get("x-tickq-attempts", 0))  # type: ignore[arg-type]
         except (TypeError, ValueError):

@@ -46,6 +46,7 @@ from shared.layout import JobKey, RunLayout
 from shared.messages import JobEvent, JobMessage, parse_job
 from shared.metrics import get_logger
 from shared.observability import HealthServer, LivenessProbe, WorkerMetrics
+from shared.runstate import record_dead
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import (
@@ -690,16 +691,14 @@ class Worker:
         """Store a dead or retrying record for `job` (best effort: the queues hold the truth)."""
         key = JobKey(job.month, job.security, job.date)
         layout = RunLayout(job.run_id)
-        body = json.dumps({"job_id": job.job_id, "worker": self.identity,
-                           "at": dt.datetime.now(dt.UTC).isoformat(), **record}).encode()
+        record = {"job_id": job.job_id, "worker": self.identity, "at": dt.datetime.now(dt.UTC).isoformat(), **record}
 
         def write() -> None:
             storage = open_storage(job.output, self.settings.s3_endpoint_url)
             if kind == "dead":
-                storage.write_bytes(layout.dead(key), body, "application/json")
-                storage.delete(layout.retrying(key))
+                record_dead(storage, layout, key, record)
             else:
-                storage.write_bytes(layout.retrying(key), body, "application/json")
+                storage.write_bytes(layout.retrying(key), json.dumps(record).encode(), "application/json")
 
         try:
             await asyncio.get_running_loop().run_in_executor(None, write)

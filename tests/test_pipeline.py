@@ -17,7 +17,7 @@ import pytest
 
 from shared.layout import batch_result_header
 from shared.topology import Topology
-from tests.brokertools import queue_depth
+from tests.brokertools import publish_raw, queue_depth
 from tests.conftest import S3Server, Tickq, _delete_namespace, log_lines
 from tests.helpers import read_csv_tables, read_summary, read_tables, upload_dir
 from tests.reference import assert_tables_equal, reference_counts, reference_tables
@@ -258,6 +258,23 @@ def test_aggregator_service_writes_a_run_whose_later_events_it_never_got(
     [written] = [x for x in lines if x.get("event") == "aggregator.run_written"]
     assert written["complete"] is True and written["succeeded"] == produced["jobs"]
     assert_tables_equal(read_tables(output, "lost"), reference_tables(str(data), [MONTH]))
+
+
+def test_aggregator_service_drops_an_event_of_a_run_that_is_not_there(
+    tickq: Tickq, tmp_path: Path, amqp_url: str
+) -> None:
+    # A run whose output was deleted (or an event naming a wrong place) cannot be aggregated
+    # however often the event comes back: the service says so once and goes on.
+    event = {"v": 1, "type": "job.succeeded", "run_id": "gone", "output": str(tmp_path / "nowhere"), "worker": "w",
+             "jobs": [{"job_id": f"gone:{MONTH}:AAA:2024-03-04", "month": MONTH, "security": "AAA",
+                       "date": "2024-03-04"}]}
+    events = Topology(tickq.namespace).aggregator_events
+    publish_raw(amqp_url, tickq.namespace, [json.dumps(event).encode()], queue=events)
+    service = tickq.start("aggregator", "--idle-exit", "2")
+    tickq.wait_all([service], timeout=60)
+    assert queue_depth(amqp_url, events) == 0
+    [dropped] = [x for x in log_lines(service) if x.get("event") == "aggregator.event_dropped"]
+    assert dropped["run_id"] == "gone" and "no run gone" in dropped["error"]
 
 
 def test_summary_and_exit_status_when_jobs_are_missing(tickq: Tickq, tmp_path: Path) -> None:

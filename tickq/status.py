@@ -4,8 +4,8 @@ Expected jobs come from the manifest, succeeded from the success markers, dead a
 from the records workers keep beside them (a dead record is written when a job is
 dead-lettered and removed when it is replayed or succeeds; a retry record while the job waits
 in a delay queue). The aggregator service writes the dead records of jobs the broker
-dead-lettered itself, at its delivery limit: without it, such jobs show as queued. Whatever is left is queued or running. The namespace's queue depths come
-from the broker.
+dead-lettered itself, at its delivery limit: without it, such jobs show as queued. Whatever
+is left is queued or running. The namespace's queue depths come from the broker.
 """
 
 from __future__ import annotations

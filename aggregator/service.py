@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import signal
 import time
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ DEFAULT_RESYNC_AFTER_S = 60.0
 # A stalled run (no job finishing) is read again less and less often: reading a large run's
 # state lists every marker.
 MAX_RESYNC_INTERVAL_S = 3600.0
+# Pauses between tries of an event while storage or the broker fails (the last one repeats).
+RETRY_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 @dataclass
@@ -183,22 +186,40 @@ class AggregatorService:
                 await message.ack()
                 return
             self.metrics.event(event.type, len(event.jobs))
-            try:
-                if message.routing_key == self.topology.dead:
-                    await self._record_broker_dead_letter(event)
-                await self._apply(event)
-            except PermanentError as exc:  # the run is not (any more) where the event says
-                self.log.warning("aggregator.event_dropped", run_id=event.run_id, error=one_line(exc))
-            except Exception as exc:
-                # Storage or broker trouble: hand the event back and try again shortly.
-                self.log.warning("aggregator.event_failed", run_id=event.run_id, error=one_line(exc))
-                await asyncio.sleep(1.0)
+            if not await self._handle(event, dead_letter=message.routing_key == self.topology.dead):
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
                 return
             with contextlib.suppress(Exception):
                 await message.ack()
             self._last_activity = time.monotonic()
+
+    async def _handle(self, event: JobEvent, dead_letter: bool) -> bool:
+        """Apply `event` (and record a broker's dead letter), trying again while storage or the
+        broker fails; False when the service stops first and the event must go back.
+
+        The event is held, not requeued, between tries: a requeue counts as a delivery on
+        RabbitMQ 4.0-4.2, whose quorum queues drop a message after 20 (the default limit),
+        so an outage of a minute would lose the events that came in during it.
+        """
+        for attempt in itertools.count(1):
+            try:
+                if dead_letter:
+                    await self._record_broker_dead_letter(event)
+                await self._apply(event)
+                return True
+            except PermanentError as exc:  # the run is not (any more) where the event says
+                self.log.warning("aggregator.event_dropped", run_id=event.run_id, error=one_line(exc))
+                return True
+            except Exception as exc:
+                pause = RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S)) - 1]
+                self.log.warning("aggregator.event_failed", run_id=event.run_id, error=one_line(exc),
+                                 attempt=attempt, retry_in_s=pause)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+                if self._stopping.is_set():
+                    return False
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _event_of(self, message: AbstractIncomingMessage) -> JobEvent | None:
         """The job event `message` carries; for a copy of a dead letter (`shared.topology`),

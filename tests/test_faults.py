@@ -161,6 +161,43 @@ def test_object_store_failing_and_refusing_completes_within_the_retry_budget(
     assert_tables_equal(read_tables(output, "flaky", s3_server.endpoint), expected)
 
 
+def test_the_aggregator_service_holds_its_events_through_an_object_store_outage(
+    tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str, namespace: str,
+    fault_report: list[dict[str, Any]],
+) -> None:
+    # Events wait for the store to come back in the service's hands, tried again and again
+    # rather than requeued: on RabbitMQ 4.0-4.2 each requeue counts as a delivery, and past
+    # 20 the broker would drop the event.
+    data, output, produced = _s3_run(tickq, s3_server, tmp_path, "held")
+    tickq.wait_all(tickq.workers(1))
+    events = Topology(namespace).aggregator_events
+    assert queue_depth(amqp_url, events) > 0
+    proxy = FaultyS3Proxy(s3_server.endpoint)
+    proxy.refuse = True
+    try:
+        service = tickq.start("aggregator", "--idle-exit", "3", env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
+        deadline = time.monotonic() + 60
+        while not [x for x in log_lines(service) if x.get("event") == "aggregator.event_failed"
+                   and x["attempt"] >= 3]:
+            assert service.poll() is None and time.monotonic() < deadline, log_lines(service)[-5:]
+            time.sleep(0.2)
+        proxy.refuse = False
+        tickq.wait_all([service], timeout=120)
+    finally:
+        proxy.close()
+    lines = log_lines(service)
+    failed = [x for x in lines if x.get("event") == "aggregator.event_failed"]
+    # One event, held and tried again with growing pauses; none handed back to the queue.
+    assert [x["attempt"] for x in failed] == list(range(1, len(failed) + 1))
+    assert [x["retry_in_s"] for x in failed[:3]] == [1.0, 2.0, 4.0]
+    [written] = [x for x in lines if x.get("event") == "aggregator.run_written"]
+    assert written["complete"] is True and written["succeeded"] == produced["jobs"]
+    summary = read_summary(output, "held", s3_server.endpoint)
+    _figures(fault_report, "object store down under the aggregator", summary, produced["jobs"], len(failed), 0)
+    expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-06")
+    assert_tables_equal(read_tables(output, "held", s3_server.endpoint), expected)
+
+
 def test_outage_beyond_the_budget_dead_letters_then_replay_completes(
     tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str, namespace: str,
     fault_report: list[dict[str, Any]],

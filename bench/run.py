@@ -10,6 +10,7 @@
     python bench/run.py memory    --rows 1000000,100000000 --raw-too --all-jobs
     python bench/run.py producer  --jobs 10500
     python bench/run.py scaling   --rows 4000000 --securities 200
+    python bench/run.py scaling   --rows 20000000 --securities 500 --concurrency auto
     python bench/run.py csv       --rows 2000000
     python bench/run.py dbn       --rows 20000000 --securities 500 --workers 2 --files 8
     python bench/run.py naive     --rows 500000 --securities 20
@@ -601,7 +602,7 @@ def cmd_scaling(args: argparse.Namespace) -> None:
                                      "--json", "--quiet", env=env).stdout)
         metrics = [out / f"worker-{i}.jsonl" for i in range(workers)]
         prefetch = ("--prefetch", str(args.prefetch)) if args.prefetch else ()
-        work_s, _ = _run_workers(workers, env, ("--concurrency", "1", *prefetch), metrics)
+        work_s, _ = _run_workers(workers, env, ("--concurrency", args.concurrency, *prefetch), metrics)
         consuming_s, end_gap_s = _consuming_seconds(metrics)
         wall[workers].append(produced["jobs"] / work_s)
         consuming[workers].append(produced["jobs"] / consuming_s)
@@ -905,6 +906,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="scaling: each worker's --prefetch (default: the worker's own)")
+    parser.add_argument("--concurrency", default="1",
+                        help="scaling: each worker's --concurrency (default 1, a slot per core and per worker on 2 "
+                             "cores; `auto` is the worker's own default)")
     parser.add_argument("--raw-too", action="store_true",
                         help="e2e, memory: also run on the raw (not ingested) files")
     parser.add_argument("--all-jobs", action="store_true",

@@ -314,9 +314,9 @@ def test_many_buckets_with_few_open_spill_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Spill writers closed and reopened (new segments) still give every row, sorted."""
-    import tickq.ingest as ingest_module
+    import tickq.ingest.sort as ingest_sort
 
-    monkeypatch.setattr(ingest_module, "MAX_OPEN_SPILLS", 2)
+    monkeypatch.setattr(ingest_sort, "MAX_OPEN_SPILLS", 2)
     raw, out = tmp_path / "raw", tmp_path / "out"
     generate(str(raw), [MONTH], securities=60, rows=80_000, fmt="parquet")
     summary = ingest(str(raw), str(out), [MONTH], row_group_rows=2048, memory_budget_bytes=1 << 20)

@@ -176,6 +176,37 @@ def test_a_jobs_partials_are_those_of_adding_its_rows_in_turn_whoever_shares_its
         assert alone.result(0)["groups"]["participant"] == expected[slot]["participant"]
 
 
+def test_volumes_stay_exact_integers_beyond_what_a_float_holds() -> None:
+    # The contract's integers are exact: sizes near 2**52 differ in their last units, which a
+    # sum taken in float64 (np.bincount's weights, say) would round away.
+    from shared.inputs import normalise
+    from shared.messages import JobParams
+    from shared.processors.analytics import BatchPartials
+
+    rng = np.random.default_rng(7)
+    n = 2_000
+    size = (1 << 52) + rng.integers(1, 1_000, n)
+    raw = pa.record_batch({
+        "ts": pa.array(1_709_251_200_000_000_000 + rng.integers(0, 86_400 * 10**9, n), pa.int64()),
+        "security": pa.array(["AAA"] * n),
+        "price": pa.array(rng.uniform(1, 100, n)),
+        "size": pa.array(size),
+        "side": pa.array([("B", "S")[i] for i in rng.integers(0, 2, n)]),
+        "participant": pa.array([f"P{i}" for i in rng.integers(0, 3, n)]),
+        "venue": pa.array(["CP"] * n),
+    })
+    rows, _ = normalise(raw, "UTC")
+    slots = rng.integers(0, 3, n)
+    partials = BatchPartials(JobParams(), 3)
+    partials.add(rows, slots)
+    for slot in range(3):
+        wanted = _added_in_turn(rows.filter(pa.array(slots == slot)))
+        result = partials.result(slot)
+        for name in ("records", "volume", "buy_volume", "sell_volume"):
+            assert result["day"][name] == wanted["day"][name], name
+        assert result["groups"]["participant"]["volume"] == wanted["participant"]["volume"]
+
+
 def _added_in_turn(rows: pa.Table) -> dict[str, Any]:
     """A job's day summary and participant cells, adding its rows one at a time."""
     day: dict[str, Any] = {"records": 0, "volume": 0, "notional": 0.0, "low": math.inf, "high": -math.inf,

@@ -29,6 +29,7 @@ import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -215,6 +216,107 @@ def _work_s(per_stage: Mapping[str, float]) -> float:
     return sum(seconds for stage, seconds in per_stage.items() if stage not in LATENCY_STAGES)
 
 
+@dataclass
+class _Tally:
+    """What one pass over the metrics lines gathers, by kind of line."""
+
+    stage_values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    stages_by_job: dict[tuple[str, str, str], dict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    finished: list[tuple[float | None, Mapping[str, Any]]] = field(default_factory=list)
+    memory_samples: dict[str, list[tuple[float | None, float]]] = field(default_factory=lambda: defaultdict(list))
+    # Every job line's ts and every job's start (ts - duration_s): the wall span.
+    job_times: list[float] = field(default_factory=list)
+    capacity: dict[str, int] = field(default_factory=dict)
+    prefetch: dict[str, int] = field(default_factory=dict)
+    auto_memory: list[float] = field(default_factory=list)
+    producer: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    aggregator: dict[str, Any] = field(default_factory=dict)
+    # What passes over months without an index did for the jobs they stored ahead.
+    ahead_stages: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    ahead_totals: Counter[str] = field(default_factory=Counter)
+    ahead_rows: list[tuple[float | None, float]] = field(default_factory=list)
+
+    def add(self, line: Mapping[str, Any]) -> None:
+        """Take in one metrics line."""
+        event, ts = line.get("event"), _ts(line)
+        if event == "job.stage":
+            self._job_stage(line, ts)
+        elif event == "job.finished":
+            self._job_finished(line, ts)
+        elif event == "worker.month_pass":
+            self._month_pass(line, ts)
+        elif event == "worker.started" and isinstance(line.get("worker"), str):
+            if (c := _num(line.get("concurrency"))) is not None:
+                self.capacity[line["worker"]] = int(c)
+            if (p := _num(line.get("prefetch"))) is not None:
+                self.prefetch[line["worker"]] = int(p)
+        elif event == "worker.auto_sized":
+            if (m := _num(line.get("memory_mb"))) is not None and m > 0:
+                self.auto_memory.append(m)
+        elif event == "produce.discovered":
+            for name in ("jobs", "files", "rows_scanned", "duration_s"):
+                self.producer[f"discovered_{name}"] += _num(line.get(name)) or 0.0
+        elif event == "produce.published":
+            for name in ("published", "publish_s"):
+                self.producer[name] += _num(line.get(name)) or 0.0
+        elif event == "aggregate.written":
+            self._aggregated(line)
+        if event in ("job.finished", "worker.heartbeat"):
+            rss, worker = _num(line.get("rss_mb")), line.get("worker")
+            if rss is not None and isinstance(worker, str):
+                self.memory_samples[worker].append((ts, rss))
+
+    def _add_stage(self, line: Mapping[str, Any], stage: object, seconds: float | None) -> None:
+        if isinstance(stage, str) and seconds is not None:
+            self.stage_values[stage].append(seconds)
+            self.stages_by_job[_job_key(line)][stage] += seconds
+
+    def _job_stage(self, line: Mapping[str, Any], ts: float | None) -> None:
+        self._add_stage(line, line.get("stage"), _num(line.get("duration_s")))
+        if ts is not None:
+            self.job_times.append(ts)
+
+    def _job_finished(self, line: Mapping[str, Any], ts: float | None) -> None:
+        self.finished.append((ts, line))
+        per_job = line.get("stages")
+        if isinstance(per_job, dict):  # stages carried on the job's own line
+            for stage, value in per_job.items():
+                self._add_stage(line, stage, _num(value))
+        if ts is not None:
+            self.job_times.append(ts)
+            duration = _num(line.get("duration_s"))
+            if duration is not None:
+                self.job_times.append(ts - duration)
+
+    def _month_pass(self, line: Mapping[str, Any], ts: float | None) -> None:
+        for name in ROW_FIELDS:
+            self.ahead_totals[name] += int(_num(line.get(name)) or 0)
+        self.ahead_rows.append((ts, _num(line.get("rows_in")) or 0.0))
+        per_stage = line.get("stages")
+        if isinstance(per_stage, dict):
+            for stage, value in per_stage.items():
+                if isinstance(stage, str) and (seconds := _num(value)) is not None:
+                    self.ahead_stages[stage] += seconds
+
+    def _aggregated(self, line: Mapping[str, Any]) -> None:
+        self.aggregator["aggregations"] = self.aggregator.get("aggregations", 0) + 1
+        self.aggregator["duration_s"] = self.aggregator.get("duration_s", 0.0) + (_num(line.get("duration_s")) or 0.0)
+        self.aggregator["last_complete"] = line.get("complete")
+        self.aggregator["last_jobs_merged"] = line.get("jobs_merged")
+        self.aggregator["last_jobs_dead"] = line.get("jobs_dead")
+
+    @property
+    def span(self) -> tuple[float | None, float | None]:
+        """The first and last instants of the job lines."""
+        return (min(self.job_times), max(self.job_times)) if self.job_times else (None, None)
+
+    @property
+    def job_time_s(self) -> float:
+        """The timed work of the jobs that logged their stages and of the passes ahead."""
+        return sum(_work_s(per_stage) for per_stage in self.stages_by_job.values()) + _work_s(self.ahead_stages)
+
+
 def build_report(
     lines: Iterable[Mapping[str, Any]],
     memory_limit_mb: float | None = None,
@@ -237,123 +339,62 @@ def build_report(
     (retries included).
     """
     lines = list(lines)
-    stage_values: dict[str, list[float]] = defaultdict(list)
-    stages_by_job: dict[tuple[str, str, str], dict[str, float]] = defaultdict(
-        lambda: defaultdict(float)
-    )
-    finished: list[tuple[float | None, Mapping[str, Any]]] = []
-    memory_samples: dict[str, list[tuple[float | None, float]]] = defaultdict(list)
-    job_times: list[float] = []
-    capacity: dict[str, int] = {}
-    prefetch: dict[str, int] = {}
-    auto_memory: list[float] = []
-    producer: dict[str, float] = defaultdict(float)
-    aggregator: dict[str, Any] = {}
-    # What passes over months without an index did for the jobs they stored ahead.
-    ahead_stages: dict[str, float] = defaultdict(float)
-    ahead_totals: Counter[str] = Counter()
-    ahead_rows: list[tuple[float | None, float]] = []
-
+    tally = _Tally()
     for line in lines:
-        event = line.get("event")
-        ts = _ts(line)
-        if event == "job.stage":
-            stage, seconds = line.get("stage"), _num(line.get("duration_s"))
-            if isinstance(stage, str) and seconds is not None:
-                stage_values[stage].append(seconds)
-                stages_by_job[_job_key(line)][stage] += seconds
-            if ts is not None:
-                job_times.append(ts)
-        elif event == "job.finished":
-            finished.append((ts, line))
-            per_job = line.get("stages")
-            if isinstance(per_job, dict):  # stages carried on the job's own line
-                for stage, value in per_job.items():
-                    seconds = _num(value)
-                    if isinstance(stage, str) and seconds is not None:
-                        stage_values[stage].append(seconds)
-                        stages_by_job[_job_key(line)][stage] += seconds
-            if ts is not None:
-                job_times.append(ts)
-                duration = _num(line.get("duration_s"))
-                if duration is not None:
-                    job_times.append(ts - duration)
-        elif event == "worker.month_pass":
-            for field in ROW_FIELDS:
-                ahead_totals[field] += int(_num(line.get(field)) or 0)
-            ahead_rows.append((ts, _num(line.get("rows_in")) or 0.0))
-            per_stage = line.get("stages")
-            if isinstance(per_stage, dict):
-                for stage, value in per_stage.items():
-                    if isinstance(stage, str) and (seconds := _num(value)) is not None:
-                        ahead_stages[stage] += seconds
-        elif event == "worker.started" and isinstance(line.get("worker"), str):
-            if (c := _num(line.get("concurrency"))) is not None:
-                capacity[line["worker"]] = int(c)
-            if (p := _num(line.get("prefetch"))) is not None:
-                prefetch[line["worker"]] = int(p)
-        elif event == "worker.auto_sized":
-            if (m := _num(line.get("memory_mb"))) is not None and m > 0:
-                auto_memory.append(m)
-        elif event == "produce.discovered":
-            for field in ("jobs", "files", "rows_scanned", "duration_s"):
-                producer[f"discovered_{field}"] += _num(line.get(field)) or 0.0
-        elif event == "produce.published":
-            for field in ("published", "publish_s"):
-                producer[field] += _num(line.get(field)) or 0.0
-        elif event == "aggregate.written":
-            aggregator["aggregations"] = aggregator.get("aggregations", 0) + 1
-            aggregator["duration_s"] = aggregator.get("duration_s", 0.0) + (
-                _num(line.get("duration_s")) or 0.0
-            )
-            aggregator["last_complete"] = line.get("complete")
-            aggregator["last_jobs_merged"] = line.get("jobs_merged")
-            aggregator["last_jobs_dead"] = line.get("jobs_dead")
-        if event in ("job.finished", "worker.heartbeat"):
-            rss, worker = _num(line.get("rss_mb")), line.get("worker")
-            if rss is not None and isinstance(worker, str):
-                memory_samples[worker].append((ts, rss))
+        tally.add(line)
+    job_time_s = tally.job_time_s
+    report: dict[str, Any] = {
+        "lines": len(lines),
+        "throughput": _throughput(tally, job_time_s),
+        "stages": _stages(tally, job_time_s),
+        "job_time": {
+            "summed_s": _r(job_time_s),
+            "ahead_s": _r(_work_s(tally.ahead_stages)),
+            "jobs_with_stages": len(tally.stages_by_job),
+        },
+        **_memory(tally, memory_limit_mb),
+        "slowest_jobs": _slowest(tally, top),
+        "pipeline": {
+            "producer": {k: _r(v) for k, v in sorted(tally.producer.items())} or None,
+            "aggregator": tally.aggregator or None,
+        },
+    }
+    report["bottlenecks"] = _bottlenecks(report)
+    dominant = [b for b in report["bottlenecks"] if b["kind"] == "dominant_stage"]
+    report["bottleneck"] = dominant[0]["stage"] if dominant else None
+    report["timeline"] = _timeline(tally.finished, tally.ahead_rows, tally.memory_samples, *tally.span)
+    return report
 
-    # -- throughput ----------------------------------------------------------------------
-    # job_times holds every job line's ts and every job's start (ts - duration_s).
-    start = min(job_times) if job_times else None
-    end = max(job_times) if job_times else None
+
+def _throughput(tally: _Tally, job_time_s: float) -> dict[str, Any]:
+    """Jobs, rows and bytes per second over the job lines' wall span, outcomes, durations."""
+    start, end = tally.span
     wall_s = (end - start) if start is not None and end is not None else None
     wall = wall_s if wall_s and wall_s > 0 else None
-
     by_outcome: Counter[str] = Counter()
-    rows = Counter[str](ahead_totals)
+    rows = Counter[str](tally.ahead_totals)
     durations: list[float] = []
     dead_classes: Counter[str] = Counter()
-    worker_jobs: Counter[str] = Counter()
-    worker_cpu: dict[str, list[float]] = defaultdict(list)
-    # Job time: the timed work of the jobs that logged their stages and of the passes ahead.
-    # The workers' work adds the duration of each job line that logged no stages.
-    job_time_s = sum(_work_s(per_stage) for per_stage in stages_by_job.values()) + _work_s(ahead_stages)
+    # The workers' work: the job time, and the duration of each job line that logged no stages.
     work_s = job_time_s
-    for _, line in finished:
+    for _, line in tally.finished:
         outcome = str(line.get("outcome", "unknown"))
         by_outcome[outcome] += 1
         duration = _num(line.get("duration_s"))
         if duration is not None:
             durations.append(duration)
-            if _job_key(line) not in stages_by_job:
+            if _job_key(line) not in tally.stages_by_job:
                 work_s += duration
-        worker = line.get("worker")
-        if isinstance(worker, str):
-            worker_jobs[worker] += 1
-            if (cpu := _num(line.get("cpu_percent"))) is not None:
-                worker_cpu[worker].append(cpu)
         if outcome == "succeeded":
-            for field in ROW_FIELDS:
-                rows[field] += int(_num(line.get(field)) or 0)
+            for name in ROW_FIELDS:
+                rows[name] += int(_num(line.get(name)) or 0)
         elif outcome == "dead_lettered":
             dead_classes[str(line.get("error_class") or "unknown")] += 1
     deliveries = sum(by_outcome.values())
     succeeded = by_outcome.get("succeeded", 0)
-    latency_s = sum(durations)
-    slots = sum(capacity.values()) if capacity else None
-    throughput: dict[str, Any] = {
+    slots = sum(tally.capacity.values()) if tally.capacity else None
+    p50, p95 = _percentiles(durations)
+    return {
         "start": _iso(start),
         "end": _iso(end),
         "wall_s": _r(wall_s),
@@ -371,24 +412,24 @@ def build_report(
         "retry_share": _ratio(by_outcome.get("retry_scheduled", 0), deliveries),
         "dead_share": _ratio(by_outcome.get("dead_lettered", 0), deliveries),
         "dead_by_error_class": dict(sorted(dead_classes.items())),
-        **{field: rows[field] for field in ROW_FIELDS},
-    }
-    p50, p95 = _percentiles(durations)
-    throughput["job_duration"] = {
-        "count": len(durations),
-        "mean_s": _ratio(latency_s, len(durations)),
-        "p50_s": _r(p50),
-        "p95_s": _r(p95),
-        "max_s": _r(max(durations)) if durations else None,
+        **{name: rows[name] for name in ROW_FIELDS},
+        "job_duration": {
+            "count": len(durations),
+            "mean_s": _ratio(sum(durations), len(durations)),
+            "p50_s": _r(p50),
+            "p95_s": _r(p95),
+            "max_s": _r(max(durations)) if durations else None,
+        },
     }
 
-    # -- stages --------------------------------------------------------------------------
-    # Count, mean and percentiles are of the job lines; totals and shares take in the work of
-    # the passes ahead too.
+
+def _stages(tally: _Tally, job_time_s: float) -> list[dict[str, Any]]:
+    """Per stage: count, mean and percentiles of the job lines; totals and shares with the work
+    of the passes ahead too."""
     stages: list[dict[str, Any]] = []
-    for stage in _stage_order([*stage_values, *ahead_stages]):
-        values = stage_values.get(stage, [])
-        total = sum(values) + ahead_stages.get(stage, 0.0)
+    for stage in _stage_order([*tally.stage_values, *tally.ahead_stages]):
+        values = tally.stage_values.get(stage, [])
+        total = sum(values) + tally.ahead_stages.get(stage, 0.0)
         s50, s95 = _percentiles(values)
         stages.append(
             {
@@ -403,24 +444,30 @@ def build_report(
                 "latency": stage in LATENCY_STAGES,
             }
         )
-    job_time = {
-        "summed_s": _r(job_time_s),
-        "ahead_s": _r(_work_s(ahead_stages)),
-        "jobs_with_stages": len(stages_by_job),
-    }
+    return stages
 
-    # -- memory --------------------------------------------------------------------------
-    limit = memory_limit_mb if memory_limit_mb else (min(auto_memory) if auto_memory else None)
-    peaks = {w: max(v for _, v in samples) for w, samples in memory_samples.items()}
+
+def _memory(tally: _Tally, memory_limit_mb: float | None) -> dict[str, Any]:
+    """``memory`` (peaks against the limit) and ``workers`` (jobs, peak, CPU, slots each)."""
+    limit = memory_limit_mb if memory_limit_mb else (min(tally.auto_memory) if tally.auto_memory else None)
+    peaks = {w: max(v for _, v in samples) for w, samples in tally.memory_samples.items()}
+    worker_jobs: Counter[str] = Counter()
+    worker_cpu: dict[str, list[float]] = defaultdict(list)
+    for _, line in tally.finished:
+        worker = line.get("worker")
+        if isinstance(worker, str):
+            worker_jobs[worker] += 1
+            if (cpu := _num(line.get("cpu_percent"))) is not None:
+                worker_cpu[worker].append(cpu)
     workers = {
         w: {
             "jobs": worker_jobs.get(w, 0),
             "peak_rss_mb": _r(peaks.get(w), 1),
             "mean_cpu_percent": _r(float(np.mean(worker_cpu[w])), 1) if worker_cpu[w] else None,
-            "concurrency": capacity.get(w),
-            "prefetch": prefetch.get(w),
+            "concurrency": tally.capacity.get(w),
+            "prefetch": tally.prefetch.get(w),
         }
-        for w in sorted(set(peaks) | set(worker_jobs) | set(capacity))
+        for w in sorted(set(peaks) | set(worker_jobs) | set(tally.capacity))
     }
     memory = {
         "peak_rss_mb_by_worker": {w: _r(peaks[w], 1) for w in sorted(peaks)},
@@ -428,15 +475,16 @@ def build_report(
         "limit_mb": _r(limit, 1),
         "peak_share_of_limit": _ratio(max(peaks.values()), limit) if peaks and limit else None,
     }
+    return {"memory": memory, "workers": workers}
 
-    # -- slowest jobs --------------------------------------------------------------------
-    timed = [
-        (d, ts, line) for ts, line in finished if (d := _num(line.get("duration_s"))) is not None
-    ]
+
+def _slowest(tally: _Tally, top: int) -> list[dict[str, Any]]:
+    """The `top` longest job lines, each with its slowest stage."""
+    timed = [(d, ts, line) for ts, line in tally.finished if (d := _num(line.get("duration_s"))) is not None]
     timed.sort(key=lambda item: item[0], reverse=True)
     slowest: list[dict[str, Any]] = []
     for duration, ts, line in timed[: max(0, top)]:
-        per_stage = stages_by_job.get(_job_key(line)) or {}
+        per_stage = tally.stages_by_job.get(_job_key(line)) or {}
         slowest.append(
             {
                 "job_id": line.get("job_id"),
@@ -450,25 +498,7 @@ def build_report(
                 "ts": _iso(ts),
             }
         )
-
-    report: dict[str, Any] = {
-        "lines": len(lines),
-        "throughput": throughput,
-        "stages": stages,
-        "job_time": job_time,
-        "memory": memory,
-        "workers": workers,
-        "slowest_jobs": slowest,
-        "pipeline": {
-            "producer": {k: _r(v) for k, v in sorted(producer.items())} or None,
-            "aggregator": aggregator or None,
-        },
-    }
-    report["bottlenecks"] = _bottlenecks(report)
-    dominant = [b for b in report["bottlenecks"] if b["kind"] == "dominant_stage"]
-    report["bottleneck"] = dominant[0]["stage"] if dominant else None
-    report["timeline"] = _timeline(finished, ahead_rows, memory_samples, start, end)
-    return report
+    return slowest
 
 
 def _finding(

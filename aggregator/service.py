@@ -244,6 +244,8 @@ class AggregatorService:
         layout = RunLayout(event.run_id)
         now = dt.datetime.now(dt.UTC).isoformat()
         loop = asyncio.get_running_loop()
+        # `PermanentError` when the run is not there: no record is left in a folder of no run.
+        await loop.run_in_executor(None, read_manifest, storage, layout)
         for job in event.jobs:
             record = {"job_id": job.job_id, "worker": "broker", "at": now, "error_class": str(ErrorClass.CRASH_LOOP),
                       "error": BROKER_LIMIT_ERROR, "attempts": 0, "failed_at": now}

@@ -11,8 +11,9 @@ from shared.topology import Topology
 
 
 def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str, Any] | None = None,
-                queue: str | None = None, message_ids: list[str] | None = None) -> None:
-    """Publish raw bodies to the namespace's job queue (or its `queue`), confirmed."""
+                queue: str | None = None, message_ids: list[str] | None = None, exchange: str = "") -> None:
+    """Publish raw bodies to the namespace's job queue (or its `queue`: the routing key on
+    `exchange`, the default exchange unless given), confirmed."""
 
     async def run() -> None:
         connection = await aio_pika.connect(url, timeout=30)
@@ -21,8 +22,9 @@ def publish_raw(url: str, namespace: str, bodies: list[bytes], headers: dict[str
             from shared.topology import declare
 
             await declare(channel, Topology(namespace))
+            target = await channel.get_exchange(exchange) if exchange else channel.default_exchange
             for i, body in enumerate(bodies):
-                await channel.default_exchange.publish(
+                await target.publish(
                     aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, headers=headers or {},
                                      message_id=message_ids[i] if message_ids else None),
                     routing_key=queue or Topology(namespace).jobs,

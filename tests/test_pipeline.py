@@ -277,6 +277,24 @@ def test_aggregator_service_drops_an_event_of_a_run_that_is_not_there(
     assert dropped["run_id"] == "gone" and "no run gone" in dropped["error"]
 
 
+def test_aggregator_service_leaves_no_record_for_a_broker_dead_letter_of_a_run_that_is_not_there(
+    tickq: Tickq, tmp_path: Path, amqp_url: str
+) -> None:
+    nowhere = tmp_path / "nowhere"
+    job = {"v": 1, "run_id": "gone", "job_id": f"gone:{MONTH}:AAA:2024-03-04", "month": MONTH, "security": "AAA",
+           "date": "2024-03-04", "input": str(tmp_path / "data"), "output": str(nowhere), "processor": "analytics",
+           "params": {}}
+    topology = Topology(tickq.namespace)
+    # As the broker dead-letters a job at its delivery limit: through N.dlx, no tickq headers.
+    publish_raw(amqp_url, tickq.namespace, [json.dumps(job).encode()], queue=topology.dead, exchange=topology.dlx)
+    service = tickq.start("aggregator", "--idle-exit", "2")
+    tickq.wait_all([service], timeout=60)
+    assert queue_depth(amqp_url, topology.aggregator_events) == 0
+    [dropped] = [x for x in log_lines(service) if x.get("event") == "aggregator.event_dropped"]
+    assert dropped["run_id"] == "gone" and not nowhere.exists()
+    assert not [x for x in log_lines(service) if x.get("event") == "aggregator.recorded_dead"]
+
+
 def test_summary_and_exit_status_when_jobs_are_missing(tickq: Tickq, tmp_path: Path) -> None:
     data = _gen(tickq, tmp_path / "data", rows=5_000, securities=2)
     output = str(tmp_path / "out")

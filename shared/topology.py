@@ -8,7 +8,7 @@
                    ▼                             │
                  N.dlx ──► N.dead ◄──────────────┘ permanent / poison / exhausted / crash loop
                    │
-                   └──────────┐ (a copy of every dead letter)
+                   └──────────┐ (a copy of each dead letter the broker makes at its limit)
     workers ──► N.events (topic) ──► N.events.aggregator ──► aggregator
 """
 
@@ -152,6 +152,7 @@ async def _declare(channel: Any, topology: Topology) -> None:
         topology.aggregator_events, durable=True, arguments=topology.events_arguments()
     )
     await agg.bind(events, routing_key="job.#")
-    # Every dead letter reaches the aggregator too: a job the broker dead-letters at its
-    # delivery limit has no dead record, and the aggregator writes it (a worker writes its own).
+    # The dead letters the broker makes at its delivery limit reach the aggregator too: no
+    # worker wrote their dead records, and the aggregator writes them. (Workers publish theirs
+    # straight to N.dead, with their records written.)
     await agg.bind(dlx, routing_key=topology.dead)

@@ -333,6 +333,10 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_as_a_crash_loop
     letters = [json.loads(x) for x in tickq.run("dlq", "list", "--json").stdout.splitlines()]
     assert [x["job_id"] for x in letters] == [killer]
     assert letters[0]["error_class"] == "crash-loop"
+    # A worker's dead letter goes straight to N.dead: the aggregator gets its job.dead event,
+    # not a copy of the letter (those are the broker's own, which no worker recorded).
+    events = drain_queue(amqp_url, Topology(namespace).aggregator_events)
+    assert events and not [m for m in events if m.routing_key == Topology(namespace).dead]
     tickq.run("aggregate", "--run", "loop", "--output", output, check=False)
     summary = read_summary(output, "loop")
     _figures(fault_report, "crash-looping job", summary, produced["jobs"], 3, len(letters))

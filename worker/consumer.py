@@ -184,7 +184,6 @@ class Worker:
         self._health: HealthServer | None = None
         self._channel: Any = None
         self._events: Any = None
-        self._dlx: Any = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -209,7 +208,6 @@ class Worker:
             self._channel = await connection.channel(publisher_confirms=True)
             await declare(self._channel, self.topology)
             self._events = await self._channel.get_exchange(self.topology.events)
-            self._dlx = await self._channel.get_exchange(self.topology.dlx)
             subscription = JobSubscription(
                 connection_parameters(self.settings.amqp_url, f"tickq-worker {self.identity} jobs"),
                 self.topology.jobs,
@@ -666,7 +664,11 @@ class Worker:
             }
         )
         message_id = job.job_id if job else (message.message_id or "")
-        published = await self._publish(self._dlx, message.body, self.topology.dead, message_id, headers)
+        # Straight to the dead-letter queue, not through the broker's dead-letter exchange: that
+        # one also copies what it carries to the aggregator, which records the broker's own.
+        published = await self._publish(
+            self._channel.default_exchange, message.body, self.topology.dead, message_id, headers
+        )
         if not published:
             await self._settle(self._requeue(message), "requeue after failed dead-letter publish")
             return

@@ -28,12 +28,12 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from aggregator.tables import RunState, aggregate_run, load_state, read_manifest
 from shared.broker import connect
-from shared.errors import ErrorClass, PermanentError, PoisonError, one_line
+from shared.errors import ErrorClass, PoisonError, one_line
 from shared.layout import JobKey, RunLayout
 from shared.messages import JobEvent, parse_job
 from shared.metrics import get_logger
 from shared.observability import AggregatorMetrics, HealthServer, LivenessProbe
-from shared.runstate import record_dead
+from shared.runstate import RunNotFound, record_dead
 from shared.settings import Settings
 from shared.storage import open_storage
 from shared.topology import BROKER_LIMIT_ERROR, Topology, declare
@@ -208,10 +208,10 @@ class AggregatorService:
                     await self._record_broker_dead_letter(event)
                 await self._apply(event)
                 return True
-            except PermanentError as exc:  # the run is not (any more) where the event says
+            except RunNotFound as exc:  # the run is not (any more) where the event says
                 self.log.warning("aggregator.event_dropped", run_id=event.run_id, error=one_line(exc))
                 return True
-            except Exception as exc:
+            except Exception as exc:  # storage or broker trouble, access refused included
                 pause = RETRY_PAUSES_S[min(attempt, len(RETRY_PAUSES_S)) - 1]
                 self.log.warning("aggregator.event_failed", run_id=event.run_id, error=one_line(exc),
                                  attempt=attempt, retry_in_s=pause)
@@ -244,7 +244,7 @@ class AggregatorService:
         layout = RunLayout(event.run_id)
         now = dt.datetime.now(dt.UTC).isoformat()
         loop = asyncio.get_running_loop()
-        # `PermanentError` when the run is not there: no record is left in a folder of no run.
+        # `RunNotFound` when the run is not there: no record is left in a folder of no run.
         await loop.run_in_executor(None, read_manifest, storage, layout)
         for job in event.jobs:
             record = {"job_id": job.job_id, "worker": "broker", "at": now, "error_class": str(ErrorClass.CRASH_LOOP),

@@ -47,10 +47,14 @@ def _unpacked(codes: Positions, dates: int, months: int) -> tuple[Positions, Pos
     return month, security, date
 
 
+class RunNotFound(PermanentError):
+    """No run of that id where it was looked for (its manifest is not there)."""
+
+
 def read_manifest(storage: Storage, layout: RunLayout) -> dict[str, Any]:
-    """The run's manifest; `PermanentError` when the run does not exist there."""
+    """The run's manifest; `RunNotFound` when the run does not exist there."""
     if not storage.exists(layout.manifest):
-        raise PermanentError(f"no run {layout.run_id} under {storage.describe()} (no manifest)")
+        raise RunNotFound(f"no run {layout.run_id} under {storage.describe()} (no manifest)")
     return dict(json.loads(storage.read_bytes(layout.manifest)))
 
 

@@ -114,7 +114,8 @@ class FaultyS3Proxy:
     """An HTTP proxy in front of an S3 server that can delay, fail or refuse requests.
 
     `delay_s` sleeps before forwarding each request; `fail_ratio` answers that share of
-    requests with 503 SlowDown; `refuse` closes connections without answering.
+    requests with 503 SlowDown; `refuse` closes connections without answering; `deny` answers
+    every request with 403 AccessDenied.
     """
 
     def __init__(self, upstream: str, seed: int = 1) -> None:
@@ -123,6 +124,7 @@ class FaultyS3Proxy:
         self.delay_s = 0.0
         self.fail_ratio = 0.0
         self.refuse = False
+        self.deny = False
         self.requests = 0
         self.failed = 0
         self._random = random.Random(seed)
@@ -141,7 +143,7 @@ class FaultyS3Proxy:
                 with proxy._lock:
                     proxy.requests += 1
                     fail = proxy._random.random() < proxy.fail_ratio
-                    refuse = proxy.refuse
+                    refuse, deny = proxy.refuse, proxy.deny
                 length = int(self.headers.get("Content-Length", 0) or 0)
                 body = self.rfile.read(length) if length else b""
                 if refuse:
@@ -152,11 +154,12 @@ class FaultyS3Proxy:
                     return
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
-                if fail:
+                if fail or deny:
                     with proxy._lock:
                         proxy.failed += 1
-                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                    code, status = ("AccessDenied", 403) if deny else ("SlowDown", 503)
+                    payload = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()

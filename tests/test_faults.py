@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
+import pytest
 
 from shared.topology import Topology
 from tests.brokertools import drain_queue, hold_and_drop, publish_raw, queue_depth
@@ -161,19 +162,21 @@ def test_object_store_failing_and_refusing_completes_within_the_retry_budget(
     assert_tables_equal(read_tables(output, "flaky", s3_server.endpoint), expected)
 
 
-def test_the_aggregator_service_holds_its_events_through_an_object_store_outage(
+@pytest.mark.parametrize("fault", ["refuse", "deny"])
+def test_the_aggregator_service_holds_its_events_while_the_object_store_is_down_or_refuses_access(
     tickq: Tickq, s3_server: S3Server, tmp_path: Path, amqp_url: str, namespace: str,
-    fault_report: list[dict[str, Any]],
+    fault_report: list[dict[str, Any]], fault: str,
 ) -> None:
-    # Events wait for the store to come back in the service's hands, tried again and again
-    # rather than requeued: on RabbitMQ 4.0-4.2 each requeue counts as a delivery, and past
-    # 20 the broker would drop the event.
+    # Events wait for the store to come back (or for access to be granted again) in the
+    # service's hands, tried again and again rather than requeued: on RabbitMQ 4.0-4.2 each
+    # requeue counts as a delivery, and past 20 the broker would drop the event. Only an event
+    # of a run that is not there is dropped.
     data, output, produced = _s3_run(tickq, s3_server, tmp_path, "held")
     tickq.wait_all(tickq.workers(1))
     events = Topology(namespace).aggregator_events
     assert queue_depth(amqp_url, events) > 0
     proxy = FaultyS3Proxy(s3_server.endpoint)
-    proxy.refuse = True
+    setattr(proxy, fault, True)
     try:
         service = tickq.start("aggregator", "--idle-exit", "3", env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint})
         deadline = time.monotonic() + 60
@@ -181,11 +184,12 @@ def test_the_aggregator_service_holds_its_events_through_an_object_store_outage(
                    and x["attempt"] >= 3]:
             assert service.poll() is None and time.monotonic() < deadline, log_lines(service)[-5:]
             time.sleep(0.2)
-        proxy.refuse = False
+        setattr(proxy, fault, False)
         tickq.wait_all([service], timeout=120)
     finally:
         proxy.close()
     lines = log_lines(service)
+    assert not [x for x in lines if x.get("event") == "aggregator.event_dropped"]
     failed = [x for x in lines if x.get("event") == "aggregator.event_failed"]
     # One event, held and tried again with growing pauses; none handed back to the queue.
     assert [x["attempt"] for x in failed] == list(range(1, len(failed) + 1))
@@ -193,7 +197,8 @@ def test_the_aggregator_service_holds_its_events_through_an_object_store_outage(
     [written] = [x for x in lines if x.get("event") == "aggregator.run_written"]
     assert written["complete"] is True and written["succeeded"] == produced["jobs"]
     summary = read_summary(output, "held", s3_server.endpoint)
-    _figures(fault_report, "object store down under the aggregator", summary, produced["jobs"], len(failed), 0)
+    _figures(fault_report, f"object store {'down' if fault == 'refuse' else 'denying access'} under the aggregator",
+             summary, produced["jobs"], len(failed), 0)
     expected = reference_tables(str(data), [MONTH], dates="2024-03-04..2024-03-06")
     assert_tables_equal(read_tables(output, "held", s3_server.endpoint), expected)
 

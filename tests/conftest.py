@@ -261,6 +261,8 @@ def tickq(amqp_url: str, namespace: str, tmp_path: Path, s3_server: S3Server) ->
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        # Auto-sized workers share cores only with this test's workers, not the host's others.
+        "TICKQ_HOST_DIR": str(tmp_path / "host-workers"),
     }
     runner = Tickq(env, namespace, tmp_path)
     yield runner

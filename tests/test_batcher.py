@@ -93,3 +93,45 @@ def test_jobs_share_a_batch_key_exactly_when_run_month_and_parameters_agree() ->
     assert BatchKey.of(first) != BatchKey.of(other_params)
     assert BatchKey.of(first) != BatchKey.of(other_month)
     assert hash(BatchKey.of(first)) == hash(BatchKey.of(same))
+
+
+def test_resized_slots_bound_the_batches_run_at_once_from_the_next_batch_on() -> None:
+    """A worker whose share of its host changes runs fewer batches at once, or more again, up
+    to the threads it has."""
+
+    async def run_batches(batcher: JobBatcher[str], recorder: _Recorder, first: int) -> None:
+        recorder.most_at_once = 0
+        for i in range(first, first + 8):  # four batches of two jobs: one key
+            batcher.submit(_job(f"S{i:03d}"), f"ticket-{i}")
+        deadline = time.monotonic() + 5
+        while (len(recorder.started) < (first + 8) // 2 or recorder.running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+
+    async def scenario() -> list[int]:
+        recorder = _Recorder()
+
+        async def announce(jobs: list[tuple[JobMessage, JobOutcome]]) -> bool:
+            return True
+
+        async def settle(settled: list[tuple[str, BatchResult]]) -> None:
+            return None
+
+        batcher: JobBatcher[str] = JobBatcher(recorder.execute, announce, settle, concurrency=2, max_batch=2)
+        batcher.start()
+        most: list[int] = []
+        await run_batches(batcher, recorder, 0)
+        most.append(recorder.most_at_once)
+        batcher.resize(1)
+        assert batcher.slots == 1
+        await run_batches(batcher, recorder, 8)
+        most.append(recorder.most_at_once)
+        batcher.resize(5)  # no more than the threads it was made with
+        assert batcher.slots == 2
+        await run_batches(batcher, recorder, 16)
+        most.append(recorder.most_at_once)
+        batcher.stop()
+        batcher.shutdown()
+        return most
+
+    assert asyncio.run(scenario()) == [2, 1, 2]

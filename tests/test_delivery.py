@@ -144,6 +144,48 @@ def test_a_channel_the_broker_closed_is_opened_again(amqp_url: str, queue: str) 
     assert _ready(amqp_url, queue) == 0  # the acks on the new channel were taken
 
 
+def test_a_changed_prefetch_bounds_the_deliveries_in_hand_and_holds_after_a_reconnect(
+    amqp_url: str, queue: str
+) -> None:
+    """An auto-sized worker whose share of its host changes holds as many jobs as its slots."""
+    proxy, proxied = _proxied(amqp_url)
+
+    async def in_hand_settles_at(got: list[Delivery], count: int) -> None:
+        await _until(lambda: len(got) >= count)
+        await asyncio.sleep(0.3)  # and no more come
+        assert len(got) == count
+
+    async def scenario() -> None:
+        async with _subscribed(proxied, queue) as (subscription, got):
+            await asyncio.to_thread(_publish, amqp_url, queue, *(b"%d" % i for i in range(60)))
+            await in_hand_settles_at(got, 10)  # the prefetch it subscribed with
+            # A new consumer takes 25 more; the 10 in hand stay to be settled on the channel.
+            subscription.set_prefetch(25)
+            await in_hand_settles_at(got, 35)
+            subscription.set_prefetch(4)
+            await in_hand_settles_at(got, 39)
+            for delivery in got[:35]:  # settling the earlier consumers' deliveries brings none
+                await delivery.ack()
+            await asyncio.sleep(0.3)
+            assert len(got) == 39
+            for delivery in got[35:]:  # each of the last consumer's brings one more
+                await delivery.ack()
+            await in_hand_settles_at(got, 43)
+            assert proxy.cut() == 1
+            # The 4 in hand come back, on a connection with the same prefetch.
+            await in_hand_settles_at(got, 47)
+            assert sorted(_bodies(got[43:])) == sorted(_bodies(got[39:43]))
+            for delivery in got[43:]:
+                await delivery.ack()
+            await in_hand_settles_at(got, 51)
+            await subscription.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.close()
+
+
 def test_a_stopped_subscription_takes_no_more_and_closing_hands_back_the_unsettled(
     amqp_url: str, queue: str
 ) -> None:

@@ -267,6 +267,21 @@ def test_throughput(metrics_files: list[Path]) -> None:
     assert t["dead_by_error_class"] == {"permanent": 1}
 
 
+def test_the_slots_of_a_worker_resized_to_its_share_of_the_host_are_its_latest() -> None:
+    """An auto-sized worker that a second one joined runs half its slots: the report's slots
+    are those it ran last, not those it started with."""
+    lines = [
+        _line(0.0, "worker.started", component="worker", worker="w1:1", concurrency=2, prefetch=2048),
+        _line(0.5, "worker.started", component="worker", worker="w2:2", concurrency=1, prefetch=1024),
+        _line(1.0, "worker.resized", component="worker", worker="w1:1", concurrency=1, prefetch=1024,
+              workers_on_host=2),
+        *_job_lines(0, "w1:1", {"read": 0.5}, 1.0, 100.0),
+        *_job_lines(1, "w2:2", {"read": 0.5}, 1.0, 100.0),
+    ]
+    assert rep.build_report(lines)["throughput"]["job_slots"] == 2
+    assert rep.build_report(lines[:2] + lines[3:])["throughput"]["job_slots"] == 3
+
+
 def test_peak_memory_per_worker(metrics_files: list[Path]) -> None:
     report = rep.build_report(rep.load_metrics(metrics_files))
     # w1's peak is a heartbeat, w2's the last of its job.finished lines.

@@ -4,31 +4,37 @@ its broker connection through jobs longer than the heartbeat interval."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shared.messages import JobMessage, JobParams
+from shared.resources import available
 from shared.topology import Topology
 from tests.brokertools import consumers, delete_queue, drain_queue, hold_and_drop, publish_raw
 from tests.conftest import S3Server, Tickq, TickqProcess, log_lines
 from tests.helpers import FaultyS3Proxy, read_tables
 from tests.reference import assert_tables_equal, reference_tables
+from worker.host_share import auto_slots
 
 MONTH = "2024-03"
 
 
-def _wait_for_event(proc: TickqProcess, event: str, timeout: float = 60) -> dict[str, Any]:
+def _wait_for_event(proc: TickqProcess, event: str, timeout: float = 60, **fields: Any) -> dict[str, Any]:
+    """The first `event` line of `proc` with these `fields`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in log_lines(proc):
-            if line.get("event") == event:
+            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
                 return line
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    raise AssertionError(f"no {event} line; log tail: {proc.log_path.read_text()[-2000:]}")
+    raise AssertionError(f"no {event} line with {fields}; log tail: {proc.log_path.read_text()[-2000:]}")
 
 
 def _job(run_id: str, month: str, security: str, date: str, input_uri: str, output_uri: str) -> JobMessage:
@@ -92,6 +98,45 @@ def test_a_worker_whose_consumer_the_broker_cancelled_declares_the_queue_again_a
 
     assert worker.returncode == 0
     finished = [line for line in log_lines(worker) if line.get("event") == "job.finished"]
+    assert len(finished) == produced["jobs"] > 0
+    assert {line["outcome"] for line in finished} == {"succeeded"}
+
+
+def test_auto_sized_workers_on_one_host_share_its_cores_and_take_them_back(
+    tickq: Tickq, amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """Two workers left at `--concurrency auto` on one host run its cores between them, not
+    each all of them; the one left takes them all again. Jobs go on meanwhile, each once."""
+    resources = available()
+    alone, shared = (auto_slots(resources.cpus, resources.memory_bytes, n) for n in (1, 2))
+    if alone == shared:
+        pytest.skip(f"{resources.cpus} CPU(s): an auto-sized worker runs one slot with or without others")
+    data, output = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "20000", "--securities", "5")
+    publish_raw(amqp_url, namespace, [])  # the topology exists before the workers subscribe
+    jobs = Topology(namespace).jobs
+    first = tickq.start("worker", "--concurrency", "auto", "--idle-exit", "120")
+    _wait_for_event(first, "worker.started", concurrency=alone, prefetch=1024 * alone, workers_on_host=1)
+
+    second = tickq.start("worker", "--concurrency", "auto", "--idle-exit", "120")
+    _wait_for_event(second, "worker.started", concurrency=shared, prefetch=1024 * shared, workers_on_host=2)
+    _wait_for_event(first, "worker.resized", concurrency=shared, prefetch=1024 * shared, workers_on_host=2)
+    time.sleep(0.5)
+    # The first worker's consumer was replaced by one of the new prefetch, not added to.
+    assert consumers(amqp_url, jobs) == 2
+
+    produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "shared")
+    tickq.run("aggregate", "--run", "shared", "--output", str(output), "--wait", "120")
+    assert_tables_equal(read_tables(str(output), "shared"), reference_tables(str(data), [MONTH]))
+
+    second.send_signal(signal.SIGTERM)
+    tickq.wait_all([second])
+    _wait_for_event(first, "worker.resized", concurrency=alone, prefetch=1024 * alone, workers_on_host=1)
+    # The second worker's place went with it: only the first one's is left.
+    assert [name.split("-")[0] for name in os.listdir(tmp_path / "host-workers")] == [str(first.pid)]
+    first.send_signal(signal.SIGTERM)
+    tickq.wait_all([first])
+    finished = [line for proc in (first, second) for line in log_lines(proc) if line.get("event") == "job.finished"]
     assert len(finished) == produced["jobs"] > 0
     assert {line["outcome"] for line in finished} == {"succeeded"}
 

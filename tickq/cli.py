@@ -32,6 +32,7 @@ from shared.resources import (
 if TYPE_CHECKING:  # imported where used: `tickq healthcheck` must start fast
     from shared.messages import JobParams
     from shared.settings import Settings
+    from worker.host_share import HostWorkers
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -232,27 +233,40 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _auto_concurrency() -> tuple[int, int]:
-    from shared.resources import available
-
-    resources = available()
-    # Jobs are pyarrow-bound (the GIL is released while it works): one thread per CPU, and
-    # no more than one per 256 MB so that peak memory stays inside a container's limit.
-    by_cpu = max(1, math.floor(resources.cpus))
-    by_memory = max(1, resources.memory_bytes // (256 << 20))
-    return min(by_cpu, by_memory), resources.memory_bytes
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.consumer import WorkerOptions, run_worker
+    host = None
+    if args.concurrency == "auto":
+        from worker.host_share import HostWorkers, default_folder
+
+        # Counted among the host's workers before the slow imports below, so that workers
+        # started together see each other from their first job.
+        host = HostWorkers(default_folder())
+        host.join()
+    try:
+        return _run_worker(args, host)
+    finally:
+        if host is not None:
+            host.leave()
+
+
+def _run_worker(args: argparse.Namespace, host: HostWorkers | None) -> int:
+    from shared.metrics import get_logger
+    from shared.resources import available
+    from worker.consumer import AutoSizing, WorkerOptions, run_worker
+    from worker.host_share import auto_slots
 
     settings = _settings(args)
     _configure_logs(args, "worker")
-    from shared.metrics import get_logger
-
-    if args.concurrency == "auto":
-        concurrency, memory = _auto_concurrency()
-        get_logger().info("worker.auto_sized", concurrency=concurrency, memory_mb=memory >> 20)
+    auto = None
+    if host is not None:
+        resources = available()
+        # The most slots: one per CPU the process may use and per 256 MB of its memory. The
+        # worker runs its share of them among the host's workers (`worker.host_share`).
+        concurrency = auto_slots(resources.cpus, resources.memory_bytes)
+        get_logger().info("worker.auto_sized", concurrency=concurrency, cpus=resources.cpus,
+                          memory_mb=resources.memory_bytes >> 20, host_folder=str(host.folder))
+        auto = AutoSizing(resources.cpus, resources.memory_bytes, host,
+                          None if args.prefetch else DEFAULT_PREFETCH_PER_SLOT)
     else:
         try:
             concurrency = positive_int(args.concurrency)
@@ -269,6 +283,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout,
         heartbeat_file=Path(os.environ.get("TICKQ_HEARTBEAT_FILE", DEFAULT_HEARTBEAT_FILE)),
         health_port=args.health_port,
+        auto=auto,
     )
     relieve_garbage_collector()  # start-up is done: what is alive now lives as long as the worker
     stats = asyncio.run(run_worker(settings, options))

@@ -251,6 +251,13 @@ class _Tally:
                 self.capacity[line["worker"]] = int(c)
             if (p := _num(line.get("prefetch"))) is not None:
                 self.prefetch[line["worker"]] = int(p)
+        elif event == "worker.resized" and isinstance(line.get("worker"), str):
+            # The worker's share of its host changed: the latest counts (its first slots
+            # are in `worker.started`).
+            if (c := _num(line.get("concurrency"))) is not None:
+                self.capacity[line["worker"]] = int(c)
+            if (p := _num(line.get("prefetch"))) is not None:
+                self.prefetch[line["worker"]] = int(p)
         elif event == "worker.auto_sized":
             if (m := _num(line.get("memory_mb"))) is not None and m > 0:
                 self.auto_memory.append(m)

@@ -48,8 +48,33 @@ Ticket = TypeVar("Ticket")
 Settler = Callable[[list[tuple[Ticket, BatchResult]]], Coroutine[Any, Any, None]]
 
 
+class _Slots:
+    """Execution slots, taken by the one dispatcher and given back by batches; their number
+    may change while batches run (a batch past a lowered number finishes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._busy = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> None:
+        while self._busy >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self._busy += 1
+
+    def release(self) -> None:
+        self._busy -= 1
+        self._freed.set()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._freed.set()
+
+
 class JobBatcher(Generic[Ticket]):
-    """Groups jobs by `BatchKey` and runs batches on `concurrency` threads."""
+    """Groups jobs by `BatchKey` and runs batches on `concurrency` threads (`resize` runs them
+    on fewer, down to one)."""
 
     def __init__(self, execute: Executor, announce: Announcer, settle: Settler[Ticket], concurrency: int,
                  max_batch: int) -> None:
@@ -57,8 +82,9 @@ class JobBatcher(Generic[Ticket]):
         self._announce = announce
         self._settle = settle
         self._max_batch = max(1, max_batch)
+        self._threads = concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tickq-job")
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = _Slots(concurrency)
         self._waiting: dict[BatchKey, list[tuple[JobMessage, Ticket, float]]] = {}
         self._wake = asyncio.Event()
         self._stopped = False
@@ -91,6 +117,15 @@ class JobBatcher(Generic[Ticket]):
             self._track(asyncio.create_task(self._settle(waiting)))
         if self._dispatcher is not None:
             self._dispatcher.cancel()
+
+    @property
+    def slots(self) -> int:
+        """Batches that may run at once."""
+        return self._slots.limit
+
+    def resize(self, slots: int) -> None:
+        """Run up to `slots` batches at once (between one and the threads the batcher has)."""
+        self._slots.resize(max(1, min(slots, self._threads)))
 
     def in_progress(self) -> set[asyncio.Task[None]]:
         """Batches still running or being settled: a draining worker waits for them."""

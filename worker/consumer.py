@@ -60,16 +60,29 @@ from worker.acks import AckCoalescer
 from worker.ahead import MonthPasses
 from worker.batcher import HandedBack, JobBatcher, NotAnnounced
 from worker.delivery import Delivery, JobSubscription
+from worker.host_share import HostWorkers, auto_slots
 from worker.isolation import IsolationChildren
 from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
 HOUSEKEEPING_S = 0.2
+HOST_COUNT_S = 1.0  # how often an auto-sized worker counts the host's workers again
 ISOLATE_AFTER_RETURNS = 2
 # A redelivered job is renewed (a fresh copy carrying its returns, then an ack) at this
 # count, half the broker's limit: innocent jobs prefetched by dying workers never reach it.
 RENEW_AT_DELIVERIES = BROKER_DELIVERY_LIMIT // 2
+
+
+@dataclass(frozen=True)
+class AutoSizing:
+    """`--concurrency auto`: what the process may use, shared with the host's other workers."""
+
+    cpus: float
+    memory_bytes: int
+    host: HostWorkers
+    # The prefetch per slot, following the slots; None when `--prefetch` fixed it.
+    prefetch_per_slot: int | None
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,9 @@ class WorkerOptions:
     batch_rows: int = 65_536
     heartbeat_file: Path | None = None
     health_port: int | None = None
+    # Set for `--concurrency auto`: `concurrency` is then the most slots, and the worker runs
+    # its share of them (`worker.host_share`).
+    auto: AutoSizing | None = None
 
 
 @dataclass(slots=True)
@@ -184,6 +200,8 @@ class Worker:
         self._health: HealthServer | None = None
         self._channel: Any = None
         self._events: Any = None
+        self._subscription: JobSubscription | None = None
+        self._workers_on_host = 1
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -208,21 +226,24 @@ class Worker:
             self._channel = await connection.channel(publisher_confirms=True)
             await declare(self._channel, self.topology)
             self._events = await self._channel.get_exchange(self.topology.events)
+            self._resize_to_host(announce=False)
             subscription = JobSubscription(
                 connection_parameters(self.settings.amqp_url, f"tickq-worker {self.identity} jobs"),
                 self.topology.jobs,
-                self.options.prefetch,
+                self._prefetch(),
                 self._receive,
                 lambda: declare(self._channel, self.topology),
             )
+            self._subscription = subscription
             self._batcher.start()
             await subscription.start()
             self.log.info(  # consuming: the broker has the worker's consumer
                 "worker.started",
                 queue=self.topology.jobs,
-                concurrency=self.options.concurrency,
-                prefetch=self.options.prefetch,
+                concurrency=self._batcher.slots,
+                prefetch=self._prefetch(),
                 broker=self.settings.safe_amqp_url,
+                **({"workers_on_host": self._workers_on_host} if self.options.auto else {}),
             )
             housekeeping = asyncio.create_task(self._housekeeping())
             await self._stopping.wait()
@@ -268,13 +289,17 @@ class Worker:
         return {t for t in self._handlers if not t.done()} | self._batcher.in_progress()
 
     async def _housekeeping(self) -> None:
-        """Heartbeat file and line, idle exit; beats on while jobs in hand drain."""
-        last_beat = 0.0
+        """Heartbeat file and line, the slots' share of the host, idle exit; beats on while
+        jobs in hand drain."""
+        last_beat = last_count = 0.0
         while not self._drained:
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_INTERVAL_S:
                 last_beat = now
                 self._beat()
+            if now - last_count >= HOST_COUNT_S:
+                last_count = now
+                self._resize_to_host(announce=True)
             idle = self.options.idle_exit_s
             quiet = self.stats.in_flight == 0 and not self._waiting() and not self._stopping.is_set()
             pause = HOUSEKEEPING_S
@@ -285,6 +310,32 @@ class Worker:
                 # Wake when the idle time is up, not up to a pause later.
                 pause = min(pause, max(0.0, idle - idle_for) + 0.001)
             await asyncio.sleep(pause)
+
+    def _prefetch(self) -> int:
+        """The prefetch for the slots the worker runs now."""
+        auto = self.options.auto
+        if auto is None or auto.prefetch_per_slot is None:
+            return self.options.prefetch
+        return auto.prefetch_per_slot * self._batcher.slots
+
+    def _resize_to_host(self, announce: bool) -> None:
+        """An auto-sized worker runs its share of the cores among the host's workers, with the
+        prefetch of that many slots (deliveries in hand beyond it are kept and run)."""
+        auto = self.options.auto
+        if auto is None or self._stopping.is_set():
+            return
+        workers = auto.host.count()
+        slots = min(self.options.concurrency, auto_slots(auto.cpus, auto.memory_bytes, workers))
+        if slots == self._batcher.slots and workers == self._workers_on_host:
+            return
+        self._workers_on_host = workers
+        if slots == self._batcher.slots:
+            return
+        self._batcher.resize(slots)
+        if self._subscription is not None:
+            self._subscription.set_prefetch(self._prefetch())
+        if announce:
+            self.log.info("worker.resized", concurrency=slots, prefetch=self._prefetch(), workers_on_host=workers)
 
     def _waiting(self) -> bool:
         return bool(self._in_progress())

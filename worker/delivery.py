@@ -105,6 +105,8 @@ class JobSubscription:
         self._stopped = False
         self._closed: asyncio.Future[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
+        self._renewal: asyncio.Future[None] | None = None
+        self._consumer_prefetch: int | None = None  # the prefetch the consumer was made with
         self._redeclare_pending = False
         self._starting = False
         self._replies: set[asyncio.Future[Any]] = set()
@@ -131,6 +133,32 @@ class JobSubscription:
                 await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
         finally:
             self._starting = False
+
+    def set_prefetch(self, prefetch: int) -> None:
+        """Hold up to `prefetch` unsettled deliveries from now on, and after reconnecting.
+
+        RabbitMQ fixes a consumer's prefetch when the consumer is made, so the consumer is
+        replaced on its channel: deliveries in hand stay there to be settled (until they are,
+        the old consumer's and the new one's add up)."""
+        self._prefetch = prefetch
+        if not self._starting and (self._renewal is None or self._renewal.done()):
+            self._renewal = asyncio.ensure_future(self._renew_consumer())
+
+    async def _renew_consumer(self) -> None:
+        """Replace the consumer with one of the current prefetch, on the same channel. A channel
+        or connection lost meanwhile is left to the recovery, which subscribes with it."""
+        with contextlib.suppress(Exception):
+            while not self._stopped:
+                channel, tag = self._channel, self._tag
+                if channel is None or not channel.is_open or tag is None or self._consumer_prefetch == self._prefetch:
+                    return
+                cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._tag = None  # stopping now has no consumer to cancel, and none is made
+                channel.basic_cancel(tag, callback=functools.partial(_on_reply, cancelled))
+                await self._reply(cancelled)
+                if self._stopped or channel.is_closed or channel is not self._channel or self._tag is not None:
+                    return
+                await self._consume(channel)
 
     async def stop(self) -> None:
         """Take no more deliveries (those in hand stay to be settled until `close`)."""
@@ -170,13 +198,16 @@ class JobSubscription:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         await self._reply(opened)
-        qos: asyncio.Future[None] = loop.create_future()
-        channel.basic_qos(prefetch_count=self._prefetch, callback=lambda _frame: _resolve(qos, None))
-        await self._reply(qos)
         await self._consume(channel)
 
     async def _consume(self, channel: Channel) -> None:
-        consuming: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """A consumer on `channel`, with the current prefetch."""
+        loop = asyncio.get_running_loop()
+        prefetch = self._prefetch
+        qos: asyncio.Future[None] = loop.create_future()
+        channel.basic_qos(prefetch_count=prefetch, callback=lambda _frame: _resolve(qos, None))
+        await self._reply(qos)
+        consuming: asyncio.Future[None] = loop.create_future()
         if channel is not self._channel or self._settler is None:
             # One settler per channel: the coalescer gathers acks per settler, and a multiple
             # ack covers every earlier delivery of the channel.
@@ -184,6 +215,7 @@ class JobSubscription:
         # The channel's settler goes with each of its deliveries.
         deliver = functools.partial(self._deliver, self._settler)
         self._tag = channel.basic_consume(self._queue, deliver, callback=lambda _frame: _resolve(consuming, None))
+        self._consumer_prefetch = prefetch
         await self._reply(consuming)
 
     async def _reply(self, future: asyncio.Future[Any]) -> Any:
@@ -320,6 +352,10 @@ def _innermost(exc: BaseException) -> BaseException:
             break
         exc = inner
     return exc
+
+
+def _on_reply(future: asyncio.Future[None], _frame: Any) -> None:
+    _resolve(future, None)
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:

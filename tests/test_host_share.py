@@ -19,6 +19,7 @@ def test_an_auto_sized_worker_takes_its_share_of_the_cores_within_its_memory() -
     assert auto_slots(2, plenty, workers_on_host=5) == 1  # more workers than cores: one slot each
     assert auto_slots(1.5, plenty) == 1  # a fractional cgroup quota
     assert auto_slots(16, 3 * MEMORY_PER_SLOT) == 3  # memory bounds it
+    assert auto_slots(16, 6 * MEMORY_PER_SLOT, workers_on_host=2) == 3  # its share of the memory
     assert auto_slots(16, MEMORY_PER_SLOT // 2) == 1
 
 

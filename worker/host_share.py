@@ -2,11 +2,12 @@
 
 `--concurrency auto` sizes a worker from what its process may use, container limits included.
 Workers started side by side on one host without such limits (a VM, systemd units, a
-benchmark) each see every core: two of them on 2 cores would run four execution slots between
-them and contend for the cores, 10-15 % slower than two workers of one slot each. So each
-worker holds a lock on a file of its own in one folder of the host (`TICKQ_HOST_DIR`, by
-default a folder of the user's in the temp directory), and an auto-sized worker runs
-``cores // workers holding a lock`` slots, counted again as workers come and go.
+benchmark) each see every core and all the memory: eight of them on an 8-core host would run
+64 execution slots between them, contending for the cores and peaking at eight times the
+memory one worker plans for. So each worker holds a lock on a file of its own in one folder of
+the host (`TICKQ_HOST_DIR`, by default a folder of the user's in the temp directory), and an
+auto-sized worker runs its share of the host (cores and memory divided by the workers holding
+a lock), counted again as workers come and go.
 
 A lock ends with its process however that ends (the kernel drops it), so a worker that was
 killed stops counting at once; its file is removed by the next count. Containers do not share
@@ -43,10 +44,11 @@ def default_folder() -> Path:
 
 
 def auto_slots(cpus: float, memory_bytes: int, workers_on_host: int = 1) -> int:
-    """Execution slots for an auto-sized worker: its share of the `cpus` its process may use
-    among `workers_on_host` (itself included), no more than its memory allows, at least one."""
-    by_cpu = math.floor(cpus / max(1, workers_on_host))
-    by_memory = memory_bytes // MEMORY_PER_SLOT
+    """Execution slots for an auto-sized worker: its share, among `workers_on_host` (itself
+    included), of the `cpus` and the memory its process may use; at least one."""
+    workers = max(1, workers_on_host)
+    by_cpu = math.floor(cpus / workers)
+    by_memory = memory_bytes // workers // MEMORY_PER_SLOT
     return max(1, min(by_cpu, by_memory))
 
 

@@ -134,9 +134,20 @@ def test_auto_sized_workers_on_one_host_share_its_cores_and_take_them_back(
     _wait_for_event(first, "worker.resized", concurrency=alone, prefetch=1024 * alone, workers_on_host=1)
     # The second worker's place went with it: only the first one's is left.
     assert [name.split("-")[0] for name in os.listdir(tmp_path / "host-workers")] == [str(first.pid)]
-    first.send_signal(signal.SIGTERM)
-    tickq.wait_all([first])
-    finished = [line for proc in (first, second) for line in log_lines(proc) if line.get("event") == "job.finished"]
+
+    # A worker of a fixed concurrency counts too: it uses the host's cores as well.
+    fixed = tickq.start("worker", "--concurrency", "1", "--idle-exit", "120")
+    deadline = time.monotonic() + 60
+    while sum(1 for line in log_lines(first) if line.get("event") == "worker.resized") < 3:
+        assert time.monotonic() < deadline, first.log_path.read_text()[-2000:]
+        time.sleep(0.1)
+    resized = [line for line in log_lines(first) if line.get("event") == "worker.resized"]
+    assert (resized[-1]["concurrency"], resized[-1]["workers_on_host"]) == (shared, 2)
+    for proc in (fixed, first):
+        proc.send_signal(signal.SIGTERM)
+    tickq.wait_all([fixed, first])
+    finished = [line for proc in (first, second, fixed) for line in log_lines(proc)
+                if line.get("event") == "job.finished"]
     assert len(finished) == produced["jobs"] > 0
     assert {line["outcome"] for line in finished} == {"succeeded"}
 

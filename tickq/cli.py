@@ -234,22 +234,20 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    host = None
-    if args.concurrency == "auto":
-        from worker.host_share import HostWorkers, default_folder
+    from worker.host_share import HostWorkers, default_folder
 
-        # Counted among the host's workers before the slow imports below, so that workers
-        # started together see each other from their first job.
-        host = HostWorkers(default_folder())
-        host.join()
+    # Every worker counts among its host's workers (those at `auto` run their share of it),
+    # from before the slow imports below, so that workers started together see each other
+    # from their first job.
+    host = HostWorkers(default_folder())
+    host.join()
     try:
         return _run_worker(args, host)
     finally:
-        if host is not None:
-            host.leave()
+        host.leave()
 
 
-def _run_worker(args: argparse.Namespace, host: HostWorkers | None) -> int:
+def _run_worker(args: argparse.Namespace, host: HostWorkers) -> int:
     from shared.metrics import get_logger
     from shared.resources import available
     from worker.consumer import AutoSizing, WorkerOptions, run_worker
@@ -258,7 +256,7 @@ def _run_worker(args: argparse.Namespace, host: HostWorkers | None) -> int:
     settings = _settings(args)
     _configure_logs(args, "worker")
     auto = None
-    if host is not None:
+    if args.concurrency == "auto":
         resources = available()
         # The most slots: one per CPU the process may use and per 256 MB of its memory. The
         # worker runs its share of them among the host's workers (`worker.host_share`).

@@ -7,7 +7,7 @@ benchmark) each see every core and all the memory: eight of them on an 8-core ho
 memory one worker plans for. So each worker holds a lock on a file of its own in one folder of
 the host (`TICKQ_HOST_DIR`, by default a folder of the user's in the temp directory), and an
 auto-sized worker runs its share of the host (cores and memory divided by the workers holding
-a lock), counted again as workers come and go.
+a lock, whatever their own concurrency), counted again as workers come and go.
 
 A lock ends with its process however that ends (the kernel drops it), so a worker that was
 killed stops counting at once; its file is removed by the next count. Containers do not share

@@ -186,6 +186,22 @@ def test_a_changed_prefetch_bounds_the_deliveries_in_hand_and_holds_after_a_reco
         proxy.close()
 
 
+def test_a_subscription_stopped_while_its_consumer_is_replaced_makes_no_new_one(amqp_url: str, queue: str) -> None:
+    async def scenario() -> int:
+        async with _subscribed(amqp_url, queue) as (subscription, got):
+            await asyncio.to_thread(_publish, amqp_url, queue, *(b"%d" % i for i in range(30)))
+            await _until(lambda: len(got) == 10)
+            subscription.set_prefetch(20)
+            await subscription.stop()
+            for delivery in got:  # room for more, were any consumer left
+                await delivery.ack()
+            await asyncio.sleep(0.5)
+            return len(got)
+
+    assert asyncio.run(scenario()) == 10
+    assert _ready(amqp_url, queue) == 20
+
+
 def test_a_stopped_subscription_takes_no_more_and_closing_hands_back_the_unsettled(
     amqp_url: str, queue: str
 ) -> None:

@@ -163,8 +163,9 @@ class JobSubscription:
     async def stop(self) -> None:
         """Take no more deliveries (those in hand stay to be settled until `close`)."""
         self._stopped = True
-        if self._recovery is not None:
-            self._recovery.cancel()
+        for task in (self._recovery, self._renewal):
+            if task is not None:
+                task.cancel()
         channel, tag = self._channel, self._tag
         if channel is None or tag is None or not channel.is_open:
             return

@@ -62,6 +62,7 @@ def test_a_folder_that_cannot_be_used_leaves_the_worker_counting_itself_alone(tm
     host = HostWorkers(blocked / "host")
     host.join()
     assert host.count() == 1
+    assert host.error is not None and "NotADirectoryError" in host.error
     host.leave()
 
 

@@ -263,6 +263,9 @@ def _run_worker(args: argparse.Namespace, host: HostWorkers) -> int:
         concurrency = auto_slots(resources.cpus, resources.memory_bytes)
         get_logger().info("worker.auto_sized", concurrency=concurrency, cpus=resources.cpus,
                           memory_mb=resources.memory_bytes >> 20, host_folder=str(host.folder))
+        if host.error is not None:
+            get_logger().warning("worker.host_folder_unusable", host_folder=str(host.folder), error=host.error,
+                                 consequence="this worker counts itself alone on its host")
         auto = AutoSizing(resources.cpus, resources.memory_bytes, host,
                           None if args.prefetch else DEFAULT_PREFETCH_PER_SLOT)
     else:

@@ -58,12 +58,14 @@ class HostWorkers:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # Why the worker holds no place (the folder could not be used), if so.
+        self.error: str | None = None
         self._fd: int | None = None
         self._path: Path | None = None
 
     def join(self) -> None:
         """Take a place (a locked file). A folder that cannot be used leaves the worker counting
-        itself alone: sizing is a hint, not a reason not to start."""
+        itself alone, with `error` saying why: sizing is a hint, not a reason not to start."""
         if fcntl is None or self._fd is not None:
             return
         try:
@@ -82,7 +84,8 @@ class HostWorkers:
                 with contextlib.suppress(OSError):
                     pending.unlink()
                 raise
-        except OSError:
+        except OSError as exc:
+            self.error = f"{type(exc).__name__}: {exc.strerror or exc}"
             return
         self._fd, self._path = fd, path
 

@@ -324,11 +324,8 @@ class Worker:
         auto = self.options.auto
         if auto is None or self._stopping.is_set():
             return
-        workers = auto.host.count()
+        self._workers_on_host = workers = auto.host.count()
         slots = min(self.options.concurrency, auto_slots(auto.cpus, auto.memory_bytes, workers))
-        if slots == self._batcher.slots and workers == self._workers_on_host:
-            return
-        self._workers_on_host = workers
         if slots == self._batcher.slots:
             return
         self._batcher.resize(slots)

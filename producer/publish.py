@@ -9,7 +9,8 @@ frame of each message with a system call of its own).
 
 A publish that is not confirmed (nacked, or lost with the connection) is published again, on a
 new connection if need be: a duplicate job is harmless, a lost one is not. A message the broker
-returns as unroutable (the queue is gone) fails the whole publish.
+returns as unroutable (the queue is gone) fails the whole publish, and so does an error raised
+while the messages are made: it reaches the caller, never a count of what got out before it.
 """
 
 from __future__ import annotations
@@ -182,7 +183,13 @@ class ConfirmedPublisher:
         assert self._connection is not None
         with self._connection.gathering():
             while len(self._unconfirmed) < self._window:
-                message = self._take()
+                try:
+                    message = self._take()
+                except Exception as exc:
+                    # Raised again by publish_all: pika would log an error escaping its callback and
+                    # carry on, and the source, closed by its error, would then read as exhausted.
+                    self._failure = exc
+                    break
                 if message is None:
                     break
                 self._channel.basic_publish(
@@ -196,7 +203,8 @@ class ConfirmedPublisher:
                 )
                 self._unconfirmed[self._next_tag] = message
                 self._next_tag += 1
-        if self._done():
+        # Closed once the gathered frames are out.
+        if self._failure is not None or self._done():
             self._finish()
 
     def _take(self) -> Outgoing | None:

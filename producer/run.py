@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
+import os
 import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import urlparse
 
 from producer.discover import MonthDiscovery, discover_month
 from producer.publish import Outgoing, publish_confirmed
 from shared.broker import connect
-from shared.errors import ConfigError, PermanentError
+from shared.errors import ConfigError, PermanentError, TransientError
 from shared.inputs import InputFile, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv, read_job_keys
-from shared.messages import JobMessage, JobParams, run_job_bodies
+from shared.messages import JobMessage, JobParams, check_location, run_job_bodies
 from shared.metrics import get_logger
 from shared.processors import get_processor
 from shared.runstate import RunJobs, load_state
@@ -155,6 +158,20 @@ def _messages(request: RunRequest, keys: list[JobKey], routing_key: str) -> Iter
         yield Outgoing(routing_key, body, job_id)
 
 
+def job_location(uri: str, flag: str) -> str:
+    """`uri` as the run's jobs carry it: a local path through '..' is resolved to the folder it
+    names (jobs refuse '..' segments); `ConfigError` naming `flag` when jobs cannot carry it."""
+    parsed = urlparse(uri)
+    local = parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt")
+    if local and ".." in uri.replace("\\", "/").split("/"):
+        path = os.path.realpath(parsed.path if parsed.scheme == "file" else uri)
+        uri = f"file://{path}" if parsed.scheme == "file" else path
+    try:
+        return check_location(uri, flag.lstrip("-"))
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
 async def produce(request: RunRequest, settings: Settings, dry_run: bool = False) -> ProduceResult:
     """Discover (or resume) the run, write its manifest and publish every unfinished job."""
     log = get_logger(run_id=request.run_id)
@@ -162,6 +179,10 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         get_processor(request.processor)
     except PermanentError as exc:
         raise ConfigError(str(exc)) from None
+    # Checked before anything is read or written: a location no job can carry fails the run
+    # here, not after its manifest.
+    request = dataclasses.replace(request, input=job_location(request.input, "--input"),
+                                  output=job_location(request.output, "--output"))
     source = open_storage(request.input, settings.s3_endpoint_url)
     output = open_storage(request.output, settings.s3_endpoint_url)
     layout = RunLayout(request.run_id)
@@ -228,6 +249,9 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         None, publish_confirmed, settings.amqp_url, outgoing, f"tickq-producer {request.run_id}"
     )
     elapsed = time.perf_counter() - publish_started
+    if result.published != len(todo):  # never reported as a run in full when a job is not on the queue
+        raise TransientError(f"published {result.published} of the run's {len(todo)} unfinished jobs; "
+                             "run the same command again to publish the rest")
     log.info(
         "produce.published",
         jobs=result.jobs,

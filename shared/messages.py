@@ -146,7 +146,8 @@ def _check_buckets(edges: tuple[float, ...]) -> None:
         raise ValueError("size bucket edges must be strictly increasing")
 
 
-def _check_location(value: str, what: str) -> str:
+def check_location(value: str, what: str) -> str:
+    """`value` if it can be a job's input or output location, else `ValueError` saying why."""
     if not value or len(value) > 1024 or _CONTROL.search(value):
         raise ValueError(f"{what} must be a non-empty location without control characters")
     if ".." in value.replace("\\", "/").split("/"):
@@ -217,8 +218,8 @@ class JobMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         """`ValueError` naming the first field in error, if any is."""
         _check_run_id(self.run_id)
         _check_job_key(self.month, self.security, self.date)
-        _check_location(self.input, "input")
-        _check_location(self.output, "output")
+        check_location(self.input, "input")
+        check_location(self.output, "output")
         if not PROCESSOR_RE.match(self.processor):
             raise ValueError("processor must be a lower-case name")
         _check_job_id(self.job_id, self.run_id, self.month, self.security, self.date)
@@ -391,7 +392,7 @@ class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_run_id(self.run_id)
-        _check_location(self.output, "output")
+        check_location(self.output, "output")
 
     @classmethod
     def from_body(cls, body: bytes) -> JobEvent:

@@ -194,6 +194,28 @@ def test_same_run_id_again_publishes_only_unfinished_jobs_and_changes_nothing(
     assert "Traceback" not in other.stderr
 
 
+def test_paths_through_dot_dot_name_their_folders_and_every_job_runs(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    (tmp_path / "elsewhere").mkdir()
+    # Jobs carry no '..' segment: the producer resolves such a local path before anything is written.
+    produced = _run(tickq, str(tmp_path / "elsewhere" / ".." / "data"), str(tmp_path / "elsewhere" / ".." / "out"))
+    assert produced["published"] == produced["jobs"] > 0
+    manifest = json.loads((tmp_path / "out" / "runs" / "run1" / "manifest.json").read_text())
+    assert manifest["request"]["input"] == str(data) and manifest["request"]["output"] == str(tmp_path / "out")
+    summary = read_summary(str(tmp_path / "out"), "run1")
+    assert summary["complete"] is True and summary["jobs_succeeded"] == produced["jobs"]
+
+
+def test_an_object_store_location_through_dot_dot_is_refused_before_anything_is_written(
+    tickq: Tickq, tmp_path: Path
+) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=1_000, securities=2)
+    result = tickq.run("produce", "--input", str(data), "--output", "s3://results/runs/../other", "--months", MONTH,
+                       check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tickq produce: --output: output must not contain '..' segments"
+
+
 def test_a_job_delivered_twice_is_counted_once(tickq: Tickq, tmp_path: Path) -> None:
     data = _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
     output = str(tmp_path / "out")

@@ -1,11 +1,14 @@
-"""The producer's publisher: a window of outstanding confirms, and nothing lost when the
-connection drops in the middle of it."""
+"""The producer's publisher: a window of outstanding confirms, nothing lost when the connection
+drops in the middle of it, and an error making the messages never taken for the end of them."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from urllib.parse import urlparse
+
+import pytest
 
 from producer.publish import Outgoing, publish_confirmed
 from shared.topology import Topology
@@ -44,3 +47,17 @@ def test_publishes_survive_a_dropped_connection_and_none_is_lost(amqp_url: str, 
     while queue_depth(amqp_url, queue) < total and time.monotonic() < deadline:
         time.sleep(0.2)
     assert queue_depth(amqp_url, queue) >= total
+
+
+def test_an_error_making_the_messages_fails_the_publish_instead_of_ending_it(amqp_url: str, namespace: str) -> None:
+    publish_raw(amqp_url, namespace, [])  # declares the namespace's queues
+    queue = Topology(namespace).jobs
+
+    def messages() -> Iterator[Outgoing]:
+        for i in range(2_500):
+            yield Outgoing(queue, b'{"n": %d}' % i, f"m-{i}")
+        raise ValueError("input must not contain '..' segments")
+
+    # Before, pika logged the error and the publish returned the count confirmed so far.
+    with pytest.raises(ValueError, match=r"'\.\.' segments"):
+        publish_confirmed(amqp_url, messages(), "test-producer", window=1_000)

@@ -3,6 +3,8 @@
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2
     python bench/run.py e2e       --rows 10000000 --securities 500 --workers 2 --format csv --raw-too
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2 --rewrite shuffled --raw-too
+    python bench/run.py e2e       --input ~/orders --month 2023-07 --tz America/New_York --raw-too
+    python bench/run.py scaling   --input ~/orders --month 2023-07 --tz America/New_York
     python bench/run.py per-job   --rows 1000000,20000000
     python bench/run.py batch     --rows 20000000 --securities 500 --jobs 128
     python bench/run.py memory    --rows 1000000,20000000
@@ -23,14 +25,19 @@
 
 Needs a broker at TICKQ_AMQP_URL (default localhost) and the test extras (duckdb, pandas).
 Data goes under --work (default /tmp/tickq-bench); every figure is printed as a table row.
+With --input, e2e, per-job, memory, scaling and ingest measure a month of your own (ingested
+once under --work) instead of generated data; e2e also counts the rows of tickq's
+`security_daily` that differ from DuckDB's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -39,10 +46,13 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+import pyarrow as pa
 
 MONTH = "2024-03"
 PY = sys.executable
@@ -126,7 +136,6 @@ def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: 
 
 def _rewritten(raw: Path, rewrite: str) -> Path:
     """`raw`'s Parquet month rewritten as `rewrite` says (made once, then reused)."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     out = raw.with_name(f"{raw.name}-{rewrite}")
@@ -140,6 +149,106 @@ def _rewritten(raw: Path, rewrite: str) -> Path:
     (out / MONTH).mkdir(parents=True)
     pq.write_table(table, out / MONTH / "part-0000.parquet")
     return out
+
+
+# Benchmarks that can run on a month of your own (--input) instead of generated data.
+OWN_MONTH_TARGETS = ("e2e", "per-job", "memory", "scaling", "ingest")
+
+
+@dataclass(frozen=True)
+class Month:
+    """A month to measure: its raw files (under `raw`, as `tickq produce --input` takes them),
+    its name and its rows."""
+
+    raw: Path
+    name: str
+    rows: int
+
+
+def _months(args: argparse.Namespace, fmt: str = "parquet") -> list[Month]:
+    """The months a target measures: the month given with --input, else one generated month of
+    each --rows (made once, then reused)."""
+    if args.input is not None:
+        return [_own_month(args)]
+    return [Month(_data(args.work, rows, args.securities, fmt, ingest=False, rewrite=args.rewrite)[0], MONTH, rows)
+            for rows in (int(r) for r in str(args.rows).split(","))]
+
+
+def _own_month(args: argparse.Namespace) -> Month:
+    """The month of --input: --month, or the only month there."""
+    from shared.errors import PermanentError
+    from shared.inputs import month_files
+    from shared.storage import open_storage
+
+    root = args.input.resolve()
+    if not root.is_dir():
+        raise SystemExit(f"bench: --input {args.input} is not a local folder (the benchmarks read local files)")
+    name = args.month
+    if name is None:
+        found = sorted({m.group(0) for m in (re.match(r"\d{4}-\d{2}", p.name) for p in root.iterdir()) if m})
+        if len(found) != 1:
+            raise SystemExit(f"bench: {root} holds {len(found)} months ({', '.join(found[:6]) or 'none'}): "
+                             "say which with --month YYYY-MM")
+        name = found[0]
+    try:
+        files = month_files(open_storage(str(root)), name)
+    except PermanentError as exc:  # tickq's own one-line error: no input for that month
+        raise SystemExit(f"bench: {exc}") from None
+    return Month(root, name, _own_rows(root, name, [f.key for f in files]))
+
+
+def _own_rows(root: Path, month: str, keys: list[str]) -> int:
+    """The month's rows: Parquet footers' counts, or DuckDB counting a CSV file's lines (once,
+    untimed); a DBN month's rows are counted from its ingested copy (`_ingested`)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for key in keys:
+        if key.endswith(".parquet"):
+            rows += pq.ParquetFile(root / key).metadata.num_rows
+        elif ".csv" in key:
+            import duckdb
+
+            con = duckdb.connect()
+            counted = con.sql(f"SELECT count(*) FROM read_csv({str(root / key)!r})").fetchall()
+            rows += int(counted[0][0])
+        else:
+            return 0
+    return rows
+
+
+def _ingested(args: argparse.Namespace, month: Month, day_files_tz: str | None = None,
+              fmt: str = "parquet") -> tuple[Month, Path]:
+    """`month` laid out by `tickq ingest` (with day files in `day_files_tz` when given), made
+    once and reused while the raw files stay as they are; the month with its rows counted when
+    its raw files could not say (DBN). `fmt` is a generated month's format."""
+    if args.input is None:
+        return month, _data(args.work, month.rows, args.securities, fmt, day_files_tz=day_files_tz,
+                            rewrite=args.rewrite)[1]
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from shared.inputs import month_files
+    from shared.storage import open_storage
+
+    stats = [(f.key, (month.raw / f.key).stat()) for f in month_files(open_storage(str(month.raw)), month.name)]
+    digest = hashlib.sha256(repr((str(month.raw), month.name, day_files_tz,
+                                  [(k, st.st_size, st.st_mtime_ns) for k, st in stats])).encode()).hexdigest()
+    laid = args.work / f"ingested-own-{month.name}-{digest[:12]}"
+    if not laid.exists():
+        days = () if day_files_tz is None else ("--day-files", day_files_tz)
+        shutil.rmtree(str(laid) + ".partial", ignore_errors=True)
+        t0 = time.perf_counter()
+        _tickq("ingest", "--input", str(month.raw), "--output", str(laid) + ".partial", "--months", month.name,
+               "--quiet", *days)
+        os.rename(str(laid) + ".partial", laid)  # a stopped ingest is not taken for a finished one
+        _row(target="ingest", input=str(month.raw), month=month.name, day_files=bool(days),
+             seconds=round(time.perf_counter() - t0, 2))
+    if not month.rows:
+        parts = (laid / month.name).glob("part-*.parquet")
+        month = dataclasses.replace(month, rows=sum(pq.ParquetFile(p).metadata.num_rows for p in parts))
+    return month, laid
 
 
 def _row(**fields: Any) -> None:
@@ -169,43 +278,110 @@ def _run_workers(
     return time.perf_counter() - started - 1.0, peaks
 
 
-def _duckdb_security_daily(raw: Path, tz: str) -> float:
+def _duckdb_security_daily(month: Month, tz: str) -> tuple[float, pa.Table]:
+    """Seconds DuckDB takes to compute `security_daily` over `month`'s raw files in one process,
+    and the table."""
     import duckdb
 
-    from shared.inputs import month_files
-    from shared.storage import open_storage
-
-    files = [str(raw / f.key) for f in month_files(open_storage(str(raw)), MONTH)]
-    reader = "read_parquet" if files[0].endswith(".parquet") else "read_csv"
-    started = time.perf_counter()
+    files, reader = _duckdb_source(month)
     con = duckdb.connect()
     con.execute(f"SET TimeZone='{tz}'")
-    con.sql(f"""
-        SELECT security, CAST(timezone('{tz}', ts) AS DATE) AS trade_date, count(*) AS records,
+    source = f"{reader}({files!r})"
+    columns = {name: kind for name, kind, *_ in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    ts = _duckdb_instant(columns.get("ts", ""), month)
+    side = "side" if "side" in columns else "NULL"
+    started = time.perf_counter()
+    table = con.sql(f"""
+        SELECT security, CAST(timezone('{tz}', {ts}) AS DATE) AS trade_date, count(*) AS records,
                sum(size) AS volume, sum(price * size) AS notional, sum(price * size) / sum(size) AS vwap,
                avg(size) AS avg_size, min(price) AS low, max(price) AS high,
-               sum(CASE WHEN side = 'B' THEN size ELSE 0 END) AS buy_volume,
-               sum(CASE WHEN side = 'S' THEN size ELSE 0 END) AS sell_volume, min(ts) AS first_ts, max(ts) AS last_ts
-        FROM {reader}({files!r})
+               sum(CASE WHEN {side} = 'B' THEN size ELSE 0 END) AS buy_volume,
+               sum(CASE WHEN {side} = 'S' THEN size ELSE 0 END) AS sell_volume, min(ts) AS first_ts,
+               max(ts) AS last_ts
+        FROM {source}
         WHERE price > 0 AND size > 0 AND security <> ''
         GROUP BY ALL ORDER BY ALL
     """).to_arrow_table()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, table
+
+
+def _differing_days(reference: pa.Table, ours: pa.Table) -> int:
+    """How many (security, trade_date) rows of tickq's `security_daily` differ from DuckDB's
+    `reference` (rows only one of them has included): the counts and volumes exactly, prices and
+    notional to 1e-9, first and last times to the microsecond (DuckDB's own precision)."""
+
+    def keyed(table: pa.Table) -> dict[tuple[Any, Any], tuple[Any, ...]]:
+        columns = [table.column(name).to_pylist() for name in ("security", "trade_date")]
+        # DuckDB's sums of integers are 128-bit: both sides as int64 and float64.
+        values = [table.column(name).cast(kind).to_numpy(zero_copy_only=False)
+                  for name, kind in (("records", pa.int64()), ("volume", pa.int64()), ("buy_volume", pa.int64()),
+                                     ("sell_volume", pa.int64()), ("notional", pa.float64()), ("low", pa.float64()),
+                                     ("high", pa.float64()))]
+        values += [_microseconds(table.column(name)) for name in ("first_ts", "last_ts")]
+        return {(sec, day): tuple(v[i] for v in values) for i, (sec, day) in enumerate(zip(*columns, strict=True))}
+
+    theirs, mine = keyed(reference), keyed(ours)
+    differing = len(theirs.keys() ^ mine.keys())
+    for key in theirs.keys() & mine.keys():
+        a, b = theirs[key], mine[key]
+        if a[:4] != b[:4] or a[7:] != b[7:] or not np.allclose(a[4:7], b[4:7], rtol=1e-9, atol=0):
+            differing += 1
+    return differing
+
+
+def _microseconds(column: pa.ChunkedArray) -> np.ndarray:
+    """Instants (timestamps of any unit, or integers of nanoseconds) as integer microseconds."""
+    per_us = {"s": 1e-6, "ms": 1e-3, "us": 1, "ns": 1000}
+    unit = column.type.unit if pa.types.is_timestamp(column.type) else "ns"
+    values = column.cast(pa.int64()).to_numpy(zero_copy_only=False)
+    if per_us[unit] >= 1:
+        return values // int(per_us[unit])
+    return values * int(1 / per_us[unit])
+
+
+def _duckdb_source(month: Month) -> tuple[list[str], str]:
+    """`month`'s raw files and the DuckDB function that reads them (one format a month)."""
+    from shared.inputs import month_files
+    from shared.storage import open_storage
+
+    files = month_files(open_storage(str(month.raw)), month.name)
+    formats = {f.format for f in files}
+    if formats == {"parquet"}:
+        return [str(month.raw / f.key) for f in files], "read_parquet"
+    if formats <= {"csv", "csv.gz"}:
+        return [str(month.raw / f.key) for f in files], "read_csv"
+    raise SystemExit(f"bench: DuckDB, the comparison, reads Parquet or CSV; month {month.name} of {month.raw} "
+                     f"holds {', '.join(sorted(formats))} (ingest it with `tickq ingest` and measure the "
+                     "ingested folder)")
+
+
+def _duckdb_instant(kind: str, month: Month) -> str:
+    """A DuckDB expression of the instant in `ts`, a column of DuckDB type `kind`, as tickq reads
+    it: an instant as it is, a time without zone as UTC, an integer as nanoseconds since the epoch."""
+    if kind.startswith("TIMESTAMPTZ") or kind.startswith("TIMESTAMP WITH TIME ZONE"):
+        return "ts"
+    if kind.startswith("TIMESTAMP"):
+        return "timezone('UTC', ts)"
+    if kind in ("BIGINT", "HUGEINT", "UBIGINT"):
+        return "timezone('UTC', make_timestamp_ns(ts))"
+    raise SystemExit(f"bench: DuckDB reads the ts column of month {month.name} of {month.raw} as "
+                     f"{kind or 'missing'}; the comparison takes an instant, a time or nanoseconds since the epoch")
 
 
 def cmd_e2e(args: argparse.Namespace) -> None:
-    raw, laid = _data(args.work, args.rows, args.securities, args.format,
-                      day_files_tz=args.tz if args.day_files else None, rewrite=args.rewrite)
-    for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
+    [month] = _months(args, args.format)
+    _duckdb_source(month)  # a month DuckDB cannot read is refused before anything is run
+    month, laid = _ingested(args, month, day_files_tz=args.tz if args.day_files else None, fmt=args.format)
+    for label, source in (("ingested", laid), ("raw", month.raw)) if args.raw_too else (("ingested", laid),):
         # This machine's speed drifts by tens of percent within minutes: DuckDB runs right
         # before and right after each tickq run, and each ratio uses the mean of the two. A
         # first, untimed run reads the files into the page cache, as tickq's ingest did.
-        _duckdb_security_daily(raw, args.tz)
-        before = _duckdb_security_daily(raw, args.tz)
-        tickq_s = _e2e_sequential(args, label, source)
-        middle = _duckdb_security_daily(raw, args.tz)
-        deployed_s = _e2e_deployed(args, label, source)
-        after = _duckdb_security_daily(raw, args.tz)
+        _, reference = _duckdb_security_daily(month, args.tz)
+        before, _ = _duckdb_security_daily(month, args.tz)
+        tickq_s = _e2e_sequential(args, month, label, source, reference)
+        middle, _ = _duckdb_security_daily(month, args.tz)
+        deployed_s = _e2e_deployed(args, month, label, source)
+        after, _ = _duckdb_security_daily(month, args.tz)
         for mode, seconds, duck in (("sequential", tickq_s, (before + middle) / 2),
                                     ("deployed", deployed_s, (middle + after) / 2)):
             _row(target="e2e-ratio", mode=mode, input=label, tickq_s=round(seconds, 2), duckdb_s=round(duck, 2),
@@ -218,14 +394,16 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _e2e_sequential(args: argparse.Namespace, label: str, source: Path) -> float:
+def _e2e_sequential(args: argparse.Namespace, month: Month, label: str, source: Path,
+                    reference: pa.Table | None = None) -> float:
     """Each stage alone: produce, then workers until the queue is empty, then `tickq aggregate`.
     Each stage's CPU seconds too: on a host whose speed drifts, they compare runs more steadily
-    than wall time (the workers' include their idle second, which costs next to nothing)."""
+    than wall time (the workers' include their idle second, which costs next to nothing). With
+    DuckDB's `reference` table, the rows of tickq's that differ from it."""
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
     out = args.work / f"out-{uuid.uuid4().hex[:8]}"
     c0, t0 = _children_cpu_s(), time.perf_counter()
-    produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
+    produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", month.name,
                                  "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
     c1, t1 = _children_cpu_s(), time.perf_counter()
     # Workers at their default, `auto`: they share this machine's cores among themselves.
@@ -234,16 +412,26 @@ def _e2e_sequential(args: argparse.Namespace, label: str, source: Path) -> float
     _tickq("aggregate", "--run", produced["run_id"], "--output", str(out), env=env)
     c3, t3 = _children_cpu_s(), time.perf_counter()
     total = (t1 - t0) + work_s + (t3 - t2)
-    _row(target="e2e", mode="sequential", input=label, rows=args.rows, jobs=produced["jobs"],
+    _row(target="e2e", mode="sequential", input=label, rows=month.rows, jobs=produced["jobs"],
          workers=args.workers, produce_s=round(t1 - t0, 2), workers_s=round(work_s, 2),
-         aggregate_s=round(t3 - t2, 2), tickq_s=round(total, 2), rows_per_s=round(args.rows / total),
+         aggregate_s=round(t3 - t2, 2), tickq_s=round(total, 2), rows_per_s=round(month.rows / total),
          cpu_s={"produce": round(c1 - c0, 2), "workers": round(c2 - c1, 2), "aggregate": round(c3 - c2, 2)},
-         peak_rss_mb=[round(p) for p in peaks])
+         peak_rss_mb=[round(p) for p in peaks], **_agreement(reference, out, produced))
     shutil.rmtree(out, ignore_errors=True)
     return total
 
 
-def _e2e_deployed(args: argparse.Namespace, label: str, source: Path) -> float:
+def _agreement(reference: pa.Table | None, out: Path, produced: dict[str, Any]) -> dict[str, int]:
+    """With DuckDB's `reference`, the rows of the run's `security_daily` (under `out`) that differ."""
+    if reference is None:
+        return {}
+    import pyarrow.parquet as pq
+
+    ours = pq.read_table(out / "runs" / produced["run_id"] / "aggregates" / "security_daily.parquet")
+    return {"days_differing_from_duckdb": _differing_days(reference, ours)}
+
+
+def _e2e_deployed(args: argparse.Namespace, month: Month, label: str, source: Path) -> float:
     """As deployed: workers and the aggregator service already run; from `tickq produce` until
     the run's summary.json (written last, after every table) exists."""
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
@@ -256,8 +444,8 @@ def _e2e_deployed(args: argparse.Namespace, label: str, source: Path) -> float:
     summary = out / "runs" / run_id / "aggregates" / "summary.json"
     try:
         t0 = time.perf_counter()
-        produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
-                                     "--market-tz", args.tz, "--run-id", run_id, "--json", "--quiet",
+        produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months",
+                                     month.name, "--market-tz", args.tz, "--run-id", run_id, "--json", "--quiet",
                                      env=env).stdout)
         t1 = time.perf_counter()
         while not (summary.exists() and json.loads(summary.read_text())["complete"]):
@@ -271,9 +459,9 @@ def _e2e_deployed(args: argparse.Namespace, label: str, source: Path) -> float:
         for proc in services:
             proc.wait(timeout=60)
     total = t2 - t0
-    _row(target="e2e", mode="deployed", input=label, rows=args.rows, jobs=produced["jobs"], workers=args.workers,
+    _row(target="e2e", mode="deployed", input=label, rows=month.rows, jobs=produced["jobs"], workers=args.workers,
          produce_s=round(t1 - t0, 2), tables_after_produce_s=round(t2 - t1, 2), tickq_s=round(total, 2),
-         rows_per_s=round(args.rows / total))
+         rows_per_s=round(month.rows / total))
     shutil.rmtree(out, ignore_errors=True)
     return total
 
@@ -285,19 +473,20 @@ def cmd_per_job(args: argparse.Namespace) -> None:
     from shared.messages import JobMessage, JobParams
     from worker.job import MonthListings, execute_batch
 
-    for rows in (int(r) for r in args.rows.split(",")):
-        _, days = _data(args.work, rows, args.securities, day_files_tz=args.tz)
-        _, parts = _data(args.work, rows, args.securities)
-        keys = [line.split(",") for line in _job_keys(parts, args)]
+    for month in _months(args):
+        _, days = _ingested(args, month, day_files_tz=args.tz)
+        month, parts = _ingested(args, month)
+        rows = month.rows
+        keys = [line.split(",") for line in _job_keys(parts, args, month.name)]
         sample = keys[:: max(1, len(keys) // args.sample)][: args.sample]
-        file_bytes = sum(p.stat().st_size for p in (parts / MONTH).glob("*.parquet"))
+        file_bytes = sum(p.stat().st_size for p in (parts / month.name).glob("part-*.parquet"))
         figures: dict[str, dict[str, list[float]]] = {}
         process = psutil.Process()
-        for month, security, date in sample:
+        for name, security, date in sample:
             for layout, laid in (("parts", parts), ("day files", days)):
                 out = args.work / f"perjob-{uuid.uuid4().hex[:8]}"
                 listings = MonthListings()  # each job alone: nothing kept from the previous one
-                job = JobMessage.build(run_id="perjob", month=month, security=security, date=date, input=str(laid),
+                job = JobMessage.build(run_id="perjob", month=name, security=security, date=date, input=str(laid),
                                        output=str(out), processor="analytics", params=JobParams(market_tz=args.tz))
                 c0, t0 = process.cpu_times(), time.perf_counter()
                 [outcome] = execute_batch([job], s3_endpoint_url=None, worker_id="bench", listings=listings)
@@ -331,7 +520,7 @@ def cmd_batch(args: argparse.Namespace) -> None:
     params = JobParams(market_tz=args.tz)
     jobs = [JobMessage.build(run_id="batch", month=month, security=security, date=date, input=str(laid),
                              output=str(out), processor="analytics", params=params)
-            for month, security, date in (line.split(",") for line in _job_keys(laid, args))]
+            for month, security, date in (line.split(",") for line in _job_keys(laid, args, MONTH))]
     listings = MonthListings()
     stages: dict[str, float] = {}
     c0, t0 = psutil.Process().cpu_times(), time.perf_counter()
@@ -349,50 +538,50 @@ def cmd_batch(args: argparse.Namespace) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def _job_keys(laid: Path, args: argparse.Namespace) -> list[str]:
+def _job_keys(laid: Path, args: argparse.Namespace, month: str) -> list[str]:
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
     out = args.work / f"keys-{uuid.uuid4().hex[:8]}"
-    _tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH, "--market-tz", args.tz,
+    _tickq("produce", "--input", str(laid), "--output", str(out), "--months", month, "--market-tz", args.tz,
            "--run-id", "keys", "--dry-run", "--quiet", env=env)
     from producer.discover import discover_month
     from shared.storage import open_storage
 
-    found = discover_month(open_storage(str(laid)), MONTH, args.tz)
+    found = discover_month(open_storage(str(laid)), month, args.tz)
     shutil.rmtree(out, ignore_errors=True)
-    return [f"{MONTH},{s},{d}" for s, d in sorted(found.rows)]
+    return [f"{month},{s},{d}" for s, d in sorted(found.rows)]
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
-    for rows in (int(r) for r in args.rows.split(",")):
-        if args.format == "csv":
+    for month in _months(args, args.format):
+        if args.input is None and args.format == "csv":
             # Every job of a raw (not ingested) CSV month: each batch streams the whole file.
-            raw, _ = _data(args.work, rows, args.securities, fmt="csv", ingest=False)
-            _worker_peak(args, "raw csv", rows, raw, ())
+            _worker_peak(args, month, "raw csv", month.raw, ())
             continue
-        raw, laid = _data(args.work, rows, args.securities)
+        month, laid = _ingested(args, month)
         # The 20 largest securities' jobs, or with --all-jobs every job of the month (on a raw
         # month: the passes over its parts, each holding thousands of jobs' partial results).
-        securities = () if args.all_jobs else ("--securities", ",".join(_top_securities(laid, 20)))
-        for label, source in (("ingested", laid), ("raw", raw)) if args.raw_too else (("ingested", laid),):
-            _worker_peak(args, label, rows, source, securities)
+        securities = () if args.all_jobs else ("--securities", ",".join(_top_securities(laid, month.name, 20)))
+        for label, source in (("ingested", laid), ("raw", month.raw)) if args.raw_too else (("ingested", laid),):
+            _worker_peak(args, month, label, source, securities)
 
 
-def _worker_peak(args: argparse.Namespace, label: str, rows: int, source: Path, produce_args: tuple[str, ...]) -> None:
+def _worker_peak(args: argparse.Namespace, month: Month, label: str, source: Path,
+                 produce_args: tuple[str, ...]) -> None:
     """One worker of two slots over a run of `source`'s jobs: its peak RSS."""
     env = _env(f"bench-{uuid.uuid4().hex[:8]}")
     out = args.work / f"mem-{uuid.uuid4().hex[:8]}"
-    produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
-                                 *produce_args, "--json", "--quiet", env=env).stdout)
+    produced = json.loads(_tickq("produce", "--input", str(source), "--output", str(out), "--months", month.name,
+                                 "--market-tz", args.tz, *produce_args, "--json", "--quiet", env=env).stdout)
     work_s, peaks = _run_workers(1, env, ("--concurrency", "2"))
-    _row(target="memory", input=label, rows=rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
+    _row(target="memory", input=label, rows=month.rows, jobs=produced["jobs"], worker_peak_rss_mb=round(max(peaks)),
          seconds=round(work_s, 2))
     shutil.rmtree(out, ignore_errors=True)
 
 
-def _top_securities(laid: Path, n: int) -> list[str]:
+def _top_securities(laid: Path, month: str, n: int) -> list[str]:
     import pyarrow.dataset as ds
 
-    table = ds.dataset(str(laid / MONTH), format="parquet").to_table(columns=["security"])
+    table = ds.dataset(str(laid / month), format="parquet").to_table(columns=["security"])
     counts = table.group_by("security").aggregate([([], "count_all")]).sort_by([("count_all", "descending")])
     return [str(s) for s in counts.column("security").to_pylist()[:n]]
 
@@ -586,15 +775,16 @@ def _consuming_seconds(metrics: list[Path]) -> tuple[float, float]:
 
 
 def cmd_scaling(args: argparse.Namespace) -> None:
-    _, laid = _data(args.work, args.rows, args.securities)
+    [month] = _months(args)
+    month, laid = _ingested(args, month)
     wall: dict[int, list[float]] = {1: [], 2: []}
     consuming: dict[int, list[float]] = {1: [], 2: []}
     # Alternated, twice: this machine's speed drifts within minutes.
     for workers in (1, 2, 1, 2):
         env = _env(f"bench-{uuid.uuid4().hex[:8]}")
         out = args.work / f"scale-{uuid.uuid4().hex[:8]}"
-        produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", MONTH,
-                                     "--json", "--quiet", env=env).stdout)
+        produced = json.loads(_tickq("produce", "--input", str(laid), "--output", str(out), "--months", month.name,
+                                     "--market-tz", args.tz, "--json", "--quiet", env=env).stdout)
         metrics = [out / f"worker-{i}.jsonl" for i in range(workers)]
         prefetch = ("--prefetch", str(args.prefetch)) if args.prefetch else ()
         work_s, _ = _run_workers(workers, env, ("--concurrency", args.concurrency, *prefetch), metrics)
@@ -647,7 +837,7 @@ def cmd_s3(args: argparse.Namespace) -> None:
     from worker.job import MonthListings, execute_batch
 
     _, laid = _data(args.work, int(args.rows), args.securities)
-    keys = [line.split(",") for line in _job_keys(laid, args)][: args.sample * args.jobs]
+    keys = [line.split(",") for line in _job_keys(laid, args, MONTH)][: args.sample * args.jobs]
     with _moto_server() as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket="bench")
@@ -718,7 +908,6 @@ def cmd_encodings(args: argparse.Namespace) -> None:
     """Decoding cost and size of one row group per Parquet encoding: the ingested month's first
     20 row groups rewritten each way, then every column read back as a worker reads it (labels
     as dictionaries), best of three passes."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from shared.inputs import LABEL_COLUMNS
@@ -786,7 +975,8 @@ def cmd_dbn(args: argparse.Namespace) -> None:
               for files in (1, args.files)}
     _decoding(months[1], "dbn", args.tz)
     for files, source in months.items():
-        _e2e_sequential(args, f"dbn.zst in {files} file{'s' if files > 1 else ''}", source)
+        label = f"dbn.zst in {files} file{'s' if files > 1 else ''}"
+        _e2e_sequential(args, Month(source, MONTH, args.rows), label, source)
 
 
 def _measured(argv: list[str]) -> tuple[float, float, float, str]:
@@ -811,24 +1001,22 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     """`tickq ingest` of a raw month (with --day-files, in --tz too), `--sample` times, each
     after DuckDB rewrites the same files sorted by (security, ts) into one Parquet file: the
     same sort and rewrite in one process, with every core and the memory it wants."""
-    from shared.inputs import month_files
-    from shared.storage import open_storage
-
-    raw, _ = _data(args.work, args.rows, args.securities, fmt=args.format, ingest=False)
+    [month] = _months(args, args.format)
     days = ("--day-files", args.tz) if args.day_files else ()
-    reader = "read_parquet" if args.format == "parquet" else "read_csv"
-    files = [str(raw / f.key) for f in month_files(open_storage(str(raw)), MONTH)]
+    files, reader = _duckdb_source(month)
     for _ in range(args.sample):
         out = args.work / f"ingest-{uuid.uuid4().hex[:8]}"
         out.mkdir()
         copy = f"COPY (SELECT * FROM {reader}({files!r}) ORDER BY security, ts) TO '{out}/duck.parquet'"
         duck_s, duck_cpu, duck_peak, _ = _measured([PY, "-c", f"import duckdb; duckdb.connect().execute({copy!r})"])
-        seconds, cpu, peak, stdout = _measured([PY, "-m", "tickq", "ingest", "--input", str(raw), "--output",
-                                                str(out / "tickq"), "--months", MONTH, "--json", "--quiet", *days])
+        seconds, cpu, peak, stdout = _measured([PY, "-m", "tickq", "ingest", "--input", str(month.raw), "--output",
+                                                str(out / "tickq"), "--months", month.name, "--json", "--quiet",
+                                                *days])
         summary = json.loads(stdout)
-        _row(target="ingest", rows=summary["rows"], format=args.format, day_files=bool(days),
+        _row(target="ingest", rows=summary["rows"], format="parquet" if reader == "read_parquet" else "csv",
+             day_files=bool(days),
              seconds=round(seconds, 2), cpu_s=round(cpu, 2), rows_per_s=round(summary["rows"] / seconds),
-             peak_rss_mb=round(peak), stages_s=summary["months"][MONTH]["seconds"],
+             peak_rss_mb=round(peak), stages_s=summary["months"][month.name]["seconds"],
              duckdb_s=round(duck_s, 2), duckdb_cpu_s=round(duck_cpu, 2), duckdb_peak_rss_mb=round(duck_peak),
              ratio=round(seconds / duck_s, 2))
         shutil.rmtree(out, ignore_errors=True)
@@ -839,7 +1027,7 @@ def cmd_naive(args: argparse.Namespace) -> None:
     import pandas as pd
 
     raw, laid = _data(args.work, args.rows, args.securities)
-    keys = [k.split(",") for k in _job_keys(laid, args)][: args.sample]
+    keys = [k.split(",") for k in _job_keys(laid, args, MONTH)][: args.sample]
     t0 = time.perf_counter()
     for _, security, date in keys:
         frame = pd.read_parquet(raw / MONTH)
@@ -910,8 +1098,19 @@ def main() -> None:
                         help="memory: every job of the month, not the 20 largest securities' jobs")
     parser.add_argument("--day-files", action="store_true",
                         help="e2e, ingest: ingest with day files in --tz (`tickq ingest --day-files`)")
+    parser.add_argument("--input", type=Path, default=None,
+                        help=f"{', '.join(OWN_MONTH_TARGETS)}: measure a month of your own instead of generated "
+                             "data: a local folder laid out as `tickq produce --input` takes it (--rows, "
+                             "--securities, --format and --rewrite then do not apply)")
+    parser.add_argument("--month", default=None,
+                        help="with --input: the month to measure (default: the only month there)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/tickq-bench"))
     args = parser.parse_args()
+    if args.input is not None and args.target not in OWN_MONTH_TARGETS:
+        parser.error(f"--input: {args.target} measures generated data only (--input serves "
+                     f"{', '.join(OWN_MONTH_TARGETS)})")
+    if args.month is not None and args.input is None:
+        parser.error("--month: only with --input (generated data is one month, " + MONTH + ")")
     args.work.mkdir(parents=True, exist_ok=True)
     _compile_project()
     if args.target in ("e2e", "scaling", "csv", "dbn", "naive", "ingest"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import shutil
 import signal
@@ -348,6 +349,42 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_as_a_crash_loop
     # Every other job succeeded: none was dead-lettered for the killer's crashes.
     assert summary["jobs_succeeded"] == produced["jobs"] - 1
     assert summary["jobs_dead"] == 1
+
+
+def test_a_fault_admitting_a_delivery_dead_letters_that_job_and_the_others_run(
+    tickq: Tickq, tmp_path: Path, fault_report: list[dict[str, Any]]
+) -> None:
+    raw, data, output = tmp_path / "raw", tmp_path / "data", str(tmp_path / "out")
+    tickq.run("gen", "--out", str(raw), "--months", MONTH, "--rows", "3000", "--securities", "3")
+    # Ingested: a batch computes its own jobs only (a pass over a raw month would store them all).
+    tickq.run("ingest", "--input", str(raw), "--output", str(data), "--months", MONTH, "--quiet")
+    produced = tickq.produce("--input", str(data), "--output", output, "--months", MONTH, "--run-id", "admit",
+                             "--dates", "2024-03-04,2024-03-05")
+    keys = (tmp_path / "out/runs/admit/job_keys.csv").read_text()
+    faulty = next(f"admit:{line.replace(',', ':')}" for line in keys.splitlines()[1:])
+    # A fault of the worker's own code while it admits one job's delivery, patched in at its start.
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(
+        "import worker.consumer as consumer\n"
+        "admit = consumer.Worker._admit\n"
+        "def faulty_admit(self, message):\n"
+        f"    if message.message_id == {faulty!r}:\n"
+        "        raise RuntimeError('injected fault admitting a delivery')\n"
+        "    return admit(self, message)\n"
+        "consumer.Worker._admit = faulty_admit\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(patch), tickq.env.get("PYTHONPATH")) if p)}
+    tickq.wait_all([tickq.start("worker", "--concurrency", "2", "--idle-exit", "3", env=env)], timeout=120)
+    # Dead-lettered with its reason, not held unsettled until the worker left and then queued again.
+    letters = [json.loads(x) for x in tickq.run("dlq", "list", "--json").stdout.splitlines()]
+    assert [(x["job_id"], x["error_class"]) for x in letters] == [(faulty, "permanent")]
+    assert "injected fault admitting a delivery" in letters[0]["error"]
+    status = json.loads(tickq.run("status", "--run", "admit", "--output", output, "--json", check=False).stdout)
+    assert (status["succeeded"], status["dead"], status["queued"]) == (produced["jobs"] - 1, 1, 0)
+    tickq.run("aggregate", "--run", "admit", "--output", output, check=False)
+    _figures(fault_report, "a fault admitting a delivery", read_summary(output, "admit"), produced["jobs"], 1,
+             len(letters))
 
 
 def test_jobs_the_broker_dead_letters_at_its_delivery_limit_are_counted_dead_then_replayed(

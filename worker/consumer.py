@@ -154,6 +154,14 @@ def _header_int(message: Delivery, name: str) -> int:
         return 0
 
 
+def _job_or_none(message: Delivery) -> JobMessage | None:
+    """The delivery's job, or None when it cannot be read (reading it may be what failed)."""
+    try:
+        return parse_job(message.body)
+    except Exception:
+        return None
+
+
 def _attempts(message: Delivery) -> int:
     """Attempts this job already spent on transient failures."""
     return _header_int(message, "x-tickq-attempts")
@@ -366,10 +374,12 @@ class Worker:
         try:
             handling = self._admit(message)
         except Exception as exc:  # a fault of tickq's own: kept from the broker connection's reader
-            self._finished(False)
             self.log.error("worker.delivery_failed", message_id=message.message_id, error=one_line(exc),
                            exc_info=True)
-            return
+            # Dead-lettered with the fault, to be replayed once it is mended: held unsettled, the
+            # delivery would stay in hand until the connection closed, and then come back.
+            handling = _counted(self._dead_letter(message, _job_or_none(message), ErrorClass.PERMANENT, exc,
+                                                  time.perf_counter()))
         if handling is not None:
             self._spawn(self._settle_handling(handling))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -159,17 +160,30 @@ def _messages(request: RunRequest, keys: list[JobKey], routing_key: str) -> Iter
 
 
 def job_location(uri: str, flag: str) -> str:
-    """`uri` as the run's jobs carry it: a local path through '..' is resolved to the folder it
-    names (jobs refuse '..' segments); `ConfigError` naming `flag` when jobs cannot carry it."""
+    """`uri` as the run's jobs carry it; `ConfigError` naming `flag` when jobs cannot carry it.
+
+    A local path becomes absolute (workers and the aggregator service may run in other
+    folders), resolved through any '..' to the folder it names (jobs refuse '..' segments)."""
     parsed = urlparse(uri)
-    local = parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt")
-    if local and ".." in uri.replace("\\", "/").split("/"):
-        path = os.path.realpath(parsed.path if parsed.scheme == "file" else uri)
-        uri = f"file://{path}" if parsed.scheme == "file" else path
+    through_parent = ".." in uri.replace("\\", "/").split("/")
+    if parsed.scheme == "" and (through_parent or not os.path.isabs(uri)):
+        uri = os.path.realpath(uri) if through_parent else os.path.abspath(uri)
+    elif parsed.scheme == "file" and through_parent:
+        uri = f"file://{os.path.realpath(parsed.path)}"
     try:
         return check_location(uri, flag.lstrip("-"))
     except ValueError as exc:
         raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _same_request(stored: dict[str, Any], request: RunRequest) -> bool:
+    """Whether a run's stored request is `request` (a run made when its local paths were kept
+    as given, relative ones included, is compared with them made absolute here)."""
+    stored = dict(stored)
+    for key, flag in (("input", "--input"), ("output", "--output")):
+        with contextlib.suppress(ConfigError, KeyError, TypeError):
+            stored[key] = job_location(stored[key], flag)
+    return stored == request.identity()
 
 
 async def produce(request: RunRequest, settings: Settings, dry_run: bool = False) -> ProduceResult:
@@ -191,7 +205,7 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
     resumed = output.exists(layout.manifest)
     if resumed:
         manifest = json.loads(output.read_bytes(layout.manifest))
-        if manifest.get("request") != request.identity():
+        if not _same_request(manifest.get("request") or {}, request):
             raise ConfigError(
                 f"run {request.run_id} already exists with other parameters; "
                 "use the same parameters to resume it, or a new --run-id"

@@ -7,6 +7,8 @@ import asyncio
 import gzip
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -204,6 +206,32 @@ def test_paths_through_dot_dot_name_their_folders_and_every_job_runs(tickq: Tick
     assert manifest["request"]["input"] == str(data) and manifest["request"]["output"] == str(tmp_path / "out")
     summary = read_summary(str(tmp_path / "out"), "run1")
     assert summary["complete"] is True and summary["jobs_succeeded"] == produced["jobs"]
+
+
+def test_relative_paths_reach_workers_elsewhere_as_absolute_ones_and_a_rerun_matches(
+    tickq: Tickq, tmp_path: Path
+) -> None:
+    _gen(tickq, tmp_path / "data", rows=20_000, securities=4)
+    # Relative to the producer's folder; the worker runs in another one.
+    produced = tickq.produce("--input", "data", "--output", "out", "--months", MONTH, "--run-id", "rel")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "tickq", "worker", "--idle-exit", "2", "--quiet"], env=tickq.env,
+                   cwd=elsewhere, check=True, timeout=300)
+    tickq.run("aggregate", "--run", "rel", "--output", "out")
+    summary = read_summary(str(tmp_path / "out"), "rel")
+    assert summary["complete"] is True and summary["jobs_succeeded"] == produced["jobs"] > 0
+    assert not (elsewhere / "out").exists()
+    manifest_path = tmp_path / "out" / "runs" / "rel" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert (manifest["request"]["input"], manifest["request"]["output"]) == (str(tmp_path / "data"),
+                                                                            str(tmp_path / "out"))
+    rerun = ("--input", "data", "--output", "out", "--months", MONTH, "--run-id", "rel")
+    assert tickq.produce(*rerun)["published"] == 0
+    # A run whose manifest kept its paths as given (before they were made absolute) resumes too.
+    manifest["request"].update(input="data", output="out")
+    manifest_path.write_text(json.dumps(manifest))
+    assert tickq.produce(*rerun)["published"] == 0
 
 
 def test_an_object_store_location_through_dot_dot_is_refused_before_anything_is_written(

@@ -25,9 +25,10 @@ MAX_MESSAGE_BYTES = 64 * 1024
 DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (10_000.0, 50_000.0, 200_000.0, 500_000.0, 1_000_000.0)
 
 # A security code is one safe path segment: it starts with a letter or digit and holds no
-# '/', '\\', whitespace or control characters, so it can never leave the run's prefix.
-# Dots are fine (BRK.B), '..' as a whole segment cannot occur because of the first letter.
-SECURITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-=^+&#]{0,63}$")
+# '/', '\\', ':' or control characters, so it can never leave the run's prefix. Dots are fine
+# (BRK.B), '..' as a whole segment cannot occur because of the first letter; so are spaces
+# inside a code (BHP AU Equity, as Bloomberg writes it), not at either end.
+SECURITY_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._\-=^+&# ]{0,62}[A-Za-z0-9._\-=^+&#])?$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,79}$")
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 SESSION_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")

@@ -93,6 +93,32 @@ def test_whole_run_on_s3_with_filters_equals_independent_computation(
     assert summary["rows_filtered"] > 0
 
 
+def test_security_codes_with_spaces_run_on_s3_and_equal_independent_computation(
+    tickq: Tickq, tmp_path: Path, s3_server: S3Server
+) -> None:
+    generated = _gen(tickq, tmp_path / "generated", rows=20_000, securities=4)
+    # The codes as Bloomberg writes them: "BHP AU Equity".
+    table = pq.read_table(generated / MONTH / "part-0000.parquet")
+    bloomberg = pa.array([f"{code} AU Equity" for code in table.column("security").to_pylist()])
+    data = tmp_path / "data"
+    (data / MONTH).mkdir(parents=True)
+    pq.write_table(table.set_column(table.schema.get_field_index("security"), "security", bloomberg),
+                   data / MONTH / "part-0000.parquet")
+    codes = sorted(set(bloomberg.to_pylist()))
+    wanted = codes[:3]
+    bucket = s3_server.new_bucket()
+    upload_dir(data, s3_server.client(), bucket, "raw")
+    output = f"s3://{bucket}/results"
+    produced = _run(tickq, f"s3://{bucket}/raw", output, "--market-tz", "Australia/Sydney",
+                    "--securities", ",".join(wanted))
+
+    expected = reference_tables(str(data), [MONTH], market_tz="Australia/Sydney", securities=wanted)
+    assert produced["jobs"] == len(expected["security_daily"]) > 0
+    assert set(expected["security_daily"]["security"]) == set(wanted)
+    assert_tables_equal(read_tables(output, "run1", s3_server.endpoint), expected)
+    assert read_summary(output, "run1", s3_server.endpoint)["rows_unassigned"] == 0
+
+
 def _write_mixed_month(root: Path) -> None:
     """Parquet parts in the month folder plus a .csv.gz beside it, across Sydney's DST end
     (2024-04-07 03:00 AEDT -> 02:00 AEST), with side spellings, nulls and bad rows."""

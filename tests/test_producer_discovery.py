@@ -35,7 +35,7 @@ from tickq.gen import generate
 from tickq.ingest import ingest
 
 TS = pa.timestamp("ns", tz="UTC")
-INVALID = ("bad code", "../up", "x" * 70)
+INVALID = ("bad/code", "../up", "x" * 70)
 
 
 def utc(text: str) -> dt.datetime:

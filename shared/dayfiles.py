@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from shared.errors import PermanentError
 from shared.inputs import InputFile, job_dates
+from shared.layout import security_segment
 from shared.messages import is_valid_security
 from shared.storage import Storage
 
@@ -59,7 +60,7 @@ def month_prefix(month: str) -> str:
 
 def day_file_key(month: str, security: str, date: str) -> str:
     """The key of the day file of (`security`, `date`), `date` as ``YYYY-MM-DD``."""
-    return f"{month_prefix(month)}{security}/{date}.parquet"
+    return f"{month_prefix(month)}{security_segment(security)}/{date}.parquet"
 
 
 def manifest_key(month: str) -> str:
@@ -180,7 +181,7 @@ class DayFilesWriter:
 
     def path(self, security: str, date: str) -> Path:
         """Where the day file of (`security`, `date`) is written."""
-        return self.directory / security / f"{date}.parquet"
+        return self.directory / security_segment(security) / f"{date}.parquet"
 
     def close(self) -> list[tuple[str, str]]:
         """(security, date) of each day file written (`path`); none when abandoned."""

@@ -11,6 +11,10 @@
     runs/<run>/dead/<month>/<security>/<date>.json      why the job was dead-lettered
     runs/<run>/retrying/<month>/<security>/<date>.json  the job waits in a delay queue
     runs/<run>/aggregates/<table>.parquet|.csv, summary.json
+
+A security code takes one path segment in these keys (`security_segment`): characters other
+than letters, digits and `. _ - ~ = ^ + & #` and spaces are percent-encoded (`BRK/B` as
+`BRK%2FB`), as is a leading dot.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import csv
 import io
 import secrets
 import sys
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -179,6 +184,22 @@ def _versioned(line: bytes) -> dict[str, Any]:
     return header
 
 
+# Kept as they are in a key's security segment (with letters, digits and `_ . - ~`): every
+# character security codes could hold before they could hold any, so their keys stay the same.
+_SEGMENT_SAFE = "=^+&# "
+
+
+def security_segment(security: str) -> str:
+    """`security` as one path segment of a storage key: never '.', '..', hidden or holding a '/'."""
+    segment = urllib.parse.quote(security, safe=_SEGMENT_SAFE)
+    return "%2E" + segment[1:] if segment.startswith(".") else segment
+
+
+def security_of_segment(segment: str) -> str:
+    """The security code a key's segment (`security_segment`) stands for."""
+    return urllib.parse.unquote(segment)
+
+
 class JobKey(NamedTuple):
     """The key of one job. A tuple: sets and dicts of a run's keys (a million for a large run)
     hash and compare them in C."""
@@ -189,7 +210,7 @@ class JobKey(NamedTuple):
 
     def path(self) -> str:
         """The key's relative path, shared by result, marker and dead record."""
-        return f"{self.month}/{self.security}/{self.date}.json"
+        return f"{self.month}/{security_segment(self.security)}/{self.date}.json"
 
 
 @dataclass(frozen=True)
@@ -243,7 +264,7 @@ class RunLayout:
         Named after its first job, so that a listing comes roughly in job-key order.
         """
         suffix = "arrows" if columnar else "json"
-        return f"{self.results_prefix}{month}/{security}.{date}.{secrets.token_hex(6)}.{suffix}"
+        return f"{self.results_prefix}{month}/{security_segment(security)}.{date}.{secrets.token_hex(6)}.{suffix}"
 
     @property
     def succeeded_prefix(self) -> str:
@@ -282,8 +303,8 @@ class RunLayout:
         """The (month, security, date) of each marker, dead or retry record under `prefix`."""
         start = len(prefix)
         for object_key in object_keys:
-            month, security, name = object_key[start:].split("/")
-            yield month, security, name.removesuffix(".json")
+            month, segment, name = object_key[start:].split("/")
+            yield month, security_of_segment(segment), name.removesuffix(".json")
 
 
 def job_keys_csv(keys: list[JobKey]) -> bytes:

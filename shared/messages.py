@@ -24,11 +24,10 @@ MESSAGE_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (10_000.0, 50_000.0, 200_000.0, 500_000.0, 1_000_000.0)
 
-# A security code is one safe path segment: it starts with a letter or digit and holds no
-# '/', '\\', ':' or control characters, so it can never leave the run's prefix. Dots are fine
-# (BRK.B), '..' as a whole segment cannot occur because of the first letter; so are spaces
-# inside a code (BHP AU Equity, as Bloomberg writes it), not at either end.
-SECURITY_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._\-=^+&# ]{0,62}[A-Za-z0-9._\-=^+&#])?$")
+# A security code is any text of 1 to 64 characters without control characters or whitespace
+# at either end (BRK.B, BRK/B, BHP AU Equity): storage keys hold it encoded as one path segment
+# (`shared.layout.security_segment`), so no code can leave the run's prefix.
+MAX_SECURITY_LENGTH = 64
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,79}$")
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 SESSION_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
@@ -38,7 +37,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def is_valid_security(code: str) -> bool:
     """Whether `code` is a security code tickq can use as a job key."""
-    return bool(SECURITY_RE.match(code))
+    return 0 < len(code) <= MAX_SECURITY_LENGTH and code == code.strip() and not _CONTROL.search(code)
 
 
 def job_id_for(run_id: str, month: str, security: str, date: dt.date | str) -> str:

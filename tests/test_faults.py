@@ -268,9 +268,9 @@ def test_poison_and_permanent_failures_are_dead_lettered_with_reasons_and_replay
     (data / "2024-04" / part).write_bytes(b"")
     # 2024-05: no input at all any more.
     shutil.rmtree(data / "2024-05")
-    # Poison: bad JSON, unknown version, a security that would escape the output prefix.
-    body = json.dumps({"v": 1, "run_id": "bad", "job_id": "bad:2024-06:../x:2024-06-03", "month": "2024-06",
-                       "security": "../x", "date": "2024-06-03", "input": str(data), "output": output,
+    # Poison: bad JSON, unknown version, a security code longer than 64 characters.
+    body = json.dumps({"v": 1, "run_id": "bad", "job_id": f"bad:2024-06:{'X' * 65}:2024-06-03", "month": "2024-06",
+                       "security": "X" * 65, "date": "2024-06-03", "input": str(data), "output": output,
                        "processor": "analytics", "params": {}}).encode()
     publish_raw(amqp_url, namespace, [b"\xff\xfe", json.dumps({"v": 9}).encode(), body])
 

@@ -93,19 +93,20 @@ def test_whole_run_on_s3_with_filters_equals_independent_computation(
     assert summary["rows_filtered"] > 0
 
 
-def test_security_codes_with_spaces_run_on_s3_and_equal_independent_computation(
+def test_security_codes_of_any_shape_run_on_s3_and_equal_independent_computation(
     tickq: Tickq, tmp_path: Path, s3_server: S3Server
 ) -> None:
     generated = _gen(tickq, tmp_path / "generated", rows=20_000, securities=4)
-    # The codes as Bloomberg writes them: "BHP AU Equity".
     table = pq.read_table(generated / MONTH / "part-0000.parquet")
-    bloomberg = pa.array([f"{code} AU Equity" for code in table.column("security").to_pylist()])
+    # Codes as other systems write them: Bloomberg's, a share class after a slash, any letters.
+    renamed = dict(zip(sorted(set(table.column("security").to_pylist())),
+                       ["BHP AU Equity", "BRK/B", "Ørsted:CO", ".."], strict=True))
+    codes = pa.array([renamed[code] for code in table.column("security").to_pylist()])
     data = tmp_path / "data"
     (data / MONTH).mkdir(parents=True)
-    pq.write_table(table.set_column(table.schema.get_field_index("security"), "security", bloomberg),
+    pq.write_table(table.set_column(table.schema.get_field_index("security"), "security", codes),
                    data / MONTH / "part-0000.parquet")
-    codes = sorted(set(bloomberg.to_pylist()))
-    wanted = codes[:3]
+    wanted = ["BHP AU Equity", "BRK/B", "Ørsted:CO"]
     bucket = s3_server.new_bucket()
     upload_dir(data, s3_server.client(), bucket, "raw")
     output = f"s3://{bucket}/results"
@@ -117,6 +118,19 @@ def test_security_codes_with_spaces_run_on_s3_and_equal_independent_computation(
     assert set(expected["security_daily"]["security"]) == set(wanted)
     assert_tables_equal(read_tables(output, "run1", s3_server.endpoint), expected)
     assert read_summary(output, "run1", s3_server.endpoint)["rows_unassigned"] == 0
+
+    # Ingested with day files, which small batches read: the same jobs from files of their own.
+    laid = tmp_path / "laid"
+    tickq.run("ingest", "--input", str(data), "--output", str(laid), "--months", MONTH, "--quiet",
+              "--day-files", "Australia/Sydney")
+    assert len(list((laid / "_days" / MONTH).iterdir())) == 4 + 1  # a folder a code, and the manifest
+    dates = "2024-03-04,2024-03-05"
+    _run(tickq, str(laid), str(tmp_path / "out"), "--market-tz", "Australia/Sydney", "--securities", "BRK/B,..",
+         "--dates", dates, run_id="days")
+    expected = reference_tables(str(data), [MONTH], market_tz="Australia/Sydney", securities=["BRK/B", ".."],
+                                dates=dates.split(","))
+    assert len(expected["security_daily"]) == 4
+    assert_tables_equal(read_tables(str(tmp_path / "out"), "days"), expected)
 
 
 def _write_mixed_month(root: Path) -> None:

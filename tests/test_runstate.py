@@ -92,6 +92,37 @@ def test_a_runs_state_is_read_whole_whether_its_records_are_listed_at_once_or_by
     assert (again.expected, again.succeeded, again.dead, again.retrying) == states
 
 
+# Security codes of every shape: each keeps one path segment of its keys, inside the run.
+ODD_CODES = ("BRK/B", "BHP AU Equity", "..", ".tickq-marker", "A%2FB", "Ørsted:CO", "a,b")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_records_of_security_codes_of_any_shape_stay_in_the_run_and_are_read_back_as_they_were(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        uri, endpoint = f"s3://{server.new_bucket()}/out", server.endpoint
+    else:
+        uri, endpoint = str(tmp_path / "out"), None
+    store, layout = open_storage(uri, endpoint), RunLayout("r1")
+    expected = [JobKey("2024-03", code, day) for code in ODD_CODES for day in ("2024-03-04", "2024-03-05")]
+    store.write_bytes(layout.job_keys, job_keys_csv(expected))
+    for key in expected[::2]:
+        store.mark(layout.marker(key))
+    store.write_bytes(layout.dead(expected[1]), b"{}")
+    for key in expected:
+        assert layout.marker(key).split("/")[:4] == ["runs", "r1", "succeeded", "2024-03"]
+        assert len(layout.marker(key).split("/")) == 6
+    state = load_state(store, layout)
+    assert state.expected == set(expected)
+    assert state.succeeded == set(expected[::2]) and state.dead == {expected[1]}
+    assert state.missing == set(expected[3::2])
+    if where == "local":  # nothing was written outside the output folder, nor hidden in it
+        assert {p.name for p in tmp_path.iterdir()} == {"out"}
+        assert len(list((tmp_path / "out" / "runs" / "r1" / "succeeded" / "2024-03").iterdir())) == len(ODD_CODES)
+
+
 def test_a_runs_jobs_come_in_security_date_month_order_and_unknown_keys_have_no_position(tmp_path: Path) -> None:
     # Securities that look like numbers or hold a dot, a date in two months'
     # files, and a job listed twice: the key file's own order is not the run's.

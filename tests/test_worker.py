@@ -52,9 +52,10 @@ def test_bad_messages_and_missing_input_do_not_crash_the_worker(
     produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "ok")
     good = json.loads(_job("x", MONTH, "AAA", "2024-03-04", str(data), str(output)).to_body())
     unknown_version = json.dumps({**good, "v": 2}).encode()
-    escaping = json.dumps({**good, "security": "../../etc", "job_id": "x:2024-03:../../etc:2024-03-04"}).encode()
+    too_long = "X" * 65
+    invalid = json.dumps({**good, "security": too_long, "job_id": f"x:2024-03:{too_long}:2024-03-04"}).encode()
     missing_input = _job("x", "2023-01", "AAA", "2023-01-04", str(data), str(output)).to_body()
-    publish_raw(amqp_url, namespace, [b"not json {", unknown_version, escaping, missing_input])
+    publish_raw(amqp_url, namespace, [b"not json {", unknown_version, invalid, missing_input])
 
     worker = tickq.workers(1)[0]
     tickq.wait_all([worker])

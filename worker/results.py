@@ -19,6 +19,7 @@ from shared.layout import (
     RunLayout,
     batch_result_body,
     batch_result_table_body,
+    security_segment,
 )
 from shared.messages import JobMessage
 from shared.processors import JobAccumulator, Processor
@@ -59,7 +60,8 @@ def _listed(output: Storage, prefixes: tuple[str, ...], jobs: list[JobMessage]) 
     security), not per job."""
     month = jobs[0].month
     securities = sorted({j.security for j in jobs})
-    return _keys_under(output, [f"{prefix}{month}/{security}/" for prefix in prefixes for security in securities])
+    return _keys_under(output, [f"{prefix}{month}/{security_segment(security)}/" for prefix in prefixes
+                                for security in securities])
 
 
 def _keys_under(output: Storage, prefixes: list[str]) -> set[str]:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.inputs import LABEL, LABEL_COLUMNS, NORMALISED_SCHEMA
-from shared.layout import RunLayout
+from shared.layout import RunLayout, security_segment
 from shared.messages import JobParams
 from shared.processors.base import JobContext, StoredResult
 from shared.tables import TableSink
@@ -36,7 +36,8 @@ COUNTS_SCHEMA = pa.schema(
 
 def extract_key(run_id: str, security: str, date: str, month: str) -> str:
     """Where a job's extracted rows go, relative to the output location."""
-    return f"{RunLayout(run_id).root}/extract/security={security}/trade_date={date}/{month}.parquet"
+    return (f"{RunLayout(run_id).root}/extract/security={security_segment(security)}/trade_date={date}/"
+            f"{month}.parquet")
 
 
 class ExtractJob:

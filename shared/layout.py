@@ -20,6 +20,7 @@ than letters, digits and `. _ - ~ = ^ + & #` and spaces are percent-encoded (`BR
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import secrets
 import sys
@@ -189,6 +190,7 @@ def _versioned(line: bytes) -> dict[str, Any]:
 _SEGMENT_SAFE = "=^+&# "
 
 
+@functools.lru_cache(maxsize=8192)  # a key a job, from a few thousand codes
 def security_segment(security: str) -> str:
     """`security` as one path segment of a storage key: never '.', '..', hidden or holding a '/'."""
     segment = urllib.parse.quote(security, safe=_SEGMENT_SAFE)

@@ -24,10 +24,11 @@ MESSAGE_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 DEFAULT_SIZE_BUCKETS: tuple[float, ...] = (10_000.0, 50_000.0, 200_000.0, 500_000.0, 1_000_000.0)
 
-# A security code is any text of 1 to 64 characters without control characters or whitespace
+# A security code is any text of 1 to 64 bytes (UTF-8) without control characters or whitespace
 # at either end (BRK.B, BRK/B, BHP AU Equity): storage keys hold it encoded as one path segment
-# (`shared.layout.security_segment`), so no code can leave the run's prefix.
-MAX_SECURITY_LENGTH = 64
+# (`shared.layout.security_segment`), so no code can leave the run's prefix, and in bytes so
+# that its segment, percent-encoded, stays within a file name's 255 bytes.
+MAX_SECURITY_BYTES = 64
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,79}$")
 MONTH_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
 SESSION_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
@@ -37,7 +38,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def is_valid_security(code: str) -> bool:
     """Whether `code` is a security code tickq can use as a job key."""
-    return 0 < len(code) <= MAX_SECURITY_LENGTH and code == code.strip() and not _CONTROL.search(code)
+    try:
+        size = len(code.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no text a file or message holds
+        return False
+    return 0 < size <= MAX_SECURITY_BYTES and code == code.strip() and not _CONTROL.search(code)
 
 
 def job_id_for(run_id: str, month: str, security: str, date: dt.date | str) -> str:

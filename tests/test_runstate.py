@@ -93,7 +93,7 @@ def test_a_runs_state_is_read_whole_whether_its_records_are_listed_at_once_or_by
 
 
 # Security codes of every shape: each keeps one path segment of its keys, inside the run.
-ODD_CODES = ("BRK/B", "BHP AU Equity", "..", ".tickq-marker", "A%2FB", "Ørsted:CO", "a,b")
+ODD_CODES = ("BRK/B", "BHP AU Equity", "..", ".tickq-marker", "A%2FB", "Ørsted:CO", "a,b", "株" * 21)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

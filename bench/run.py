@@ -290,11 +290,13 @@ def _duckdb_security_daily(month: Month, tz: str) -> tuple[float, pa.Table]:
     columns = {name: kind for name, kind, *_ in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     ts = _duckdb_instant(columns.get("ts", ""), month)
     side = "side" if "side" in columns else "NULL"
+    # Products in double precision, as tickq computes them (DuckDB keeps FLOAT * BIGINT a FLOAT).
+    price = "price" if columns.get("price") == "DOUBLE" else "CAST(price AS DOUBLE)"
     started = time.perf_counter()
     table = con.sql(f"""
         SELECT security, CAST(timezone('{tz}', {ts}) AS DATE) AS trade_date, count(*) AS records,
-               sum(size) AS volume, sum(price * size) AS notional, sum(price * size) / sum(size) AS vwap,
-               avg(size) AS avg_size, min(price) AS low, max(price) AS high,
+               sum(size) AS volume, sum({price} * size) AS notional, sum({price} * size) / sum(size) AS vwap,
+               avg(size) AS avg_size, min({price}) AS low, max({price}) AS high,
                sum(CASE WHEN {side} = 'B' THEN size ELSE 0 END) AS buy_volume,
                sum(CASE WHEN {side} = 'S' THEN size ELSE 0 END) AS sell_volume, min(ts) AS first_ts,
                max(ts) AS last_ts

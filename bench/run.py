@@ -289,7 +289,7 @@ def _duckdb_security_daily(month: Month, tz: str) -> tuple[float, pa.Table]:
     source = f"{reader}({files!r})"
     columns = {name: kind for name, kind, *_ in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     ts = _duckdb_instant(columns.get("ts", ""), month)
-    side = "side" if "side" in columns else "NULL"
+    side = _duckdb_side(con, source, columns)
     # Products in double precision, as tickq computes them (DuckDB keeps FLOAT * BIGINT a FLOAT).
     price = "price" if columns.get("price") == "DOUBLE" else "CAST(price AS DOUBLE)"
     started = time.perf_counter()
@@ -339,6 +339,19 @@ def _microseconds(column: pa.ChunkedArray) -> np.ndarray:
     if per_us[unit] >= 1:
         return values // int(per_us[unit])
     return values * int(1 / per_us[unit])
+
+
+def _duckdb_side(con: Any, source: str, columns: dict[str, str]) -> str:
+    """A DuckDB expression of each row's side as tickq reads it: B, S or neither. A month whose
+    sides are all B, S or null (most feeds, and `tickq gen`) is read as it is; other spellings
+    (any case of BUY, SELL and A, blanks around) are mapped, as tickq maps them."""
+    if "side" not in columns:
+        return "NULL"
+    spellings = {row[0] for row in con.sql(f"SELECT DISTINCT side FROM {source}").fetchall()}
+    if spellings <= {"B", "S", None}:
+        return "side"
+    upper = "upper(trim(CAST(side AS VARCHAR)))"
+    return f"CASE WHEN {upper} IN ('B', 'BUY') THEN 'B' WHEN {upper} IN ('S', 'SELL', 'A') THEN 'S' END"
 
 
 def _duckdb_source(month: Month) -> tuple[list[str], str]:

@@ -82,6 +82,8 @@ class ProduceResult:
     resumed: bool = False
     months_without_input: list[str] = field(default_factory=list)
     rows_unassigned: int = 0
+    # A few of the security codes that made rows unassigned (none for a resumed run).
+    invalid_securities: list[str] = field(default_factory=list)
 
 
 def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[str, Any], dict[str, list[InputFile]]]:
@@ -126,6 +128,10 @@ def _discover(request: RunRequest, source: Storage) -> tuple[list[JobKey], dict[
             source=found.source,
             duration_s=round(time.perf_counter() - started, 3),
         )
+        if found.rows_unassigned:
+            # Rows in no table: said out loud, not only counted in the manifest.
+            log.warning("produce.rows_unassigned", month=month, rows=found.rows_unassigned,
+                        invalid_securities=per_month[month]["invalid_securities"][:5])
     return keys, {"months": per_month, "months_without_input": without_input}, sliced
 
 
@@ -231,6 +237,8 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         resumed=resumed,
         months_without_input=list(discovery.get("months_without_input", [])),
         rows_unassigned=sum(m.get("rows_unassigned", 0) for m in discovery.get("months", {}).values()),
+        invalid_securities=sorted({code for m in discovery.get("months", {}).values()
+                                   for code in m.get("invalid_securities", [])})[:5],
     )
     if dry_run:
         return result

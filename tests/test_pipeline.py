@@ -133,6 +133,22 @@ def test_security_codes_of_any_shape_run_on_s3_and_equal_independent_computation
     assert_tables_equal(read_tables(str(tmp_path / "out"), "days"), expected)
 
 
+def test_rows_no_job_can_own_are_said_in_the_producers_line_and_log(tickq: Tickq, tmp_path: Path) -> None:
+    data = _gen(tickq, tmp_path / "data", rows=2_000, securities=2)
+    table = pq.read_table(data / MONTH / "part-0000.parquet").slice(0, 30)
+    codes = [" PADDED"] * 10 + ["X" * 65] * 5 + [None] * 5 + ["OK"] * 10
+    pq.write_table(table.set_column(table.schema.get_field_index("security"), "security", pa.array(codes)),
+                   data / MONTH / "part-0001.parquet")
+    result = tickq.run("produce", "--input", str(data), "--output", str(tmp_path / "out"), "--months", MONTH,
+                       "--run-id", "odd", "--dry-run")
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.endswith(f"; 20 rows belong to no job (no security, a security code tickq cannot use, such as "
+                         f"' PADDED', '{'X' * 40}', or no trade date) and are in no table")
+    logged = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+    warned = [x for x in logged if x.get("event") == "produce.rows_unassigned"]
+    assert [(x["month"], x["rows"]) for x in warned] == [(MONTH, 20)]
+
+
 def _write_mixed_month(root: Path) -> None:
     """Parquet parts in the month folder plus a .csv.gz beside it, across Sydney's DST end
     (2024-04-07 03:00 AEDT -> 02:00 AEST), with side spellings, nulls and bad rows."""

@@ -199,6 +199,15 @@ def _job_params(args: argparse.Namespace) -> JobParams:
         raise ConfigError(f"invalid run parameters: {exc}") from None
 
 
+def _unassigned(rows: int, codes: list[str]) -> str:
+    """What the producer's line says of rows no job owns (nothing when there are none)."""
+    if not rows:
+        return ""
+    examples = f", such as {', '.join(repr(c) for c in codes)}" if codes else ""
+    return (f"; {rows} rows belong to no job (no security, a security code tickq cannot use{examples}, "
+            "or no trade date) and are in no table")
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
     from producer.run import RunRequest, new_run_id, produce
 
@@ -227,7 +236,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
         count = result.jobs - result.already_succeeded if args.dry_run else result.published
         print(
             f"run {result.run_id}: {result.jobs} jobs, {verb} {count}"
-            + (f", {result.already_succeeded} already succeeded" if result.already_succeeded else ""),
+            + (f", {result.already_succeeded} already succeeded" if result.already_succeeded else "")
+            + _unassigned(result.rows_unassigned, result.invalid_securities),
             file=sys.stderr,
         )
     return EXIT_OK

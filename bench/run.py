@@ -278,22 +278,40 @@ def _run_workers(
     return time.perf_counter() - started - 1.0, peaks
 
 
-def _duckdb_security_daily(month: Month, tz: str) -> tuple[float, pa.Table]:
-    """Seconds DuckDB takes to compute `security_daily` over `month`'s raw files in one process,
-    and the table."""
+@dataclass(frozen=True)
+class DuckDbReference:
+    """DuckDB's `security_daily` over a month's raw files in one process: the comparison."""
+
+    sql: str
+    tz: str
+
+    def run(self) -> tuple[float, pa.Table]:
+        """Seconds DuckDB takes to compute the table, and the table."""
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute(f"SET TimeZone='{self.tz}'")
+        started = time.perf_counter()
+        table = con.sql(self.sql).to_arrow_table()
+        return time.perf_counter() - started, table
+
+
+def _duckdb_reference(month: Month, tz: str) -> DuckDbReference:
+    """The query computing `month`'s `security_daily` as tickq does, fitted to its files (read
+    here once, untimed): their `ts` type, side spellings and price type, and tickq's rejection
+    rules beyond the usual three where some row breaks them."""
     import duckdb
 
     files, reader = _duckdb_source(month)
     con = duckdb.connect()
-    con.execute(f"SET TimeZone='{tz}'")
     source = f"{reader}({files!r})"
     columns = {name: kind for name, kind, *_ in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     ts = _duckdb_instant(columns.get("ts", ""), month)
     side = _duckdb_side(con, source, columns)
     # Products in double precision, as tickq computes them (DuckDB keeps FLOAT * BIGINT a FLOAT).
     price = "price" if columns.get("price") == "DOUBLE" else "CAST(price AS DOUBLE)"
-    started = time.perf_counter()
-    table = con.sql(f"""
+    kept = f"price > 0 AND size > 0 AND security <> ''{_duckdb_more_rules(con, source, columns, ts, price)}"
+    return DuckDbReference(f"""
         SELECT security, CAST(timezone('{tz}', {ts}) AS DATE) AS trade_date, count(*) AS records,
                sum(size) AS volume, sum({price} * size) AS notional, sum({price} * size) / sum(size) AS vwap,
                avg(size) AS avg_size, min({price}) AS low, max({price}) AS high,
@@ -301,10 +319,21 @@ def _duckdb_security_daily(month: Month, tz: str) -> tuple[float, pa.Table]:
                sum(CASE WHEN {side} = 'S' THEN size ELSE 0 END) AS sell_volume, min(ts) AS first_ts,
                max(ts) AS last_ts
         FROM {source}
-        WHERE price > 0 AND size > 0 AND security <> ''
+        WHERE {kept}
         GROUP BY ALL ORDER BY ALL
-    """).to_arrow_table()
-    return time.perf_counter() - started, table
+    """, tz)
+
+
+def _duckdb_more_rules(con: Any, source: str, columns: dict[str, str], ts: str, price: str) -> str:
+    """tickq's rejection rules the usual `price > 0 AND size > 0 AND security <> ''` leaves out
+    (a null time, a price not finite, a size not whole), as more of the WHERE clause; nothing
+    when no row of the month breaks them, as in generated months."""
+    whole = "size = floor(size)" if columns.get("size") in ("DOUBLE", "FLOAT") or "DECIMAL" in columns.get(
+        "size", "") else "true"
+    rules = f"{ts} IS NOT NULL AND isfinite({price}) AND {whole}"
+    broken = con.sql(f"SELECT count(*) FROM {source} WHERE price > 0 AND size > 0 AND security <> '' "
+                     f"AND NOT coalesce({rules}, false)").fetchall()[0][0]
+    return f" AND {rules}" if broken else ""
 
 
 def _differing_days(reference: pa.Table, ours: pa.Table) -> int:
@@ -314,11 +343,10 @@ def _differing_days(reference: pa.Table, ours: pa.Table) -> int:
 
     def keyed(table: pa.Table) -> dict[tuple[Any, Any], tuple[Any, ...]]:
         columns = [table.column(name).to_pylist() for name in ("security", "trade_date")]
-        # DuckDB's sums of integers are 128-bit: both sides as int64 and float64.
-        values = [table.column(name).cast(kind).to_numpy(zero_copy_only=False)
-                  for name, kind in (("records", pa.int64()), ("volume", pa.int64()), ("buy_volume", pa.int64()),
-                                     ("sell_volume", pa.int64()), ("notional", pa.float64()), ("low", pa.float64()),
-                                     ("high", pa.float64()))]
+        # As float64 on both sides (DuckDB sums integers in 128 bits, and sums a size column of
+        # floats as floats): exact for the counts and volumes below 2^53 that are compared.
+        values = [table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
+                  for name in ("records", "volume", "buy_volume", "sell_volume", "notional", "low", "high")]
         values += [_microseconds(table.column(name)) for name in ("first_ts", "last_ts")]
         return {(sec, day): tuple(v[i] for v in values) for i, (sec, day) in enumerate(zip(*columns, strict=True))}
 
@@ -385,18 +413,18 @@ def _duckdb_instant(kind: str, month: Month) -> str:
 
 def cmd_e2e(args: argparse.Namespace) -> None:
     [month] = _months(args, args.format)
-    _duckdb_source(month)  # a month DuckDB cannot read is refused before anything is run
+    query = _duckdb_reference(month, args.tz)  # a month DuckDB cannot read is refused before anything runs
     month, laid = _ingested(args, month, day_files_tz=args.tz if args.day_files else None, fmt=args.format)
     for label, source in (("ingested", laid), ("raw", month.raw)) if args.raw_too else (("ingested", laid),):
         # This machine's speed drifts by tens of percent within minutes: DuckDB runs right
         # before and right after each tickq run, and each ratio uses the mean of the two. A
         # first, untimed run reads the files into the page cache, as tickq's ingest did.
-        _, reference = _duckdb_security_daily(month, args.tz)
-        before, _ = _duckdb_security_daily(month, args.tz)
+        _, reference = query.run()
+        before, _ = query.run()
         tickq_s = _e2e_sequential(args, month, label, source, reference)
-        middle, _ = _duckdb_security_daily(month, args.tz)
+        middle, _ = query.run()
         deployed_s = _e2e_deployed(args, month, label, source)
-        after, _ = _duckdb_security_daily(month, args.tz)
+        after, _ = query.run()
         for mode, seconds, duck in (("sequential", tickq_s, (before + middle) / 2),
                                     ("deployed", deployed_s, (middle + after) / 2)):
             _row(target="e2e-ratio", mode=mode, input=label, tickq_s=round(seconds, 2), duckdb_s=round(duck, 2),

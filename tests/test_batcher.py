@@ -135,3 +135,48 @@ def test_resized_slots_bound_the_batches_run_at_once_from_the_next_batch_on() ->
         return most
 
     assert asyncio.run(scenario()) == [2, 1, 2]
+
+
+def test_jobs_taken_out_while_they_wait_for_a_slot_never_run_and_the_rest_do() -> None:
+    async def scenario() -> tuple[list[list[str]], list[str], list[str], int]:
+        ran: list[list[str]] = []
+        started = threading.Event()
+        release = threading.Event()
+        settled: list[str] = []
+
+        def execute(jobs: list[JobMessage]) -> list[BatchResult]:
+            ran.append([job.security for job in jobs])
+            started.set()
+            release.wait(5)  # the one slot stays busy until the jobs are taken
+            return [JobOutcome() for _ in jobs]
+
+        async def announce(jobs: list[tuple[JobMessage, JobOutcome]]) -> bool:
+            return True
+
+        async def settle(batch: list[tuple[str, BatchResult]]) -> None:
+            settled.extend(ticket for ticket, _ in batch)
+
+        batcher: JobBatcher[str] = JobBatcher(execute, announce, settle, concurrency=1, max_batch=2)
+        batcher.start()
+        for i in range(2):
+            batcher.submit(_job(f"S{i:03d}"), f"running-{i}")
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        for i in range(2, 7):
+            batcher.submit(_job(f"S{i:03d}"), f"waiting-{i}")
+        taken = batcher.take_unstarted(3)
+        left = batcher.unstarted()
+        release.set()
+        deadline = time.monotonic() + 5
+        while len(settled) < 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # nothing else runs
+        batcher.stop()
+        batcher.shutdown()
+        return ran, taken, settled, left
+
+    ran, taken, settled, left = asyncio.run(scenario())
+    # The last to arrive are taken; the running batch and the first waiting go on here.
+    assert taken == ["waiting-4", "waiting-5", "waiting-6"]
+    assert left == 2
+    assert ran == [["S000", "S001"], ["S002", "S003"]]
+    assert sorted(settled) == ["running-0", "running-1", "waiting-2", "waiting-3"]

@@ -227,6 +227,38 @@ def test_sigterm_finishes_the_job_in_hand_and_loses_nothing(tickq: Tickq, s3_ser
     assert_tables_equal(read_tables(output, "term", s3_server.endpoint), expected)
 
 
+def test_a_worker_started_late_takes_jobs_the_busy_one_holds_but_has_not_started(
+    tickq: Tickq, s3_server: S3Server, tmp_path: Path
+) -> None:
+    data, output, proxy, produced = _slow_run(tickq, s3_server, tmp_path, 0.5, "share")
+    assert produced["jobs"] == 4
+    try:
+        # The busy worker draws all four jobs into its prefetch: a batch of two runs (slowly,
+        # through the slow store), two wait for its one slot. The queue is empty.
+        busy = tickq.start("worker", "--concurrency", "1", "--prefetch", "4", "--idle-exit", "3",
+                           env={"TICKQ_S3_ENDPOINT_URL": proxy.endpoint, "TICKQ_LOG_LEVEL": "debug"})
+        _wait_for_event(busy, "batch.started", jobs=2)
+        late = tickq.start("worker", "--concurrency", "1", "--idle-exit", "3")
+        tickq.wait_all([busy, late], timeout=300)
+    finally:
+        proxy.close()
+    # Half of the two waiting, then (when the late worker is idle again, if the busy one's
+    # batch still runs) the other.
+    shared = [x["jobs"] for x in log_lines(busy) if x.get("event") == "worker.jobs_shared"]
+    assert shared in ([1], [1, 1]), shared
+    done = {name: [x for x in log_lines(proc) if x.get("event") == "job.finished"]
+            for name, proc in (("busy", busy), ("late", late))}
+    # Before: 0, the busy worker held every job to the end.
+    assert len(done["late"]) == sum(shared)
+    assert len(done["busy"]) == produced["jobs"] - sum(shared)
+    # Each job ran once, on one worker, and the run's tables are whole.
+    assert all(x["outcome"] == "succeeded" for x in done["busy"] + done["late"])
+    assert len({x["job_id"] for x in done["busy"] + done["late"]}) == produced["jobs"]
+    tickq.run("aggregate", "--run", "share", "--output", output)
+    expected = reference_tables(str(data), [MONTH], dates=["2024-03-04", "2024-03-05"])
+    assert_tables_equal(read_tables(output, "share", s3_server.endpoint), expected)
+
+
 def test_sigterm_past_the_shutdown_timeout_requeues_the_job(
     tickq: Tickq, s3_server: S3Server, tmp_path: Path
 ) -> None:

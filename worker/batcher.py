@@ -118,6 +118,26 @@ class JobBatcher(Generic[Ticket]):
         if self._dispatcher is not None:
             self._dispatcher.cancel()
 
+    def unstarted(self) -> int:
+        """Jobs waiting for a slot."""
+        return sum(map(len, self._waiting.values()))
+
+    def take_unstarted(self, count: int) -> list[Ticket]:
+        """Take up to `count` jobs that wait for a slot out of the batcher (the last to arrive
+        of its largest batches), for the caller to return to the queue: they never start here."""
+        taken: list[Ticket] = []
+        for key in sorted(self._waiting, key=lambda k: len(self._waiting[k]), reverse=True):
+            if len(taken) >= count:
+                break
+            waiting = self._waiting[key]
+            keep = max(0, len(waiting) - (count - len(taken)))
+            taken += [ticket for _, ticket, _ in waiting[keep:]]
+            if keep:
+                del waiting[keep:]
+            else:
+                del self._waiting[key]
+        return taken
+
     @property
     def slots(self) -> int:
         """Batches that may run at once."""

@@ -63,6 +63,7 @@ from worker.delivery import Delivery, JobSubscription
 from worker.host_share import HostWorkers, auto_slots
 from worker.isolation import IsolationChildren
 from worker.job import BatchResult, JobOutcome, MonthListings, execute_batch, execute_isolated
+from worker.sharing import IDLE_AFTER_S, IdleNotices
 
 TRACEBACK_LIMIT = 4000
 HEARTBEAT_INTERVAL_S = 10.0
@@ -210,6 +211,8 @@ class Worker:
         self._events: Any = None
         self._subscription: JobSubscription | None = None
         self._workers_on_host = 1
+        self._notices = IdleNotices(self.topology, self.identity, self._share_with)
+        self._idle_check: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -234,6 +237,7 @@ class Worker:
             self._channel = await connection.channel(publisher_confirms=True)
             await declare(self._channel, self.topology)
             self._events = await self._channel.get_exchange(self.topology.events)
+            await self._notices.start(self._channel, self._events)
             self._resize_to_host(announce=False)
             subscription = JobSubscription(
                 connection_parameters(self.settings.amqp_url, f"tickq-worker {self.identity} jobs"),
@@ -254,6 +258,7 @@ class Worker:
                 **({"workers_on_host": self._workers_on_host} if self.options.auto else {}),
             )
             housekeeping = asyncio.create_task(self._housekeeping())
+            self._idle_soon()  # a worker added to a run the others hold in their prefetch
             await self._stopping.wait()
             await subscription.stop()
             self._batcher.stop()
@@ -400,6 +405,8 @@ class Worker:
         """A delivery in hand is settled; `counted` unless it was handed back unstarted."""
         self.stats.in_flight -= 1
         self.stats.last_activity = time.monotonic()
+        if self.stats.in_flight == 0 and not self._stopping.is_set():
+            self._idle_soon()
         if not counted:
             return
         self.stats.done += 1
@@ -407,7 +414,14 @@ class Worker:
             self.stop("max-jobs")
 
     async def _hand_back(self, message: Delivery) -> None:
-        """Return a job this worker never started as a fresh copy, then ack the original.
+        """Return a job this worker never started as a fresh copy, then ack the original."""
+        if await self._copy_back(message):
+            await self._settle(self._acks.ack(message), "ack after hand-back")
+        else:
+            await self._settle(self._requeue(message), "requeue after failed hand-back")
+
+    async def _copy_back(self, message: Delivery) -> bool:
+        """Publish a fresh copy of a job this worker never started (confirmed: True).
 
         A plain requeue would raise the job's delivery count. The copy starts the broker's
         count afresh and carries the job's returns (deliveries that ended with their worker
@@ -416,12 +430,46 @@ class Worker:
         headers = self._carried_headers(message)
         if returns := _returns(message):
             headers["x-tickq-returns"] = returns
-        if await self._publish(
+        return await self._publish(
             self._channel.default_exchange, message.body, self.topology.jobs, message.message_id or "", headers
-        ):
-            await self._settle(self._acks.ack(message), "ack after hand-back")
-        else:
-            await self._settle(self._requeue(message), "requeue after failed hand-back")
+        )
+
+    # -- sharing with idle workers (`worker.sharing`) ----------------------------------------
+
+    def _share_with(self, idle_worker: str) -> None:
+        """Another worker has nothing to do: return half the jobs waiting for a slot here."""
+        if self._stopping.is_set():
+            return
+        hands = self._batcher.take_unstarted((self._batcher.unstarted() + 1) // 2)
+        if hands:
+            self._spawn(self._share(hands, idle_worker))
+
+    async def _share(self, hands: list[_InHand], idle_worker: str) -> None:
+        """Hand `hands` back as fresh copies, every copy confirmed before any original is acked:
+        this worker's prefetch stays full meanwhile, so the broker gives the copies to workers
+        with room, the idle one first."""
+        began = time.perf_counter()
+        copied = await asyncio.gather(*(self._copy_back(hand.message) for hand in hands))
+        returned = [hand.message for hand, ok in zip(hands, copied, strict=True) if ok]
+        if returned:
+            await self._settle(self._acks.ack_all(returned), "ack after sharing")
+        for hand, ok in zip(hands, copied, strict=True):
+            if not ok:
+                await self._settle(self._requeue(hand.message), "requeue after failed hand-back")
+            self._finished(False)
+        self.log.info("worker.jobs_shared", jobs=len(returned), idle_worker=idle_worker,
+                      seconds=round(time.perf_counter() - began, 3))
+
+    def _idle_soon(self) -> None:
+        """Tell the other workers if this one stays without jobs for a moment."""
+        if self._idle_check is not None and not self._idle_check.done():
+            return
+        self._idle_check = asyncio.get_running_loop().create_task(self._announce_if_idle())
+
+    async def _announce_if_idle(self) -> None:
+        await asyncio.sleep(IDLE_AFTER_S)
+        if self.stats.in_flight == 0 and not self._stopping.is_set():
+            await self._notices.announce()
 
     def _admit(self, message: Delivery) -> Coroutine[Any, Any, bool] | None:
         """Where a delivery goes. None: its job joined a batch, which settles it

@@ -1,0 +1,75 @@
+"""Idle workers take the jobs busy workers hold but have not started.
+
+A worker prefetches about a thousand jobs per slot, so that one pass over a month serves
+hundreds of them. While the queue holds jobs that costs nothing; once it runs dry, the jobs a
+worker holds behind a running batch are work that another worker, idle by then, could do, and
+the run ends when its busiest worker is done. A worker added to a run whose queue the others
+have already drawn into their prefetch would find nothing at all.
+
+So a worker with nothing in hand says so, once each time it runs out of work (and once after it
+starts), on the events exchange under `IDLE_ROUTING_KEY`. Every other worker holding jobs that
+wait for a slot returns half of them to the queue as fresh copies (`worker.consumer`), and the
+idle worker's free prefetch takes them. Each worker hears the notices on an exclusive queue of
+its own. A notice lost or unheeded costs balance, never a job.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+
+from shared.errors import one_line
+from shared.metrics import get_logger
+from shared.topology import Topology
+
+IDLE_ROUTING_KEY = "worker.idle"
+# How long a worker must stay without jobs before it says so: the broker refills a worker's
+# prefetch within a millisecond or two of its acks while the queue holds jobs.
+IDLE_AFTER_S = 0.01
+
+
+class IdleNotices:
+    """Says when this worker is idle, and hears when others are (`on_idle` gets their names)."""
+
+    def __init__(self, topology: Topology, identity: str, on_idle: Callable[[str], None]) -> None:
+        self._topology = topology
+        self._identity = identity
+        self._on_idle = on_idle
+        self._exchange: Any = None
+        self._log = get_logger()
+
+    async def start(self, channel: Any, events: Any) -> None:
+        """Listen on `channel` for notices published to the `events` exchange.
+
+        The queue is named here, not by the broker: a robust channel declares it again under
+        the same name after reconnecting, and the broker refuses names it would have made.
+        """
+        queue = await channel.declare_queue(
+            f"{self._topology.ns}.idle-workers.{uuid.uuid4().hex[:16]}", exclusive=True, auto_delete=True
+        )
+        await queue.bind(events, routing_key=IDLE_ROUTING_KEY)
+        await queue.consume(self._heard, no_ack=True)
+        self._exchange = events
+
+    async def announce(self) -> None:
+        """Tell the other workers that this one has nothing in hand (best effort)."""
+        if self._exchange is None:
+            return
+        notice = aio_pika.Message(b"", app_id=self._identity, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        self._log.info("worker.idle")
+        try:
+            await self._exchange.publish(notice, routing_key=IDLE_ROUTING_KEY)
+        except Exception as exc:  # balance only: the jobs are safe either way
+            self._log.debug("worker.idle_notice_unsent", error=one_line(exc))
+
+    async def _heard(self, message: Any) -> None:
+        idle = message.app_id
+        if not idle or idle == self._identity:
+            return
+        try:
+            self._on_idle(idle)
+        except Exception as exc:  # a fault of tickq's own: kept from the broker connection
+            self._log.error("worker.idle_notice_failed", idle_worker=idle, error=one_line(exc), exc_info=True)

@@ -120,3 +120,47 @@ def test_a_view_sharing_footers_keeps_no_row_group(tmp_path: Path) -> None:
     assert whole.num_rows == 400
     assert last > 0 and view.hits == cache.hits == 0  # the edges were not kept
     assert 0 < first < footer_and_first  # the footer the view read is the cache's
+
+
+def test_a_row_group_of_one_security_is_read_only_for_that_securitys_own_days(tmp_path: Path) -> None:
+    """A batch holding all of one security's days and the last day of another (as where a
+    batch's jobs end inside a large security) reads the second one's row groups of that day
+    only, although the batch as a whole spans every day."""
+    from shared.inputs import DayWindow
+
+    day_ns, rows_per_day = 86_400 * 10**9, 1_000
+    start = 1_709_251_200_000_000_000  # 2024-03-01T00:00Z
+    keys = [(s, d, i) for s in ("AAA", "BBB") for d in range(4) for i in range(rows_per_day)]
+    table = pa.table({
+        "ts": pa.array([start + d * day_ns + i * 10**6 for _, d, i in keys], pa.int64()).cast(TS),
+        "security": [s for s, _, _ in keys],
+        "price": [1.0] * len(keys),
+        "size": [1] * len(keys),
+        "side": ["B"] * len(keys),
+    })
+    (tmp_path / MONTH).mkdir()
+    # A row group per (security, day): eight, each of one security.
+    pq.write_table(table, tmp_path / MONTH / "part.parquet", row_group_size=rows_per_day)
+    storage = open_storage(str(tmp_path))
+    [file] = month_files(storage, MONTH)
+    days = [DayWindow(start + d * day_ns, start + (d + 1) * day_ns) for d in range(4)]
+    batch = DayWindow(days[0].start_ns, days[3].end_ns)
+
+    def read(own: dict[str, DayWindow] | None) -> tuple[pa.Table, int]:
+        counter = ByteCounter()
+        batches = read_batches(storage, file, ALL_COLUMNS, security=["AAA", "BBB"], window=batch, counter=counter,
+                               security_windows=own)
+        return pa.Table.from_batches(list(batches)), counter.bytes
+
+    everything, everything_bytes = read(None)
+    own, own_bytes = read({"AAA": batch, "BBB": days[3]})
+    # Every row of the batch's jobs is there: all of AAA's, and BBB's of its last day.
+    assert own.filter(pa.compute.equal(own["security"], "AAA")).num_rows == 4 * rows_per_day
+    bbb = own.filter(pa.compute.equal(own["security"], "BBB"))
+    assert bbb.num_rows == rows_per_day and pa.compute.all(
+        pa.compute.greater_equal(bbb["ts"], pa.scalar(days[3].start_ns, pa.int64()).cast(TS))).as_py()
+    # Five row groups of eight read (rows are filtered by security only: whole row groups come
+    # out), where the batch's span alone read all of them.
+    assert own.num_rows == 5 * rows_per_day
+    assert everything.num_rows == 8 * rows_per_day
+    assert own_bytes < everything_bytes

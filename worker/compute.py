@@ -121,6 +121,17 @@ def batch_window(jobs: list[JobMessage]) -> DayWindow:
     return DayWindow(first.start_ns, last.end_ns)
 
 
+def security_windows(jobs: list[JobMessage]) -> dict[str, DayWindow]:
+    """`batch_window` of each security's jobs in `jobs`: a batch that ends or begins within a
+    security's days reads only the row groups of its own days of that security."""
+    days: dict[str, list[dt.date]] = {}
+    for job in jobs:
+        days.setdefault(job.security, []).append(job.trade_date)
+    tz = jobs[0].params.market_tz
+    return {security: DayWindow(DayWindow.of(min(own), tz).start_ns, DayWindow.of(max(own), tz).end_ns)
+            for security, own in days.items()}
+
+
 # What a pass reads: one (batches, bytes counter) per object read.
 Reads = list[tuple[Iterator[pa.RecordBatch], ByteCounter]]
 
@@ -138,12 +149,13 @@ def open_reads(jobs: list[JobMessage], source: Storage, files: list[InputFile], 
             counter = ByteCounter()
             return [(_day_file_batches(source, jobs, batch_rows, counter), counter)]
     reads: Reads = []
-    window = batch_window(jobs)
+    window, own_windows = batch_window(jobs), security_windows(jobs)
     cache = listings.parquet.sharing_footers() if whole_part else listings.parquet
     for file in files:
         counter = ByteCounter()
         reads.append((read_batches(source, file, ALL_COLUMNS, security=[j.security for j in jobs], window=window,
-                                   batch_rows=batch_rows, counter=counter, cache=cache), counter))
+                                   batch_rows=batch_rows, counter=counter, cache=cache,
+                                   security_windows=own_windows), counter))
     return reads
 
 

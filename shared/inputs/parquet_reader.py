@@ -8,7 +8,7 @@ import functools
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -208,6 +208,7 @@ def parquet_batches(
     counter: ByteCounter | None,
     cache: ParquetCache | None,
     threads: bool = False,
+    security_windows: Mapping[str, DayWindow] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """`read_batches` of a Parquet file: the row groups `row_groups_to_read` keeps, the rows of
     the `wanted` securities."""
@@ -222,7 +223,7 @@ def parquet_batches(
         if missing:
             raise missing_columns(file, storage, missing)
         present = [c for c in columns if c in names]
-        groups = row_groups_to_read(parquet.metadata, parquet.schema_arrow, wanted, window)
+        groups = row_groups_to_read(parquet.metadata, parquet.schema_arrow, wanted, window, security_windows)
         try:
             for batch in _row_group_batches(parquet, source, groups, present, batch_rows, file_id, cache,
                                             threads):
@@ -323,10 +324,17 @@ def _stat_range(stats: Any) -> tuple[Any, Any] | None:
 
 
 def row_groups_to_read(
-    meta: pq.FileMetaData, schema: pa.Schema, wanted: tuple[str, ...] | None, window: DayWindow | None
+    meta: pq.FileMetaData, schema: pa.Schema, wanted: tuple[str, ...] | None, window: DayWindow | None,
+    security_windows: Mapping[str, DayWindow] | None = None,
 ) -> list[int]:
     """Row groups whose statistics may hold rows of the `wanted` securities within `window`
-    (`schema`: the file's, as read, text columns possibly as dictionaries)."""
+    (`schema`: the file's, as read, text columns possibly as dictionaries).
+
+    A row group of one security only, as a large security's are in a month sorted by security,
+    must also hold rows within that security's own window in `security_windows` (a narrower
+    span of days than `window`, which covers every security wanted): a batch that holds some
+    of a security's days then reads only the row groups of those days.
+    """
     sec_idx = schema.get_field_index("security") if wanted is not None else -1
     # A file that carries its own trade_date may assign rows to days their ts does not
     # suggest, so ts statistics can only prune when the date is derived from ts.
@@ -336,6 +344,7 @@ def row_groups_to_read(
     keep: list[int] = []
     for i in range(meta.num_row_groups):
         group = meta.row_group(i)
+        group_window = window
         if sec_idx >= 0 and _is_text(schema.field(sec_idx).type):
             bounds = _stat_range(group.column(sec_idx).statistics)
             if bounds is not None:
@@ -344,9 +353,11 @@ def row_groups_to_read(
                 first = bisect.bisect_left(wanted, low) if wanted is not None else 0
                 if wanted is not None and (first == len(wanted) or wanted[first] > high):
                     continue
-        if ts_scale and window is not None:
-            bounds = _ts_bounds_ns(group.column(ts_idx).statistics, ts_scale)
-            if bounds is not None and (bounds[1] < window.start_ns or bounds[0] >= window.end_ns):
+                if low == high and security_windows is not None:
+                    group_window = security_windows.get(low, window)
+        if ts_scale and group_window is not None:
+            ts_bounds = _ts_bounds_ns(group.column(ts_idx).statistics, ts_scale)
+            if ts_bounds is not None and (ts_bounds[1] < group_window.start_ns or ts_bounds[0] >= group_window.end_ns):
                 continue
         keep.append(i)
     return keep

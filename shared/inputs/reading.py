@@ -3,7 +3,7 @@ wanted securities; what a read of a month would take; and the key columns discov
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -45,6 +45,7 @@ def read_batches(
     counter: ByteCounter | None = None,
     cache: ParquetCache | None = None,
     threads: bool = False,
+    security_windows: Mapping[str, DayWindow] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of `file` holding the wanted `columns` that exist in it.
 
@@ -53,11 +54,14 @@ def read_batches(
     without being read. Required columns that the file lacks raise `PermanentError`;
     unreadable files raise it too. A `cache` serves Parquet footers and row groups that
     an earlier call already read. With `threads`, a Parquet file's columns are decoded side by
-    side on Arrow's pool of threads (for a caller with cores to spare).
+    side on Arrow's pool of threads (for a caller with cores to spare). `security_windows`:
+    narrower windows of some wanted securities, for a Parquet row group holding only one of
+    them (`row_groups_to_read`).
     """
     wanted = wanted_securities(security)
     if file.format == "parquet":
-        yield from parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache, threads)
+        yield from parquet_batches(storage, file, columns, wanted, window, batch_rows, counter, cache, threads,
+                                   security_windows)
     elif file.slices and not slice_spans(file, wanted, window):
         return  # discovery found none of the wanted rows here
     elif file.cut:

@@ -115,10 +115,7 @@ def _split_by_slot(rows: pa.Table, slots: np.ndarray) -> Iterator[tuple[int, pa.
 
 def batch_window(jobs: list[JobMessage]) -> DayWindow:
     """The UTC span of the market days of `jobs`, from the first day's start to the last day's end."""
-    tz = jobs[0].params.market_tz
-    first = DayWindow.of(min(j.trade_date for j in jobs), tz)
-    last = DayWindow.of(max(j.trade_date for j in jobs), tz)
-    return DayWindow(first.start_ns, last.end_ns)
+    return _span([j.trade_date for j in jobs], jobs[0].params.market_tz)
 
 
 def security_windows(jobs: list[JobMessage]) -> dict[str, DayWindow]:
@@ -127,9 +124,12 @@ def security_windows(jobs: list[JobMessage]) -> dict[str, DayWindow]:
     days: dict[str, list[dt.date]] = {}
     for job in jobs:
         days.setdefault(job.security, []).append(job.trade_date)
-    tz = jobs[0].params.market_tz
-    return {security: DayWindow(DayWindow.of(min(own), tz).start_ns, DayWindow.of(max(own), tz).end_ns)
-            for security, own in days.items()}
+    return {security: _span(own, jobs[0].params.market_tz) for security, own in days.items()}
+
+
+def _span(days: list[dt.date], market_tz: str) -> DayWindow:
+    """From the start of the first of `days` to the end of the last, in `market_tz`."""
+    return DayWindow(DayWindow.of(min(days), market_tz).start_ns, DayWindow.of(max(days), market_tz).end_ns)
 
 
 # What a pass reads: one (batches, bytes counter) per object read.

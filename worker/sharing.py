@@ -39,7 +39,7 @@ class IdleNotices:
         self._identity = identity
         self._on_idle = on_idle
         self._exchange: Any = None
-        self._log = get_logger()
+        self._log = get_logger(worker=identity)
 
     async def start(self, channel: Any, events: Any) -> None:
         """Listen on `channel` for notices published to the `events` exchange.

@@ -378,3 +378,28 @@ def test_worker_process_leaves_pandas_unloaded_and_returns_freed_arrow_memory(ti
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"code": 0, "pandas": False, "pool": "jemalloc"}, done.stderr[-2000:]
     assert len(list((output / "runs" / "lean" / "succeeded").rglob("*.json"))) == produced["jobs"]
+
+
+def test_a_broker_refusing_the_idle_notices_leaves_the_worker_working_without_them() -> None:
+    import asyncio
+
+    import structlog.testing
+
+    from worker.sharing import IdleNotices
+
+    class Refusing:
+        async def channel(self, publisher_confirms: bool = True) -> Any:
+            raise PermissionError("ACCESS_REFUSED - queue.declare not allowed")
+
+    heard: list[str] = []
+    notices = IdleNotices(Topology("ns"), "host:1", heard.append)
+
+    async def scenario() -> None:
+        await notices.start(Refusing())  # raises nothing: the worker starts
+        await notices.announce()  # sends nothing, raises nothing
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(scenario())
+    assert [(x["event"], x["error"]) for x in logs if x["log_level"] == "warning"] == [
+        ("worker.idle_notices_unavailable", "PermissionError: ACCESS_REFUSED - queue.declare not allowed")]
+    assert heard == []

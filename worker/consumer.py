@@ -237,7 +237,7 @@ class Worker:
             self._channel = await connection.channel(publisher_confirms=True)
             await declare(self._channel, self.topology)
             self._events = await self._channel.get_exchange(self.topology.events)
-            await self._notices.start(self._channel, self._events)
+            await self._notices.start(connection)
             self._resize_to_host(announce=False)
             subscription = JobSubscription(
                 connection_parameters(self.settings.amqp_url, f"tickq-worker {self.identity} jobs"),

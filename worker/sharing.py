@@ -41,17 +41,25 @@ class IdleNotices:
         self._exchange: Any = None
         self._log = get_logger(worker=identity)
 
-    async def start(self, channel: Any, events: Any) -> None:
-        """Listen on `channel` for notices published to the `events` exchange.
+    async def start(self, connection: Any) -> None:
+        """Hear and send notices on a channel of their own on `connection` (a robust one).
 
+        Best effort: a broker that refuses the notices' queue leaves the worker working, only
+        without sharing, and the channel that jobs are announced and settled on untouched.
         The queue is named here, not by the broker: a robust channel declares it again under
         the same name after reconnecting, and the broker refuses names it would have made.
         """
-        queue = await channel.declare_queue(
-            f"{self._topology.ns}.idle-workers.{uuid.uuid4().hex[:16]}", exclusive=True, auto_delete=True
-        )
-        await queue.bind(events, routing_key=IDLE_ROUTING_KEY)
-        await queue.consume(self._heard, no_ack=True)
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            events = await channel.get_exchange(self._topology.events)
+            queue = await channel.declare_queue(
+                f"{self._topology.ns}.idle-workers.{uuid.uuid4().hex[:16]}", exclusive=True, auto_delete=True
+            )
+            await queue.bind(events, routing_key=IDLE_ROUTING_KEY)
+            await queue.consume(self._heard, no_ack=True)
+        except Exception as exc:
+            self._log.warning("worker.idle_notices_unavailable", error=one_line(exc))
+            return
         self._exchange = events
 
     async def announce(self) -> None:

@@ -356,8 +356,11 @@ def test_log_level_hides_debug_lines_by_default_and_rejects_unknown_levels(tickq
     assert "TICKQ_LOG_LEVEL must be one of debug, info, warning, error" in bad.log_path.read_text()
 
 
-def test_worker_process_leaves_pandas_unloaded_and_returns_freed_arrow_memory(tickq: Tickq, tmp_path: Path) -> None:
-    """Two choices that keep a worker's resident memory near 200 MB rather than 300 MB."""
+def test_worker_process_leaves_pandas_unloaded_returns_freed_arrow_memory_and_starts_no_blas_threads(
+    tickq: Tickq, tmp_path: Path
+) -> None:
+    """Two choices that keep a worker's resident memory near 200 MB rather than 300 MB, and one
+    that spares its start-up the BLAS threads numpy would spin up for nothing."""
     import subprocess
     import sys
 
@@ -365,18 +368,18 @@ def test_worker_process_leaves_pandas_unloaded_and_returns_freed_arrow_memory(ti
     tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "3000", "--securities", "2")
     produced = tickq.produce("--input", str(data), "--output", str(output), "--months", MONTH, "--run-id", "lean")
     script = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         "from tickq.cli import main\n"
         f"code = main(['worker', '--max-jobs', '{produced['jobs']}', '--idle-exit', '5', '--quiet'])\n"
         "import pyarrow as pa\n"
         "print(json.dumps({'code': code, 'pandas': 'pandas' in sys.modules,"
-        " 'pool': pa.default_memory_pool().backend_name}))\n"
+        " 'pool': pa.default_memory_pool().backend_name, 'blas_threads': os.environ.get('OPENBLAS_NUM_THREADS')}))\n"
     )
-    env = {k: v for k, v in tickq.env.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env = {k: v for k, v in tickq.env.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "OPENBLAS_NUM_THREADS")}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           cwd=tickq.workdir)
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"code": 0, "pandas": False, "pool": "jemalloc"}, done.stderr[-2000:]
+    assert report == {"code": 0, "pandas": False, "pool": "jemalloc", "blas_threads": "1"}, done.stderr[-2000:]
     assert len(list((output / "runs" / "lean" / "succeeded").rglob("*.json"))) == produced["jobs"]
 
 

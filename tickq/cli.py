@@ -26,6 +26,7 @@ from shared.resources import (
     keep_pandas_unloaded,
     one_command_process,
     relieve_garbage_collector,
+    spare_idle_blas_threads,
     use_returning_memory_pool,
 )
 
@@ -528,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # until then they are not printed as bare lines next to tickq's one-line errors.
     logging.getLogger().addHandler(logging.NullHandler())
     use_returning_memory_pool()
+    spare_idle_blas_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["healthcheck"] and not {"-h", "--help"} & set(argv):
         # Docker and Kubernetes run this every few seconds: skip building the full parser.

@@ -406,3 +406,56 @@ def test_a_broker_refusing_the_idle_notices_leaves_the_worker_working_without_th
     assert [(x["event"], x["error"]) for x in logs if x["log_level"] == "warning"] == [
         ("worker.idle_notices_unavailable", "PermissionError: ACCESS_REFUSED - queue.declare not allowed")]
     assert heard == []
+
+
+def test_a_worker_fed_a_trickle_of_jobs_says_it_is_idle_every_time_but_logs_it_at_info_rarely(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retries coming back one by one leave a worker idle after each job: every time its notice
+    goes out (another worker may hold jobs for it), but its log shows one `worker.idle` line at
+    info per `IDLE_LOG_EVERY_S`, counting the notices sent since the last one."""
+    import asyncio
+
+    import structlog.testing
+
+    from worker import sharing
+
+    sent: list[str] = []
+
+    class Exchange:
+        async def publish(self, message: Any, routing_key: str) -> None:
+            sent.append(routing_key)
+
+    class Queue:
+        async def bind(self, exchange: Any, routing_key: str) -> None: ...
+
+        async def consume(self, callback: Any, no_ack: bool) -> None: ...
+
+    class Channel:
+        async def get_exchange(self, name: str) -> Exchange:
+            return Exchange()
+
+        async def declare_queue(self, name: str, exclusive: bool, auto_delete: bool) -> Queue:
+            return Queue()
+
+    class Connection:
+        async def channel(self, publisher_confirms: bool = True) -> Channel:
+            return Channel()
+
+    clock = [1000.0]
+    monkeypatch.setattr(sharing.time, "monotonic", lambda: clock[0])
+    notices = sharing.IdleNotices(Topology("ns"), "host:1", lambda idle: None)
+
+    async def trickle() -> None:
+        await notices.start(Connection())
+        for _ in range(3):
+            await notices.announce()
+            clock[0] += 1.0
+        clock[0] += sharing.IDLE_LOG_EVERY_S
+        await notices.announce()
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(trickle())
+    assert sent == [sharing.IDLE_ROUTING_KEY] * 4
+    assert [(x["log_level"], x.get("since_last")) for x in logs if x["event"] == "worker.idle"] == [
+        ("info", 0), ("debug", None), ("debug", None), ("info", 2)]

@@ -15,6 +15,7 @@ its own. A notice lost or unheeded costs balance, never a job.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,9 @@ IDLE_ROUTING_KEY = "worker.idle"
 # How long a worker must stay without jobs before it says so: the broker refills a worker's
 # prefetch within a millisecond or two of its acks while the queue holds jobs.
 IDLE_AFTER_S = 0.01
+# A worker fed a trickle of jobs (retries coming back one by one) runs out of work after each:
+# its notices still go out, but `worker.idle` is logged at info at most this often.
+IDLE_LOG_EVERY_S = 10.0
 
 
 class IdleNotices:
@@ -40,6 +44,8 @@ class IdleNotices:
         self._on_idle = on_idle
         self._exchange: Any = None
         self._log = get_logger(worker=identity)
+        self._logged_at: float | None = None  # when `worker.idle` was last logged at info
+        self._unlogged = 0  # notices sent since then
 
     async def start(self, connection: Any) -> None:
         """Hear and send notices on a channel of their own on `connection` (a robust one).
@@ -67,11 +73,22 @@ class IdleNotices:
         if self._exchange is None:
             return
         notice = aio_pika.Message(b"", app_id=self._identity, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
-        self._log.info("worker.idle")
+        self._log_idle()
         try:
             await self._exchange.publish(notice, routing_key=IDLE_ROUTING_KEY)
         except Exception as exc:  # balance only: the jobs are safe either way
             self._log.debug("worker.idle_notice_unsent", error=one_line(exc))
+
+    def _log_idle(self) -> None:
+        """`worker.idle` at info the first time and then at most every `IDLE_LOG_EVERY_S`,
+        with the notices sent in between (`since_last`); at debug otherwise."""
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < IDLE_LOG_EVERY_S:
+            self._unlogged += 1
+            self._log.debug("worker.idle")
+            return
+        self._log.info("worker.idle", since_last=self._unlogged)
+        self._logged_at, self._unlogged = now, 0
 
     async def _heard(self, message: Any) -> None:
         idle = message.app_id

@@ -109,7 +109,7 @@ def spare_idle_blas_threads() -> None:
 
     tickq asks numpy for element-wise and indexed arithmetic only, never for the linear algebra
     BLAS threads serve, yet OpenBLAS starts a thread per core when numpy is imported and keeps
-    them spinning for a while: about 0.15 CPU-seconds of every tickq process's start-up on 2
+    them spinning for a while: 0.1-0.15 CPU-seconds of every tickq process's start-up on 2
     cores (measured: a worker's start 0.34-0.41 CPU-s against 0.50-0.58 s). The setting is read
     once, when numpy loads, so this must run before numpy is imported; child processes inherit
     it. ``OPENBLAS_NUM_THREADS``, when set, still decides.

@@ -177,7 +177,7 @@ class JobBatcher(Generic[Ticket]):
                     self._waiting[key] = rest
                 else:
                     del self._waiting[key]
-                self._log.debug("batch.started", jobs=len(batch), waiting=sum(map(len, self._waiting.values())))
+                self._log.debug("batch.started", jobs=len(batch), waiting=self.unstarted())
                 self._track(asyncio.create_task(self._run_batch(batch)))
 
     async def _run_batch(self, batch: list[tuple[JobMessage, Ticket, float]]) -> None:

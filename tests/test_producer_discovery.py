@@ -463,6 +463,33 @@ def test_rows_of_one_trade_date_count_as_any_other(tmp_path: Path, monkeypatch: 
     assert sum(by_security.rows.values()) + by_security.rows_unassigned == by_security.rows_scanned
 
 
+def test_a_month_whose_ts_are_integer_nanoseconds_is_counted_by_its_row_groups_dates_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Integer ts are nanoseconds since the epoch: their statistics give a row group's trade
+    date as a timestamp column's do, so the group is read without its ts, and the month gives
+    the jobs and counts it gives with timestamps."""
+    month, market_tz = "2024-03", "Australia/Sydney"
+    generate(str(tmp_path / "stamps"), [month], securities=5, rows=8_000)
+    table = pq.read_table(tmp_path / "stamps" / month / "part-0000.parquet").sort_by("ts")
+    pq.write_table(table, tmp_path / "stamps" / month / "part-0000.parquet", row_group_size=100)
+    (tmp_path / "integers" / month).mkdir(parents=True)
+    as_integers = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(pa.int64()))
+    pq.write_table(as_integers, tmp_path / "integers" / month / "part-0000.parquet", row_group_size=100)
+    read_without_ts: list[bool] = []
+    count = discover._batch_counts
+
+    def spied(key: KeyBatch, zone: str) -> pa.Table:
+        read_without_ts.append("ts" not in key.batch.schema.names)
+        return count(key, zone)
+
+    monkeypatch.setattr(discover, "_batch_counts", spied)
+    by_integers = discover_month(open_storage(str(tmp_path / "integers")), month, market_tz)
+    assert sum(read_without_ts) > len(read_without_ts) / 2
+    assert by_integers == discover_month(open_storage(str(tmp_path / "stamps")), month, market_tz)
+    assert sum(by_integers.rows.values()) == table.num_rows
+
+
 @pytest.mark.parametrize("ways", [1, 2, 3, 5, 40])
 def test_a_file_read_as_several_streams_yields_each_row_once(tmp_path: Path, ways: int) -> None:
     """Discovery reads a Parquet file as one stream per core, over runs of its row groups:

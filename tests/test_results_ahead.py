@@ -278,19 +278,23 @@ def test_a_month_sorted_by_security_in_large_row_groups_is_claimed_in_parts_of_w
         assert reads == pytest.approx(reads_alone, rel=0.05)
 
 
-def _in_time_order(data: Path, target: Path) -> Path:
-    """The raw month sorted by time, in row groups of 4,096 rows."""
+def _in_time_order(data: Path, target: Path, ts_type: pa.DataType | None = None) -> Path:
+    """The raw month sorted by time, in row groups of 4,096 rows (its ts stored as `ts_type`
+    where given: integers are nanoseconds since the epoch)."""
     for part in (data / "raw" / MONTH).glob("*.parquet"):
         (target / MONTH).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pq.read_table(part).sort_by("ts"), target / MONTH / part.name, row_group_size=4_096)
+        table = pq.read_table(part).sort_by("ts")
+        if ts_type is not None:
+            table = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(ts_type))
+        pq.write_table(table, target / MONTH / part.name, row_group_size=4_096)
     return target
 
 
 def _in_date_parts(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int, ts_type: pa.DataType | None = None
 ) -> tuple[Path, list[JobKey]]:
     """The month in time order and its keys, split into about `parts` parts of whole dates."""
-    source = _in_time_order(data, tmp_path / "by-time")
+    source = _in_time_order(data, tmp_path / "by-time", ts_type)
     keys = _keys(str(source))
     monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // parts)
     return source, keys
@@ -310,12 +314,14 @@ def test_a_month_is_split_by_date_in_time_order_and_by_key_order_otherwise(monke
     assert month_parts([], by_date=True) == month_parts([], by_date=False) == []
 
 
+@pytest.mark.parametrize("ts_type", [None, pa.int64()], ids=["timestamp", "integer-ns"])
 def test_a_month_in_time_order_is_read_once_in_parts_of_whole_dates(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ts_type: pa.DataType | None
 ) -> None:
     """A first batch holding jobs of every date claims every part in turn, and each part's pass
-    reads only the row groups of its dates."""
-    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 4)
+    reads only the row groups of its dates: ts statistics tell them, whether ts is stored as
+    timestamps or as integer nanoseconds."""
+    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 4, ts_type)
     parts = month_parts(keys, by_date=True)
     assert len(parts) >= 4
     output = tmp_path / "out"

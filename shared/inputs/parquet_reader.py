@@ -364,7 +364,11 @@ def row_groups_to_read(
 
 
 def _ts_scale(kind: pa.DataType) -> int:
-    """Nanoseconds per unit of a timestamp type's stored values; 0 for any other type."""
+    """Nanoseconds per unit of a ts column's stored values: of a timestamp type by its unit,
+    of an integer type 1 (nanoseconds since the epoch, as `normalise_ts` reads them); 0 for any
+    other type, whose statistics say nothing of time."""
+    if pa.types.is_integer(kind):
+        return 1
     if not pa.types.is_timestamp(kind):
         return 0
     return {"s": 10**9, "ms": 10**6, "us": 10**3, "ns": 1}[kind.unit]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.inputs import ALL_COLUMNS, ByteCounter, InputFile, ParquetCache, month_files, read_batches
+from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, ParquetCache, month_files, read_batches
+from shared.inputs.parquet_reader import _row_group_days, row_groups_to_read
 from shared.storage import Storage, open_storage
 
 MONTH = "2024-03"
 TS = pa.timestamp("ns", tz="UTC")
+EPOCH = dt.date(1970, 1, 1)
 
 
 def _month(tmp_path: Path, securities: list[str], group_rows: int) -> tuple[Storage, InputFile]:
@@ -126,7 +129,6 @@ def test_a_row_group_of_one_security_is_read_only_for_that_securitys_own_days(tm
     """A batch holding all of one security's days and the last day of another (as where a
     batch's jobs end inside a large security) reads the second one's row groups of that day
     only, although the batch as a whole spans every day."""
-    from shared.inputs import DayWindow
 
     day_ns, rows_per_day = 86_400 * 10**9, 1_000
     start = 1_709_251_200_000_000_000  # 2024-03-01T00:00Z
@@ -164,3 +166,35 @@ def test_a_row_group_of_one_security_is_read_only_for_that_securitys_own_days(tm
     assert own.num_rows == 5 * rows_per_day
     assert everything.num_rows == 8 * rows_per_day
     assert own_bytes < everything_bytes
+
+
+def test_a_file_with_its_own_trade_date_is_read_by_the_days_its_statistics_give(tmp_path: Path) -> None:
+    """A row's own trade_date places it, not its ts: a pass over some days reads the row groups
+    whose trade_date statistics hold them, and a group with undated rows where their ts fall
+    too. Discovery takes a group's one trade date from the same statistics."""
+    day_ns, rows_per_day = 86_400 * 10**9, 500
+    start = 1_709_251_200_000_000_000  # 2024-03-01T00:00Z
+    first = 19_783  # 2024-03-01, in days since 1970-01-01
+    # A row group per day of ts. Group 1's rows are reported late, dated the day before;
+    # group 3's even rows carry no trade date (their ts gives it: day 3).
+    dates: list[int | None] = [first] * (2 * rows_per_day)
+    dates.extend([first + 2] * rows_per_day)
+    dates.extend(None if i % 2 == 0 else first + 3 for i in range(rows_per_day))
+    ts = [start + d * day_ns + i * 10**6 for d in range(4) for i in range(rows_per_day)]
+    table = pa.table({"ts": pa.array(ts, pa.int64()).cast(TS), "security": ["AAA"] * len(ts),
+                      "price": [1.0] * len(ts), "size": [1] * len(ts), "trade_date": pa.array(dates, pa.date32())})
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=rows_per_day)
+    meta = pq.ParquetFile(tmp_path / "part.parquet").metadata
+    schema = meta.schema.to_arrow_schema()
+
+    def groups_of(first_day: int, last_day: int) -> list[int]:
+        window = DayWindow.spanning(EPOCH + dt.timedelta(first_day),
+                                    EPOCH + dt.timedelta(last_day), "UTC")
+        return row_groups_to_read(meta, schema, ("AAA",), window)
+
+    assert groups_of(first, first) == [0, 1]  # group 1's ts say day 1, its trade dates day 0
+    assert groups_of(first + 1, first + 1) == []
+    assert groups_of(first + 2, first + 2) == [2]
+    assert groups_of(first + 3, first + 3) == [3]
+    assert groups_of(first + 1, first + 3) == [2, 3]
+    assert _row_group_days(meta, "UTC") == [first, first, first + 2, None]

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from producer.discover import discover_month
-from shared.inputs import ALL_COLUMNS, month_files, pass_share, read_batches, sliced_files_json
+from shared.inputs import ALL_COLUMNS, job_dates, month_files, pass_share, read_batches, sliced_files_json
 from shared.layout import JobKey, RunLayout, job_keys_csv
 from shared.messages import JobMessage, JobParams
 from shared.metrics import configure
@@ -278,23 +278,30 @@ def test_a_month_sorted_by_security_in_large_row_groups_is_claimed_in_parts_of_w
         assert reads == pytest.approx(reads_alone, rel=0.05)
 
 
-def _in_time_order(data: Path, target: Path, ts_type: pa.DataType | None = None) -> Path:
-    """The raw month sorted by time, in row groups of 4,096 rows (its ts stored as `ts_type`
-    where given: integers are nanoseconds since the epoch)."""
+# How a month in time order stores when its rows were: ts as timestamps, as integer nanoseconds
+# since the epoch, or with each row's own trade date besides.
+TIME_SHAPES = ["timestamp", "integer-ns", "own-trade-date"]
+
+
+def _in_time_order(data: Path, target: Path, shape: str = "timestamp") -> Path:
+    """The raw month sorted by time, in row groups of 4,096 rows, stored in `shape`
+    (`TIME_SHAPES`)."""
     for part in (data / "raw" / MONTH).glob("*.parquet"):
         (target / MONTH).mkdir(parents=True, exist_ok=True)
         table = pq.read_table(part).sort_by("ts")
-        if ts_type is not None:
-            table = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(ts_type))
+        if shape == "integer-ns":
+            table = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(pa.int64()))
+        elif shape == "own-trade-date":
+            table = table.append_column("trade_date", job_dates(table.column("ts").combine_chunks(), None, TZ))
         pq.write_table(table, target / MONTH / part.name, row_group_size=4_096)
     return target
 
 
 def _in_date_parts(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int, ts_type: pa.DataType | None = None
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int, shape: str = "timestamp"
 ) -> tuple[Path, list[JobKey]]:
     """The month in time order and its keys, split into about `parts` parts of whole dates."""
-    source = _in_time_order(data, tmp_path / "by-time", ts_type)
+    source = _in_time_order(data, tmp_path / "by-time", shape)
     keys = _keys(str(source))
     monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // parts)
     return source, keys
@@ -314,14 +321,14 @@ def test_a_month_is_split_by_date_in_time_order_and_by_key_order_otherwise(monke
     assert month_parts([], by_date=True) == month_parts([], by_date=False) == []
 
 
-@pytest.mark.parametrize("ts_type", [None, pa.int64()], ids=["timestamp", "integer-ns"])
+@pytest.mark.parametrize("shape", TIME_SHAPES)
 def test_a_month_in_time_order_is_read_once_in_parts_of_whole_dates(
-    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ts_type: pa.DataType | None
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
 ) -> None:
     """A first batch holding jobs of every date claims every part in turn, and each part's pass
-    reads only the row groups of its dates: ts statistics tell them, whether ts is stored as
-    timestamps or as integer nanoseconds."""
-    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 4, ts_type)
+    reads only the row groups of its dates: the statistics of ts tell them, stored as
+    timestamps or as integer nanoseconds, or of the rows' own trade_date where they have one."""
+    source, keys = _in_date_parts(data, tmp_path, monkeypatch, 4, shape)
     parts = month_parts(keys, by_date=True)
     assert len(parts) >= 4
     output = tmp_path / "out"

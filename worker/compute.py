@@ -129,7 +129,7 @@ def security_windows(jobs: list[JobMessage]) -> dict[str, DayWindow]:
 
 def _span(days: list[dt.date], market_tz: str) -> DayWindow:
     """From the start of the first of `days` to the end of the last, in `market_tz`."""
-    return DayWindow(DayWindow.of(min(days), market_tz).start_ns, DayWindow.of(max(days), market_tz).end_ns)
+    return DayWindow.spanning(min(days), max(days), market_tz)
 
 
 # What a pass reads: one (batches, bytes counter) per object read.

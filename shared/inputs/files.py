@@ -141,18 +141,28 @@ def month_files(storage: Storage, month: str) -> list[InputFile]:
 
 @dataclass(frozen=True)
 class DayWindow:
-    """The UTC nanosecond range [start, end) of a market-time calendar day."""
+    """The UTC nanosecond range [start, end) of market-time calendar days; and, where known,
+    those days themselves (`days`: the first and the last, as days since 1970-01-01), which
+    place the rows of a file that carries its own trade_date."""
 
     start_ns: int
     end_ns: int
+    days: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, day: dt.date, market_tz: str) -> DayWindow:
         """The window of `day` in `market_tz`."""
+        return cls.spanning(day, day, market_tz)
+
+    @classmethod
+    def spanning(cls, first: dt.date, last: dt.date, market_tz: str) -> DayWindow:
+        """The window from the start of `first` to the end of `last` in `market_tz`."""
         zone = ZoneInfo(market_tz)
-        start = dt.datetime.combine(day, dt.time(), zone)
-        end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone)
-        return cls(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9)
+        start = dt.datetime.combine(first, dt.time(), zone)
+        end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), zone)
+        epoch = dt.date(1970, 1, 1)
+        return cls(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9,
+                   ((first - epoch).days, (last - epoch).days))
 
 
 FileId = tuple[str, str, int]  # storage URI, key, size

@@ -125,23 +125,11 @@ def parquet_key_streams(storage: Storage, file: InputFile, market_tz: str, ways:
 
 
 def _row_group_days(meta: pq.FileMetaData, market_tz: str) -> list[int | None]:
-    """Each row group's one trade date by its ts statistics (None: not known without reading
-    its rows: a file with its own trade_date column, a null ts, a group over two dates)."""
-    schema = meta.schema.to_arrow_schema()
-    if "trade_date" in schema.names or "ts" not in schema.names:
-        return [None] * meta.num_row_groups
-    ts_idx = schema.get_field_index("ts")
-    scale = _ts_scale(schema.field(ts_idx).type)
-    days: list[int | None] = []
-    for index in range(meta.num_row_groups):
-        stats = meta.row_group(index).column(ts_idx).statistics
-        bounds = _ts_bounds_ns(stats, scale)
-        # Instants beyond nanoseconds' range (years 1677-2262) are left to the rows' reading,
-        # which reports them.
-        known = (bounds is not None and stats.has_null_count and stats.null_count == 0
-                 and bounds[0] >= NS_MIN and bounds[1] <= NS_MAX)
-        days.append(shared_day(np.array(bounds, dtype=np.int64), market_tz) if known else None)
-    return days
+    """Each row group's one trade date by its statistics: of its own trade_date column where
+    the file has one, else of its ts (None: not known without reading its rows: a null date or
+    ts, a group over two dates)."""
+    days = _RowGroupDays.of(meta.schema.to_arrow_schema())
+    return [days.day(meta.row_group(index), market_tz) for index in range(meta.num_row_groups)]
 
 
 def _split_row_groups(meta: pq.FileMetaData, ways: int) -> list[list[int]]:
@@ -336,11 +324,7 @@ def row_groups_to_read(
     of a security's days then reads only the row groups of those days.
     """
     sec_idx = schema.get_field_index("security") if wanted is not None else -1
-    # A file that carries its own trade_date may assign rows to days their ts does not
-    # suggest, so ts statistics can only prune when the date is derived from ts.
-    derives_date = "trade_date" not in schema.names
-    ts_idx = schema.get_field_index("ts") if window is not None and derives_date else -1
-    ts_scale = _ts_scale(schema.field(ts_idx).type) if ts_idx >= 0 else 0
+    days = _RowGroupDays.of(schema)
     keep: list[int] = []
     for i in range(meta.num_row_groups):
         group = meta.row_group(i)
@@ -355,12 +339,62 @@ def row_groups_to_read(
                     continue
                 if low == high and security_windows is not None:
                     group_window = security_windows.get(low, window)
-        if ts_scale and group_window is not None:
-            ts_bounds = _ts_bounds_ns(group.column(ts_idx).statistics, ts_scale)
-            if ts_bounds is not None and (ts_bounds[1] < group_window.start_ns or ts_bounds[0] >= group_window.end_ns):
-                continue
+        if group_window is not None and not days.may_hold(group, group_window):
+            continue
         keep.append(i)
     return keep
+
+
+class _RowGroupDays:
+    """What a file's row group statistics say of the market days of its rows: a row's own
+    trade_date places it where the file carries one (as dates: other types say nothing by
+    their statistics), else its ts."""
+
+    def __init__(self, ts_idx: int, ts_scale: int, date_idx: int, dates_known: bool) -> None:
+        self._ts_idx, self._ts_scale = ts_idx, ts_scale
+        self._date_idx, self._dates_known = date_idx, dates_known
+
+    @classmethod
+    def of(cls, schema: pa.Schema) -> _RowGroupDays:
+        """For a file of `schema` (as read)."""
+        ts_idx = schema.get_field_index("ts")
+        date_idx = schema.get_field_index("trade_date")
+        return cls(ts_idx, _ts_scale(schema.field(ts_idx).type) if ts_idx >= 0 else 0, date_idx,
+                   date_idx >= 0 and pa.types.is_date32(schema.field(date_idx).type))
+
+    def may_hold(self, group: Any, window: DayWindow) -> bool:
+        """Whether row group `group` (its metadata) may hold rows of `window`'s days."""
+        if self._date_idx < 0:
+            return self._ts_may_hold(group, window)
+        stats = group.column(self._date_idx).statistics
+        if not self._dates_known or window.days is None or stats is None or not stats.has_null_count:
+            return True
+        if stats.has_min_max and stats.max_raw >= window.days[0] and stats.min_raw <= window.days[1]:
+            return True
+        # Rows without a trade_date of their own take the day of their ts.
+        return stats.null_count > 0 and self._ts_may_hold(group, window)
+
+    def day(self, group: Any, market_tz: str) -> int | None:
+        """The one trade date (days since 1970-01-01) of every row of `group`, when its
+        statistics tell it; else None."""
+        if self._date_idx >= 0:
+            stats = group.column(self._date_idx).statistics
+            one_date = (self._dates_known and stats is not None and stats.has_min_max and stats.has_null_count
+                        and stats.null_count == 0 and stats.min_raw == stats.max_raw)
+            return int(stats.min_raw) if one_date else None
+        if self._ts_idx < 0:
+            return None
+        stats = group.column(self._ts_idx).statistics
+        bounds = _ts_bounds_ns(stats, self._ts_scale)
+        # Instants beyond nanoseconds' range (years 1677-2262) are left to the rows' reading,
+        # which reports them.
+        known = (bounds is not None and stats.has_null_count and stats.null_count == 0
+                 and bounds[0] >= NS_MIN and bounds[1] <= NS_MAX)
+        return shared_day(np.array(bounds, dtype=np.int64), market_tz) if known else None
+
+    def _ts_may_hold(self, group: Any, window: DayWindow) -> bool:
+        bounds = _ts_bounds_ns(group.column(self._ts_idx).statistics, self._ts_scale) if self._ts_idx >= 0 else None
+        return bounds is None or (bounds[1] >= window.start_ns and bounds[0] < window.end_ns)
 
 
 def _ts_scale(kind: pa.DataType) -> int:

@@ -13,6 +13,7 @@ import datetime as dt
 import itertools
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pytest
@@ -164,6 +165,32 @@ def test_a_read_for_some_dates_or_securities_skips_the_slices_that_cannot_hold_t
         assert pass_share(storage, [sliced], SECURITIES, None) == 1.0
 
 
+def test_a_file_with_its_own_trade_dates_is_sliced_by_them(tmp_path: Path) -> None:
+    """Where a file carries its own trade_date, its rows' dates (not their ts) place them: each
+    slice records the range of its rows' dates, and a read for some dates takes the slices that
+    hold them, late reports dated the day before included."""
+    rows = month_rows()
+    dated = []
+    for i, row in enumerate(rows):
+        local = dt.datetime.fromisoformat(row[0]).astimezone(ZoneInfo(TZ)).date()
+        # Every 50th order is a late report, dated the trading day before its ts (if any).
+        own = local - dt.timedelta(days=1) if i % 50 == 49 and local > dt.date(2024, 3, 4) else local
+        dated.append([*row, own.isoformat() if i % 7 else ""])  # and every 7th has no date: its ts gives it
+    write(tmp_path, dated, header=HEADER + ",trade_date")
+    storage, file = the_file(tmp_path)
+    (sliced,) = discover_month(storage, MONTH, TZ).sliced
+    assert all(piece.ts is None and piece.days is not None for piece in sliced.slices)
+    whole = rows_of(read(storage, file))
+    for day in (dt.date(2024, 3, 5), dt.date(2024, 3, 8)):
+        window = DayWindow.of(day, TZ)
+        counter = ByteCounter()
+        some = rows_of(read(storage, sliced, window=window, counter=counter))
+        assert [r for r in some if r["trade_date"] == day] == [r for r in whole if r["trade_date"] == day]
+        assert any(r["ts"].tz_convert(TZ).date() != day for r in some if r["trade_date"] == day)  # late reports
+        assert 0 < counter.bytes < file.size / 2
+        assert pass_share(storage, [sliced], ["CBA"], window) < 0.5
+
+
 def test_a_file_changed_since_discovery_fails_in_one_line_rather_than_reading_wrong_rows(tmp_path: Path) -> None:
     path = write(tmp_path, month_rows())
     storage = open_storage(str(tmp_path))
@@ -198,13 +225,15 @@ def test_slices_on_s3_are_read_with_ranged_requests_as_on_a_local_disk(tmp_path:
 
 
 def test_stored_slices_round_trip_and_a_damaged_record_is_a_clear_error() -> None:
-    pieces = (FileSlice(10, 20, 3, (1, 2), ("A", "B")), FileSlice(20, 35, 0, None, None))
+    pieces = (FileSlice(10, 20, 3, (1, 2), ("A", "B")), FileSlice(20, 35, 0, None, None, (19_783, 19_790)))
     files = [InputFile("2024-03.csv", 35, "csv", pieces), InputFile("2024-03/b.csv", 7, "csv")]
     bare = [dataclasses.replace(f, slices=()) for f in files]
     assert with_stored_slices(bare, sliced_files_json(files[:1])) == [files[0], bare[1]]
     # A record of the version before whole-file slices (a run produced before an upgrade) reads.
     version_1 = sliced_files_json(files[:1]).replace(b'"v":2', b'"v":1')
     assert version_1 != sliced_files_json(files[:1]) and with_stored_slices(bare, version_1) == [files[0], bare[1]]
+    # A slice recorded without its days (by a version before them) has none.
+    assert FileSlice.from_json([10, 20, 3, [1, 2], ["A", "B"]]) == pieces[0]
     # A file written again since discovery (its listed version differs) is read whole; a
     # listing or a record without versions matches by key and size.
     versioned = [dataclasses.replace(f, version="v1") for f in files]

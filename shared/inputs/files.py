@@ -57,8 +57,9 @@ NORMALISED_SCHEMA = pa.schema(
 class FileSlice:
     """Bytes [start, end) of an input file that a read can take or skip on its own, and what
     discovery found in them: how many `rows`, the range of their `ts` (UTC ns) and of their
-    `security` codes as the file writes them. A range that is None is unknown: the slice may
-    hold anything.
+    `security` codes as the file writes them, and, where the file carries its own trade_date
+    (whose rows their ts then do not place), the range of their trade `days` (since
+    1970-01-01). A range that is None is unknown: the slice may hold anything.
 
     An uncompressed CSV file that discovery cut has several, of whole lines after its header
     (`csv_slices`). Any other file that is not Parquet has one, the whole file, [0, size): a
@@ -70,6 +71,7 @@ class FileSlice:
     rows: int = 0
     ts: tuple[int, int] | None = None
     security: tuple[str, str] | None = None
+    days: tuple[int, int] | None = None
 
     def may_hold(self, wanted: tuple[str, ...] | None, window: DayWindow | None) -> bool:
         """Whether rows of the `wanted` securities (sorted) within `window` may be here."""
@@ -77,21 +79,25 @@ class FileSlice:
             first = bisect.bisect_left(wanted, self.security[0])
             if first == len(wanted) or wanted[first] > self.security[1]:
                 return False
+        if window is not None and self.days is not None and window.days is not None:
+            return self.days[1] >= window.days[0] and self.days[0] <= window.days[1]
         if window is not None and self.ts is not None:
             return self.ts[1] >= window.start_ns and self.ts[0] < window.end_ns
         return True
 
     def as_json(self) -> list[Any]:
-        """JSON-ready form: [start, end, rows, ts or null, security or null]."""
+        """JSON-ready form: [start, end, rows, ts or null, security or null, days or null]."""
         return [self.start, self.end, self.rows, list(self.ts) if self.ts else None,
-                list(self.security) if self.security else None]
+                list(self.security) if self.security else None, list(self.days) if self.days else None]
 
     @classmethod
     def from_json(cls, data: list[Any]) -> FileSlice:
-        """Inverse of `as_json`."""
-        start, end, rows, ts, security = data
+        """Inverse of `as_json` (a record without days, as earlier versions wrote, has none)."""
+        start, end, rows, ts, security, *rest = data
+        days = rest[0] if rest else None
         return cls(int(start), int(end), int(rows), (int(ts[0]), int(ts[1])) if ts else None,
-                   (str(security[0]), str(security[1])) if security else None)
+                   (str(security[0]), str(security[1])) if security else None,
+                   (int(days[0]), int(days[1])) if days else None)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from shared.inputs.files import (
     slice_spans,
     unreadable,
 )
-from shared.inputs.normalisation import column_of, filter_securities, normalise_ts, wanted_securities
+from shared.inputs.normalisation import column_of, filter_securities, normalise_ts, trade_dates, wanted_securities
 from shared.inputs.parquet_reader import (
     ParquetCache,
     parquet_batches,
@@ -161,12 +161,15 @@ def _dbn_batches(
 
 class SliceSeen:
     """What discovery sees of the rows of a slice (`FileSlice`), batch by batch: how many, and
-    the range of their ts and of their security codes."""
+    the range of their ts, or of their trade dates in `market_tz` where the file carries its
+    own (a row's own trade date, not its ts, places it in a day), and of their security codes."""
 
-    def __init__(self, piece: FileSlice) -> None:
+    def __init__(self, piece: FileSlice, market_tz: str) -> None:
         self._piece = piece
+        self._market_tz = market_tz
         self._rows = 0
         self._ts: tuple[int, int] | None = None
+        self._days: tuple[int, int] | None = None
         self._ts_decides = True
         self._security: tuple[str, str] | None = None
 
@@ -174,7 +177,8 @@ class SliceSeen:
         """Take a batch of the slice's key columns (ts, security, and trade_date where present)."""
         self._rows += batch.num_rows
         if column_of(batch, "trade_date") is not None:
-            self._ts_decides = False  # a row's own trade date, not its ts, places it in a day
+            self._ts_decides = False
+            self._days = _widened(self._days, pc.min_max(trade_dates(batch, self._market_tz).cast(pa.int32())))
         else:
             self._ts = _widened(self._ts, pc.min_max(normalise_ts(batch.column("ts")).cast(pa.int64())))
         security = batch.column("security")
@@ -186,7 +190,7 @@ class SliceSeen:
     def seen(self) -> FileSlice:
         """The slice with what its rows hold."""
         return FileSlice(self._piece.start, self._piece.end, self._rows, self._ts if self._ts_decides else None,
-                        self._security)
+                         self._security, None if self._ts_decides else self._days)
 
 
 def _widened(bounds: tuple[Any, Any] | None, more: pa.StructScalar) -> tuple[Any, Any] | None:

@@ -52,8 +52,10 @@ MAX_JOBS_AHEAD = 12_000
 # sorted by security, of whole securities): a pass over a few dates reads only their row
 # groups, so the parts' passes can run on several workers at once and the month is still read
 # about once. Each part costs a pass its set-up and the row groups it shares with the next; a
-# month of 500 securities makes two parts.
-PART_JOBS = 5_500
+# month of 500 securities makes four parts, one of 200 securities two. (Parts of 5,500 jobs,
+# two for 500 securities, were no quicker on that month, and left one worker to compute a
+# month of 200 securities alone: 17 % slower to its last job on two workers; bench/RESULTS.md.)
+PART_JOBS = 2_750
 # A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S (six
 # renewals missed) is taken to have died with its worker, and its part's pass is made again.
 CLAIM_RENEW_S = 5.0

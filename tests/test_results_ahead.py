@@ -278,6 +278,46 @@ def test_a_month_sorted_by_security_in_large_row_groups_is_claimed_in_parts_of_w
         assert reads == pytest.approx(reads_alone, rel=0.05)
 
 
+@pytest.mark.parametrize("order", ["day-then-security", "security"])
+def test_a_month_sorted_by_security_within_each_day_is_computed_in_parts_of_whole_dates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """Sorted by security within each day (daily files, or a month file in date order), a
+    security's rows lie in one piece a day: a batch of a few securities reads a row group of
+    every day, and batches reading for themselves would read the month many times over, so
+    passes over parts of whole dates compute it, reading it about once. Sorted by security over
+    the whole month, every batch reads its own rows."""
+    raw, source = tmp_path / "raw", tmp_path / order
+    generate(str(raw), [MONTH], securities=60, rows=60_000)
+    for part in (raw / MONTH).glob("*.parquet"):
+        table = pq.read_table(part)
+        by_security = [("security", "ascending"), ("ts", "ascending")]
+        if order == "day-then-security":
+            table = table.append_column("day", job_dates(table.column("ts").combine_chunks(), None, TZ))
+            table = table.sort_by([("day", "ascending"), *by_security]).drop_columns(["day"])
+        else:
+            table = table.sort_by(by_security)
+        (source / MONTH).mkdir(parents=True)
+        pq.write_table(table, source / MONTH / part.name, row_group_size=1_000)  # about 20 securities' days each
+    keys = _keys(str(source))
+    monkeypatch.setattr("worker.ahead.PART_JOBS", len(keys) // 3)
+    monkeypatch.setattr("worker.passes.TYPICAL_BATCH_JOBS", 4 * 21)  # four securities' jobs
+    tally = _count_reads(monkeypatch)
+    outcomes = _run(str(source), str(tmp_path / "out"), keys, MonthListings(passes=MonthPasses()))
+    reads = _times_read(str(source), tally)
+
+    assert stored_results(str(tmp_path / "out")).equals(_stored_alone(str(source), keys, tmp_path / "ref"))
+    if order == "day-then-security":
+        parts = month_parts(keys, by_date=True)
+        assert _claims(tmp_path / "out") == sorted(f"runs/r1/month_passes/{MONTH}/{p}.{kind}"
+                                                   for p in range(len(parts)) for kind in ("claim", "done"))
+        assert sum(o.already_done for o in outcomes) > len(keys) // 2
+        assert reads <= 1.5
+    else:
+        assert not _claims(tmp_path / "out") and not any(o.already_done for o in outcomes)
+        assert reads <= 1.5
+
+
 # How a month in time order stores when its rows were: ts as timestamps, as integer nanoseconds
 # since the epoch, or with each row's own trade date besides.
 TIME_SHAPES = ["timestamp", "integer-ns", "own-trade-date"]

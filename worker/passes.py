@@ -47,6 +47,14 @@ BY_DATE_SHARE = 0.5
 # neighbours' rows at its ends as of its own, and the next batch decode them again (pyarrow's
 # default row group holds 1 Mi rows, the jobs of 25 securities of a 20 M-row month).
 BY_SECURITY_UNIT_JOBS = 256
+# A month whose securities' rows lie in a few percent of it each may still be no month for
+# batches to read their own: sorted by security within each day (daily files, or a month file
+# in date order), a security's rows are one piece a day, and a batch of some securities reads
+# a row group or two of every day. Where batches of a worker's default size (its prefetch of
+# 1,024 jobs a slot, in halves) reading for themselves would read the month more than
+# REREAD_LIMIT times over, passes compute it in parts, as a month in time order.
+TYPICAL_BATCH_JOBS = 512
+REREAD_LIMIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -225,10 +233,6 @@ def _month_parts(
     if not output.exists(layout.month_job_keys(first.month)):
         passes.note_never_claimed(run_month)
         return []
-    # Whether the month is laid out by security, not what this batch's own pass would read:
-    # on a month in time order, a first batch of a few dates reads part of it, but the run's
-    # jobs read all of it, and passes for them all are the least the run can read.
-    by_security = pass_share(source, files, [first.security], None, listings.parquet) < AHEAD_FROM_SHARE
     try:
         keys = read_month_job_keys(output, layout, first.month)
     except PermanentError as exc:  # only the shortcut is lost: the batch's own jobs go on
@@ -236,6 +240,11 @@ def _month_parts(
         return []
     if not keys:  # removed since, or none
         return []
+    # Whether the month is laid out by security, not what this batch's own pass would read:
+    # on a month in time order, a first batch of a few dates reads part of it, but the run's
+    # jobs read all of it, and passes for them all are the least the run can read.
+    by_security = (pass_share(source, files, [first.security], None, listings.parquet) < AHEAD_FROM_SHARE
+                   and _batch_reads(source, files, keys, listings.parquet) <= REREAD_LIMIT)
     if by_security and not _units_too_large(source, files, listings.parquet, len(keys)):
         passes.note_never_claimed(run_month)  # each batch reads its own row groups, wasting little
         return []
@@ -252,6 +261,15 @@ def _month_parts(
     # The parts holding the batch's jobs first; then the others, which the batch claims where no
     # one has, rather than wait idle for the passes over its own (a small batch of a few dates).
     return sorted(parts, key=lambda part: not part.own)
+
+
+def _batch_reads(source: Storage, files: list[InputFile], keys: list[JobKey], cache: ParquetCache) -> float:
+    """How many times over batches of `TYPICAL_BATCH_JOBS` of the month's `keys` (in key order,
+    security by security) would read it, each reading for itself: its first batch's share of
+    the month, once per batch."""
+    batch = keys[:TYPICAL_BATCH_JOBS]
+    share = pass_share(source, files, sorted({key.security for key in batch}), None, cache)
+    return share * len(keys) / len(batch)
 
 
 def _units_too_large(source: Storage, files: list[InputFile], cache: ParquetCache, jobs: int) -> bool:

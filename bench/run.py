@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MONTH = "2024-03"
 PY = sys.executable
@@ -107,12 +108,15 @@ async def _declared(amqp_url: str, topology: Any) -> None:
 
 # Raw Parquet months as other tools write them: `tickq gen`'s rows rewritten with pyarrow's
 # defaults (row groups of 1 Mi rows, dictionary-encoded text), in time order, sorted by
-# security, or in no order.
-REWRITES = ("pyarrow-defaults", "by-security", "shuffled")
+# security, or in no order; or sorted by security within each market day, with each row's own
+# trade_date, or with ts as integer nanoseconds since the epoch (the last three in row groups of
+# `tickq gen`'s size).
+REWRITES = ("pyarrow-defaults", "by-security", "shuffled", "day-then-security", "own-trade-date", "integer-ts")
 
 
 def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True,
-          day_files_tz: str | None = None, rewrite: str | None = None, files: int = 1) -> tuple[Path, Path]:
+          day_files_tz: str | None = None, rewrite: str | None = None, files: int = 1,
+          tz: str = "Australia/Sydney") -> tuple[Path, Path]:
     """Generated raw data (the month in `files` files of consecutive times) and (optionally)
     its ingested layout, reused across runs; with `day_files_tz`, the layout has day files in
     that zone too; with `rewrite` (one of `REWRITES`), the raw Parquet month is that rewrite of
@@ -122,7 +126,7 @@ def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: 
         _tickq("gen", "--out", str(raw), "--months", MONTH, "--rows", str(rows), "--securities", str(securities),
                "--format", fmt, "--files-per-month", str(files))
     if rewrite is not None:
-        raw = _rewritten(raw, rewrite)
+        raw = _rewritten(raw, rewrite, tz)
     days = () if day_files_tz is None else ("--day-files", day_files_tz)
     laid = work / (f"ingested-{fmt}-{rows}-{securities}"
                    + ("-days-" + day_files_tz.replace("/", "-") if day_files_tz is not None else "")
@@ -134,20 +138,35 @@ def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: 
     return raw, laid
 
 
-def _rewritten(raw: Path, rewrite: str) -> Path:
-    """`raw`'s Parquet month rewritten as `rewrite` says (made once, then reused)."""
+def _rewritten(raw: Path, rewrite: str, tz: str) -> Path:
+    """`raw`'s Parquet month rewritten as `rewrite` says (made once, then reused); market days
+    are those of `tz`."""
     import pyarrow.parquet as pq
 
-    out = raw.with_name(f"{raw.name}-{rewrite}")
+    by_day = rewrite in ("day-then-security", "own-trade-date")
+    out = raw.with_name(f"{raw.name}-{rewrite}" + (f"-{tz.replace('/', '-')}" if by_day else ""))
     if out.exists():
         return out
     table = pq.read_table(raw / MONTH)
+    group_rows = pq.ParquetFile(next((raw / MONTH).glob("*.parquet"))).metadata.row_group(0).num_rows
+    by_security = [("security", "ascending"), ("ts", "ascending")]
+    options: dict[str, Any] = {"row_group_size": group_rows}
+    if rewrite in ("pyarrow-defaults", "by-security", "shuffled"):
+        options = {}
     if rewrite == "by-security":
-        table = table.sort_by([("security", "ascending"), ("ts", "ascending")])
+        table = table.sort_by(by_security)
     elif rewrite == "shuffled":
         table = table.take(np.random.default_rng(1).permutation(table.num_rows))
+    elif by_day:
+        day = pc.cast(pc.local_timestamp(pc.cast(table.column("ts"), pa.timestamp("ns", tz=tz))), pa.date32())
+        if rewrite == "own-trade-date":
+            table = table.append_column("trade_date", day)
+        else:
+            table = table.append_column("day", day).sort_by([("day", "ascending"), *by_security]).drop_columns(["day"])
+    elif rewrite == "integer-ts":
+        table = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(pa.int64()))
     (out / MONTH).mkdir(parents=True)
-    pq.write_table(table, out / MONTH / "part-0000.parquet")
+    pq.write_table(table, out / MONTH / "part-0000.parquet", **options)
     return out
 
 
@@ -170,7 +189,8 @@ def _months(args: argparse.Namespace, fmt: str = "parquet") -> list[Month]:
     each --rows (made once, then reused)."""
     if args.input is not None:
         return [_own_month(args)]
-    return [Month(_data(args.work, rows, args.securities, fmt, ingest=False, rewrite=args.rewrite)[0], MONTH, rows)
+    return [Month(_data(args.work, rows, args.securities, fmt, ingest=False, rewrite=args.rewrite, tz=args.tz)[0],
+                  MONTH, rows)
             for rows in (int(r) for r in str(args.rows).split(","))]
 
 
@@ -224,7 +244,7 @@ def _ingested(args: argparse.Namespace, month: Month, day_files_tz: str | None =
     its raw files could not say (DBN). `fmt` is a generated month's format."""
     if args.input is None:
         return month, _data(args.work, month.rows, args.securities, fmt, day_files_tz=day_files_tz,
-                            rewrite=args.rewrite)[1]
+                            rewrite=args.rewrite, tz=args.tz)[1]
     import hashlib
 
     import pyarrow.parquet as pq
@@ -312,7 +332,7 @@ def _duckdb_reference(month: Month, tz: str) -> DuckDbReference:
     price = "price" if columns.get("price") == "DOUBLE" else "CAST(price AS DOUBLE)"
     kept = f"price > 0 AND size > 0 AND security <> ''{_duckdb_more_rules(con, source, columns, ts, price)}"
     return DuckDbReference(f"""
-        SELECT security, CAST(timezone('{tz}', {ts}) AS DATE) AS trade_date, count(*) AS records,
+        SELECT security, {_duckdb_trade_date(columns, ts, tz)} AS trade_date, count(*) AS records,
                sum(size) AS volume, sum({price} * size) AS notional, sum({price} * size) / sum(size) AS vwap,
                avg(size) AS avg_size, min({price}) AS low, max({price}) AS high,
                sum(CASE WHEN {side} = 'B' THEN size ELSE 0 END) AS buy_volume,
@@ -322,6 +342,13 @@ def _duckdb_reference(month: Month, tz: str) -> DuckDbReference:
         WHERE {kept}
         GROUP BY ALL ORDER BY ALL
     """, tz)
+
+
+def _duckdb_trade_date(columns: dict[str, str], ts: str, tz: str) -> str:
+    """A DuckDB expression of a row's trade date as tickq takes it: the row's own trade_date
+    where the file has one and it reads as a date, else the market date of its instant `ts`."""
+    derived = f"CAST(timezone('{tz}', {ts}) AS DATE)"
+    return f"coalesce(TRY_CAST(trade_date AS DATE), {derived})" if "trade_date" in columns else derived
 
 
 def _duckdb_more_rules(con: Any, source: str, columns: dict[str, str], ts: str, price: str) -> str:

@@ -35,6 +35,7 @@ from tickq.ingest import ingest
 from worker.ahead import (
     CLAIM_STALE_S,
     MAX_JOBS_AHEAD,
+    PART_ROWS,
     RELEASE_PAUSE_S,
     WAIT_POLL_MAX_S,
     WAIT_POLL_S,
@@ -356,6 +357,11 @@ def test_a_month_is_split_by_date_in_time_order_and_by_key_order_otherwise(monke
         [f"{MONTH}-{d:02d}" for d in (1, 4, 5, 6)], [f"{MONTH}-{d:02d}" for d in (7, 8, 11, 12)]]
     assert [k for part in by_date for k in part] == sorted(keys, key=lambda k: k.date > f"{MONTH}-06")
     assert month_parts(keys, by_date=False) == [keys]  # up to MAX_JOBS_AHEAD in key order
+    # A month of many rows a job is split by its rows too: parts of about PART_ROWS rows.
+    by_rows = month_parts(keys, by_date=True, rows=4 * PART_ROWS)
+    assert [sorted({k.date for k in part}) for part in by_rows] == [
+        [f"{MONTH}-{d:02d}" for d in days] for days in ((1, 4), (5, 6), (7, 8), (11, 12))]
+    assert month_parts(keys, by_date=True, rows=PART_ROWS) == by_date  # the jobs' parts, when more
     one_big_date = [JobKey(MONTH, f"S{s:05d}", f"{MONTH}-01") for s in range(MAX_JOBS_AHEAD + 1)]
     assert [len(part) for part in month_parts(one_big_date, by_date=True)] == [MAX_JOBS_AHEAD, 1]
     assert month_parts([], by_date=True) == month_parts([], by_date=False) == []

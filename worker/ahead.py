@@ -56,6 +56,10 @@ MAX_JOBS_AHEAD = 12_000
 # two for 500 securities, were no quicker on that month, and left one worker to compute a
 # month of 200 securities alone: 17 % slower to its last job on two workers; bench/RESULTS.md.)
 PART_JOBS = 2_750
+# And of about this many rows at most: a month of few securities and many rows a job (50
+# securities over 20 M rows: 1,050 jobs) is split as one of many securities, rather than
+# computed in one part by one worker.
+PART_ROWS = 5_000_000
 # A claimed pass renews its claim this often; a claim not renewed for CLAIM_STALE_S (six
 # renewals missed) is taken to have died with its worker, and its part's pass is made again.
 CLAIM_RENEW_S = 5.0
@@ -74,16 +78,17 @@ RELEASE_PAUSE_S = 0.5
 _pause = time.sleep  # how waiting and releasing sleep (a test replaces it)
 
 
-def month_parts(keys: Sequence[JobKey], by_date: bool, by_security: bool = False) -> list[list[JobKey]]:
+def month_parts(keys: Sequence[JobKey], by_date: bool, by_security: bool = False, rows: int = 0) -> list[list[JobKey]]:
     """A month's expected jobs (`keys`, in key order) in the parts that passes claim, each in
-    key order: with `by_date`, whole dates of about `PART_JOBS` jobs together, in date order;
-    with `by_security`, whole securities alike; else, and within a date or security of more than
-    `MAX_JOBS_AHEAD` jobs, up to that many jobs."""
+    key order: with `by_date`, whole dates of about `PART_JOBS` jobs together (and, of a month
+    of `rows` rows, about `PART_ROWS` rows at most), in date order; with `by_security`, whole
+    securities alike; else, and within a date or security of more than `MAX_JOBS_AHEAD` jobs,
+    up to that many jobs."""
     if not (by_date or by_security):
         return [list(keys[i:i + MAX_JOBS_AHEAD]) for i in range(0, len(keys), MAX_JOBS_AHEAD)]
     group: Callable[[JobKey], str] = (lambda key: key.date) if by_date else (lambda key: key.security)
     per_group = Counter(group(key) for key in keys)
-    count = min(len(per_group), -(-len(keys) // PART_JOBS))
+    count = min(len(per_group), max(-(-len(keys) // PART_JOBS), -(-rows // PART_ROWS)))
     part_of: dict[str, int] = {}
     placed = 0
     for value in sorted(per_group):  # each date (security) joins the part its first job falls in, by count

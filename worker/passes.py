@@ -253,7 +253,8 @@ def _month_parts(
                                                       first.params.market_tz), listings.parquet) <= BY_DATE_SHARE
     position = {(job.security, job.date): i for i, job in enumerate(jobs)}  # distinct (`execute_batch`)
     parts = []
-    for index, keys_of_part in enumerate(month_parts(keys, by_date, by_security)):
+    rows = read_units(source, files, listings.parquet)[1]
+    for index, keys_of_part in enumerate(month_parts(keys, by_date, by_security, rows)):
         own = [position[k.security, k.date] for k in keys_of_part if (k.security, k.date) in position]
         others = [k for k in keys_of_part if (k.security, k.date) not in position]
         if others:

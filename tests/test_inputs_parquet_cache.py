@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from shared.inputs import ALL_COLUMNS, ByteCounter, DayWindow, InputFile, ParquetCache, month_files, read_batches
 from shared.inputs.parquet_reader import _row_group_days, row_groups_to_read
@@ -168,10 +169,13 @@ def test_a_row_group_of_one_security_is_read_only_for_that_securitys_own_days(tm
     assert own_bytes < everything_bytes
 
 
-def test_a_file_with_its_own_trade_date_is_read_by_the_days_its_statistics_give(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["date", "iso-text"])
+def test_a_file_with_its_own_trade_date_is_read_by_the_days_its_statistics_give(tmp_path: Path, kind: str) -> None:
     """A row's own trade_date places it, not its ts: a pass over some days reads the row groups
     whose trade_date statistics hold them, and a group with undated rows where their ts fall
-    too. Discovery takes a group's one trade date from the same statistics."""
+    too. Discovery takes a group's one trade date from the same statistics. Dates written as
+    ISO text are read by their statistics too; as any of them might not read as a date (and
+    take its ts's day), a group is also read where its ts fall."""
     day_ns, rows_per_day = 86_400 * 10**9, 500
     start = 1_709_251_200_000_000_000  # 2024-03-01T00:00Z
     first = 19_783  # 2024-03-01, in days since 1970-01-01
@@ -183,6 +187,8 @@ def test_a_file_with_its_own_trade_date_is_read_by_the_days_its_statistics_give(
     ts = [start + d * day_ns + i * 10**6 for d in range(4) for i in range(rows_per_day)]
     table = pa.table({"ts": pa.array(ts, pa.int64()).cast(TS), "security": ["AAA"] * len(ts),
                       "price": [1.0] * len(ts), "size": [1] * len(ts), "trade_date": pa.array(dates, pa.date32())})
+    if kind == "iso-text":
+        table = table.set_column(4, "trade_date", table.column("trade_date").cast(pa.string()))
     pq.write_table(table, tmp_path / "part.parquet", row_group_size=rows_per_day)
     meta = pq.ParquetFile(tmp_path / "part.parquet").metadata
     schema = meta.schema.to_arrow_schema()
@@ -193,8 +199,13 @@ def test_a_file_with_its_own_trade_date_is_read_by_the_days_its_statistics_give(
         return row_groups_to_read(meta, schema, ("AAA",), window)
 
     assert groups_of(first, first) == [0, 1]  # group 1's ts say day 1, its trade dates day 0
-    assert groups_of(first + 1, first + 1) == []
     assert groups_of(first + 2, first + 2) == [2]
     assert groups_of(first + 3, first + 3) == [3]
-    assert groups_of(first + 1, first + 3) == [2, 3]
-    assert _row_group_days(meta, "UTC") == [first, first, first + 2, None]
+    if kind == "date":
+        assert groups_of(first + 1, first + 1) == []
+        assert groups_of(first + 1, first + 3) == [2, 3]
+        assert _row_group_days(meta, "UTC") == [first, first, first + 2, None]
+    else:
+        assert groups_of(first + 1, first + 1) == [1]
+        assert groups_of(first + 1, first + 3) == [1, 2, 3]
+        assert _row_group_days(meta, "UTC") == [None] * 4

@@ -4,6 +4,7 @@ batches; footers and edge row groups kept between passes (`ParquetCache`)."""
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import functools
 import itertools
 import threading
@@ -347,12 +348,17 @@ def row_groups_to_read(
 
 class _RowGroupDays:
     """What a file's row group statistics say of the market days of its rows: a row's own
-    trade_date places it where the file carries one (as dates: other types say nothing by
-    their statistics), else its ts."""
+    trade_date places it where the file carries one, else its ts.
 
-    def __init__(self, ts_idx: int, ts_scale: int, date_idx: int, dates_known: bool) -> None:
+    Of a trade_date column, dates say their range; ISO text (YYYY-MM-DD, which sorts as the
+    dates do) says the range of the values that read as dates, and a value that does not
+    takes its ts's day, as a null does. Other types say nothing by their statistics."""
+
+    def __init__(self, ts_idx: int, ts_scale: int, date_idx: int, date_kind: pa.DataType | None) -> None:
         self._ts_idx, self._ts_scale = ts_idx, ts_scale
-        self._date_idx, self._dates_known = date_idx, dates_known
+        self._date_idx = date_idx
+        self._dates = date_kind is not None and pa.types.is_date32(date_kind)
+        self._text = date_kind is not None and (pa.types.is_string(date_kind) or pa.types.is_large_string(date_kind))
 
     @classmethod
     def of(cls, schema: pa.Schema) -> _RowGroupDays:
@@ -360,26 +366,30 @@ class _RowGroupDays:
         ts_idx = schema.get_field_index("ts")
         date_idx = schema.get_field_index("trade_date")
         return cls(ts_idx, _ts_scale(schema.field(ts_idx).type) if ts_idx >= 0 else 0, date_idx,
-                   date_idx >= 0 and pa.types.is_date32(schema.field(date_idx).type))
+                   schema.field(date_idx).type if date_idx >= 0 else None)
 
     def may_hold(self, group: Any, window: DayWindow) -> bool:
         """Whether row group `group` (its metadata) may hold rows of `window`'s days."""
         if self._date_idx < 0:
             return self._ts_may_hold(group, window)
         stats = group.column(self._date_idx).statistics
-        if not self._dates_known or window.days is None or stats is None or not stats.has_null_count:
+        if not (self._dates or self._text) or window.days is None or stats is None or not stats.has_null_count:
             return True
-        if stats.has_min_max and stats.max_raw >= window.days[0] and stats.min_raw <= window.days[1]:
+        dates = self._date_range(stats)
+        if dates is None and stats.has_min_max:  # text that is not ISO dates: nothing to tell
             return True
-        # Rows without a trade_date of their own take the day of their ts.
-        return stats.null_count > 0 and self._ts_may_hold(group, window)
+        if dates is not None and dates[1] >= window.days[0] and dates[0] <= window.days[1]:
+            return True
+        # Rows without a trade_date of their own (null, or text that is no date) take the day
+        # of their ts.
+        return (stats.null_count > 0 or self._text) and self._ts_may_hold(group, window)
 
     def day(self, group: Any, market_tz: str) -> int | None:
         """The one trade date (days since 1970-01-01) of every row of `group`, when its
         statistics tell it; else None."""
         if self._date_idx >= 0:
             stats = group.column(self._date_idx).statistics
-            one_date = (self._dates_known and stats is not None and stats.has_min_max and stats.has_null_count
+            one_date = (self._dates and stats is not None and stats.has_min_max and stats.has_null_count
                         and stats.null_count == 0 and stats.min_raw == stats.max_raw)
             return int(stats.min_raw) if one_date else None
         if self._ts_idx < 0:
@@ -392,9 +402,33 @@ class _RowGroupDays:
                  and bounds[0] >= NS_MIN and bounds[1] <= NS_MAX)
         return shared_day(np.array(bounds, dtype=np.int64), market_tz) if known else None
 
+    def _date_range(self, stats: Any) -> tuple[int, int] | None:
+        """The [first, last] trade date (days since 1970-01-01) of a trade_date column chunk
+        by its statistics, when they hold one."""
+        if not stats.has_min_max:
+            return None
+        if self._dates:
+            return int(stats.min_raw), int(stats.max_raw)
+        bounds = [_iso_day(value) for value in (stats.min, stats.max)]
+        return (bounds[0], bounds[1]) if bounds[0] is not None and bounds[1] is not None else None
+
     def _ts_may_hold(self, group: Any, window: DayWindow) -> bool:
         bounds = _ts_bounds_ns(group.column(self._ts_idx).statistics, self._ts_scale) if self._ts_idx >= 0 else None
         return bounds is None or (bounds[1] >= window.start_ns and bounds[0] < window.end_ns)
+
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def _iso_day(value: Any) -> int | None:
+    """`value` (a text statistic) as days since 1970-01-01 when it is an ISO date, YYYY-MM-DD."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    if not isinstance(text, str) or len(text) != 10:
+        return None
+    try:
+        return (dt.date.fromisoformat(text) - _EPOCH).days
+    except ValueError:
+        return None
 
 
 def _ts_scale(kind: pa.DataType) -> int:

@@ -174,11 +174,11 @@ def _count_whole_files(storage: Storage, files: list[InputFile], market_tz: str,
     its one slice, the whole file, and what it holds."""
 
     def count(file: InputFile) -> tuple[int, pa.Table, InputFile]:
-        seen = SliceSeen(whole_file_slice(file), market_tz)
+        seen = SliceSeen(whole_file_slice(file))
         (stream,) = key_streams(storage, file, market_tz, 1)
         # The file's decoding overlaps its counting.
         rows_seen, counts = _stream_counts(read_ahead(_seen_by(seen, stream)), market_tz, storage.describe(file.key))
-        return rows_seen, counts, dataclasses.replace(file, slices=(seen.seen(),))
+        return rows_seen, counts, dataclasses.replace(file, slices=(seen.seen(counts),))
 
     recorded: list[InputFile] = []
     with ThreadPoolExecutor(min(ways, len(files)), thread_name_prefix="tickq-scan") as pool:
@@ -217,7 +217,7 @@ def _count_slices(storage: Storage, file: InputFile, pieces: list[FileSlice], ma
 def _slice_counts(storage: Storage, file: InputFile, piece: FileSlice,
                   market_tz: str) -> tuple[int, pa.Table, FileSlice]:
     """Rows seen in one slice of a CSV file, their counts, and the slice with what it holds."""
-    seen = SliceSeen(piece, market_tz)
+    seen = SliceSeen(piece)
 
     def keys() -> Iterator[KeyBatch]:
         for batch in read_batches(storage, dataclasses.replace(file, slices=(piece,)), KEY_COLUMNS):
@@ -225,7 +225,7 @@ def _slice_counts(storage: Storage, file: InputFile, piece: FileSlice,
             yield KeyBatch(batch, None)
 
     rows_seen, counts = _stream_counts(keys(), market_tz, storage.describe(file.key))
-    return rows_seen, counts, seen.seen()
+    return rows_seen, counts, seen.seen(counts)
 
 
 def _stream_counts(stream: Iterator[KeyBatch], market_tz: str, where: str) -> tuple[int, pa.Table]:

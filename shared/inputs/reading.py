@@ -22,7 +22,7 @@ from shared.inputs.files import (
     slice_spans,
     unreadable,
 )
-from shared.inputs.normalisation import column_of, filter_securities, normalise_ts, trade_dates, wanted_securities
+from shared.inputs.normalisation import column_of, filter_securities, normalise_ts, wanted_securities
 from shared.inputs.parquet_reader import (
     ParquetCache,
     parquet_batches,
@@ -161,15 +161,14 @@ def _dbn_batches(
 
 class SliceSeen:
     """What discovery sees of the rows of a slice (`FileSlice`), batch by batch: how many, and
-    the range of their ts, or of their trade dates in `market_tz` where the file carries its
-    own (a row's own trade date, not its ts, places it in a day), and of their security codes."""
+    the range of their ts and of their security codes; or, where the file carries its own
+    trade_date (a row's own trade date, not its ts, places it in a day), the range of the
+    dates its counts give."""
 
-    def __init__(self, piece: FileSlice, market_tz: str) -> None:
+    def __init__(self, piece: FileSlice) -> None:
         self._piece = piece
-        self._market_tz = market_tz
         self._rows = 0
         self._ts: tuple[int, int] | None = None
-        self._days: tuple[int, int] | None = None
         self._ts_decides = True
         self._security: tuple[str, str] | None = None
 
@@ -178,7 +177,6 @@ class SliceSeen:
         self._rows += batch.num_rows
         if column_of(batch, "trade_date") is not None:
             self._ts_decides = False
-            self._days = _widened(self._days, pc.min_max(trade_dates(batch, self._market_tz).cast(pa.int32())))
         else:
             self._ts = _widened(self._ts, pc.min_max(normalise_ts(batch.column("ts")).cast(pa.int64())))
         security = batch.column("security")
@@ -187,10 +185,14 @@ class SliceSeen:
         if pa.types.is_string(security.type) or pa.types.is_large_string(security.type):
             self._security = _widened(self._security, pc.min_max(security))
 
-    def seen(self) -> FileSlice:
-        """The slice with what its rows hold."""
+    def seen(self, counts: pa.Table) -> FileSlice:
+        """The slice with what its rows hold; `counts` are its rows per (security, trade_date)."""
+        days = None
+        if not self._ts_decides:
+            dated = pc.min_max(counts.column("trade_date").cast(pa.int32()))
+            days = None if dated["min"].as_py() is None else (dated["min"].as_py(), dated["max"].as_py())
         return FileSlice(self._piece.start, self._piece.end, self._rows, self._ts if self._ts_decides else None,
-                         self._security, None if self._ts_decides else self._days)
+                         self._security, days)
 
 
 def _widened(bounds: tuple[Any, Any] | None, more: pa.StructScalar) -> tuple[Any, Any] | None:

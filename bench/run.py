@@ -148,11 +148,12 @@ def _rewritten(raw: Path, rewrite: str, tz: str) -> Path:
     if out.exists():
         return out
     table = pq.read_table(raw / MONTH)
-    group_rows = pq.ParquetFile(next((raw / MONTH).glob("*.parquet"))).metadata.row_group(0).num_rows
     by_security = [("security", "ascending"), ("ts", "ascending")]
-    options: dict[str, Any] = {"row_group_size": group_rows}
-    if rewrite in ("pyarrow-defaults", "by-security", "shuffled"):
-        options = {}
+    # The first three as pyarrow writes by default; the others in `tickq gen`'s row groups.
+    options: dict[str, Any] = {}
+    if rewrite not in ("pyarrow-defaults", "by-security", "shuffled"):
+        footer = pq.ParquetFile(next((raw / MONTH).glob("*.parquet"))).metadata
+        options["row_group_size"] = footer.row_group(0).num_rows
     if rewrite == "by-security":
         table = table.sort_by(by_security)
     elif rewrite == "shuffled":

@@ -145,6 +145,10 @@ def month_files(storage: Storage, month: str) -> list[InputFile]:
     return files
 
 
+# Trade dates are counted in days since this one, as Arrow's date32 counts them.
+EPOCH = dt.date(1970, 1, 1)
+
+
 @dataclass(frozen=True)
 class DayWindow:
     """The UTC nanosecond range [start, end) of market-time calendar days; and, where known,
@@ -166,9 +170,8 @@ class DayWindow:
         zone = ZoneInfo(market_tz)
         start = dt.datetime.combine(first, dt.time(), zone)
         end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), zone)
-        epoch = dt.date(1970, 1, 1)
         return cls(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9,
-                   ((first - epoch).days, (last - epoch).days))
+                   ((first - EPOCH).days, (last - EPOCH).days))
 
 
 FileId = tuple[str, str, int]  # storage URI, key, size

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from shared.inputs.files import (
     DEFAULT_BATCH_ROWS,
+    EPOCH,
     KEY_COLUMNS,
     LABEL_COLUMNS,
     NS_MAX,
@@ -417,16 +418,13 @@ class _RowGroupDays:
         return bounds is None or (bounds[1] >= window.start_ns and bounds[0] < window.end_ns)
 
 
-_EPOCH = dt.date(1970, 1, 1)
-
-
 def _iso_day(value: Any) -> int | None:
     """`value` (a text statistic) as days since 1970-01-01 when it is an ISO date, YYYY-MM-DD."""
     text = value.decode(errors="replace") if isinstance(value, bytes) else value
     if not isinstance(text, str) or len(text) != 10:
         return None
     try:
-        return (dt.date.fromisoformat(text) - _EPOCH).days
+        return (dt.date.fromisoformat(text) - EPOCH).days
     except ValueError:
         return None
 

@@ -49,6 +49,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from shared.dbn import DbnWriter
+from shared.inputs.files import ORDERS_SCHEMA
 from shared.storage import Storage, open_storage
 
 __all__ = ["CHUNK_ROWS", "FORMATS", "generate", "security_codes"]
@@ -82,17 +83,7 @@ _CURATED = (
     "CAR", "PME", "LYC", "PLS", "IGO", "AZJ", "MPL", "BXB", "SCG", "DXS",
 )  # fmt: skip
 
-SCHEMA = pa.schema(
-    [
-        ("ts", pa.timestamp("ns", tz="UTC")),
-        ("security", pa.string()),
-        ("price", pa.float64()),
-        ("size", pa.int64()),
-        ("side", pa.string()),
-        ("participant", pa.string()),
-        ("venue", pa.string()),
-    ]
-)
+SCHEMA = ORDERS_SCHEMA.remove(ORDERS_SCHEMA.get_field_index("trade_date"))
 CSV_SCHEMA = SCHEMA.set(0, pa.field("ts", pa.string()))
 
 

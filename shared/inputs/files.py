@@ -33,6 +33,21 @@ TS_UTC = pa.timestamp("ns", tz="UTC")
 NS_MIN, NS_MAX = -(2**63), 2**63 - 1  # the instants a ts holds
 DEFAULT_BATCH_ROWS = 65_536
 
+# The input's columns as tickq writes them (`tickq ingest`'s parts; `tickq gen` writes all but
+# trade_date): plain strings, whose row-group statistics prune reads.
+ORDERS_SCHEMA = pa.schema(
+    [
+        ("ts", TS_UTC),
+        ("security", pa.string()),
+        ("price", pa.float64()),
+        ("size", pa.int64()),
+        ("side", pa.string()),
+        ("participant", pa.string()),
+        ("venue", pa.string()),
+        ("trade_date", pa.date32()),
+    ]
+)
+
 # Text columns of normalised rows are labels: dictionary-encoded strings, so that each
 # distinct value is normalised, matched and grouped once per batch rather than once per row.
 LABEL = pa.dictionary(pa.int32(), pa.string())

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.inputs.files import ORDERS_SCHEMA
 from shared.storage import Storage
 
 INDEX_NAME = "_index.json"
@@ -31,18 +32,7 @@ DICTIONARY_ENCODED = ("security", "side", "participant", "venue", "price", "trad
 STATISTICS = ("security", "ts", "trade_date")
 PART_RE = re.compile(r"^part-\d{5}\.parquet$")
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("ts", pa.timestamp("ns", tz="UTC")),
-        ("security", pa.string()),
-        ("price", pa.float64()),
-        ("size", pa.int64()),
-        ("side", pa.string()),
-        ("participant", pa.string()),
-        ("venue", pa.string()),
-        ("trade_date", pa.date32()),
-    ]
-)
+OUTPUT_SCHEMA = ORDERS_SCHEMA
 
 
 @dataclass

@@ -207,6 +207,11 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
     output = open_storage(request.output, settings.s3_endpoint_url)
     layout = RunLayout(request.run_id)
     started = time.perf_counter()
+    topology = Topology(settings.namespace)
+    if not dry_run:
+        # Before discovery, which may read for minutes: a broker out of reach, or a namespace
+        # declared otherwise, fails the run at once and leaves no manifest of a run with no jobs.
+        await _declare_topology(settings, topology, request.run_id)
 
     resumed = output.exists(layout.manifest)
     if resumed:
@@ -258,13 +263,6 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         # The manifest is written last: its presence means the key file is complete.
         output.write_bytes(layout.manifest, json.dumps(manifest, indent=2).encode(), "application/json")
 
-    topology = Topology(settings.namespace)
-    connection = await connect(settings, f"tickq-producer {request.run_id}")
-    try:
-        channel = await connection.channel()
-        await declare(channel, topology)
-    finally:
-        await connection.close()
     outgoing = _messages(request, todo, topology.jobs)
     publish_started = time.perf_counter()
     result.published = await asyncio.get_running_loop().run_in_executor(
@@ -285,3 +283,13 @@ async def produce(request: RunRequest, settings: Settings, dry_run: bool = False
         duration_s=round(time.perf_counter() - started, 3),
     )
     return result
+
+
+async def _declare_topology(settings: Settings, topology: Topology, run_id: str) -> None:
+    """Declare the namespace's queues and exchanges, as every component does before using them."""
+    connection = await connect(settings, f"tickq-producer {run_id}")
+    try:
+        channel = await connection.channel()
+        await declare(channel, topology)
+    finally:
+        await connection.close()

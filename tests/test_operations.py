@@ -38,6 +38,21 @@ def test_no_broker_is_one_clear_line_naming_the_setting(tickq: Tickq, tmp_path: 
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_produce_without_a_broker_fails_before_it_reads_the_input_and_leaves_no_run(
+    tickq: Tickq, tmp_path: Path
+) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    tickq.run("gen", "--out", str(data), "--months", MONTH, "--rows", "2000", "--securities", "2")
+    tickq.env["TICKQ_AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{_free_port()}/%2F"
+    # The broker is named even where discovery would have failed too: it was not reached.
+    for source in (data, tmp_path / "no-such-input"):
+        line = error_line(tickq.run("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
+                                    "--run-id", "r1", check=False))
+        assert "no RabbitMQ broker answers" in line and "TICKQ_AMQP_URL" in line, line
+    # No manifest of a run whose jobs were never published, for `status` to count as queued.
+    assert not (out / "runs" / "r1").exists()
+
+
 def test_a_broker_refusing_the_login_or_the_virtual_host_is_one_line_saying_which(
     tickq: Tickq, amqp_url: str
 ) -> None:

@@ -169,11 +169,14 @@ def test_status_agrees_with_markers_and_dead_letters(
     assert ledger["dead"] == april_jobs == len(drain_queue(amqp_url, Topology(namespace).dead))
     assert ledger["succeeded"] == produced["jobs"] - april_jobs
     assert ledger["queued"] == 0 and ledger["retrying"] == 0 and ledger["complete"] is False
+    # Nothing left to do: no rate (an average since the run began would only fall from now on).
+    assert ledger["rate_per_s"] is None and ledger["eta_s"] == 0.0
     missing = tickq.run("status", "--run", "st", "--output", str(output), "--missing").stdout.split()
     assert missing == []
     watched = tickq.run("status", "--run", "st", "--output", str(output), "--watch", "--interval", "0.2",
                         check=False)
     assert "succeeded" in watched.stdout  # plain lines when not on a terminal
+    assert "jobs/s" not in watched.stdout and "tickq dlq replay" in watched.stdout.splitlines()[-1]
 
 
 def test_reading_the_dead_letters_spends_none_of_their_deliveries(

@@ -67,10 +67,13 @@ class Snapshot:
 
     def line(self) -> str:
         """One plain line for logs and non-terminals."""
-        eta = f", ETA {self.eta_s:.0f}s" if self.eta_s is not None else ""
-        rate = f", {self.rate_per_s:.1f} jobs/s" if self.rate_per_s else ""
+        if self.settled:
+            progress = ", complete" if self.complete else ", done (replay the dead with `tickq dlq replay`)"
+        else:
+            eta = f", ETA {self.eta_s:.0f}s" if self.eta_s is not None else ""
+            progress = (f", {self.rate_per_s:.1f} jobs/s" if self.rate_per_s else "") + eta
         return (f"run {self.run_id}: {self.succeeded}/{self.expected} succeeded, {self.dead} dead, "
-                f"{self.retrying} retrying, {self.queued} queued or running{rate}{eta}")
+                f"{self.retrying} retrying, {self.queued} queued or running{progress}")
 
 
 async def _queue_depths(settings: Settings) -> dict[str, int] | None:
@@ -92,6 +95,10 @@ async def _queue_depths(settings: Settings) -> dict[str, int] | None:
 
 
 def _rate(state: RunState, created_at: str | None, previous: tuple[float, int] | None) -> float | None:
+    """Jobs succeeding a second: since the `previous` look, else since the run was created.
+    None once nothing is left to do: an average since creation would fall for ever after."""
+    if len(state.succeeded) + len(state.dead) >= len(state.expected):
+        return None
     now = time.time()
     if previous is not None and now > previous[0]:
         return max(0.0, (len(state.succeeded) - previous[1]) / (now - previous[0]))

@@ -2,7 +2,9 @@
 
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2
     python bench/run.py e2e       --rows 10000000 --securities 500 --workers 2 --format csv --raw-too
+    python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2 --format csv.gz --raw-too
     python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2 --rewrite shuffled --raw-too
+    python bench/run.py e2e       --rows 20000000 --securities 500 --workers 2 --rewrite int96-ts --raw-too
     python bench/run.py e2e       --input ~/orders --month 2023-07 --tz America/New_York --raw-too
     python bench/run.py scaling   --input ~/orders --month 2023-07 --tz America/New_York
     python bench/run.py per-job   --rows 1000000,20000000
@@ -109,9 +111,11 @@ async def _declared(amqp_url: str, topology: Any) -> None:
 # Raw Parquet months as other tools write them: `tickq gen`'s rows rewritten with pyarrow's
 # defaults (row groups of 1 Mi rows, dictionary-encoded text), in time order, sorted by
 # security, or in no order; or sorted by security within each market day, with each row's own
-# trade_date, or with ts as integer nanoseconds since the epoch (the last three in row groups of
-# `tickq gen`'s size).
-REWRITES = ("pyarrow-defaults", "by-security", "shuffled", "day-then-security", "own-trade-date", "integer-ts")
+# trade_date, or with ts as integer nanoseconds since the epoch or as INT96, as Spark writes it
+# by default, whose columns carry no statistics (the last four in row groups of `tickq gen`'s
+# size).
+REWRITES = ("pyarrow-defaults", "by-security", "shuffled", "day-then-security", "own-trade-date", "integer-ts",
+            "int96-ts")
 
 
 def _data(work: Path, rows: int, securities: int, fmt: str = "parquet", ingest: bool = True,
@@ -166,6 +170,8 @@ def _rewritten(raw: Path, rewrite: str, tz: str) -> Path:
             table = table.append_column("day", day).sort_by([("day", "ascending"), *by_security]).drop_columns(["day"])
     elif rewrite == "integer-ts":
         table = table.set_column(table.schema.get_field_index("ts"), "ts", table.column("ts").cast(pa.int64()))
+    elif rewrite == "int96-ts":
+        options["use_deprecated_int96_timestamps"] = True
     (out / MONTH).mkdir(parents=True)
     pq.write_table(table, out / MONTH / "part-0000.parquet", **options)
     return out
@@ -624,9 +630,9 @@ def _job_keys(laid: Path, args: argparse.Namespace, month: str) -> list[str]:
 
 def cmd_memory(args: argparse.Namespace) -> None:
     for month in _months(args, args.format):
-        if args.input is None and args.format == "csv":
+        if args.input is None and args.format in ("csv", "csv.gz"):
             # Every job of a raw (not ingested) CSV month: each batch streams the whole file.
-            _worker_peak(args, month, "raw csv", month.raw, ())
+            _worker_peak(args, month, f"raw {args.format}", month.raw, ())
             continue
         month, laid = _ingested(args, month)
         # The 20 largest securities' jobs, or with --all-jobs every job of the month (on a raw
@@ -1151,9 +1157,9 @@ def main() -> None:
     parser.add_argument("--tz", default="Australia/Sydney")
     parser.add_argument("--files", type=int, default=8,
                         help="dbn: the month also as this many files of consecutive days (default 8)")
-    parser.add_argument("--format", choices=["parquet", "csv"], default="parquet",
-                        help="memory: csv measures a worker over a raw CSV month; e2e and ingest: the raw "
-                             "month's format")
+    parser.add_argument("--format", choices=["parquet", "csv", "csv.gz"], default="parquet",
+                        help="memory: csv or csv.gz measures a worker over a raw CSV month; e2e and ingest: the "
+                             "raw month's format (one file: csv.gz cannot be cut, so one worker reads it)")
     parser.add_argument("--rewrite", choices=REWRITES, default=None,
                         help="e2e: the raw Parquet month as pyarrow's defaults write it, in time order, sorted by "
                              "security, or shuffled")
@@ -1180,6 +1186,8 @@ def main() -> None:
     if args.input is not None and args.target not in OWN_MONTH_TARGETS:
         parser.error(f"--input: {args.target} measures generated data only (--input serves "
                      f"{', '.join(OWN_MONTH_TARGETS)})")
+    if args.rewrite is not None and args.format != "parquet":
+        parser.error("--rewrite: of the Parquet month only (--format parquet)")
     if args.month is not None and args.input is None:
         parser.error("--month: only with --input (generated data is one month, " + MONTH + ")")
     args.work.mkdir(parents=True, exist_ok=True)

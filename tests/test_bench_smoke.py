@@ -114,6 +114,9 @@ SMOKE: list[tuple[tuple[str, ...], Callable[[Rows], None]]] = [
     # A month whose rows carry their own trade_date: DuckDB's table takes it too.
     (("e2e", "--rows", "200000", "--securities", "20", "--workers", "2", "--raw-too", "--rewrite", "own-trade-date"),
      _end_to_end),
+    # ts as INT96, without statistics: DuckDB's table reads it as a time without zone, as tickq does.
+    (("e2e", "--rows", "200000", "--securities", "20", "--workers", "2", "--raw-too", "--rewrite", "int96-ts"),
+     _end_to_end),
     (("producer", "--jobs", "500"), _producer),
     (("aggregator", "--jobs", "50,200"), _aggregator),
     (("messages", "--jobs", "200", "--workers", "2"), _messages),

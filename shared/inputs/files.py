@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -182,11 +183,18 @@ class DayWindow:
     @classmethod
     def spanning(cls, first: dt.date, last: dt.date, market_tz: str) -> DayWindow:
         """The window from the start of `first` to the end of `last` in `market_tz`."""
-        zone = ZoneInfo(market_tz)
-        start = dt.datetime.combine(first, dt.time(), zone)
-        end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), zone)
-        return cls(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9,
-                   ((first - EPOCH).days, (last - EPOCH).days))
+        return _spanning(first, last, market_tz)
+
+
+# A pass over a month of thousands of securities asks for the same few windows thousands of
+# times (one per security of each batch); a window is immutable.
+@functools.lru_cache(maxsize=4096)
+def _spanning(first: dt.date, last: dt.date, market_tz: str) -> DayWindow:
+    zone = ZoneInfo(market_tz)
+    start = dt.datetime.combine(first, dt.time(), zone)
+    end = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), zone)
+    return DayWindow(int(start.timestamp()) * 10**9, int(end.timestamp()) * 10**9,
+                     ((first - EPOCH).days, (last - EPOCH).days))
 
 
 FileId = tuple[str, str, int]  # storage URI, key, size

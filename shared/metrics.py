@@ -225,6 +225,12 @@ _PIKA_CONNECTING = ("pika.adapters.utils.connection_workflow", "pika.adapters.ut
                     "pika.adapters.base_connection")
 
 
+def _not_a_failed_connect(record: logging.LogRecord) -> bool:
+    # aiormq logs each connection attempt that fails as an error of its own; tickq's one-line
+    # error says it at start, and aio-pika's "Reconnect attempt failed" while reconnecting.
+    return not str(record.msg).startswith("error when creating transport")
+
+
 def route_library_logs(level: int = logging.WARNING) -> None:
     """Send warnings of the libraries tickq uses through structlog instead of bare stderr."""
     root = logging.getLogger()
@@ -234,6 +240,9 @@ def route_library_logs(level: int = logging.WARNING) -> None:
     root.setLevel(level)
     for name in _PIKA_CONNECTING:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    aiormq = logging.getLogger("aiormq.connection")
+    if _not_a_failed_connect not in aiormq.filters:
+        aiormq.addFilter(_not_a_failed_connect)
 
 
 def get_logger(**fields: Any) -> Any:

@@ -49,6 +49,9 @@ def test_produce_without_a_broker_fails_before_it_reads_the_input_and_leaves_no_
         line = error_line(tickq.run("produce", "--input", str(source), "--output", str(out), "--months", MONTH,
                                     "--run-id", "r1", check=False))
         assert "no RabbitMQ broker answers" in line and "TICKQ_AMQP_URL" in line, line
+    # That line is the report: the metrics on stdout add no error of a library's saying the same.
+    result = tickq.run("produce", "--input", str(data), "--output", str(out), "--months", MONTH, check=False)
+    assert result.returncode == 2 and '"level":"error"' not in result.stdout, result.stdout
     # No manifest of a run whose jobs were never published, for `status` to count as queued.
     assert not (out / "runs" / "r1").exists()
 

@@ -160,6 +160,13 @@ def test_status_agrees_with_markers_and_dead_letters(
     assert before["expected"] == produced["jobs"] and before["succeeded"] == 0 and before["complete"] is False
     assert before["queued"] == produced["jobs"]
     assert before["broker"][Topology(namespace).jobs] == produced["jobs"]
+    # A letter the broker dead-lettered itself has no record without the aggregator service:
+    # its job counts as queued, and the line says where to look.
+    dead = Topology(namespace).dead
+    publish_raw(amqp_url, namespace, [b"{}"], queue=dead)
+    line = tickq.run("status", "--run", "st", "--output", str(output), check=False).stdout.strip()
+    assert line.endswith("; 1 in the dead-letter queue (`tickq dlq list`)"), line
+    assert len(drain_queue(amqp_url, dead, requeue=False)) == 1
 
     # Break April's input: its jobs die; March's succeed.
     april_jobs = sum(1 for line in (output / "runs/st/job_keys.csv").read_text().splitlines() if "2024-04," in line)

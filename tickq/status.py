@@ -39,6 +39,9 @@ class Snapshot:
     rate_per_s: float | None
     eta_s: float | None
     broker: dict[str, int] | None
+    # Letters in the namespace's dead-letter queue, of any run: jobs the broker dead-lettered
+    # itself (a crash loop) count as queued here until the aggregator service records them.
+    dead_letters: int | None = None
 
     @property
     def complete(self) -> bool:
@@ -72,6 +75,8 @@ class Snapshot:
         else:
             eta = f", ETA {self.eta_s:.0f}s" if self.eta_s is not None else ""
             progress = (f", {self.rate_per_s:.1f} jobs/s" if self.rate_per_s else "") + eta
+            if self.dead_letters:
+                progress += f"; {self.dead_letters} in the dead-letter queue (`tickq dlq list`)"
         return (f"run {self.run_id}: {self.succeeded}/{self.expected} succeeded, {self.dead} dead, "
                 f"{self.retrying} retrying, {self.queued} queued or running{progress}")
 
@@ -115,6 +120,7 @@ def snapshot(storage: Storage, run_id: str, settings: Settings, previous: tuple[
     state = load_state(storage, layout)
     rate = _rate(state, manifest.get("created_at"), previous)
     left = len(state.expected) - len(state.succeeded) - len(state.dead)
+    broker = asyncio.run(_queue_depths(settings))
     return Snapshot(
         run_id=run_id,
         expected=len(state.expected),
@@ -124,7 +130,8 @@ def snapshot(storage: Storage, run_id: str, settings: Settings, previous: tuple[
         queued=left - len(state.retrying),
         rate_per_s=round(rate, 3) if rate is not None else None,
         eta_s=round(left / rate, 1) if rate and left else (0.0 if not left else None),
-        broker=asyncio.run(_queue_depths(settings)),
+        broker=broker,
+        dead_letters=broker.get(Topology(settings.namespace).dead) if broker is not None else None,
     )
 
 

@@ -100,10 +100,7 @@ async def _queue_depths(settings: Settings) -> dict[str, int] | None:
 
 
 def _rate(state: RunState, created_at: str | None, previous: tuple[float, int] | None) -> float | None:
-    """Jobs succeeding a second: since the `previous` look, else since the run was created.
-    None once nothing is left to do: an average since creation would fall for ever after."""
-    if len(state.succeeded) + len(state.dead) >= len(state.expected):
-        return None
+    """Jobs succeeding a second: since the `previous` look, else since the run was created."""
     now = time.time()
     if previous is not None and now > previous[0]:
         return max(0.0, (len(state.succeeded) - previous[1]) / (now - previous[0]))
@@ -118,8 +115,9 @@ def snapshot(storage: Storage, run_id: str, settings: Settings, previous: tuple[
     layout = RunLayout(run_id)
     manifest = read_manifest(storage, layout)
     state = load_state(storage, layout)
-    rate = _rate(state, manifest.get("created_at"), previous)
     left = len(state.expected) - len(state.succeeded) - len(state.dead)
+    # None once nothing is left to do: an average since creation would fall for ever after.
+    rate = _rate(state, manifest.get("created_at"), previous) if left else None
     broker = asyncio.run(_queue_depths(settings))
     return Snapshot(
         run_id=run_id,

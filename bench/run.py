@@ -1161,8 +1161,9 @@ def main() -> None:
                         help="memory: csv or csv.gz measures a worker over a raw CSV month; e2e and ingest: the "
                              "raw month's format (one file: csv.gz cannot be cut, so one worker reads it)")
     parser.add_argument("--rewrite", choices=REWRITES, default=None,
-                        help="e2e: the raw Parquet month as pyarrow's defaults write it, in time order, sorted by "
-                             "security, or shuffled")
+                        help="e2e: the raw Parquet month as another tool or feed writes it: pyarrow's defaults, "
+                             "sorted by security, shuffled, sorted by security within each day, with its own "
+                             "trade_date, ts as integer nanoseconds or as INT96")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="s3: delay before each request")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="scaling: each worker's --prefetch (default: the worker's own)")

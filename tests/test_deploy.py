@@ -50,7 +50,7 @@ KEDA_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "keda-v2.20.1"
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 KUSTOMIZATIONS = ("base", "overlays/example", "overlays/example-no-keda")
 # Manifests applied on their own, outside any kustomization.
-STANDALONE = ("secrets.example.yaml", "jobs/dlq-replay.yaml")
+STANDALONE = ("secrets.example.yaml", "jobs/dlq-replay.yaml", "jobs/ingest.yaml")
 
 LONGEST_JOB_S = 300  # the longest job we expect
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120  # `tickq worker --shutdown-timeout` default
@@ -971,6 +971,33 @@ def test_dead_letter_replay_job_template() -> None:
     args = pod_spec(job)["containers"][0]["args"]
     assert args[:2] == ["dlq", "replay"]
     assert job["spec"]["backoffLimit"] == 0, "a failed replay is looked at, not retried"
+
+
+def test_ingest_job_gives_each_month_to_one_pod() -> None:
+    """The indexed ingest Job: pod i runs `--shard i/COUNT`, its index from the annotation the
+    Job controller sets, and COUNT equals the Job's completions, so that the shards of all its
+    pods ingest every month of --months exactly once."""
+    from tickq.cli import _month_list
+    from tickq.ingest import months_of_shard, shard
+
+    (job,) = standalone("jobs/ingest.yaml")
+    assert job["kind"] == "Job" and job["metadata"]["generateName"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    container = pod_spec(job)["containers"][0]
+    args = container["args"]
+    assert args[0] == "ingest"
+    index_ref, count = (flag_value(args, "--shard") or "").split("/")
+    match = re.fullmatch(r"\$\((\w+)\)", index_ref)
+    assert match, "the shard's index is the pod's, expanded by Kubernetes"
+    [index_env] = [e for e in container["env"] if e["name"] == match.group(1)]
+    assert index_env["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    completions = job["spec"]["completions"]
+    assert int(count) == completions, "one shard per completion index"
+    months = list(_month_list(flag_value(args, "--months") or ""))
+    taken = [m for i in range(completions) for m in months_of_shard(months, *shard(f"{i}/{count}"))]
+    assert sorted(taken) == months
+    assert flag_value(args, "--tmp-dir") == "/tmp", "spill files go to the pod's scratch volume"
 
 
 def test_rabbitmq_statefulset_is_persistent_and_probed() -> None:

@@ -292,6 +292,45 @@ def test_cli_main_and_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixt
         ingest(str(raw), str(raw), [MONTH])
 
 
+def test_shards_share_the_months_each_month_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Three processes given the same months and shards 0/3, 1/3 and 2/3 ingest every month
+    exactly once between them; a shard past the last month has nothing to do and says so."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    months = ["2024-01", "2024-02", "2024-03", "2024-04", "2024-05"]
+    generate(str(raw), months, securities=3, rows=600, fmt="parquet")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ingested: dict[str, list[str]] = {}
+    for index in range(3):
+        args = parser.parse_args(["--input", str(raw), "--output", str(out), "--months", "2024-01..2024-05",
+                                  "--shard", f"{index}/3", "--json"])
+        assert main(args) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["shard"] == f"{index}/3"
+        ingested[summary["shard"]] = sorted(summary["months"])
+    # Every third month from each shard's own: early and late months alike.
+    assert ingested == {"0/3": ["2024-01", "2024-04"], "1/3": ["2024-02", "2024-05"], "2/3": ["2024-03"]}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == months
+    for month in months:
+        assert_index_matches(out, 131_072, month)
+
+    spare = parser.parse_args(["--input", str(raw), "--output", str(out / "spare"), "--months", "2024-01..2024-02",
+                               "--shard", "2/3"])
+    assert main(spare) == 0
+    assert capsys.readouterr().out.strip() == "shard 2/3: none of the 2 month(s) given falls to it"
+    assert not (out / "spare").exists()
+
+
+@pytest.mark.parametrize("bad", ["3/3", "-1/3", "1", "1/0", "a/b", "1/2/3", ""])
+def test_a_bad_shard_is_a_usage_error(tmp_path: Path, bad: str) -> None:
+    argv = [sys.executable, "-m", "tickq", "ingest", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
+            "--months", "2024-01", f"--shard={bad}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert "--shard" in line and "INDEX/COUNT" in line and "Traceback" not in done.stderr
+
+
 def test_quiet_leaves_the_json_summary_alone(tmp_path: Path) -> None:
     """`--json` puts the metrics lines on stderr; `--quiet` leaves none anywhere."""
     raw, out = tmp_path / "raw", tmp_path / "out"

@@ -47,7 +47,12 @@ Memory stays bounded whatever the month's size (an external sort):
    their input order either way.
 
 The distinct securities of a month are held in memory (pass 1), and local temporary disk
-must hold the month's spill and one output file. Writing a month replaces the ingest output
+must hold the month's spill and one output file.
+
+Months are ingested one after another. A history is ingested side by side by several
+processes (pods of an indexed Kubernetes Job, say), each given the same ``--months`` and its
+own ``--shard INDEX/COUNT``: shard i takes every COUNT-th month from the i-th, so that each
+gets early and late months alike (later months are usually the larger). Writing a month replaces the ingest output
 (``part-*.parquet``, ``_index.json``, ``_keys.parquet``, day files) of an earlier ingest of that month;
 do not run jobs on a month while it is being ingested.
 """
@@ -63,6 +68,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -312,6 +318,24 @@ def ingest(
     }
 
 
+def shard(text: str) -> tuple[int, int]:
+    """``--shard INDEX/COUNT``, with 0 <= INDEX < COUNT, as (index, count)."""
+    index, slash, count = text.partition("/")
+    try:
+        parsed = (int(index), int(count)) if slash else None
+    except ValueError:
+        parsed = None
+    if parsed is None or not 0 <= parsed[0] < parsed[1]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4)")
+    return parsed
+
+
+def months_of_shard(months: Sequence[str], index: int, count: int) -> list[str]:
+    """The months shard `index` of `count` ingests: every `count`-th of `months` from the
+    `index`-th. Every month falls to exactly one shard."""
+    return list(months[index::count])
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tickq ingest`` (the connection options are the caller's)."""
     from tickq.cli import positive_int
@@ -333,7 +357,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "so that jobs read on their own or in small batches read about their own rows",
     )  # fmt: skip
     parser.add_argument("--tmp-dir", help="local directory for spill files (default: system temp)")
+    parser.add_argument(
+        "--shard", type=shard, metavar="INDEX/COUNT",
+        help="ingest only every COUNT-th of --months from the INDEX-th (0-based): COUNT processes, "
+        "each with its own INDEX, share the months",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _report_empty_shard(args: argparse.Namespace, endpoint: str | None, given: int) -> None:
+    """Say that this process's `--shard` holds none of the `given` months."""
+    from shared.metrics import get_logger
+
+    name = f"{args.shard[0]}/{args.shard[1]}"
+    get_logger().info("ingest.shard_empty", shard=name, months_given=given)
+    if args.json:
+        where = {key: open_storage(uri, endpoint_url=endpoint).describe()
+                 for key, uri in (("input", args.input), ("output", args.output))}
+        print(json.dumps({**where, "rows": 0, "seconds": 0.0, "months": {}, "shard": name}))
+    else:
+        print(f"shard {name}: none of the {given} month(s) given falls to it")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -345,6 +388,12 @@ def main(args: argparse.Namespace) -> int:
     configure("ingest", metrics_file, stream=sys.stderr, quiet=getattr(args, "quiet", False))
     endpoint = getattr(args, "s3_endpoint_url", None) or os.environ.get("TICKQ_S3_ENDPOINT_URL")
     months = list(_month_list(args.months))
+    if args.shard is not None:
+        given = len(months)
+        months = months_of_shard(months, *args.shard)
+        if not months:  # more shards than months: this one has nothing to do
+            _report_empty_shard(args, endpoint or None, given)
+            return 0
     try:
         summary = ingest(
             args.input, args.output, months, endpoint_url=endpoint or None,
@@ -355,6 +404,8 @@ def main(args: argparse.Namespace) -> int:
         if isinstance(exc, pa.ArrowException):
             raise
         raise ConfigError(str(exc)) from None
+    if args.shard is not None:
+        summary["shard"] = f"{args.shard[0]}/{args.shard[1]}"
     log = get_logger()
     for month, info in summary["months"].items():
         log.info(

@@ -998,6 +998,15 @@ def test_ingest_job_gives_each_month_to_one_pod() -> None:
     taken = [m for i in range(completions) for m in months_of_shard(months, *shard(f"{i}/{count}"))]
     assert sorted(taken) == months
     assert flag_value(args, "--tmp-dir") == "/tmp", "spill files go to the pod's scratch volume"
+    # A shard that reported its failed months is not run again (its good months with it); a
+    # pod that died is.
+    from tickq.cli import EXIT_ERROR, EXIT_INCOMPLETE
+
+    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailIndex" and job["spec"]["backoffLimitPerIndex"] >= 1
+    codes = rule["onExitCodes"]
+    assert codes["containerName"] == container["name"] and codes["operator"] == "In"
+    assert sorted(codes["values"]) == sorted([EXIT_ERROR, EXIT_INCOMPLETE])
 
 
 def test_rabbitmq_statefulset_is_persistent_and_probed() -> None:

@@ -292,6 +292,64 @@ def test_cli_main_and_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixt
         ingest(str(raw), str(raw), [MONTH])
 
 
+def test_a_failed_month_leaves_the_others_ingested_and_no_spill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A month without input, and one whose input fails half-way through its spill, are
+    reported in `failed`, one line each; the months after them are still ingested, and the
+    failed month's spill files do not stay on the scratch disk for the months after it."""
+    import tickq.ingest as ingest_module
+    from shared.errors import PermanentError
+
+    raw, out, scratch = tmp_path / "raw", tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    generate(str(raw), ["2024-01", "2024-03", "2024-04"], securities=3, rows=900, fmt="parquet")
+    spill_month = ingest_module.spill_month
+    work_folders: list[list[str]] = []  # the months' work folders as each spill begins
+
+    def spill_failing_in_march(source: Any, files: Any, plan: Any, spill: Any, budget: int) -> Any:
+        work_folders.append(sorted(p.name[:7] for p in scratch.glob("tickq-ingest-*/*")))
+        if files[0].key.startswith("2024-03"):
+            spill_month(source, files, plan, spill, budget)
+            raise PermanentError("2024-03/part-0000.parquet: unreadable (injected)")
+        return spill_month(source, files, plan, spill, budget)
+
+    monkeypatch.setattr(ingest_module, "spill_month", spill_failing_in_march)
+    summary = ingest(str(raw), str(out), ["2024-01", "2024-02", "2024-03", "2024-04"], tmp_dir=scratch)
+    assert sorted(summary["months"]) == ["2024-01", "2024-04"]
+    assert summary["failed"] == {
+        "2024-02": f"no input for month 2024-02 under {raw} (expected 2024-02/… or "
+                   "2024-02.parquet|csv|csv.gz|dbn|dbn.zst)",
+        "2024-03": "2024-03/part-0000.parquet: unreadable (injected)",
+    }
+    assert summary["rows"] == 1800
+    for month in ("2024-01", "2024-04"):
+        assert_index_matches(out, 131_072, month)
+    assert not (out / "2024-03").exists()
+    # April's spill began with March's work folder gone.
+    assert work_folders == [["2024-01"], ["2024-03"], ["2024-04"]]
+    assert list(scratch.iterdir()) == []
+
+
+def test_cli_exit_status_says_whether_every_month_was_ingested(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    generate(str(raw), ["2024-01"], securities=3, rows=500, fmt="parquet")
+
+    def ingest_cli(months: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "tickq", "ingest", "--input", str(raw), "--output", str(out),
+                "--months", months, "--json", "--quiet"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+    some = ingest_cli("2024-01..2024-02")
+    assert some.returncode == 3
+    assert list(json.loads(some.stdout)["failed"]) == ["2024-02"]
+    [line] = some.stderr.splitlines()
+    assert line.startswith("tickq ingest: 2024-02: no input for month 2024-02")
+    none = ingest_cli("2024-02")
+    assert none.returncode == 2 and json.loads(none.stdout)["months"] == {}
+    assert ingest_cli("2024-01").returncode == 0
+
+
 def test_shards_share_the_months_each_month_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Three processes given the same months and shards 0/3, 1/3 and 2/3 ingest every month
     exactly once between them; a shard past the last month has nothing to do and says so."""

@@ -76,7 +76,7 @@ from typing import Any
 import pyarrow as pa
 
 from shared.dayfiles import DayFiles, DayFilesWriter, day_file_key, manifest_key, month_prefix
-from shared.errors import ConfigError, PermanentError
+from shared.errors import ConfigError, PermanentError, TickqError, one_line
 from shared.inputs import month_files
 from shared.messages import JobParams
 from shared.monthkeys import KEYS_NAME, KeysWriter, part_record
@@ -281,8 +281,10 @@ def ingest(
     a month got none although asked, else null), ``removed`` (stale parts deleted),
     ``other_files`` (files in the output month that are not ingest output: a run would read
     them too) and ``seconds`` per stage (``keys``, counting the key sidecar, is part of
-    ``sort_write``, and so is ``day_files``, cutting the day files).
-    Raises `PermanentError` for unreadable or missing input, `ValueError` for bad arguments.
+    ``sort_write``, and so is ``day_files``, cutting the day files); and ``failed``: per month
+    that could not be ingested (no input, an unreadable file, the store or the local disk
+    failing), why, in one line. A failed month does not stop the others: its spill is removed
+    and the next month goes on. Raises `ValueError` for bad arguments.
     """
     if row_group_rows < 1:
         raise ValueError("row_group_rows must be at least 1")
@@ -302,12 +304,18 @@ def ingest(
         raise ValueError("the output location must differ from the input location")
     started = time.perf_counter()
     per_month: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="tickq-ingest-", dir=tmp_dir) as tmp:
         for month in months:
-            per_month[month] = _ingest_month(
-                source, target, month, Path(tmp), row_group_rows, memory_budget_bytes,
-                max_file_rows, day_files_tz,
-            )  # fmt: skip
+            try:
+                per_month[month] = _ingest_month(
+                    source, target, month, Path(tmp), row_group_rows, memory_budget_bytes,
+                    max_file_rows, day_files_tz,
+                )  # fmt: skip
+            except (TickqError, OSError) as exc:
+                failed[month] = one_line(exc)
+                for work in Path(tmp).glob(f"{month}-*"):  # its spill: room for the next month
+                    shutil.rmtree(work, ignore_errors=True)
     return {
         "input": source.describe(),
         "output": target.describe(),
@@ -315,6 +323,7 @@ def ingest(
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "months": per_month,
+        "failed": failed,
     }
 
 
@@ -380,9 +389,11 @@ def _report_empty_shard(args: argparse.Namespace, endpoint: str | None, given: i
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``tickq ingest``; raises `shared.errors.TickqError` for expected failures."""
+    """Run ``tickq ingest``: exit 0 when every month was ingested; 3 when some were and others
+    failed, 2 when none was (each failed month one line on stderr). Raises
+    `shared.errors.TickqError` for other expected failures."""
     from shared.metrics import configure, get_logger
-    from tickq.cli import _month_list
+    from tickq.cli import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, _month_list
 
     metrics_file = getattr(args, "metrics_file", None)
     configure("ingest", metrics_file, stream=sys.stderr, quiet=getattr(args, "quiet", False))
@@ -418,14 +429,22 @@ def main(args: argparse.Namespace) -> int:
         for uri in info["other_files"]:
             log.warning("ingest.other_file", month=month, uri=uri,
                         note="not ingest output: a run over the output reads it too")  # fmt: skip
-    log.info("ingest.done", rows=summary["rows"], seconds=summary["seconds"],
+    failed = summary["failed"]
+    for month, error in failed.items():
+        log.error("ingest.month_failed", month=month, error=error)
+    log.info("ingest.done", rows=summary["rows"], seconds=summary["seconds"], failed=len(failed),
              peak_rss_mb=summary["peak_rss_mb"])  # fmt: skip
     if args.json:
         print(json.dumps(summary, default=str))
     else:
         files = sum(len(m["files"]) for m in summary["months"].values())
         print(
-            f"ingested {len(months)} month(s), {summary['rows']} rows into {files} file(s) "
+            f"ingested {len(summary['months'])} month(s), {summary['rows']} rows into {files} file(s) "
             f"under {summary['output']} in {summary['seconds']:.1f}s"
+            + (f"; {len(failed)} month(s) failed" if failed else "")
         )
-    return 0
+    for month, error in failed.items():
+        print(f"tickq ingest: {month}: {error}", file=sys.stderr)
+    if not failed:
+        return EXIT_OK
+    return EXIT_INCOMPLETE if summary["months"] else EXIT_ERROR

@@ -6,6 +6,7 @@ import argparse
 import gzip
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from shared.inputs import ALL_COLUMNS, ByteCounter, month_files, normalise, read_batches
 from shared.storage import LocalStorage, open_storage
+from tests.conftest import S3Server
 from tests.helpers import decoded
 from tickq.gen import generate
 from tickq.ingest import INDEX_NAME, add_arguments, ingest, main, read_index
@@ -348,6 +350,64 @@ def test_cli_exit_status_says_whether_every_month_was_ingested(tmp_path: Path) -
     none = ingest_cli("2024-02")
     assert none.returncode == 2 and json.loads(none.stdout)["months"] == {}
     assert ingest_cli("2024-01").returncode == 0
+
+
+def test_skip_unchanged_leaves_only_months_ingested_as_asked_from_the_same_input(tmp_path: Path) -> None:
+    """`skip_unchanged` leaves a month whose output was made from the same input files with the
+    same options and is whole; a month whose input was written again, asked with other row
+    groups or day files, or whose output is not whole (a stray part) is ingested again."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    months = ["2024-01", "2024-02"]
+    generate(str(raw), months, securities=3, rows=2000, fmt="parquet")
+    first = ingest(str(raw), str(out), months, row_group_rows=500)
+    assert sorted(first["months"]) == months and first["skipped"] == {}
+    january = ingested_files(out, "2024-01")
+    stamps = [p.stat().st_mtime_ns for p in january]
+
+    again = ingest(str(raw), str(out), months, row_group_rows=500, skip_unchanged=True)
+    assert again["months"] == {} and sorted(again["skipped"]) == months
+    assert [p.stat().st_mtime_ns for p in ingested_files(out, "2024-01")] == stamps  # not written again
+    assert ingest(str(raw), str(out), months, row_group_rows=1000, skip_unchanged=True)["skipped"] == {}
+
+    # February's input written again, the same rows at the same size: only its version (on a
+    # local disk its modification time, set a second on to be sure) tells.
+    generate(str(raw), ["2024-02"], securities=3, rows=2000, fmt="parquet")
+    for path in (raw / "2024-02").iterdir():
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = ingest(str(raw), str(out), months, row_group_rows=1000, skip_unchanged=True)
+    assert list(changed["skipped"]) == ["2024-01"] and list(changed["months"]) == ["2024-02"]
+
+    # A part no index names (left by an ingest stopped half-way) would be read by runs.
+    stray = out / "2024-01" / "part-00009.parquet"
+    stray.write_bytes(january[0].read_bytes())
+    mended = ingest(str(raw), str(out), months, row_group_rows=1000, skip_unchanged=True)
+    assert list(mended["months"]) == ["2024-01"] and not stray.exists()
+    assert_index_matches(out, 1000, "2024-01")
+
+    with_days = ingest(str(raw), str(out), months, row_group_rows=1000, day_files_tz="UTC", skip_unchanged=True)
+    assert sorted(with_days["months"]) == months, "day files asked where none were cut"
+    assert sorted(ingest(str(raw), str(out), months, row_group_rows=1000, day_files_tz="UTC",
+                         skip_unchanged=True)["skipped"]) == months
+    assert ingest(str(raw), str(out), months, row_group_rows=1000, day_files_tz="Australia/Sydney",
+                  skip_unchanged=True)["skipped"] == {}, "day files of another zone"
+
+
+def test_skip_unchanged_on_s3_goes_by_the_inputs_etags(tmp_path: Path, s3_server: S3Server) -> None:
+    """On S3 a file's version is its ETag: a month whose input object was written again with
+    other bytes of the same size is ingested again, the others are left."""
+    bucket = s3_server.new_bucket()
+    raw, out = f"s3://{bucket}/raw", f"s3://{bucket}/ingested"
+    months = ["2024-01", "2024-02"]
+    generate(raw, months, securities=3, rows=1500, fmt="csv", endpoint_url=s3_server.endpoint)
+    assert sorted(ingest(raw, out, months, endpoint_url=s3_server.endpoint)["months"]) == months
+    source = open_storage(raw, s3_server.endpoint)
+    [february] = month_files(source, "2024-02")
+    body = bytearray(source.read_bytes(february.key))
+    last_digit = max(body.rfind(bytes([digit])) for digit in b"0123456789")
+    body[last_digit] = ord("5") if body[last_digit] != ord("5") else ord("6")  # same size, other bytes
+    source.write_bytes(february.key, bytes(body))
+    again = ingest(raw, out, months, endpoint_url=s3_server.endpoint, skip_unchanged=True)
+    assert list(again["skipped"]) == ["2024-01"] and list(again["months"]) == ["2024-02"]
 
 
 def test_shards_share_the_months_each_month_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

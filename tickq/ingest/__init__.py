@@ -75,9 +75,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from shared.dayfiles import DayFiles, DayFilesWriter, day_file_key, manifest_key, month_prefix
+from shared.dayfiles import DayFiles, DayFilesWriter, day_file_key, manifest_key, month_prefix, read_manifest
 from shared.errors import ConfigError, PermanentError, TickqError, one_line
-from shared.inputs import month_files
+from shared.inputs import InputFile, month_files
 from shared.messages import JobParams
 from shared.monthkeys import KEYS_NAME, KeysWriter, part_record
 from shared.readahead import read_ahead
@@ -140,6 +140,7 @@ def _ingest_month(
     source: Storage,
     target: Storage,
     month: str,
+    files: list[InputFile],
     tmp: Path,
     row_group_rows: int,
     budget: int,
@@ -147,7 +148,6 @@ def _ingest_month(
     day_files_tz: str | None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    files = month_files(source, month)
     counts, nulls = count_securities(source, files)
     plan = plan_buckets(counts, nulls, budget, row_group_rows)
     counted = time.perf_counter()
@@ -205,7 +205,7 @@ def _ingest_month(
         "rows": rows,
         "row_group_rows": row_group_rows,
         "columns": schema.names,
-        "inputs": [{"key": f.key, "size": f.size, "format": f.format} for f in files],
+        "inputs": _inputs_entry(files),
         "files": entries,
     }
     target.write_bytes(
@@ -260,6 +260,37 @@ def _ingest_month(
     }
 
 
+def _inputs_entry(files: list[InputFile]) -> list[dict[str, Any]]:
+    """The index's record of the input files a month was ingested from."""
+    return [{"key": f.key, "size": f.size, "format": f.format, "version": f.version} for f in files]
+
+
+def _made_from(target: Storage, month: str, files: list[InputFile], row_group_rows: int,
+               day_files_tz: str | None) -> str | None:
+    """When `month`'s ingest output was made from exactly `files` (keys, sizes and versions as
+    the store lists them), in row groups of `row_group_rows`, with day files for `day_files_tz`
+    where asked, and is whole (every part its index names, no other part, and its key
+    sidecar): the time its index was written. Else None: the month is to be ingested."""
+    try:
+        index = read_index(target, month)
+    except ValueError:  # not JSON: an index cut short
+        return None
+    if (index is None or index.get("version") != INDEX_VERSION or index.get("row_group_rows") != row_group_rows
+            or index.get("inputs") != _inputs_entry(files) or not all(f.version for f in files)):
+        return None  # (without versions, a file written again at the same size would pass)
+    listed = {obj.key: obj.size for obj in target.list(f"{month}/")}
+    parts = {entry["key"]: entry["bytes"] for entry in index["files"]}
+    found = {key: size for key, size in listed.items() if PART_RE.match(key[len(month) + 1:])}
+    if found != parts or f"{month}/{KEYS_NAME}" not in listed:
+        return None
+    if day_files_tz is not None:
+        days = read_manifest(target, month)
+        cut_from = [InputFile(key, size, "parquet") for key, size in parts.items()]
+        if days is None or not days.serve(day_files_tz, cut_from):
+            return None
+    return str(index.get("created_at", ""))
+
+
 def ingest(
     input_uri: str,
     output_uri: str,
@@ -270,6 +301,7 @@ def ingest(
     max_file_rows: int = DEFAULT_MAX_FILE_ROWS,
     tmp_dir: str | Path | None = None,
     day_files_tz: str | None = None,
+    skip_unchanged: bool = False,
 ) -> dict[str, Any]:
     """Rewrite `months` of `input_uri` under `output_uri` (see the module doc); a summary.
 
@@ -284,7 +316,9 @@ def ingest(
     ``sort_write``, and so is ``day_files``, cutting the day files); and ``failed``: per month
     that could not be ingested (no input, an unreadable file, the store or the local disk
     failing), why, in one line. A failed month does not stop the others: its spill is removed
-    and the next month goes on. Raises `ValueError` for bad arguments.
+    and the next month goes on. With `skip_unchanged`, a month whose output was made from the
+    same input files with the same options, and is whole, is left as it is: ``skipped`` names
+    each such month with the time it was ingested. Raises `ValueError` for bad arguments.
     """
     if row_group_rows < 1:
         raise ValueError("row_group_rows must be at least 1")
@@ -305,11 +339,17 @@ def ingest(
     started = time.perf_counter()
     per_month: dict[str, Any] = {}
     failed: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="tickq-ingest-", dir=tmp_dir) as tmp:
         for month in months:
             try:
+                files = month_files(source, month)
+                made = _made_from(target, month, files, row_group_rows, day_files_tz) if skip_unchanged else None
+                if made is not None:
+                    skipped[month] = made
+                    continue
                 per_month[month] = _ingest_month(
-                    source, target, month, Path(tmp), row_group_rows, memory_budget_bytes,
+                    source, target, month, files, Path(tmp), row_group_rows, memory_budget_bytes,
                     max_file_rows, day_files_tz,
                 )  # fmt: skip
             except (TickqError, OSError) as exc:
@@ -324,6 +364,7 @@ def ingest(
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "months": per_month,
         "failed": failed,
+        "skipped": skipped,
     }
 
 
@@ -367,6 +408,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--tmp-dir", help="local directory for spill files (default: system temp)")
     parser.add_argument(
+        "--skip-unchanged", action="store_true",
+        help="leave a month whose ingest output was made from the same input files (names, sizes, "
+        "versions) with the same options, and is whole",
+    )  # fmt: skip
+    parser.add_argument(
         "--shard", type=shard, metavar="INDEX/COUNT",
         help="ingest only every COUNT-th of --months from the INDEX-th (0-based): COUNT processes, "
         "each with its own INDEX, share the months",
@@ -383,7 +429,8 @@ def _report_empty_shard(args: argparse.Namespace, endpoint: str | None, given: i
     if args.json:
         where = {key: open_storage(uri, endpoint_url=endpoint).describe()
                  for key, uri in (("input", args.input), ("output", args.output))}
-        print(json.dumps({**where, "rows": 0, "seconds": 0.0, "months": {}, "shard": name}))
+        nothing = {"rows": 0, "seconds": 0.0, "months": {}, "failed": {}, "skipped": {}}
+        print(json.dumps({**where, **nothing, "shard": name}))
     else:
         print(f"shard {name}: none of the {given} month(s) given falls to it")
 
@@ -409,7 +456,7 @@ def main(args: argparse.Namespace) -> int:
         summary = ingest(
             args.input, args.output, months, endpoint_url=endpoint or None,
             row_group_rows=args.row_group_rows, memory_budget_bytes=args.memory_mb << 20,
-            tmp_dir=args.tmp_dir, day_files_tz=args.day_files,
+            tmp_dir=args.tmp_dir, day_files_tz=args.day_files, skip_unchanged=args.skip_unchanged,
         )  # fmt: skip
     except ValueError as exc:
         if isinstance(exc, pa.ArrowException):
@@ -429,6 +476,8 @@ def main(args: argparse.Namespace) -> int:
         for uri in info["other_files"]:
             log.warning("ingest.other_file", month=month, uri=uri,
                         note="not ingest output: a run over the output reads it too")  # fmt: skip
+    for month, made in summary["skipped"].items():
+        log.info("ingest.month_unchanged", month=month, ingested_at=made)
     failed = summary["failed"]
     for month, error in failed.items():
         log.error("ingest.month_failed", month=month, error=error)
@@ -441,6 +490,7 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"ingested {len(summary['months'])} month(s), {summary['rows']} rows into {files} file(s) "
             f"under {summary['output']} in {summary['seconds']:.1f}s"
+            + (f"; {len(summary['skipped'])} unchanged month(s) left as they were" if summary["skipped"] else "")
             + (f"; {len(failed)} month(s) failed" if failed else "")
         )
     for month, error in failed.items():

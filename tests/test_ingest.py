@@ -337,9 +337,9 @@ def test_cli_exit_status_says_whether_every_month_was_ingested(tmp_path: Path) -
     raw, out = tmp_path / "raw", tmp_path / "out"
     generate(str(raw), ["2024-01"], securities=3, rows=500, fmt="parquet")
 
-    def ingest_cli(months: str) -> subprocess.CompletedProcess[str]:
+    def ingest_cli(months: str, *extra: str) -> subprocess.CompletedProcess[str]:
         argv = [sys.executable, "-m", "tickq", "ingest", "--input", str(raw), "--output", str(out),
-                "--months", months, "--json", "--quiet"]
+                "--months", months, "--json", "--quiet", *extra]
         return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
     some = ingest_cli("2024-01..2024-02")
@@ -350,6 +350,9 @@ def test_cli_exit_status_says_whether_every_month_was_ingested(tmp_path: Path) -
     none = ingest_cli("2024-02")
     assert none.returncode == 2 and json.loads(none.stdout)["months"] == {}
     assert ingest_cli("2024-01").returncode == 0
+    # A month left unchanged is in place too: the other month's failure is partial.
+    unchanged = ingest_cli("2024-01..2024-02", "--skip-unchanged")
+    assert unchanged.returncode == 3 and list(json.loads(unchanged.stdout)["skipped"]) == ["2024-01"]
 
 
 def test_skip_unchanged_leaves_only_months_ingested_as_asked_from_the_same_input(tmp_path: Path) -> None:

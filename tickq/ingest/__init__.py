@@ -49,12 +49,17 @@ Memory stays bounded whatever the month's size (an external sort):
 The distinct securities of a month are held in memory (pass 1), and local temporary disk
 must hold the month's spill and one output file.
 
-Months are ingested one after another. A history is ingested side by side by several
-processes (pods of an indexed Kubernetes Job, say), each given the same ``--months`` and its
-own ``--shard INDEX/COUNT``: shard i takes every COUNT-th month from the i-th, so that each
-gets early and late months alike (later months are usually the larger). Writing a month replaces the ingest output
-(``part-*.parquet``, ``_index.json``, ``_keys.parquet``, day files) of an earlier ingest of that month;
-do not run jobs on a month while it is being ingested.
+Writing a month replaces the ingest output (``part-*.parquet``, ``_index.json``,
+``_keys.parquet``, day files) of an earlier ingest of that month; do not run jobs on a month
+while it is being ingested.
+
+Months are ingested one after another, each on its own: a month that fails (no input, an
+unreadable file, the store failing) is reported and the next goes on. A history is ingested
+side by side by several processes (pods of an indexed Kubernetes Job, say), each given the
+same ``--months`` and its own ``--shard INDEX/COUNT``: shard i takes every COUNT-th month from
+the i-th, so that each gets early and late months alike (later months are usually the
+larger). With ``--skip-unchanged`` a month already ingested from the same input files with the
+same options is left as it is, so that all the shards can be run again after some failed.
 """
 
 from __future__ import annotations
@@ -436,10 +441,10 @@ def _report_empty_shard(args: argparse.Namespace, endpoint: str | None, given: i
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``tickq ingest``: exit 0 when every month was ingested; 3 when some were and others
-    failed, 2 when none was (each failed month one line on stderr). Raises
+    """Run ``tickq ingest``: exit 0 when every month is ingested (or left unchanged); 3 when
+    some are and others failed, 2 when none is (each failed month one line on stderr). Raises
     `shared.errors.TickqError` for other expected failures."""
-    from shared.metrics import configure, get_logger
+    from shared.metrics import configure
     from tickq.cli import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, _month_list
 
     metrics_file = getattr(args, "metrics_file", None)
@@ -451,7 +456,7 @@ def main(args: argparse.Namespace) -> int:
         months = months_of_shard(months, *args.shard)
         if not months:  # more shards than months: this one has nothing to do
             _report_empty_shard(args, endpoint or None, given)
-            return 0
+            return EXIT_OK
     try:
         summary = ingest(
             args.input, args.output, months, endpoint_url=endpoint or None,
@@ -464,6 +469,17 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if args.shard is not None:
         summary["shard"] = f"{args.shard[0]}/{args.shard[1]}"
+    _log_summary(summary)
+    _print_summary(summary, args.json)
+    if not summary["failed"]:
+        return EXIT_OK
+    return EXIT_INCOMPLETE if summary["months"] or summary["skipped"] else EXIT_ERROR
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    """The summary as metrics lines: one per month, then the whole."""
+    from shared.metrics import get_logger
+
     log = get_logger()
     for month, info in summary["months"].items():
         log.info(
@@ -478,23 +494,24 @@ def main(args: argparse.Namespace) -> int:
                         note="not ingest output: a run over the output reads it too")  # fmt: skip
     for month, made in summary["skipped"].items():
         log.info("ingest.month_unchanged", month=month, ingested_at=made)
-    failed = summary["failed"]
-    for month, error in failed.items():
+    for month, error in summary["failed"].items():
         log.error("ingest.month_failed", month=month, error=error)
-    log.info("ingest.done", rows=summary["rows"], seconds=summary["seconds"], failed=len(failed),
+    log.info("ingest.done", rows=summary["rows"], seconds=summary["seconds"], failed=len(summary["failed"]),
              peak_rss_mb=summary["peak_rss_mb"])  # fmt: skip
-    if args.json:
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """The summary on stdout (a line, or JSON), and each failed month's line on stderr."""
+    if as_json:
         print(json.dumps(summary, default=str))
     else:
         files = sum(len(m["files"]) for m in summary["months"].values())
+        skipped, failed = len(summary["skipped"]), len(summary["failed"])
         print(
             f"ingested {len(summary['months'])} month(s), {summary['rows']} rows into {files} file(s) "
             f"under {summary['output']} in {summary['seconds']:.1f}s"
-            + (f"; {len(summary['skipped'])} unchanged month(s) left as they were" if summary["skipped"] else "")
-            + (f"; {len(failed)} month(s) failed" if failed else "")
+            + (f"; {skipped} unchanged month(s) left as they were" if skipped else "")
+            + (f"; {failed} month(s) failed" if failed else "")
         )
-    for month, error in failed.items():
+    for month, error in summary["failed"].items():
         print(f"tickq ingest: {month}: {error}", file=sys.stderr)
-    if not failed:
-        return EXIT_OK
-    return EXIT_INCOMPLETE if summary["months"] else EXIT_ERROR

@@ -347,8 +347,13 @@ def test_cli_exit_status_says_whether_every_month_was_ingested(tmp_path: Path) -
     assert list(json.loads(some.stdout)["failed"]) == ["2024-02"]
     [line] = some.stderr.splitlines()
     assert line.startswith("tickq ingest: 2024-02: no input for month 2024-02")
+    # Nothing in place: the command failed, one line on stderr as every command's failure.
     none = ingest_cli("2024-02")
-    assert none.returncode == 2 and json.loads(none.stdout)["months"] == {}
+    assert none.returncode == 2 and none.stdout == ""
+    assert none.stderr.splitlines() == [f"tickq ingest: no input for month 2024-02 under {raw} "
+                                        "(expected 2024-02/… or 2024-02.parquet|csv|csv.gz|dbn|dbn.zst)"]
+    two = ingest_cli("2024-02,2024-04")
+    assert two.returncode == 2 and two.stderr.strip().endswith("(and 1 more month(s) failed)")
     assert ingest_cli("2024-01").returncode == 0
     # A month left unchanged is in place too: the other month's failure is partial.
     unchanged = ingest_cli("2024-01..2024-02", "--skip-unchanged")

@@ -319,8 +319,8 @@ def ingest(
     ``other_files`` (files in the output month that are not ingest output: a run would read
     them too) and ``seconds`` per stage (``keys``, counting the key sidecar, is part of
     ``sort_write``, and so is ``day_files``, cutting the day files); and ``failed``: per month
-    that could not be ingested (no input, an unreadable file, the store or the local disk
-    failing), why, in one line. A failed month does not stop the others: its spill is removed
+    that could not be ingested (no input, an unreadable file, the store failing), why, in one
+    line. A failed month does not stop the others: its spill is removed
     and the next month goes on. With `skip_unchanged`, a month whose output was made from the
     same input files with the same options, and is whole, is left as it is: ``skipped`` names
     each such month with the time it was ingested. Raises `ValueError` for bad arguments.
@@ -357,7 +357,7 @@ def ingest(
                     source, target, month, files, Path(tmp), row_group_rows, memory_budget_bytes,
                     max_file_rows, day_files_tz,
                 )  # fmt: skip
-            except (TickqError, OSError) as exc:
+            except TickqError as exc:  # this month's input or store; a local disk failing stops all
                 failed[month] = one_line(exc)
                 for work in Path(tmp).glob(f"{month}-*"):  # its spill: room for the next month
                     shutil.rmtree(work, ignore_errors=True)
@@ -441,11 +441,11 @@ def _report_empty_shard(args: argparse.Namespace, endpoint: str | None, given: i
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``tickq ingest``: exit 0 when every month is ingested (or left unchanged); 3 when
-    some are and others failed, 2 when none is (each failed month one line on stderr). Raises
-    `shared.errors.TickqError` for other expected failures."""
+    """Run ``tickq ingest``: exit 0 when every month is ingested (or left unchanged), 3 when
+    some are and others failed (each failed month one line on stderr). Raises
+    `shared.errors.TickqError` when none is, or for other expected failures."""
     from shared.metrics import configure
-    from tickq.cli import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, _month_list
+    from tickq.cli import EXIT_INCOMPLETE, EXIT_OK, _month_list
 
     metrics_file = getattr(args, "metrics_file", None)
     configure("ingest", metrics_file, stream=sys.stderr, quiet=getattr(args, "quiet", False))
@@ -467,13 +467,16 @@ def main(args: argparse.Namespace) -> int:
         if isinstance(exc, pa.ArrowException):
             raise
         raise ConfigError(str(exc)) from None
+    failed = summary["failed"]
+    if failed and not summary["months"] and not summary["skipped"]:
+        # Nothing is in place: the command failed, in one line as every command does.
+        first = next(iter(failed.values()))
+        raise PermanentError(first if len(failed) == 1 else f"{first} (and {len(failed) - 1} more month(s) failed)")
     if args.shard is not None:
         summary["shard"] = f"{args.shard[0]}/{args.shard[1]}"
     _log_summary(summary)
     _print_summary(summary, args.json)
-    if not summary["failed"]:
-        return EXIT_OK
-    return EXIT_INCOMPLETE if summary["months"] or summary["skipped"] else EXIT_ERROR
+    return EXIT_INCOMPLETE if failed else EXIT_OK
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

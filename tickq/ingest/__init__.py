@@ -202,6 +202,11 @@ def _ingest_month(
         target.write_file(part.key, part.path, content_type="application/vnd.apache.parquet")
         written.add(part.key)
         part.path.unlink()
+    # Each part's version as the store now lists it: a part written again since, even at the
+    # same size, then no longer matches the index (`_made_from`).
+    versions = {obj.key: obj.version for obj in target.list(f"{month}/") if obj.key in written}
+    for entry in entries:
+        entry["version"] = versions.get(entry["key"], "")
     index = {
         "version": INDEX_VERSION,
         "month": month,
@@ -274,8 +279,9 @@ def _made_from(target: Storage, month: str, files: list[InputFile], row_group_ro
                day_files_tz: str | None) -> str | None:
     """When `month`'s ingest output was made from exactly `files` (keys, sizes and versions as
     the store lists them), in row groups of `row_group_rows`, with day files for `day_files_tz`
-    where asked, and is whole (every part its index names, no other part, and its key
-    sidecar): the time its index was written. Else None: the month is to be ingested."""
+    where asked, and is whole (every part its index names, at the size and version it had when
+    written, no other part, and its key sidecar): the time its index was written. Else None:
+    the month is to be ingested."""
     try:
         index = read_index(target, month)
     except ValueError:  # not JSON: an index cut short
@@ -283,14 +289,14 @@ def _made_from(target: Storage, month: str, files: list[InputFile], row_group_ro
     if (index is None or index.get("version") != INDEX_VERSION or index.get("row_group_rows") != row_group_rows
             or index.get("inputs") != _inputs_entry(files) or not all(f.version for f in files)):
         return None  # (without versions, a file written again at the same size would pass)
-    listed = {obj.key: obj.size for obj in target.list(f"{month}/")}
-    parts = {entry["key"]: entry["bytes"] for entry in index["files"]}
-    found = {key: size for key, size in listed.items() if PART_RE.match(key[len(month) + 1:])}
+    listed = {obj.key: (obj.size, obj.version) for obj in target.list(f"{month}/")}
+    parts = {entry["key"]: (entry["bytes"], entry.get("version")) for entry in index["files"]}
+    found = {key: seen for key, seen in listed.items() if PART_RE.match(key[len(month) + 1:])}
     if found != parts or f"{month}/{KEYS_NAME}" not in listed:
         return None
     if day_files_tz is not None:
         days = read_manifest(target, month)
-        cut_from = [InputFile(key, size, "parquet") for key, size in parts.items()]
+        cut_from = [InputFile(key, size, "parquet") for key, (size, _) in parts.items()]
         if days is None or not days.serve(day_files_tz, cut_from):
             return None
     return str(index.get("created_at", ""))

@@ -146,18 +146,19 @@ def _ingest_month(
     target: Storage,
     month: str,
     files: list[InputFile],
-    tmp: Path,
+    work: Path,
     row_group_rows: int,
     budget: int,
     max_file_rows: int,
     day_files_tz: str | None,
 ) -> dict[str, Any]:
+    """Ingest `month` from its input `files`, spilling and writing in `work` (an empty local
+    folder of its own, which the caller removes); the month's entry of the summary."""
     started = time.perf_counter()
     counts, nulls = count_securities(source, files)
     plan = plan_buckets(counts, nulls, budget, row_group_rows)
     counted = time.perf_counter()
 
-    work = Path(tempfile.mkdtemp(prefix=f"{month}-", dir=tmp))
     spill = Spill(work)
     has_date, rows, table_bytes = spill_month(source, files, plan, spill, budget)
     if rows != plan.rows:
@@ -239,7 +240,6 @@ def _ingest_month(
             removed.append(target.describe(obj.key))
         elif not name.rsplit("/", 1)[-1].startswith((".", "_")):
             foreign.append(target.describe(obj.key))
-    os.rmdir(work)
     done = time.perf_counter()
     return {
         "rows": rows,
@@ -359,14 +359,16 @@ def ingest(
                 if made is not None:
                     skipped[month] = made
                     continue
-                per_month[month] = _ingest_month(
-                    source, target, month, files, Path(tmp), row_group_rows, memory_budget_bytes,
-                    max_file_rows, day_files_tz,
-                )  # fmt: skip
+                work = Path(tempfile.mkdtemp(prefix=f"{month}-", dir=tmp))
+                try:
+                    per_month[month] = _ingest_month(
+                        source, target, month, files, work, row_group_rows, memory_budget_bytes,
+                        max_file_rows, day_files_tz,
+                    )  # fmt: skip
+                finally:  # the month's spill, whatever became of it: room for the next month
+                    shutil.rmtree(work, ignore_errors=True)
             except TickqError as exc:  # this month's input or store; a local disk failing stops all
                 failed[month] = one_line(exc)
-                for work in Path(tmp).glob(f"{month}-*"):  # its spill: room for the next month
-                    shutil.rmtree(work, ignore_errors=True)
     return {
         "input": source.describe(),
         "output": target.describe(),
